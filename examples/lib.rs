@@ -1,1 +1,1 @@
-//! placeholder
+//! Runnable examples for peerlink; see the `[[example]]` targets: `cargo run --example demo`.

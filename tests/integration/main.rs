@@ -1,0 +1,12 @@
+//! Integration scenarios: the real server on 127.0.0.1, real WebSockets, both client adapters.
+//! One scenario per file.
+
+mod bad_input;
+mod impersonation;
+mod matchmaking;
+mod namespace_exchange;
+mod register;
+mod relay_and_broadcast;
+mod resume;
+mod rooms;
+mod tls;
