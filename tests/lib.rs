@@ -44,7 +44,7 @@ pub fn client_config(url: &str, alias: &str) -> ClientConfig {
 }
 
 /// Runs an async test body on smol, failing it after `WAIT * 3`.
-pub fn run_async<F: std::future::Future<Output = ()>>(body: F) {
+pub fn run_async<T, F: std::future::Future<Output = T>>(body: F) -> T {
     smol::block_on(futures_lite::future::or(body, async {
         smol::Timer::after(WAIT * 3).await;
         panic!("test timed out");

@@ -1025,10 +1025,19 @@ impl Client {
             self.events.push_back(ClientEvent::Registered { fingerprint, alias });
         }
         // Re-join what the server lost; re-join everything to refresh peer lists if frames were
-        // missed while away.
+        // missed while away. A `join` still waiting in the outbox is sent below: not twice.
+        let queued_joins: Vec<String> = self
+            .outbox
+            .iter()
+            .filter_map(|(_, frame)| match protocol::decode_client(frame) {
+                Ok(ClientMessage::Join { namespace, .. }) => Some(namespace.into_owned()),
+                _ => None,
+            })
+            .collect();
         let namespaces: Vec<(String, JoinParams)> = self
             .namespaces
             .iter()
+            .filter(|(ns, _)| !queued_joins.contains(ns))
             .filter(|(ns, _)| missed > 0 || !server_namespaces.contains(ns))
             .map(|(ns, p)| (ns.clone(), p.clone()))
             .collect();

@@ -666,9 +666,19 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, FrameError> {
 }
 
 /// A JSON value carried verbatim (payloads, metadata, criteria); compared by its text.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(transparent)]
 pub struct RawJson(pub Box<RawValue>);
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Inside internally tagged enums (every `ServerMessage`) serde buffers the content,
+        // which `RawValue` cannot pass through; go through `Value` so `meta` and `metadata`
+        // decode. Relay and broadcast payloads are decoded as `RawValue`, verbatim.
+        let value = serde_json::Value::deserialize(d)?;
+        serde_json::value::to_raw_value(&value).map(RawJson).map_err(serde::de::Error::custom)
+    }
+}
 
 impl RawJson {
     /// Wraps JSON text after checking that it is valid JSON.
@@ -946,7 +956,7 @@ pub fn decode_server(text: &str) -> Result<ServerMessage, FrameError> {
     struct PayloadFrame {
         from: Fingerprint,
         namespace: Option<String>,
-        payload: RawJson,
+        payload: Box<RawValue>,
     }
     require_object(text)?;
     let head: Head<'_> = serde_json::from_str(text).map_err(|e| classify(&e, text))?;
@@ -954,12 +964,12 @@ pub fn decode_server(text: &str) -> Result<ServerMessage, FrameError> {
         "relay" | "broadcast" => {
             let f: PayloadFrame = serde_json::from_str(text).map_err(|e| classify(&e, text))?;
             if head.kind == "relay" {
-                Ok(ServerMessage::Relay { from: f.from, payload: f.payload })
+                Ok(ServerMessage::Relay { from: f.from, payload: RawJson(f.payload) })
             } else {
                 Ok(ServerMessage::Broadcast {
                     from: f.from,
                     namespace: need(f.namespace, "namespace", None)?,
-                    payload: f.payload,
+                    payload: RawJson(f.payload),
                 })
             }
         }

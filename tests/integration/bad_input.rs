@@ -29,13 +29,18 @@ fn config() -> ServerConfig {
     c
 }
 
-fn check(raw: &mut RawClient, row: &str, expect: Expect) {
+fn check(raw: &mut RawClient, row: &str, registered: bool, expect: Expect) {
     match expect {
         Expect::Error(code, id) => match raw.recv() {
             ServerMessage::Error { code: got, id: got_id, message } => {
                 assert_eq!((got, got_id), (code, id), "{row}: {message}");
                 // The connection is still served.
-                assert!(raw.sync(u64::MAX).is_empty(), "{row}: nothing else arrives");
+                if registered {
+                    assert!(raw.sync(u64::MAX).is_empty(), "{row}: nothing else arrives");
+                } else {
+                    raw.send(r#"{"type":"ping","id":3}"#);
+                    assert!(matches!(raw.recv(), ServerMessage::Error { id: Some(3), code: ErrorCode::NotRegistered, .. }));
+                }
             }
             other => panic!("{row}: expected {code}, got {other:?}"),
         },
@@ -77,7 +82,7 @@ fn every_bad_input_gets_its_documented_answer_and_nobody_else_is_affected() {
             assert!(matches!(raw.register(&identity(1000 + i as u64)), ServerMessage::Registered { .. }), "{row}");
         }
         send(&mut raw);
-        check(&mut raw, row, expect);
+        check(&mut raw, row, register, expect);
         bystander.ping().unwrap_or_else(|e| panic!("bystander not served after {row}: {e}"));
     }
 

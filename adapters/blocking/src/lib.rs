@@ -1,1 +1,1088 @@
-//! placeholder
+//! # peerlink-blocking
+//!
+//! A std-sockets + [`tungstenite`] adapter for the sans-IO [`peerlink::Client`]: no threads, no
+//! async runtime. It comes in two layers sharing one implementation:
+//!
+//! * [`PollClient`] is a **non-blocking** driver for game loops and other frame-based programs.
+//!   Call [`PollClient::poll`] once per frame; it does a bounded amount of non-blocking work
+//!   (progressing the TCP connect, the TLS and WebSocket handshakes, reading at most
+//!   [`MAX_FRAMES_PER_POLL`] frames, firing the core's timers and writing its frames), then
+//!   drain [`PollClient::poll_event`]. Commands go through [`PollClient::client`]; their replies
+//!   arrive later as [`ClientEvent::Response`].
+//! * [`Client`] is a **blocking** convenience on top of it: every request waits for its reply
+//!   (bounded by the configured `request_timeout`), and [`Client::next_event`] waits for the next
+//!   event. Events that arrive while a request waits are kept for [`Client::next_event`], never
+//!   lost.
+//!
+//! ## Caveat: DNS
+//!
+//! Host names are resolved with [`std::net::ToSocketAddrs`], which **may block** (the OS
+//! resolver has no non-blocking interface in std). It happens inside [`PollClient::poll`] when
+//! a connection is (re)opened. Use an IP address in the URL, or a host the resolver answers from
+//! its cache, where a frame hitch is unacceptable. Everything else in `poll` is non-blocking.
+//!
+//! ## A game loop
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use peerlink::{ClientConfig, ClientEvent};
+//! use peerlink_blocking::{PollClient, PollOptions};
+//!
+//! # fn main() -> Result<(), peerlink_blocking::Error> {
+//! let config = ClientConfig::new("ws://127.0.0.1:8080").alias("player-one");
+//! let mut net = PollClient::new(config, PollOptions::default())?;
+//! let mut joined = false;
+//! loop {
+//!     let now = Instant::now();
+//!     net.poll(now)?;
+//!     while let Some(event) = net.poll_event() {
+//!         match event {
+//!             ClientEvent::Registered { fingerprint, .. } => println!("I am {fingerprint}"),
+//!             ClientEvent::Relay { from, payload } => println!("{from} says {}", payload.get()),
+//!             ClientEvent::Response { request, result } => println!("{request:?}: {result:?}"),
+//!             _ => {}
+//!         }
+//!     }
+//!     if net.is_registered() && !joined {
+//!         // Commands return a RequestId at once; the reply comes as an event.
+//!         net.client().join(now, "my-game", None, None)?;
+//!         joined = true;
+//!     }
+//!     // ... update and render the frame ...
+//!     std::thread::sleep(Duration::from_millis(16));
+//! }
+//! # }
+//! ```
+//!
+//! ## Blocking
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use peerlink::ClientConfig;
+//!
+//! # fn main() -> Result<(), peerlink_blocking::Error> {
+//! let mut client = peerlink_blocking::Client::connect(ClientConfig::new("ws://127.0.0.1:8080"))?;
+//! let peers = client.join("lobby")?;
+//! for peer in &peers {
+//!     client.relay(peer.fingerprint, &serde_json::json!({ "hello": "there" }))?;
+//! }
+//! while let Some(event) = client.next_event(Duration::from_secs(5))? {
+//!     println!("{event:?}");
+//! }
+//! client.disconnect();
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peerlink::client::{
+    ClientTransmit, MatchResult, RequestError, RequestId, Response, RoomDetails,
+};
+use peerlink::{ClientConfig, ClientError, ClientEvent, Fingerprint, Identity, PeerInfo};
+use rand::{RngCore, SeedableRng};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use tracing::{debug, warn};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::client::{ClientHandshake, Request};
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+pub use peerlink;
+
+/// Most events that may wait in a [`PollClient`]'s queue. Past it [`PollClient::poll`] refuses
+/// to do more work and returns [`Error::Client`]`(`[`ClientError::NotDrained`]`)` until the
+/// queue is drained.
+pub const MAX_QUEUED_EVENTS: usize = 65_536;
+
+/// Most WebSocket frames one [`PollClient::poll`] reads, so a flood cannot stall a frame.
+pub const MAX_FRAMES_PER_POLL: usize = 256;
+
+/// Most bytes tungstenite may buffer for a socket that does not accept writes; past it the
+/// connection is treated as dead and replaced.
+const MAX_WRITE_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Largest frame accepted from the server.
+const MAX_FRAME: usize = 1024 * 1024;
+
+/// Longest single sleep of a blocking wait, so nothing is ever missed for long.
+const MAX_WAIT_STEP: Duration = Duration::from_millis(50);
+
+/// Errors of this adapter.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The client core refused a command or its lifecycle failed (registration refused, server
+    /// id mismatch, too many undrained events, ...).
+    #[error(transparent)]
+    Client(ClientError),
+    /// A request failed: the server answered with an error, the connection dropped, or no reply
+    /// came within `request_timeout`.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// A socket error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A WebSocket, TLS or URL error.
+    #[error("websocket: {0}")]
+    WebSocket(String),
+    /// Connecting did not finish within `connect_timeout`.
+    #[error("timed out")]
+    Timeout,
+    /// The client is disconnected: [`Client::disconnect`] was called, or the core gave up.
+    #[error("client is closed")]
+    Closed,
+}
+
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::NotConnected => Error::Closed,
+            e => Error::Client(e),
+        }
+    }
+}
+
+impl From<tungstenite::Error> for Error {
+    fn from(e: tungstenite::Error) -> Self {
+        match e {
+            tungstenite::Error::Io(e) => Error::Io(e),
+            e => Error::WebSocket(e.to_string()),
+        }
+    }
+}
+
+/// Options for [`PollClient::new`] and [`Client::connect_with`].
+#[derive(Default)]
+pub struct PollOptions {
+    /// The identity to register with; a fresh one (from the OS random source) when `None`.
+    pub identity: Option<Identity>,
+    /// The seed of the core's randomness (signature nonces, reconnect jitter); from the OS
+    /// random source when `None`.
+    pub seed: Option<u64>,
+    /// Certificates trusted for `wss://` in addition to the webpki roots (for self-signed or
+    /// private-CA servers).
+    pub extra_root_certs: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for PollOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollOptions")
+            .field("identity", &self.identity.as_ref().map(|i| i.fingerprint()))
+            .field("seed", &self.seed)
+            .field("extra_root_certs", &self.extra_root_certs.len())
+            .finish()
+    }
+}
+
+// ---- the socket ---------------------------------------------------------------------------
+
+/// A plain or TLS stream over a non-blocking TCP socket.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A TCP connect in progress.
+struct Connecting {
+    request: Request,
+    host: String,
+    tls: bool,
+    /// Addresses not tried yet.
+    addrs: VecDeque<SocketAddr>,
+    socket: Option<socket2::Socket>,
+}
+
+/// The connection's state.
+enum Conn {
+    None,
+    Connecting(Box<Connecting>),
+    Handshaking(Box<MidHandshake<ClientHandshake<Stream>>>),
+    Open {
+        ws: Box<WebSocket<Stream>>,
+        flush_pending: bool,
+    },
+}
+
+/// What a blocking wait should wait for on the socket.
+enum Interest {
+    Nothing,
+    Read { write: bool, cap: Option<Duration> },
+    Write,
+}
+
+// ---- PollClient ---------------------------------------------------------------------------
+
+/// A non-blocking driver of [`peerlink::Client`] for game loops: call [`PollClient::poll`] once
+/// per frame, then drain [`PollClient::poll_event`]. See the [crate docs](crate).
+pub struct PollClient {
+    core: peerlink::Client,
+    conn: Conn,
+    events: VecDeque<ClientEvent>,
+    extra_root_certs: Vec<CertificateDer<'static>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    last_error: Option<Error>,
+    /// The last poll stopped reading at [`MAX_FRAMES_PER_POLL`]: frames may wait in buffers
+    /// that the OS cannot see, so a blocking wait must not sleep.
+    more_to_read: bool,
+}
+
+impl std::fmt::Debug for PollClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conn = match self.conn {
+            Conn::None => "none",
+            Conn::Connecting(_) => "connecting",
+            Conn::Handshaking(_) => "handshaking",
+            Conn::Open { .. } => "open",
+        };
+        f.debug_struct("PollClient")
+            .field("fingerprint", &self.core.fingerprint())
+            .field("registered", &self.core.is_registered())
+            .field("conn", &conn)
+            .field("queued_events", &self.events.len())
+            .finish()
+    }
+}
+
+impl PollClient {
+    /// Creates the client and starts connecting (the core's `connect(now)`). Does no I/O: the
+    /// socket is opened by the first [`PollClient::poll`].
+    pub fn new(config: ClientConfig, options: PollOptions) -> Result<PollClient, Error> {
+        let now = Instant::now();
+        let mut os_rng = rand_chacha::ChaCha20Rng::from_os_rng();
+        let identity = match options.identity {
+            Some(identity) => identity,
+            None => Identity::generate(&mut os_rng),
+        };
+        let seed = options.seed.unwrap_or_else(|| os_rng.next_u64());
+        let mut core = peerlink::Client::new(config, identity, seed, now)?;
+        core.connect(now)?;
+        Ok(PollClient {
+            core,
+            conn: Conn::None,
+            events: VecDeque::new(),
+            extra_root_certs: options.extra_root_certs,
+            tls: None,
+            last_error: None,
+            more_to_read: false,
+        })
+    }
+
+    /// Does one bounded round of non-blocking work at `now`: opens sockets the core asks for
+    /// (resolving the host name, which may block: see the [crate docs](crate)), progresses the
+    /// TCP connect and the TLS/WebSocket handshakes, reads up to [`MAX_FRAMES_PER_POLL`] frames,
+    /// fires the core's timers that are due, and writes the core's frames. Events are queued for
+    /// [`PollClient::poll_event`].
+    ///
+    /// Socket failures are not errors here: the core hears of them (and reconnects, or reports
+    /// [`ClientEvent::Disconnected`]); the last one is kept in [`PollClient::last_error`]. Errors
+    /// are the core's refusals, chiefly [`ClientError::NotDrained`] when more than
+    /// [`MAX_QUEUED_EVENTS`] events wait undrained.
+    pub fn poll(&mut self, now: Instant) -> Result<(), Error> {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            return Err(Error::Client(ClientError::NotDrained));
+        }
+        self.drain(now)?;
+        self.progress_connect(now)?;
+        self.progress_handshake(now)?;
+        self.read_frames(now)?;
+        if self.core.poll_timeout().is_some_and(|t| t <= now) {
+            self.core.handle_timeout(now)?;
+        }
+        self.drain(now)?;
+        self.flush(now)?;
+        self.drain(now)
+    }
+
+    /// Returns the next queued event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Returns when the core next needs [`PollClient::poll`] even if no frame arrives (a ping,
+    /// a request or connect timeout, a reconnect). `None` when the client is idle.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+
+    /// Returns the core state machine, for commands (`join`, `relay`, `create_room`, ...). Their
+    /// frames are written by the next [`PollClient::poll`]; replies arrive as
+    /// [`ClientEvent::Response`].
+    pub fn client(&mut self) -> &mut peerlink::Client {
+        &mut self.core
+    }
+
+    /// Returns this client's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.core.fingerprint()
+    }
+
+    /// Returns whether the client is registered right now.
+    pub fn is_registered(&self) -> bool {
+        self.core.is_registered()
+    }
+
+    /// Returns the last socket, TLS or WebSocket error (the cause of the last
+    /// [`ClientEvent::Disconnected`] with no close code), if any.
+    pub fn last_error(&self) -> Option<&Error> {
+        self.last_error.as_ref()
+    }
+
+    /// Returns how many events wait in the queue.
+    pub fn queued_events(&self) -> usize {
+        self.events.len()
+    }
+
+    // ---- internals ------------------------------------------------------------------------
+
+    /// Runs the core's outputs until it has none: transmits to the socket, events to the queue.
+    fn drain(&mut self, now: Instant) -> Result<(), Error> {
+        loop {
+            let mut busy = false;
+            while let Some(t) = self.core.poll_transmit() {
+                busy = true;
+                match t {
+                    ClientTransmit::Connect { url } => {
+                        self.close_conn(None);
+                        self.start_connect(now, &url)?;
+                    }
+                    ClientTransmit::Text(text) => self.send_text(now, text)?,
+                    ClientTransmit::Close { code } => self.close_conn(Some(code)),
+                }
+            }
+            while let Some(e) = self.core.poll_event() {
+                busy = true;
+                self.events.push_back(e);
+            }
+            if !busy {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The current socket failed: drop it and tell the core.
+    fn fail(&mut self, now: Instant, error: Error) -> Result<(), Error> {
+        debug!(%error, "connection failed");
+        self.conn = Conn::None;
+        self.last_error = Some(error);
+        self.core.handle_disconnected(now, None)?;
+        Ok(())
+    }
+
+    /// Closes the current socket (sending a close frame best-effort) without telling the core.
+    fn close_conn(&mut self, code: Option<u16>) {
+        if let Conn::Open { mut ws, .. } = std::mem::replace(&mut self.conn, Conn::None) {
+            if let Some(code) = code {
+                let frame = CloseFrame {
+                    code: code.into(),
+                    reason: "".into(),
+                };
+                let _ = ws.close(Some(frame));
+                let _ = ws.flush();
+            }
+        }
+    }
+
+    fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, Error> {
+        if let Some(config) = &self.tls {
+            return Ok(config.clone());
+        }
+        let mut roots =
+            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in &self.extra_root_certs {
+            roots
+                .add(cert.clone())
+                .map_err(|e| Error::WebSocket(format!("extra root certificate: {e}")))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::WebSocket(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let config = Arc::new(config);
+        self.tls = Some(config.clone());
+        Ok(config)
+    }
+
+    /// Starts opening a WebSocket to `url`: resolves it (may block) and starts a non-blocking
+    /// TCP connect.
+    fn start_connect(&mut self, now: Instant, url: &str) -> Result<(), Error> {
+        let request = match url.into_client_request() {
+            Ok(r) => r,
+            Err(e) => return self.fail(now, e.into()),
+        };
+        let tls = match tungstenite::client::uri_mode(request.uri()) {
+            Ok(tungstenite::stream::Mode::Plain) => false,
+            Ok(tungstenite::stream::Mode::Tls) => true,
+            Err(e) => return self.fail(now, e.into()),
+        };
+        let Some(host) = request.uri().host() else {
+            return self.fail(now, Error::WebSocket(format!("no host in `{url}`")));
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if tls { 443 } else { 80 });
+        debug!(%host, port, "resolving");
+        let addrs: VecDeque<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => return self.fail(now, Error::Io(e)),
+        };
+        self.conn = Conn::Connecting(Box::new(Connecting {
+            request,
+            host,
+            tls,
+            addrs,
+            socket: None,
+        }));
+        self.next_addr(now)
+    }
+
+    /// Starts a connect to the next untried address, or fails when none is left.
+    fn next_addr(&mut self, now: Instant) -> Result<(), Error> {
+        let Conn::Connecting(c) = &mut self.conn else {
+            return Ok(());
+        };
+        let mut last = None;
+        while let Some(addr) = c.addrs.pop_front() {
+            match open_socket(addr) {
+                Ok(socket) => {
+                    c.socket = Some(socket);
+                    return Ok(());
+                }
+                Err(e) => {
+                    debug!(%addr, error = %e, "connect failed");
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "host resolved to no address")
+        });
+        self.fail(now, Error::Io(e))
+    }
+
+    /// Checks whether the TCP connect finished; starts the handshakes when it did.
+    fn progress_connect(&mut self, now: Instant) -> Result<(), Error> {
+        let Conn::Connecting(c) = &mut self.conn else {
+            return Ok(());
+        };
+        let Some(socket) = &c.socket else {
+            return Ok(());
+        };
+        match socket.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                debug!(error = %e, "connect failed");
+                c.socket = None;
+                if c.addrs.is_empty() {
+                    return self.fail(now, Error::Io(e));
+                }
+                return self.next_addr(now);
+            }
+        }
+        match socket.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()), // still connecting
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return self.fail(now, Error::Io(e)),
+        }
+        let Conn::Connecting(c) = std::mem::replace(&mut self.conn, Conn::None) else {
+            unreachable!()
+        };
+        let Connecting {
+            request,
+            host,
+            tls,
+            socket,
+            ..
+        } = *c;
+        let tcp: TcpStream = socket.expect("checked above").into();
+        let _ = tcp.set_nodelay(true);
+        debug!(peer = ?tcp.peer_addr().ok(), "tcp connected");
+        let stream = if tls {
+            let config = match self.tls_config() {
+                Ok(c) => c,
+                Err(e) => return self.fail(now, e),
+            };
+            let name = match ServerName::try_from(host) {
+                Ok(n) => n,
+                Err(e) => return self.fail(now, Error::WebSocket(format!("tls server name: {e}"))),
+            };
+            match rustls::ClientConnection::new(config, name) {
+                Ok(conn) => Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
+                Err(e) => return self.fail(now, Error::WebSocket(format!("tls: {e}"))),
+            }
+        } else {
+            Stream::Plain(tcp)
+        };
+        let config = WebSocketConfig::default()
+            .max_write_buffer_size(MAX_WRITE_BUFFER)
+            .max_frame_size(Some(MAX_FRAME));
+        let result = tungstenite::client::client_with_config(request, stream, Some(config));
+        self.handshake_result(now, result)
+    }
+
+    fn progress_handshake(&mut self, now: Instant) -> Result<(), Error> {
+        if !matches!(self.conn, Conn::Handshaking(_)) {
+            return Ok(());
+        }
+        let Conn::Handshaking(mid) = std::mem::replace(&mut self.conn, Conn::None) else {
+            unreachable!()
+        };
+        let result = mid.handshake();
+        self.handshake_result(now, result)
+    }
+
+    fn handshake_result(
+        &mut self,
+        now: Instant,
+        result: Result<
+            (WebSocket<Stream>, tungstenite::handshake::client::Response),
+            HandshakeError<ClientHandshake<Stream>>,
+        >,
+    ) -> Result<(), Error> {
+        match result {
+            Ok((ws, _)) => {
+                debug!("websocket open");
+                self.conn = Conn::Open {
+                    ws: Box::new(ws),
+                    flush_pending: false,
+                };
+                self.core.handle_connected(now)?;
+                Ok(())
+            }
+            Err(HandshakeError::Interrupted(mid)) => {
+                self.conn = Conn::Handshaking(Box::new(mid));
+                Ok(())
+            }
+            Err(HandshakeError::Failure(e)) => self.fail(now, e.into()),
+        }
+    }
+
+    /// Reads up to [`MAX_FRAMES_PER_POLL`] frames into the core.
+    fn read_frames(&mut self, now: Instant) -> Result<(), Error> {
+        self.more_to_read = false;
+        for _ in 0..MAX_FRAMES_PER_POLL {
+            let Conn::Open { ws, .. } = &mut self.conn else {
+                return Ok(());
+            };
+            match ws.read() {
+                Ok(Message::Text(text)) => self.core.handle_text(now, text.as_str())?,
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    debug!(?code, "server closed the connection");
+                    let _ = ws.flush(); // echo the close, best-effort
+                    self.conn = Conn::None;
+                    self.core.handle_disconnected(now, code)?;
+                    return Ok(());
+                }
+                Ok(Message::Binary(_)) => warn!("binary frame from the server ignored"),
+                Ok(_) => {} // ping (answered by tungstenite), pong, raw frame
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(());
+                }
+                Err(
+                    e @ (tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed),
+                ) => {
+                    return self.fail(now, e.into());
+                }
+                Err(e) => return self.fail(now, e.into()),
+            }
+        }
+        self.more_to_read = matches!(self.conn, Conn::Open { .. });
+        Ok(())
+    }
+
+    fn send_text(&mut self, now: Instant, text: String) -> Result<(), Error> {
+        let Conn::Open { ws, flush_pending } = &mut self.conn else {
+            // The core only sends while registered, which needs an open socket; a frame for a
+            // socket that just failed is lost with it (the core resends state on reconnect).
+            debug!("frame for a closed socket dropped");
+            return Ok(());
+        };
+        match ws.send(Message::text(text)) {
+            Ok(()) => {
+                *flush_pending = false;
+                Ok(())
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                // tungstenite keeps the frame buffered; the next poll flushes it.
+                *flush_pending = true;
+                Ok(())
+            }
+            Err(e) => self.fail(now, e.into()),
+        }
+    }
+
+    fn flush(&mut self, now: Instant) -> Result<(), Error> {
+        let Conn::Open { ws, flush_pending } = &mut self.conn else {
+            return Ok(());
+        };
+        if !*flush_pending {
+            return Ok(());
+        }
+        match ws.flush() {
+            Ok(()) => {
+                *flush_pending = false;
+                Ok(())
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => self.fail(now, e.into()),
+        }
+    }
+
+    /// Whether nothing can happen any more: no socket, no timer, no queued output.
+    fn is_closed(&self) -> bool {
+        matches!(self.conn, Conn::None) && self.core.poll_timeout().is_none()
+    }
+
+    fn interest(&self) -> (Option<Fd>, Interest) {
+        match &self.conn {
+            Conn::None => (None, Interest::Nothing),
+            Conn::Connecting(c) => match &c.socket {
+                Some(s) => (Some(fd_of(s)), Interest::Write),
+                None => (None, Interest::Nothing),
+            },
+            // The handshake may wait for either direction; wake up often while it runs.
+            Conn::Handshaking(mid) => (
+                Some(fd_of(mid.get_ref().get_ref().tcp())),
+                Interest::Read {
+                    write: false,
+                    cap: Some(Duration::from_millis(2)),
+                },
+            ),
+            Conn::Open { ws, flush_pending } => (
+                Some(fd_of(ws.get_ref().tcp())),
+                Interest::Read {
+                    write: *flush_pending,
+                    cap: None,
+                },
+            ),
+        }
+    }
+
+    /// Sleeps until the socket is ready, the core's next deadline, or `until`, whichever is
+    /// first (and at most [`MAX_WAIT_STEP`]).
+    fn wait(&self, until: Option<Instant>) {
+        let now = Instant::now();
+        let wake = match (self.core.poll_timeout(), until) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(now + MAX_WAIT_STEP),
+        };
+        let mut timeout = wake.saturating_duration_since(now).min(MAX_WAIT_STEP);
+        if timeout.is_zero() || self.more_to_read {
+            return;
+        }
+        let (fd, interest) = self.interest();
+        if let Interest::Read { cap: Some(cap), .. } = interest {
+            timeout = timeout.min(cap);
+        }
+        match (fd, interest) {
+            (Some(fd), Interest::Read { write, .. }) => wait_fd(fd, true, write, timeout),
+            (Some(fd), Interest::Write) => wait_fd(fd, false, true, timeout),
+            _ => std::thread::sleep(timeout),
+        }
+    }
+}
+
+impl Drop for PollClient {
+    /// Ends the session cleanly (best-effort): peers see this client leave at once.
+    fn drop(&mut self) {
+        let now = Instant::now();
+        if self.core.disconnect(now).is_ok() {
+            let _ = self.drain(now);
+        }
+    }
+}
+
+/// Opens a non-blocking TCP socket and starts connecting it to `addr`.
+fn open_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => Ok(socket),
+        Err(e) if in_progress(&e) => Ok(socket),
+        Err(e) => Err(e),
+    }
+}
+
+fn in_progress(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        return true;
+    }
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+#[cfg(unix)]
+type Fd = std::os::fd::RawFd;
+#[cfg(not(unix))]
+type Fd = ();
+
+#[cfg(unix)]
+fn fd_of<T: std::os::fd::AsRawFd>(s: &T) -> Fd {
+    s.as_raw_fd()
+}
+#[cfg(not(unix))]
+fn fd_of<T>(_: &T) -> Fd {}
+
+/// Waits until `fd` is readable (`read`) or writable (`write`), or `timeout` passes.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn wait_fd(fd: Fd, read: bool, write: bool, timeout: Duration) {
+    let mut events = 0;
+    if read {
+        events |= libc::POLLIN;
+    }
+    if write {
+        events |= libc::POLLOUT;
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd that lives across the call; `fd` is owned by the
+    // caller's open socket for the whole call. A stale or invalid fd only yields POLLNVAL.
+    let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+/// Without poll(2): sleep in short steps (the caller polls in between).
+#[cfg(not(unix))]
+fn wait_fd(_: Fd, _read: bool, _write: bool, timeout: Duration) {
+    std::thread::sleep(timeout.min(Duration::from_millis(1)));
+}
+
+// ---- blocking Client ----------------------------------------------------------------------
+
+/// A blocking signaling client: every request waits for its reply. Built on [`PollClient`]; no
+/// threads. Events that arrive meanwhile are queued for [`Client::next_event`] and
+/// [`Client::events`].
+#[derive(Debug)]
+pub struct Client {
+    inner: PollClient,
+}
+
+impl Client {
+    /// Connects with a fresh identity and blocks until registered. Fails on the first fatal
+    /// error, when the first attempt fails, or after `connect_timeout`.
+    pub fn connect(config: ClientConfig) -> Result<Client, Error> {
+        Self::connect_with(config, PollOptions::default())
+    }
+
+    /// Like [`Client::connect`], with an identity, seed or extra TLS roots.
+    ///
+    /// The `Connected` and `Registered` events stay queued for [`Client::next_event`].
+    pub fn connect_with(config: ClientConfig, options: PollOptions) -> Result<Client, Error> {
+        let deadline = Instant::now() + config.connect_timeout + Duration::from_millis(100);
+        let mut inner = PollClient::new(config, options)?;
+        let mut scanned = 0;
+        loop {
+            inner.poll(Instant::now())?;
+            for event in inner.events.iter().skip(scanned) {
+                match event {
+                    ClientEvent::Registered { .. } | ClientEvent::Reconnected { .. } => {
+                        return Ok(Client { inner });
+                    }
+                    ClientEvent::Error(e) => return Err(Error::Client(e.clone())),
+                    ClientEvent::Disconnected { code, .. } => {
+                        return Err(match (inner.last_error.take(), code) {
+                            (Some(e), _) => e,
+                            (None, Some(code)) => {
+                                Error::WebSocket(format!("server closed the connection ({code})"))
+                            }
+                            (None, None) => Error::Timeout,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            scanned = inner.events.len();
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            inner.wait(Some(deadline));
+        }
+    }
+
+    /// Returns this client's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.inner.fingerprint()
+    }
+
+    /// Returns whether the client is registered right now (it reconnects on its own).
+    pub fn is_registered(&self) -> bool {
+        self.inner.is_registered()
+    }
+
+    /// Returns the underlying [`PollClient`] (for commands without a blocking wrapper, such as
+    /// [`peerlink::Client::cancel_match`] with its reply read from the event queue).
+    pub fn poll_client(&mut self) -> &mut PollClient {
+        &mut self.inner
+    }
+
+    /// Joins a namespace and returns its other members.
+    pub fn join(&mut self, namespace: &str) -> Result<Vec<PeerInfo>, Error> {
+        self.join_with(namespace, None, None)
+    }
+
+    /// Joins a namespace with an application type and version, and returns its other members.
+    pub fn join_with(
+        &mut self,
+        namespace: &str,
+        app_type: Option<&str>,
+        app_version: Option<&str>,
+    ) -> Result<Vec<PeerInfo>, Error> {
+        match self.request(|c, now| c.join(now, namespace, app_type, app_version))? {
+            Response::Joined { peers, .. } => Ok(peers),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves a namespace.
+    pub fn leave(&mut self, namespace: &str) -> Result<(), Error> {
+        self.request_ok(|c, now| c.leave(now, namespace))
+    }
+
+    /// Lists up to `limit` members of a namespace without joining it.
+    pub fn discover(
+        &mut self,
+        namespace: &str,
+        limit: Option<u32>,
+    ) -> Result<Vec<PeerInfo>, Error> {
+        match self.request(|c, now| c.discover(now, namespace, limit))? {
+            Response::Discovered { peers, .. } => Ok(peers),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits to be matched into a group of `group_size` with peers whose `criteria` are equal.
+    /// Blocks until the group forms, the server's match timeout, or `request_timeout`.
+    pub fn match_peers(
+        &mut self,
+        namespace: &str,
+        criteria: Option<serde_json::Value>,
+        group_size: u32,
+    ) -> Result<MatchResult, Error> {
+        match self.request(|c, now| c.match_peers(now, namespace, criteria.as_ref(), group_size))? {
+            Response::Matched(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `payload` to one peer through the server. Does not wait: failures (such as
+    /// `peer_not_found`) arrive as [`ClientEvent::Error`].
+    pub fn relay<T: Serialize + ?Sized>(
+        &mut self,
+        to: Fingerprint,
+        payload: &T,
+    ) -> Result<(), Error> {
+        self.inner.core.relay(to, payload)?;
+        self.inner.poll(Instant::now())
+    }
+
+    /// Sends `payload` to every other member of `namespace`. Does not wait.
+    pub fn broadcast<T: Serialize + ?Sized>(
+        &mut self,
+        namespace: &str,
+        payload: &T,
+    ) -> Result<(), Error> {
+        self.inner.core.broadcast(namespace, payload)?;
+        self.inner.poll(Instant::now())
+    }
+
+    /// Creates a room owned by this client.
+    pub fn create_room(
+        &mut self,
+        room_id: &str,
+        max_size: Option<u32>,
+        metadata: Option<serde_json::Value>,
+    ) -> Result<RoomDetails, Error> {
+        match self.request(|c, now| c.create_room(now, room_id, max_size, metadata.as_ref()))? {
+            Response::RoomCreated(room) => Ok(room),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Joins a room; returns it and its other members.
+    pub fn join_room(&mut self, room_id: &str) -> Result<(RoomDetails, Vec<PeerInfo>), Error> {
+        match self.request(|c, now| c.join_room(now, room_id))? {
+            Response::RoomJoined { room, peers } => Ok((room, peers)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves a room.
+    pub fn leave_room(&mut self, room_id: &str) -> Result<(), Error> {
+        self.request_ok(|c, now| c.leave_room(now, room_id))
+    }
+
+    /// Returns a room's details and how many members it has.
+    pub fn room_info(&mut self, room_id: &str) -> Result<(RoomDetails, usize), Error> {
+        match self.request(|c, now| c.room_info(now, room_id))? {
+            Response::RoomInfo { room, members } => Ok((room, members)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes a member from a room this client owns.
+    pub fn kick(&mut self, room_id: &str, peer: Fingerprint) -> Result<(), Error> {
+        self.request_ok(|c, now| c.kick(now, room_id, peer))
+    }
+
+    /// Closes a room this client owns.
+    pub fn close_room(&mut self, room_id: &str) -> Result<(), Error> {
+        self.request_ok(|c, now| c.close_room(now, room_id))
+    }
+
+    /// Measures the round trip to the server.
+    pub fn ping(&mut self) -> Result<Duration, Error> {
+        match self.request(|c, now| c.ping(now))? {
+            Response::Pong { rtt } => Ok(rtt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits up to `timeout` for the next event. Returns `Ok(None)` when none came in time, and
+    /// [`Error::Closed`] once the client is disconnected and every event has been taken.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<ClientEvent>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.inner.events.pop_front() {
+                return Ok(Some(e));
+            }
+            self.inner.poll(Instant::now())?;
+            if let Some(e) = self.inner.events.pop_front() {
+                return Ok(Some(e));
+            }
+            if self.inner.is_closed() {
+                return Err(Error::Closed);
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            self.inner.wait(Some(deadline));
+        }
+    }
+
+    /// Polls once without blocking, then yields every queued event.
+    pub fn events(&mut self) -> impl Iterator<Item = ClientEvent> + '_ {
+        if let Err(error) = self.inner.poll(Instant::now()) {
+            warn!(%error, "poll failed");
+        }
+        std::iter::from_fn(move || self.inner.events.pop_front())
+    }
+
+    /// Ends the session cleanly: sends `bye` and a close frame (best-effort), fails pending
+    /// requests and stops reconnecting. Queued events stay readable.
+    pub fn disconnect(&mut self) {
+        let now = Instant::now();
+        if let Err(error) = self.inner.core.disconnect(now) {
+            warn!(%error, "disconnect");
+        }
+        if let Err(error) = self.inner.drain(now) {
+            warn!(%error, "disconnect");
+        }
+    }
+
+    // ---- internals ------------------------------------------------------------------------
+
+    fn request_ok(
+        &mut self,
+        command: impl FnOnce(&mut peerlink::Client, Instant) -> Result<RequestId, ClientError>,
+    ) -> Result<(), Error> {
+        match self.request(command)? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Issues a command and blocks until its reply. Other events stay queued.
+    fn request(
+        &mut self,
+        command: impl FnOnce(&mut peerlink::Client, Instant) -> Result<RequestId, ClientError>,
+    ) -> Result<Response, Error> {
+        let id = command(&mut self.inner.core, Instant::now())?;
+        let mut scanned = 0;
+        loop {
+            self.inner.poll(Instant::now())?;
+            let found =
+                self.inner.events.iter().skip(scanned).position(
+                    |e| matches!(e, ClientEvent::Response { request, .. } if *request == id),
+                );
+            if let Some(pos) = found {
+                if let Some(ClientEvent::Response { result, .. }) =
+                    self.inner.events.remove(scanned + pos)
+                {
+                    return result.map_err(Error::Request);
+                }
+            }
+            scanned = self.inner.events.len();
+            if self.inner.is_closed() {
+                // The core answers every request, even on disconnect; this is a safety net.
+                return Err(Error::Closed);
+            }
+            self.inner.wait(None);
+        }
+    }
+}
+
+fn unexpected(response: Response) -> Error {
+    Error::Client(ClientError::Protocol(format!(
+        "unexpected reply {response:?}"
+    )))
+}

@@ -1,1 +1,756 @@
-//! placeholder
+//! # peerlink-smol
+//!
+//! A thin async adapter that runs the sans-IO [`peerlink::client::Client`] over a real
+//! WebSocket (`ws://`, or `wss://` with rustls) on the [smol](https://docs.rs/smol) runtime.
+//!
+//! [`Client::connect`] spawns a *driver task* on smol's global executor. The driver owns the
+//! core state machine and the socket; it opens (and re-opens) the connection, feeds frames and
+//! timers into the core, and forwards everything the core reports:
+//!
+//! * every [`ClientEvent`], replies included, goes to the [`Events`] stream;
+//! * replies also resolve the future of the command that asked for them, so
+//!   `client.join("lobby").await` returns the peer list directly.
+//!
+//! [`Client`] is a cheap, cloneable handle. The driver ends when every handle *and* the
+//! [`Events`] stream are dropped, when [`Client::disconnect`] is called, or when the core stops
+//! for good (a fatal error or exhausted reconnects); the stream then ends with `None`.
+//!
+//! ## Back-pressure
+//!
+//! The event stream is a bounded channel of [`EVENT_CAPACITY`] events. When it is full the
+//! driver *waits* for room before doing anything else, which stops it reading the socket, so a
+//! slow consumer back-pressures the server instead of growing memory without bound. The flip
+//! side: **keep draining [`Events`]** (or drop it) while you await commands, or a full stream
+//! stalls the replies those commands wait for. Dropping [`Events`] is fine: the driver keeps
+//! running and simply stops forwarding events.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use peerlink_smol::{Client, ClientConfig, ClientEvent};
+//!
+//! smol::block_on(async {
+//!     let config = ClientConfig::new("wss://signal.example.com").alias("alice");
+//!     let (client, mut events) = Client::connect(config).await?;
+//!     println!("I am {}", client.fingerprint());
+//!
+//!     let peers = client.join("lobby").await?;
+//!     for peer in &peers {
+//!         client.relay(peer.fingerprint, &serde_json::json!({ "hello": "there" }))?;
+//!     }
+//!     while let Some(event) = events.next().await {
+//!         match event {
+//!             ClientEvent::Relay { from, payload } => println!("{from}: {}", payload.get()),
+//!             ClientEvent::PeerJoined { peer, .. } => println!("{} joined", peer.alias),
+//!             _ => {}
+//!         }
+//!     }
+//!     client.disconnect().await;
+//!     Ok::<_, peerlink_smol::Error>(())
+//! })?;
+//! # Ok::<_, peerlink_smol::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use async_tungstenite::WebSocketStream;
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt, StreamExt};
+use rand::TryRngCore;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use smol::Timer;
+use tracing::debug;
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+
+/// The sans-IO core crate, re-exported.
+pub use peerlink;
+pub use peerlink::client::{MatchResult, RequestError, RequestId, Response, RoomDetails};
+pub use peerlink::{ClientConfig, ClientError, ClientEvent, ErrorCode, Fingerprint, Identity, PeerInfo, RawJson};
+
+/// How many events the [`Events`] stream buffers before the driver waits for the consumer.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// How long closing a socket may take before it is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Options for [`Client::connect_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The identity to register with; `None` generates a fresh one from the OS RNG.
+    pub identity: Option<Identity>,
+    /// Seed for the core's randomness (signature nonce entropy, reconnect jitter); `None` draws
+    /// one from the OS RNG.
+    pub seed: Option<u64>,
+    /// Extra trust anchors for `wss://`, on top of the Mozilla roots from `webpki-roots`
+    /// (for example a self-signed test certificate).
+    pub extra_root_certs: Vec<CertificateDer<'static>>,
+}
+
+/// Errors of the adapter.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The core client refused the command or stopped (for example the server refused
+    /// registration).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server answered the request with an error, or the request timed out or was cut
+    /// off by a disconnect.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The socket could not be opened or failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The WebSocket or TLS layer failed, or the server closed before registration.
+    #[error("websocket: {0}")]
+    WebSocket(String),
+    /// The driver task has ended (after [`Client::disconnect`] or when the client stopped).
+    #[error("the client has shut down")]
+    Closed,
+}
+
+type Reply = Sender<Result<Response, Error>>;
+
+/// A request for the core: a command that gets a reply.
+#[derive(Debug)]
+enum Op {
+    Join { namespace: String, app_type: Option<String>, app_version: Option<String> },
+    Leave { namespace: String },
+    Discover { namespace: String, limit: Option<u32> },
+    Match { namespace: String, criteria: Option<serde_json::Value>, group_size: u32 },
+    CreateRoom { room_id: String, max_size: Option<u32>, metadata: Option<serde_json::Value> },
+    JoinRoom { room_id: String },
+    LeaveRoom { room_id: String },
+    RoomInfo { room_id: String },
+    Kick { room_id: String, peer: Fingerprint },
+    CloseRoom { room_id: String },
+    Ping,
+}
+
+#[derive(Debug)]
+enum Command {
+    Request(Op, Reply),
+    Relay { to: Fingerprint, payload: Box<RawValue> },
+    Broadcast { namespace: String, payload: Box<RawValue> },
+    Disconnect(Sender<()>),
+}
+
+struct Shared {
+    commands: Sender<Command>,
+    fingerprint: Fingerprint,
+}
+
+/// A handle on a connected client. Cloning is cheap; all clones drive the same connection.
+///
+/// Commands that expect a reply are `async` and resolve with it; [`Client::relay`] and
+/// [`Client::broadcast`] only enqueue a frame.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("fingerprint", &self.shared.fingerprint.short()).finish()
+    }
+}
+
+/// The stream of everything the client reports, replies included.
+///
+/// Implements [`futures_lite::Stream`] (that is, `futures_core::Stream`). It ends (`None`) when
+/// the driver task ends. See the [crate docs](crate#back-pressure) on back-pressure.
+#[derive(Debug)]
+pub struct Events {
+    rx: Pin<Box<Receiver<ClientEvent>>>,
+    /// Keeps the command channel open: the driver ends once handles and stream are all gone.
+    _alive: Sender<Command>,
+}
+
+impl Events {
+    /// Waits for the next event; `None` once the driver task has ended.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        self.rx.recv().await.ok()
+    }
+
+    /// Returns the next event if one is buffered, without waiting.
+    pub fn try_next(&mut self) -> Option<ClientEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures_lite::Stream for Events {
+    type Item = ClientEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClientEvent>> {
+        self.rx.as_mut().poll_next(cx)
+    }
+}
+
+impl Client {
+    /// Connects with a fresh identity generated from the OS RNG. Resolves once the client has
+    /// registered with the server, or fails with the first fatal error or the socket error of
+    /// the first attempt (no reconnecting happens before the first registration succeeds).
+    pub async fn connect(config: ClientConfig) -> Result<(Client, Events), Error> {
+        Self::connect_with(config, ConnectOptions::default()).await
+    }
+
+    /// Connects with the given [`ConnectOptions`]; otherwise like [`Client::connect`].
+    pub async fn connect_with(config: ClientConfig, options: ConnectOptions) -> Result<(Client, Events), Error> {
+        let identity = match options.identity {
+            Some(identity) => identity,
+            None => {
+                // Fail cleanly if the OS RNG is unavailable before relying on it.
+                let mut probe = [0u8; 1];
+                rand::rngs::OsRng.try_fill_bytes(&mut probe).map_err(|e| io::Error::other(e.to_string()))?;
+                Identity::generate(&mut rand::rngs::OsRng.unwrap_err())
+            }
+        };
+        let seed = match options.seed {
+            Some(seed) => seed,
+            None => rand::rngs::OsRng.try_next_u64().map_err(|e| io::Error::other(e.to_string()))?,
+        };
+        let tls = if config.url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("wss://")) {
+            Some(tls_config(options.extra_root_certs)?)
+        } else {
+            None
+        };
+        let connect_timeout = config.connect_timeout;
+        let fingerprint = identity.fingerprint();
+        let now = Instant::now();
+        let mut core = peerlink::Client::new(config, identity, seed, now)?;
+        core.connect(now)?;
+
+        let (cmd_tx, cmd_rx) = async_channel::unbounded();
+        let (ev_tx, ev_rx) = async_channel::bounded(EVENT_CAPACITY);
+        let (ready_tx, ready_rx) = async_channel::bounded(1);
+        let client = Client { shared: Arc::new(Shared { commands: cmd_tx.clone(), fingerprint }) };
+        let events = Events { rx: Box::pin(ev_rx), _alive: cmd_tx };
+        let driver = Driver {
+            core,
+            tls,
+            connect_timeout,
+            ws: None,
+            commands: cmd_rx,
+            events: ev_tx,
+            pending: HashMap::new(),
+            ready: Some(ready_tx),
+            first_error: None,
+            last_socket_error: None,
+            finished: false,
+        };
+        debug!(fingerprint = %fingerprint.short(), "spawning driver");
+        smol::spawn(driver.run()).detach();
+        match ready_rx.recv().await {
+            Ok(Ok(())) => Ok((client, events)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Returns this client's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.shared.fingerprint
+    }
+
+    async fn request(&self, op: Op) -> Result<Response, Error> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.shared.commands.send(Command::Request(op, tx)).await.map_err(|_| Error::Closed)?;
+        rx.recv().await.map_err(|_| Error::Closed)?
+    }
+
+    fn enqueue(&self, command: Command) -> Result<(), Error> {
+        self.shared.commands.try_send(command).map_err(|_| Error::Closed)
+    }
+
+    /// Joins a namespace and returns the other members (up to the server's list limit).
+    /// Other members see [`ClientEvent::PeerJoined`]; the client re-joins after reconnecting.
+    pub async fn join(&self, namespace: &str) -> Result<Vec<PeerInfo>, Error> {
+        self.join_with(namespace, None, None).await
+    }
+
+    /// Joins a namespace announcing an application type and version.
+    pub async fn join_with(
+        &self,
+        namespace: &str,
+        app_type: Option<&str>,
+        app_version: Option<&str>,
+    ) -> Result<Vec<PeerInfo>, Error> {
+        let op = Op::Join {
+            namespace: namespace.into(),
+            app_type: app_type.map(Into::into),
+            app_version: app_version.map(Into::into),
+        };
+        match self.request(op).await? {
+            Response::Joined { peers, .. } => Ok(peers),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves a namespace.
+    pub async fn leave(&self, namespace: &str) -> Result<(), Error> {
+        self.expect_ok(Op::Leave { namespace: namespace.into() }).await
+    }
+
+    /// Lists up to `limit` members of a namespace without joining it.
+    pub async fn discover(&self, namespace: &str, limit: Option<u32>) -> Result<Vec<PeerInfo>, Error> {
+        match self.request(Op::Discover { namespace: namespace.into(), limit }).await? {
+            Response::Discovered { peers, .. } => Ok(peers),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks to be matched into a group of `group_size` peers with equal `criteria`; resolves
+    /// once the group is formed (or fails, for example with `match_timeout`).
+    pub async fn match_peers(
+        &self,
+        namespace: &str,
+        criteria: Option<serde_json::Value>,
+        group_size: u32,
+    ) -> Result<MatchResult, Error> {
+        match self.request(Op::Match { namespace: namespace.into(), criteria, group_size }).await? {
+            Response::Matched(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `payload` to one peer through the server. This only enqueues the frame: failures
+    /// the server reports (such as `peer_not_found`), and refusals by the core (such as a full
+    /// outbox), arrive as [`ClientEvent::Error`]. Fails at once if `payload` cannot be
+    /// serialized or the client has shut down. The command queue to the driver is unbounded;
+    /// the core's outbox bound (`outbox_frames`) applies while not registered.
+    pub fn relay<T: Serialize + ?Sized>(&self, to: Fingerprint, payload: &T) -> Result<(), Error> {
+        let payload = to_raw(payload)?;
+        self.enqueue(Command::Relay { to, payload })
+    }
+
+    /// Sends `payload` to every other member of `namespace`. Enqueues like [`Client::relay`];
+    /// an invalid namespace name fails at once.
+    pub fn broadcast<T: Serialize + ?Sized>(&self, namespace: &str, payload: &T) -> Result<(), Error> {
+        check_name(namespace)?;
+        let payload = to_raw(payload)?;
+        self.enqueue(Command::Broadcast { namespace: namespace.into(), payload })
+    }
+
+    /// Creates a room owned by this client.
+    pub async fn create_room(
+        &self,
+        room_id: &str,
+        max_size: Option<u32>,
+        metadata: Option<serde_json::Value>,
+    ) -> Result<RoomDetails, Error> {
+        match self.request(Op::CreateRoom { room_id: room_id.into(), max_size, metadata }).await? {
+            Response::RoomCreated(room) => Ok(room),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Joins a room; returns it and its other members.
+    pub async fn join_room(&self, room_id: &str) -> Result<(RoomDetails, Vec<PeerInfo>), Error> {
+        match self.request(Op::JoinRoom { room_id: room_id.into() }).await? {
+            Response::RoomJoined { room, peers } => Ok((room, peers)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves a room.
+    pub async fn leave_room(&self, room_id: &str) -> Result<(), Error> {
+        self.expect_ok(Op::LeaveRoom { room_id: room_id.into() }).await
+    }
+
+    /// Returns a room's description and how many members it has.
+    pub async fn room_info(&self, room_id: &str) -> Result<(RoomDetails, usize), Error> {
+        match self.request(Op::RoomInfo { room_id: room_id.into() }).await? {
+            Response::RoomInfo { room, members } => Ok((room, members)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes `peer` from a room this client owns.
+    pub async fn kick(&self, room_id: &str, peer: Fingerprint) -> Result<(), Error> {
+        self.expect_ok(Op::Kick { room_id: room_id.into(), peer }).await
+    }
+
+    /// Closes a room this client owns.
+    pub async fn close_room(&self, room_id: &str) -> Result<(), Error> {
+        self.expect_ok(Op::CloseRoom { room_id: room_id.into() }).await
+    }
+
+    /// Measures the round trip to the server.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        match self.request(Op::Ping).await? {
+            Response::Pong { rtt } => Ok(rtt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the session cleanly: sends `bye` (peers see this client leave at once), closes the
+    /// socket and ends the driver task. Pending requests fail; later commands fail with
+    /// [`Error::Closed`]. Returns once the socket is closed (at once if already shut down).
+    pub async fn disconnect(&self) {
+        let (tx, rx) = async_channel::bounded(1);
+        if self.shared.commands.send(Command::Disconnect(tx)).await.is_ok() {
+            let _ = rx.recv().await;
+        }
+    }
+
+    async fn expect_ok(&self, op: Op) -> Result<(), Error> {
+        match self.request(op).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> Error {
+    Error::WebSocket(format!("unexpected reply {response:?}"))
+}
+
+fn to_raw<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, Error> {
+    serde_json::value::to_raw_value(value).map_err(|e| Error::Client(ClientError::InvalidInput(e.to_string())))
+}
+
+/// The core's name rule, checked here so a fire-and-forget broadcast fails synchronously.
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > peerlink::protocol::MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::Client(ClientError::InvalidInput(format!(
+            "names must be 1 to {} bytes without control characters",
+            peerlink::protocol::MAX_NAME_LEN
+        ))));
+    }
+    Ok(())
+}
+
+fn tls_config(extra: Vec<CertificateDer<'static>>) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra {
+        roots.add(cert).map_err(|e| Error::WebSocket(format!("invalid root certificate: {e}")))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::WebSocket(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A byte stream the WebSocket runs over: plain TCP or TLS.
+trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
+type Ws = WebSocketStream<Box<dyn Transport>>;
+
+fn ws_error(e: tungstenite::Error) -> Error {
+    match e {
+        tungstenite::Error::Io(e) => Error::Io(e),
+        e => Error::WebSocket(e.to_string()),
+    }
+}
+
+/// Opens TCP (with `TCP_NODELAY`), TLS for `wss://`, then the WebSocket handshake.
+async fn open(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Ws, Error> {
+    let uri: tungstenite::http::Uri = url.parse().map_err(|e| Error::WebSocket(format!("bad url `{url}`: {e}")))?;
+    let secure = match uri.scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("wss") => true,
+        Some(s) if s.eq_ignore_ascii_case("ws") => false,
+        _ => return Err(Error::WebSocket(format!("url `{url}` is not ws:// or wss://"))),
+    };
+    let host = uri.host().ok_or_else(|| Error::WebSocket(format!("url `{url}` has no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = smol::net::TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream: Box<dyn Transport> = if secure {
+        let config = tls.ok_or_else(|| Error::WebSocket("no TLS configuration".into()))?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| Error::WebSocket(format!("bad server name: {e}")))?;
+        let tls = futures_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _response) = async_tungstenite::client_async(url, stream).await.map_err(ws_error)?;
+    Ok(ws)
+}
+
+/// What woke the driver.
+enum Wake {
+    Frame(Option<Result<Message, tungstenite::Error>>),
+    Command(Option<Command>),
+    Timer,
+}
+
+/// The task that owns the core client and the socket.
+struct Driver {
+    core: peerlink::Client,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    connect_timeout: Duration,
+    ws: Option<Ws>,
+    commands: Receiver<Command>,
+    events: Sender<ClientEvent>,
+    pending: HashMap<RequestId, Reply>,
+    /// Resolves `connect` once registered (or failed).
+    ready: Option<Sender<Result<(), Error>>>,
+    /// The first core error before registration.
+    first_error: Option<ClientError>,
+    /// The most recent socket failure.
+    last_socket_error: Option<Error>,
+    /// The core stopped for good; the driver exits.
+    finished: bool,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        debug!("driver started");
+        loop {
+            self.drain_transmits().await;
+            self.drain_events().await;
+            if self.finished {
+                break;
+            }
+            let deadline = self.core.poll_timeout();
+            let wake = {
+                let ws = &mut self.ws;
+                let commands = &self.commands;
+                let frame = async {
+                    match ws {
+                        Some(ws) => Wake::Frame(ws.next().await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let command = async { Wake::Command(commands.recv().await.ok()) };
+                let timer = async {
+                    match deadline {
+                        Some(at) => {
+                            Timer::at(at).await;
+                            Wake::Timer
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                frame.race(command).race(timer).await
+            };
+            match wake {
+                Wake::Frame(frame) => self.on_frame(frame),
+                Wake::Command(Some(command)) => self.on_command(command).await,
+                Wake::Command(None) => {
+                    debug!("all handles and the event stream dropped: disconnecting");
+                    self.shutdown().await;
+                    break;
+                }
+                Wake::Timer => check(self.core.handle_timeout(Instant::now())),
+            }
+        }
+        // Whoever still waits for a reply learns that the driver is gone.
+        self.pending.clear();
+        debug!("driver ended");
+    }
+
+    async fn drain_transmits(&mut self) {
+        while let Some(transmit) = self.core.poll_transmit() {
+            match transmit {
+                peerlink::ClientTransmit::Connect { url } => {
+                    self.ws = None;
+                    debug!(%url, "connecting");
+                    let timeout = self.connect_timeout;
+                    let attempt = open(&url, self.tls.as_ref()).or(async {
+                        Timer::after(timeout).await;
+                        Err(Error::Io(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
+                    });
+                    match attempt.await {
+                        Ok(ws) => {
+                            debug!("socket open");
+                            self.ws = Some(ws);
+                            check(self.core.handle_connected(Instant::now()));
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "connect failed");
+                            self.last_socket_error = Some(e);
+                            check(self.core.handle_disconnected(Instant::now(), None));
+                        }
+                    }
+                }
+                peerlink::ClientTransmit::Text(text) => {
+                    let Some(ws) = self.ws.as_mut() else {
+                        debug!("no socket: frame dropped");
+                        continue;
+                    };
+                    if let Err(e) = ws.send(Message::text(text)).await {
+                        debug!(error = %e, "send failed");
+                        self.ws = None;
+                        self.last_socket_error = Some(ws_error(e));
+                        check(self.core.handle_disconnected(Instant::now(), None));
+                    }
+                }
+                peerlink::ClientTransmit::Close { code } => {
+                    if let Some(mut ws) = self.ws.take() {
+                        debug!(code, "closing socket");
+                        let frame = CloseFrame { code: code.into(), reason: "".into() };
+                        let _ = ws
+                            .close(Some(frame))
+                            .or(async {
+                                Timer::after(CLOSE_TIMEOUT).await;
+                                Ok(())
+                            })
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn drain_events(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            match &event {
+                ClientEvent::Response { request, result } => {
+                    if let Some(reply) = self.pending.remove(request) {
+                        let _ = reply.try_send(result.clone().map_err(Error::Request));
+                    }
+                }
+                ClientEvent::Registered { .. } => {
+                    if let Some(ready) = self.ready.take() {
+                        let _ = ready.try_send(Ok(()));
+                    }
+                }
+                ClientEvent::Error(e) if self.ready.is_some() && self.first_error.is_none() => {
+                    self.first_error = Some(e.clone());
+                }
+                ClientEvent::Disconnected { code, will_reconnect } => {
+                    if let Some(ready) = self.ready.take() {
+                        // The first attempt failed: `connect` reports it and nobody holds a handle.
+                        let error = match (self.first_error.take(), self.last_socket_error.take()) {
+                            (Some(e), _) => Error::Client(e),
+                            (None, Some(e)) => e,
+                            (None, None) => Error::WebSocket(match code {
+                                Some(code) => format!("closed by the server before registration (code {code})"),
+                                None => "closed before registration".into(),
+                            }),
+                        };
+                        let _ = ready.try_send(Err(error));
+                        self.shutdown().await;
+                        self.finished = true;
+                        return;
+                    }
+                    if !will_reconnect {
+                        self.finished = true;
+                    }
+                }
+                _ => {}
+            }
+            if !self.events.is_closed() && self.events.send(event).await.is_err() {
+                debug!("event stream dropped: events are no longer forwarded");
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Option<Result<Message, tungstenite::Error>>) {
+        let now = Instant::now();
+        match frame {
+            Some(Ok(Message::Text(text))) => check(self.core.handle_text(now, text.as_str())),
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                debug!(?code, "server closed the socket");
+                self.ws = None;
+                check(self.core.handle_disconnected(now, code));
+            }
+            Some(Ok(Message::Binary(_))) => debug!("binary frame ignored"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                debug!(error = %e, "socket failed");
+                self.ws = None;
+                self.last_socket_error = Some(ws_error(e));
+                check(self.core.handle_disconnected(now, None));
+            }
+            None => {
+                debug!("socket ended");
+                self.ws = None;
+                self.last_socket_error = Some(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+                check(self.core.handle_disconnected(now, None));
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        let core = &mut self.core;
+        match command {
+            Command::Request(op, reply) => {
+                let result = match &op {
+                    Op::Join { namespace, app_type, app_version } => {
+                        core.join(now, namespace, app_type.as_deref(), app_version.as_deref())
+                    }
+                    Op::Leave { namespace } => core.leave(now, namespace),
+                    Op::Discover { namespace, limit } => core.discover(now, namespace, *limit),
+                    Op::Match { namespace, criteria, group_size } => {
+                        core.match_peers(now, namespace, criteria.as_ref(), *group_size)
+                    }
+                    Op::CreateRoom { room_id, max_size, metadata } => {
+                        core.create_room(now, room_id, *max_size, metadata.as_ref())
+                    }
+                    Op::JoinRoom { room_id } => core.join_room(now, room_id),
+                    Op::LeaveRoom { room_id } => core.leave_room(now, room_id),
+                    Op::RoomInfo { room_id } => core.room_info(now, room_id),
+                    Op::Kick { room_id, peer } => core.kick(now, room_id, *peer),
+                    Op::CloseRoom { room_id } => core.close_room(now, room_id),
+                    Op::Ping => core.ping(now),
+                };
+                match result {
+                    Ok(id) => {
+                        debug!(?op, ?id, "request sent");
+                        self.pending.insert(id, reply);
+                    }
+                    Err(e) => {
+                        debug!(?op, error = %e, "request refused");
+                        let _ = reply.try_send(Err(Error::Client(e)));
+                    }
+                }
+            }
+            Command::Relay { to, payload } => {
+                if let Err(e) = core.relay(to, &*payload) {
+                    self.refused(e).await;
+                }
+            }
+            Command::Broadcast { namespace, payload } => {
+                if let Err(e) = core.broadcast(&namespace, &*payload) {
+                    self.refused(e).await;
+                }
+            }
+            Command::Disconnect(done) => {
+                debug!("disconnect requested");
+                self.shutdown().await;
+                let _ = done.try_send(());
+                self.finished = true;
+            }
+        }
+    }
+
+    /// A fire-and-forget command the core refused: report it on the event stream.
+    async fn refused(&mut self, error: ClientError) {
+        debug!(%error, "command refused");
+        if !self.events.is_closed() {
+            let _ = self.events.send(ClientEvent::Error(error)).await;
+        }
+    }
+
+    /// Says `bye`, closes the socket and fails pending requests.
+    async fn shutdown(&mut self) {
+        check(self.core.disconnect(Instant::now()));
+        self.drain_transmits().await;
+        self.ws = None;
+    }
+}
+
+fn check(result: Result<(), ClientError>) {
+    if let Err(e) = result {
+        // Only `NotDrained`, which cannot happen: the driver drains after every input.
+        debug!(error = %e, "core refused input");
+    }
+}

@@ -213,6 +213,7 @@ pub struct ServerStats {
 
 struct Conn {
     nonce: String,
+    connected_at: Instant,
     session: Option<Fingerprint>,
     last_rx: Instant,
     tokens: f64,
@@ -384,6 +385,7 @@ impl Server {
             conn,
             Conn {
                 nonce: nonce.clone(),
+                connected_at: now,
                 session: None,
                 last_rx: now,
                 tokens: rate.burst as f64,
@@ -1050,7 +1052,9 @@ impl Server {
     fn fire(&mut self, timer: Timer, now: Instant) {
         match timer {
             Timer::Register(conn) => {
-                if self.conns.get(&conn).is_some_and(|c| c.session.is_none()) {
+                // The id may belong to a newer connection than the one that set this timer.
+                let due = |c: &Conn| c.connected_at + self.config.register_timeout <= now;
+                if self.conns.get(&conn).is_some_and(|c| c.session.is_none() && due(c)) {
                     debug!(?conn, "registration timeout");
                     self.close(conn, CloseCode::RegisterTimeout);
                 }

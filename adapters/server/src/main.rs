@@ -1,0 +1,190 @@
+//! `peerlink-server`: the peerlink signaling server.
+//!
+//! Prints exactly one line, `listening on ws://ADDR` (or `wss://`), to stdout once it listens;
+//! logs go to stderr (`RUST_LOG`, default `info`). SIGINT or SIGTERM shut it down gracefully
+//! (every client gets close 1001) and it exits 0.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use peerlink::ServerConfig;
+use peerlink::server::{AuthConfig, AuthKey, RateLimit};
+use peerlink_server::{ServerOptions, TlsConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::info;
+
+/// The peerlink signaling server.
+#[derive(Parser, Debug)]
+#[command(name = "peerlink-server", version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the line on stdout tells which).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The server's id, part of what clients sign.
+    #[arg(long)]
+    server_id: Option<String>,
+    /// Most simultaneous connections.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Largest text frame accepted, in bytes.
+    #[arg(long)]
+    max_frame_size: Option<usize>,
+    /// Frames per second allowed per connection, sustained.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Frames allowed at once per connection.
+    #[arg(long)]
+    burst: Option<u32>,
+    /// Close connections silent for this many seconds.
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    /// Keep a lost session this many seconds for its owner to resume (0 disables resume).
+    #[arg(long)]
+    resume_grace_secs: Option<u64>,
+    /// Bytes queued for one connection before it is closed as a slow consumer.
+    #[arg(long)]
+    outbound_queue_bytes: Option<usize>,
+    /// PEM certificate chain: serve wss:// (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require HS256 JWTs signed with this secret at registration.
+    #[arg(long, env = "PEERLINK_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_es256_public_key")]
+    jwt_hs256_secret: Option<String>,
+    /// Require ES256 JWTs verified by this PEM (SPKI) public key at registration.
+    #[arg(long)]
+    jwt_es256_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// Raise the soft open-files limit to the hard limit (for many connections).
+    #[arg(long)]
+    raise_nofile: bool,
+}
+
+fn config(args: &Args) -> anyhow::Result<ServerConfig> {
+    let mut config = ServerConfig::default();
+    if let Some(id) = &args.server_id {
+        config.server_id = id.clone();
+    }
+    if let Some(n) = args.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(n) = args.max_frame_size {
+        config.max_frame_size = n;
+    }
+    if args.rate.is_some() || args.burst.is_some() {
+        let per_second = args.rate.unwrap_or(config.rate_limit.per_second);
+        let burst = args.burst.unwrap_or(config.rate_limit.burst.max(per_second));
+        config.rate_limit = RateLimit { per_second, burst };
+    }
+    if let Some(s) = args.idle_timeout_secs {
+        config.idle_timeout = Duration::from_secs(s);
+    }
+    if let Some(s) = args.resume_grace_secs {
+        config.resume_grace = Duration::from_secs(s);
+    }
+    if let Some(n) = args.outbound_queue_bytes {
+        config.outbound_queue_bytes = n;
+    }
+    let key = match (&args.jwt_hs256_secret, &args.jwt_es256_public_key) {
+        (Some(secret), None) => {
+            if secret.is_empty() {
+                bail!("the JWT secret is empty");
+            }
+            Some(AuthKey::Hs256(secret.clone().into_bytes()))
+        }
+        (None, Some(path)) => {
+            let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(AuthKey::es256_from_pem(&pem).with_context(|| format!("parsing {}", path.display()))?)
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give either --jwt-hs256-secret or --jwt-es256-public-key, not both"),
+    };
+    match key {
+        Some(key) => {
+            let mut auth = AuthConfig::new(key);
+            auth.issuer = args.jwt_issuer.clone();
+            auth.audience = args.jwt_audience.clone();
+            config.auth = Some(auth);
+        }
+        None if args.jwt_issuer.is_some() || args.jwt_audience.is_some() => {
+            bail!("--jwt-issuer and --jwt-audience need a JWT key")
+        }
+        None => {}
+    }
+    Ok(config)
+}
+
+#[allow(unsafe_code, clippy::unnecessary_cast)]
+fn raise_nofile() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let before = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((before as u64, limit.rlim_cur as u64))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.raise_nofile {
+        let (before, after) = raise_nofile().context("raising RLIMIT_NOFILE")?;
+        info!(before, after, "raised the open-files limit");
+    }
+    let config = config(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig::from_files(cert, key).context("loading the TLS certificate")?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+
+    let std_listener = std::net::TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
+    let addr = std_listener.local_addr()?;
+    let listener = smol::net::TcpListener::try_from(std_listener)?;
+
+    // SIGINT/SIGTERM → shutdown future.
+    let (stop_tx, stop_rx) = async_channel::bounded::<i32>(1);
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = stop_tx.send_blocking(signal);
+        }
+    })?;
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {scheme}://{addr}")?;
+        out.flush()?;
+    }
+    let options = ServerOptions { addr, config, tls, seed: None };
+    let shutdown = async move {
+        if let Ok(signal) = stop_rx.recv().await {
+            info!(signal, "signal received");
+        }
+    };
+    smol::block_on(peerlink_server::run(listener, options, shutdown))?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Shared helpers: a blocking tungstenite client that registers for real.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use peerlink::identity::Identity;
+use peerlink::protocol::{self, ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+pub fn set_timeout(ws: &Ws) {
+    let t = Some(Duration::from_secs(10));
+    match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s.set_read_timeout(t).unwrap(),
+        MaybeTlsStream::Rustls(s) => s.sock.set_read_timeout(t).unwrap(),
+        _ => {}
+    }
+}
+
+pub fn connect(url: &str) -> Ws {
+    let (ws, _) = tungstenite::connect(url).expect("connect");
+    set_timeout(&ws);
+    ws
+}
+
+/// Reads the next text frame as a server message (skipping pings/pongs).
+pub fn recv(ws: &mut Ws) -> ServerMessage {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return protocol::decode_server(&t).expect("decode"),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+pub fn send(ws: &mut Ws, msg: &ClientMessage<'_>) {
+    ws.send(Message::text(msg.encode())).expect("send");
+}
+
+/// Reads until the server's close frame; returns its code.
+pub fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => {
+                // Answer it so the server's close handshake completes.
+                let _ = ws.flush();
+                return u16::from(f.code);
+            }
+            Ok(Message::Close(None)) => panic!("close without code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+}
+
+pub fn identity(seed: u64) -> Identity {
+    Identity::generate(&mut ChaCha20Rng::seed_from_u64(seed))
+}
+
+/// Reads the challenge and registers `identity`; returns after `registered`.
+pub fn register(ws: &mut Ws, identity: &Identity, alias: &str) {
+    let ServerMessage::Challenge { server_id, nonce, .. } = recv(ws) else { panic!("no challenge") };
+    let context = protocol::register_context(&server_id, &nonce);
+    let signature = identity.sign(&mut ChaCha20Rng::seed_from_u64(7), &context).to_base64();
+    send(
+        ws,
+        &ClientMessage::Register {
+            id: 1,
+            version: PROTOCOL_VERSION,
+            public_key: identity.public_key().to_base64().into(),
+            alias: alias.into(),
+            meta: None,
+            signature: signature.into(),
+            token: None,
+        },
+    );
+    match recv(ws) {
+        ServerMessage::Registered { id: 1, fingerprint, .. } => assert_eq!(fingerprint, identity.fingerprint()),
+        other => panic!("expected registered, got {other:?}"),
+    }
+}
+
+pub fn connect_registered(url: &str, seed: u64) -> Ws {
+    let mut ws = connect(url);
+    register(&mut ws, &identity(seed), &format!("peer{seed}"));
+    ws
+}

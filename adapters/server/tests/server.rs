@@ -1,0 +1,208 @@
+//! The adapter on real sockets: registration, frames, limits, TLS, shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use peerlink::protocol::{ClientMessage, ServerMessage};
+use peerlink_server::{ServerOptions, TlsConfig, spawn};
+use tungstenite::Message;
+
+#[test]
+fn register_ping_join() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    assert!(server.url().starts_with("ws://127.0.0.1:"));
+    let mut a = connect_registered(&server.url(), 1);
+    send(&mut a, &ClientMessage::Ping { id: 2 });
+    assert_eq!(recv(&mut a), ServerMessage::Pong { id: 2 });
+    send(&mut a, &ClientMessage::Join { id: 3, namespace: "lobby".into(), app_type: None, app_version: None });
+    match recv(&mut a) {
+        ServerMessage::Joined { id: 3, namespace, total: 0, .. } => assert_eq!(namespace, "lobby"),
+        other => panic!("{other:?}"),
+    }
+    let mut b = connect_registered(&server.url(), 2);
+    send(&mut b, &ClientMessage::Join { id: 3, namespace: "lobby".into(), app_type: None, app_version: None });
+    match recv(&mut b) {
+        ServerMessage::Joined { total: 1, peers, .. } => assert_eq!(peers[0].fingerprint, identity(1).fingerprint()),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(recv(&mut a), ServerMessage::PeerJoined { .. }));
+    // A relay goes through, and the core sees both sessions.
+    let payload = serde_json::value::RawValue::from_string(r#"{"sdp":"x"}"#.into()).unwrap();
+    send(&mut b, &ClientMessage::Relay { id: None, to: identity(1).fingerprint(), payload: &payload });
+    match recv(&mut a) {
+        ServerMessage::Relay { from, payload } => {
+            assert_eq!(from, identity(2).fingerprint());
+            assert_eq!(payload.get(), r#"{"sdp":"x"}"#);
+        }
+        other => panic!("{other:?}"),
+    }
+    let stats = server.stats();
+    assert_eq!((stats.connections, stats.active_sessions, stats.namespaces), (2, 2, 1));
+    // WebSocket pings are answered by the adapter.
+    a.send(Message::Ping(vec![1, 2, 3].into())).unwrap();
+    loop {
+        match a.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], &[1, 2, 3]);
+                break;
+            }
+            Message::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // A client leaving is seen by the core.
+    a.close(None).unwrap();
+    while a.read().is_ok() {}
+    for _ in 0..100 {
+        if server.stats().active_sessions == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.stats().active_sessions, 1);
+    assert_eq!(server.stats().connections, 1);
+    server.shutdown();
+}
+
+#[test]
+fn binary_frame_closes_with_1003() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    let mut ws = connect_registered(&server.url(), 3);
+    ws.send(Message::binary(vec![0u8; 10])).unwrap();
+    assert_eq!(close_code(&mut ws), 1003);
+    // Before registering too.
+    let mut ws = connect(&server.url());
+    ws.send(Message::binary(vec![1u8])).unwrap();
+    assert!(matches!(recv(&mut ws), ServerMessage::Challenge { .. }));
+    assert_eq!(close_code(&mut ws), 1003);
+}
+
+#[test]
+fn oversized_frames_close_with_1009_and_others_keep_working() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    let mut other = connect_registered(&server.url(), 4);
+    // Above the core's limit (64 KiB): the core closes.
+    let mut big = connect_registered(&server.url(), 5);
+    big.send(Message::text("x".repeat(100 * 1024))).unwrap();
+    assert_eq!(close_code(&mut big), 1009);
+    // Above tungstenite's hard limit (4x): the adapter closes.
+    let mut huge = connect_registered(&server.url(), 6);
+    let _ = huge.send(Message::text("y".repeat(1024 * 1024)));
+    assert_eq!(close_code(&mut huge), 1009);
+    send(&mut other, &ClientMessage::Ping { id: 9 });
+    assert_eq!(recv(&mut other), ServerMessage::Pong { id: 9 });
+    let mut fresh = connect_registered(&server.url(), 7);
+    send(&mut fresh, &ClientMessage::Ping { id: 10 });
+    assert_eq!(recv(&mut fresh), ServerMessage::Pong { id: 10 });
+    for _ in 0..100 {
+        if server.stats().connections == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.stats().connections, 2);
+}
+
+#[test]
+fn tls() {
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let tls = TlsConfig::from_pem(cert.pem().as_bytes(), signing_key.serialize_pem().as_bytes()).unwrap();
+    assert!(TlsConfig::from_pem(b"nope", b"nope").is_err());
+    let mut options = ServerOptions::local();
+    options.tls = Some(tls);
+    let server = spawn(options).unwrap();
+    let url = server.url();
+    assert_eq!(url, format!("wss://localhost:{}", server.local_addr().port()));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let stream = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    let (mut ws, _) =
+        tungstenite::client_tls_with_config(url.as_str(), stream, None, Some(tungstenite::Connector::Rustls(Arc::new(config))))
+            .unwrap();
+    set_timeout(&ws);
+    register(&mut ws, &identity(8), "tls");
+    send(&mut ws, &ClientMessage::Ping { id: 2 });
+    assert_eq!(recv(&mut ws), ServerMessage::Pong { id: 2 });
+
+    // A plain-text client is refused by the TLS listener but does not disturb it.
+    assert!(tungstenite::connect(format!("ws://{}", server.local_addr())).is_err());
+    send(&mut ws, &ClientMessage::Ping { id: 3 });
+    assert_eq!(recv(&mut ws), ServerMessage::Pong { id: 3 });
+
+    let closer = std::thread::spawn(move || server.shutdown());
+    assert_eq!(close_code(&mut ws), 1001);
+    closer.join().unwrap();
+}
+
+#[test]
+fn shutdown_closes_with_1001() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    let url = server.url();
+    let mut a = connect_registered(&url, 11);
+    let mut b = connect_registered(&url, 12);
+    let mut unregistered = connect(&url);
+    assert!(matches!(recv(&mut unregistered), ServerMessage::Challenge { .. }));
+    let started = std::time::Instant::now();
+    let closer = std::thread::spawn(move || server.shutdown());
+    assert_eq!(close_code(&mut a), 1001);
+    assert_eq!(close_code(&mut b), 1001);
+    assert_eq!(close_code(&mut unregistered), 1001);
+    for ws in [&mut a, &mut b, &mut unregistered] {
+        while ws.read().is_ok() {}
+    }
+    closer.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    // Nobody listens any more.
+    assert!(tungstenite::connect(&url).is_err());
+}
+
+#[test]
+fn drop_shuts_down_and_stats_after_stop() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    let url = server.url();
+    let mut a = connect_registered(&url, 13);
+    let closer = std::thread::spawn(move || drop(server));
+    assert_eq!(close_code(&mut a), 1001);
+    closer.join().unwrap();
+}
+
+#[test]
+fn many_clients_relay() {
+    // A small burst through the whole path: 50 clients each relaying 100 frames to the next.
+    let server = spawn(ServerOptions::local()).unwrap();
+    let url = server.url();
+    let n = 50u64;
+    let mut clients: Vec<Ws> = (0..n).map(|i| connect_registered(&url, 100 + i)).collect();
+    let payload = serde_json::value::RawValue::from_string(r#"{"n":1}"#.into()).unwrap();
+    for round in 0..100 {
+        for (i, ws) in clients.iter_mut().enumerate() {
+            let to = identity(100 + (i as u64 + 1) % n).fingerprint();
+            let id = if round == 99 { Some(7) } else { None };
+            ws.write(Message::text(ClientMessage::Relay { id, to, payload: &payload }.encode())).unwrap();
+        }
+        for ws in clients.iter_mut() {
+            ws.flush().unwrap();
+        }
+    }
+    for ws in clients.iter_mut() {
+        let (mut relays, mut ok) = (0, false);
+        while relays < 100 || !ok {
+            match recv(ws) {
+                ServerMessage::Relay { .. } => relays += 1,
+                ServerMessage::Ok { id: 7 } => ok = true,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(server.stats().outbound_bytes, 0);
+}

@@ -1,0 +1,412 @@
+//! Shared pieces of the network benchmarks: child-process servers (the real `peerlink-server`
+//! and the bench binary re-invoked as a minimal async-tungstenite baseline), a raw protocol
+//! client that registers for real, RLIMIT_NOFILE, VmRSS, and a small multi-threaded executor.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::Message;
+use futures_util::{SinkExt, StreamExt};
+use peerlink::identity::{Identity, PublicKey};
+use peerlink::protocol::{self, ClientMessage, ServerMessage};
+use smol::net::TcpStream;
+
+/// A client WebSocket over smol's TCP stream.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: plain libc calls on a stack-allocated struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur as u64;
+            }
+        }
+        lim.rlim_cur as u64
+    }
+}
+
+/// VmRSS of a process, in bytes.
+pub fn vm_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value");
+    kb * 1024
+}
+
+/// CPU time (user + system) a process has used so far, in seconds (from /proc/PID/stat).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+/// A server running as a child process of the bench.
+pub struct ChildServer {
+    pub name: &'static str,
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl ChildServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM to this child (by PID) and waits for it; SIGKILL after 10 s.
+    pub fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child by its PID.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    eprintln!("{}: did not exit after SIGTERM; killing pid {pid}", self.name);
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Spawns `program args`, waits for its `listening on ws://ADDR` line and returns it.
+pub fn spawn_server(name: &'static str, program: &std::path::Path, args: &[&str]) -> ChildServer {
+    let log = std::env::temp_dir().join(format!("peerlink-bench-{name}-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).expect("create server log");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut tx = Some(tx);
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(addr) = line.trim().strip_prefix("listening on ws://") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+            // Keep draining so the child never blocks on a full pipe.
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not print `listening on ws://ADDR` (log: {})", log.display());
+        }
+    };
+    ChildServer { name, child, addr, log }
+}
+
+/// The `peerlink-server` binary next to this bench (target/release), built if missing.
+pub fn peerlink_server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/release/deps/<bench>-<hash> -> target/release/peerlink-server
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+    let bin = dir.join("peerlink-server");
+    if std::env::var_os("BENCH_REBUILD_SERVER").is_some() || !bin.exists() {
+        eprintln!("building peerlink-server (cargo build --release -p peerlink-server)...");
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-p", "peerlink-server", "--manifest-path"])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --release -p peerlink-server failed");
+    }
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    bin
+}
+
+/// A small multi-threaded smol executor.
+pub struct Pool {
+    pub ex: Arc<smol::Executor<'static>>,
+    stop: async_channel::Sender<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    pub fn new(threads: usize) -> Self {
+        let ex = Arc::new(smol::Executor::new());
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let threads = (0..threads.max(1))
+            .map(|_| {
+                let ex = ex.clone();
+                let stopped = stopped.clone();
+                std::thread::spawn(move || {
+                    let _ = smol::block_on(ex.run(stopped.recv()));
+                })
+            })
+            .collect();
+        Pool { ex, stop, threads }
+    }
+
+    pub fn block_on<T: Send + 'static>(&self, fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
+        smol::block_on(self.ex.spawn(fut))
+    }
+
+    pub fn shutdown(self) {
+        self.stop.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `count` jobs `f(i)` with at most `in_flight` at once; returns the results in order.
+pub async fn bounded<T, F, Fut>(ex: &Arc<smol::Executor<'static>>, count: usize, in_flight: usize, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results: Arc<Mutex<Vec<Option<T>>>> = Arc::new(Mutex::new((0..count).map(|_| None).collect()));
+    let f = Arc::new(f);
+    let workers: Vec<_> = (0..in_flight.min(count).max(1))
+        .map(|_| {
+            let (next, results, f) = (next.clone(), results.clone(), f.clone());
+            ex.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let r = f(i).await;
+                    results.lock().unwrap()[i] = Some(r);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await;
+    }
+    let mut results = results.lock().unwrap();
+    results.drain(..).map(|r| r.expect("every job ran")).collect()
+}
+
+/// Opens a WebSocket to `addr` (with TCP_NODELAY); retries a few times on connect errors.
+pub async fn open(addr: &str) -> Ws {
+    let mut last = None;
+    for attempt in 0..20 {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                match async_tungstenite::client_async(format!("ws://{addr}/"), tcp).await {
+                    Ok((ws, _)) => return ws,
+                    Err(e) => last = Some(e.to_string()),
+                }
+            }
+            Err(e) => last = Some(e.to_string()),
+        }
+        smol::Timer::after(Duration::from_millis(50 * (attempt + 1))).await;
+    }
+    panic!("could not connect to {addr}: {last:?}");
+}
+
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return t.as_str().to_owned(),
+            Some(Ok(Message::Close(c))) => panic!("closed by server: {c:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("websocket error: {e}"),
+            None => panic!("connection ended"),
+        }
+    }
+}
+
+/// Connects and registers `identity` for real: challenge -> signed `register` -> `registered`.
+/// Returns the socket and the fingerprint the server assigned (as hex).
+pub async fn connect_registered(addr: &str, identity: &Identity, seed: u64) -> (Ws, String) {
+    use rand::SeedableRng;
+    let mut ws = open(addr).await;
+    let text = next_text(&mut ws).await;
+    let ServerMessage::Challenge { server_id, nonce, .. } = protocol::decode_server(&text).expect("challenge") else {
+        panic!("expected a challenge, got {text}");
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let sig = identity.sign(&mut rng, &protocol::register_context(&server_id, &nonce));
+    let reg = ClientMessage::Register {
+        id: 1,
+        version: protocol::PROTOCOL_VERSION,
+        public_key: identity.public_key().to_base64().into(),
+        alias: "bench".into(),
+        meta: None,
+        signature: sig.to_base64().into(),
+        token: None,
+    }
+    .encode();
+    ws.send(Message::text(reg)).await.expect("send register");
+    loop {
+        let text = next_text(&mut ws).await;
+        match protocol::decode_server(&text) {
+            Ok(ServerMessage::Registered { fingerprint, .. }) => {
+                assert_eq!(fingerprint, identity.fingerprint());
+                return (ws, fingerprint.to_string());
+            }
+            Ok(ServerMessage::Error { code, message, .. }) => panic!("register failed: {code}: {message}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Identities for `n` clients (deterministic).
+pub fn identities(n: usize) -> Vec<Arc<Identity>> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0xbe9c);
+    (0..n).map(|_| Arc::new(Identity::generate(&mut rng))).collect()
+}
+
+// ---- baseline servers (the bench binary re-invoked) --------------------------------------------
+
+/// If the arguments ask for a baseline server mode, runs it (until SIGTERM) and returns true.
+pub fn maybe_run_baseline_server() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let relay = args.iter().any(|a| a == "--baseline-server");
+    let hold = args.iter().any(|a| a == "--hold-server");
+    if !relay && !hold {
+        return false;
+    }
+    raise_nofile();
+    let threads: usize = std::env::var("BENCH_BASELINE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let listener = smol::net::TcpListener::try_from(listener).expect("async listener");
+    let pool = Pool::new(threads);
+    println!("listening on ws://{addr}");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    let routes: Arc<Mutex<HashMap<String, async_channel::Sender<Message>>>> = Arc::default();
+    let ex = pool.ex.clone();
+    // Runs until the process is killed by SIGTERM (default action: terminate).
+    pool.block_on(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            let routes = routes.clone();
+            if hold {
+                ex.spawn(async move {
+                    // Default WebSocketConfig (128 KiB read buffer); BENCH_HOLD_SMALL_BUFFERS=1
+                    // uses peerlink-server's 4 KiB read / 8 KiB write buffers (diagnostic).
+                    let config = std::env::var_os("BENCH_HOLD_SMALL_BUFFERS").map(|_| {
+                        let mut c = async_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+                        c.read_buffer_size = 4 * 1024;
+                        c.write_buffer_size = 8 * 1024;
+                        c
+                    });
+                    let Ok(mut ws) = async_tungstenite::accept_async_with_config(tcp, config).await else { return };
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .detach();
+            } else {
+                ex.spawn(baseline_relay_conn(ex.clone(), tcp, routes)).detach();
+            }
+        }
+    });
+    true
+}
+
+/// The minimal relay: a fake challenge, `register` answered with the key's fingerprint (no
+/// signature check), then every frame's `to` is extracted with serde_json, looked up in a
+/// HashMap, and the frame forwarded verbatim. No rate limits, no other parsing.
+async fn baseline_relay_conn(
+    ex: Arc<smol::Executor<'static>>,
+    tcp: TcpStream, routes: Arc<Mutex<HashMap<String, async_channel::Sender<Message>>>>) {
+    let Ok(ws) = async_tungstenite::accept_async(tcp).await else { return };
+    let (mut tx, mut rx) = ws.split();
+    let challenge = r#"{"type":"challenge","version":1,"server_id":"baseline","nonce":"AAAA"}"#;
+    if tx.send(Message::text(challenge)).await.is_err() {
+        return;
+    }
+    // Registration: derive the fingerprint from the public key.
+    let fp = loop {
+        match rx.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = match serde_json::from_str(t.as_str()) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                let Some(key) = v["public_key"].as_str().and_then(|k| PublicKey::from_base64(k).ok()) else {
+                    continue;
+                };
+                break key.fingerprint().to_string();
+            }
+            Some(Ok(_)) => continue,
+            _ => return,
+        }
+    };
+    let reply = format!(r#"{{"type":"registered","id":1,"fingerprint":"{fp}","alias":"bench"}}"#);
+    if tx.send(Message::text(reply)).await.is_err() {
+        return;
+    }
+    let (out_tx, out_rx) = async_channel::unbounded::<Message>();
+    routes.lock().unwrap().insert(fp.clone(), out_tx);
+    // Writer: batch whatever is queued, flush once.
+    let writer = ex.spawn(async move {
+        while let Ok(msg) = out_rx.recv().await {
+            if tx.feed(msg).await.is_err() {
+                return;
+            }
+            while let Ok(msg) = out_rx.try_recv() {
+                if tx.feed(msg).await.is_err() {
+                    return;
+                }
+            }
+            if tx.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    #[derive(serde::Deserialize)]
+    struct To<'a> {
+        // Borrowed: extracting `to` allocates nothing; other fields are skipped (IgnoredAny).
+        #[serde(borrow)]
+        to: Option<&'a str>,
+    }
+    while let Some(Ok(msg)) = rx.next().await {
+        let Message::Text(t) = &msg else { continue };
+        let Ok(To { to: Some(to) }) = serde_json::from_str::<To>(t.as_str()) else { continue };
+        let target = routes.lock().unwrap().get(to).cloned();
+        if let Some(target) = target {
+            let _ = target.try_send(msg);
+        }
+    }
+    routes.lock().unwrap().remove(&fp);
+    writer.cancel().await;
+}
