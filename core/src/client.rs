@@ -642,6 +642,8 @@ impl Client {
         let expired: Vec<u64> = self.pending.iter().filter(|(_, (_, d))| *d <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some((Pending::User { .. }, _)) = self.pending.remove(&id) {
+                // A request still waiting in the outbox is withdrawn, not sent late.
+                self.outbox.retain(|(queued, _)| *queued != id);
                 self.respond(id, Err(RequestError::TimedOut));
             }
         }

@@ -319,6 +319,29 @@ fn reconnects_and_registers_again_when_the_server_is_back() {
 }
 
 #[test]
+fn a_request_that_times_out_in_the_outbox_is_never_sent() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.registered(cfg(), 1);
+    net.nodes[a].offline = true;
+    net.cut(a);
+    let now = net.now;
+    let p = net.nodes[a].c.ping(now).unwrap();
+    // Offline past the request timeout: the ping fails while still waiting in the outbox.
+    net.run_until(Duration::from_secs(40));
+    let rs = responses(&net.events(a));
+    assert!(rs.iter().any(|(id, r)| *id == p && *r == Err(RequestError::TimedOut)), "{rs:?}");
+    net.nodes[a].sent.clear();
+    net.nodes[a].offline = false;
+    net.run_until(Duration::from_secs(80));
+    assert!(net.nodes[a].c.is_registered());
+    let types: Vec<String> = net.nodes[a].sent.iter().map(|t| frame_type(t)).collect();
+    assert_eq!(types.first().map(String::as_str), Some("register"));
+    let pings_before_keepalive = types.iter().skip(1).take_while(|t| *t != "register").filter(|t| *t == "ping").count();
+    assert!(pings_before_keepalive <= 1, "the timed-out ping was withdrawn (only keep-alives go out): {types:?}");
+    assert!(responses(&net.events(a)).is_empty(), "no late reply for a request already answered");
+}
+
+#[test]
 fn gives_up_after_max_reconnect_attempts() {
     let mut net = Net::new(ServerConfig::default());
     let mut c = cfg();

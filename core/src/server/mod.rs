@@ -619,8 +619,10 @@ impl Server {
             missed,
         };
         self.send(conn, reply.encode().into());
+        // Through the session, not the connection: if the flush overflows the outbound queue
+        // and parks the session again, the rest waits in its queue instead of being dropped.
         for text in queued {
-            self.send(conn, text);
+            self.send_to_session(&fingerprint, text);
         }
     }
 

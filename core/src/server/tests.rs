@@ -1075,6 +1075,46 @@ fn slow_consumer_is_closed_with_4001_and_its_session_parked() {
 }
 
 #[test]
+fn a_resume_flush_that_overflows_keeps_the_rest_queued() {
+    let mut cfg = ServerConfig::default();
+    cfg.outbound_queue_bytes = 2048;
+    let mut h = H::new(cfg);
+    let (a, _) = h.peer(1);
+    let (b, ib) = h.peer(2);
+    h.disconnect(b);
+    // Queue more for the parked session than one outbound queue holds.
+    for i in 0..20 {
+        h.req(a, json!({"type": "relay", "to": ib.fingerprint().to_string(), "payload": [i, "x".repeat(200)]}));
+    }
+    // The new connection never reports flushed bytes: the flush overflows it.
+    let b2 = h.connect();
+    h.unacked.insert(b2);
+    let first = h.register(b2, &ib);
+    assert_eq!(h.closed.get(&b2), Some(&CloseCode::SlowConsumer));
+    let delivered = first.iter().filter(|m| matches!(m, ServerMessage::Relay { .. })).count();
+    assert!(delivered < 20, "the flush overflowed: {delivered}");
+    // Nothing was dropped: the rest waits for the next resumes, in order. (Each flush happens
+    // within one input, before any bytes can be reported sent, so each carries at most one
+    // outbound queue's worth.)
+    let mut all = first;
+    loop {
+        let next = h.connect();
+        all.extend(h.register(next, &ib));
+        if !h.closed.contains_key(&next) {
+            break;
+        }
+    }
+    let order: Vec<i64> = all
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Relay { payload, .. } => payload.to_value()[0].as_i64(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, (0..20).collect::<Vec<_>>(), "every queued relay exactly once, in order");
+}
+
+#[test]
 fn handle_sent_frees_outbound_budget() {
     let mut cfg = ServerConfig::default();
     cfg.outbound_queue_bytes = 4096;
