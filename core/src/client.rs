@@ -1114,7 +1114,7 @@ impl Client {
 }
 
 fn check_name(name: &str) -> Result<(), ClientError> {
-    if name.is_empty() || name.len() > protocol::MAX_NAME_LEN || name.chars().any(char::is_control) {
+    if !protocol::is_valid_name(name) {
         return Err(ClientError::InvalidInput(format!(
             "names must be 1 to {} bytes without control characters",
             protocol::MAX_NAME_LEN

@@ -511,8 +511,14 @@ fn need<T>(field: Option<T>, name: &str, id: Option<u64>) -> Result<T, FrameErro
     field.ok_or_else(|| FrameError::new(ErrorCode::MissingField, format!("missing field `{name}`"), id))
 }
 
+/// Returns whether `name` is a valid namespace or room id: 1 to [`MAX_NAME_LEN`] bytes without
+/// control characters.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_LEN && !name.chars().any(char::is_control)
+}
+
 fn check_name<'a>(value: Cow<'a, str>, field: &str, id: Option<u64>) -> Result<Cow<'a, str>, FrameError> {
-    if value.is_empty() || value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
+    if !is_valid_name(&value) {
         return Err(FrameError::new(
             ErrorCode::InvalidField,
             format!("`{field}` must be 1 to {MAX_NAME_LEN} bytes without control characters"),

@@ -421,7 +421,7 @@ fn to_raw<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, Error> {
 
 /// The core's name rule, checked here so a fire-and-forget broadcast fails synchronously.
 fn check_name(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > peerlink::protocol::MAX_NAME_LEN || name.chars().any(char::is_control) {
+    if !peerlink::protocol::is_valid_name(name) {
         return Err(Error::Client(ClientError::InvalidInput(format!(
             "names must be 1 to {} bytes without control characters",
             peerlink::protocol::MAX_NAME_LEN
