@@ -33,6 +33,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -48,6 +49,7 @@ use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use futures_util::{SinkExt, StreamExt};
 use peerlink::protocol::CloseCode;
 use peerlink::server::{ConnId, Server, ServerStats, ServerTransmit};
+use futures_rustls::server::TlsStream;
 use smol::net::{TcpListener, TcpStream};
 use smol::{Executor, Timer};
 use tracing::{debug, error, info, warn};
@@ -337,9 +339,7 @@ async fn run_with(
                             connection(stream, peer, conn, tls, ws_config, inputs).await;
                             drop(alive);
                         };
-                        if conn.0 == 1 { eprintln!("TMPSIZE {}", std::mem::size_of_val(&fut)); }
-                        ex.spawn(fut)
-                        .detach();
+                        ex.spawn(fut).detach();
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -512,29 +512,44 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(?conn, error = %e, "set_nodelay failed");
     }
-    // The handshake and the serving futures are boxed one after the other, so a connection
-    // task only ever holds the state it needs now (an idle connection holds no handshake state).
-    match tls {
-        None => {
-            let handshake = Box::pin(with_timeout(HANDSHAKE_TIMEOUT, async_tungstenite::accept_async_with_config(stream, Some(config))));
-            match handshake.await {
-                Some(Ok(ws)) => Box::pin(serve(ws, peer, conn, inputs)).await,
-                Some(Err(e)) => debug!(?conn, %peer, error = %e, "websocket handshake failed"),
-                None => debug!(?conn, %peer, "websocket handshake timed out"),
-            }
-        }
-        Some(tls) => {
-            let handshake = Box::pin(with_timeout(HANDSHAKE_TIMEOUT, async move {
-                let stream = tls.acceptor.accept(stream).await.map_err(WsError::Io)?;
-                async_tungstenite::accept_async_with_config(stream, Some(config)).await
-            }));
-            match handshake.await {
-                Some(Ok(ws)) => Box::pin(serve(ws, peer, conn, inputs)).await,
-                Some(Err(e)) => debug!(?conn, %peer, error = %e, "tls/websocket handshake failed"),
-                None => debug!(?conn, %peer, "tls/websocket handshake timed out"),
-            }
-        }
-    }
+    // The handshake and the serving futures are boxed one after the other (and built outside
+    // this future), so a connection task only holds the state it needs now: an idle
+    // connection holds no handshake state.
+    // (The handshake result is consumed inside the `let`, so it is not kept across the
+    // serving await.)
+    let serving = match tls {
+        None => match plain_handshake(stream, config).await {
+            Some(Ok(ws)) => serve_boxed(ws, peer, conn, inputs),
+            Some(Err(e)) => return debug!(?conn, %peer, error = %e, "websocket handshake failed"),
+            None => return debug!(?conn, %peer, "websocket handshake timed out"),
+        },
+        Some(tls) => match tls_handshake(stream, tls, config).await {
+            Some(Ok(ws)) => serve_boxed(ws, peer, conn, inputs),
+            Some(Err(e)) => return debug!(?conn, %peer, error = %e, "tls/websocket handshake failed"),
+            None => return debug!(?conn, %peer, "tls/websocket handshake timed out"),
+        },
+    };
+    serving.await;
+}
+
+type Handshake<S> = Pin<Box<dyn Future<Output = Option<Result<WebSocketStream<S>, WsError>>> + Send>>;
+
+fn plain_handshake(stream: TcpStream, config: WebSocketConfig) -> Handshake<TcpStream> {
+    Box::pin(with_timeout(HANDSHAKE_TIMEOUT, async_tungstenite::accept_async_with_config(stream, Some(config))))
+}
+
+fn tls_handshake(stream: TcpStream, tls: TlsConfig, config: WebSocketConfig) -> Handshake<TlsStream<TcpStream>> {
+    Box::pin(with_timeout(HANDSHAKE_TIMEOUT, async move {
+        let stream = tls.acceptor.accept(stream).await.map_err(WsError::Io)?;
+        async_tungstenite::accept_async_with_config(stream, Some(config)).await
+    }))
+}
+
+fn serve_boxed<S>(ws: WebSocketStream<S>, peer: SocketAddr, conn: ConnId, inputs: Sender<Input>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(serve(ws, peer, conn, inputs))
 }
 
 enum Event {
@@ -559,7 +574,6 @@ where
 {
     let (tx, rx) = async_channel::unbounded();
     debug!(?conn, %peer, "connected");
-    if conn.0 == 1 { eprintln!("TMPSERVE {}", std::mem::size_of::<WebSocketStream<S>>()); }
     if inputs.send(Input::Connect { conn, tx }).await.is_err() {
         // Shutting down already.
         finish(&mut ws, conn, CloseCode::GoingAway, false).await;
