@@ -265,17 +265,9 @@ fn unix_ms() -> u64 {
 }
 
 fn os_seed() -> u64 {
-    use std::io::Read;
-    let mut bytes = [0u8; 8];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok() {
-        return u64::from_le_bytes(bytes);
-    }
-    // No /dev/urandom: std's per-process random hash keys, mixed with the time.
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.write_u32(std::process::id());
-    h.finish()
+    use rand::TryRngCore;
+    // Without an OS random source there is nothing safe to fall back to for nonces.
+    rand::rngs::OsRng.try_next_u64().expect("the OS random source is available")
 }
 
 fn ws_config(max_frame_size: usize) -> WebSocketConfig {
