@@ -7,8 +7,8 @@
 //! async-tungstenite server (this bench binary re-invoked with `--hold-server`) that accepts and
 //! holds WebSocket connections; same measurement, ratio printed.
 //!
-//! Needs `target/release/peerlink-server` (built with `cargo build --release -p peerlink-server`
-//! when missing). Run: `cargo bench -p peerlink-tests --bench idle_memory`.
+//! Runs `cargo build --release -p peerlink-server` first (no-op when up to date; BENCH_NO_BUILD=1
+//! skips it) and uses target/release/peerlink-server. Run: `cargo bench -p peerlink-tests --bench idle_memory`.
 //! Env: BENCH_CONNS (10000), BENCH_IN_FLIGHT (200), BENCH_CLIENT_THREADS (2),
 //! BENCH_BASELINE_THREADS (2), BENCH_SERVER_ARGS (extra server flags).
 

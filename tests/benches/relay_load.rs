@@ -11,8 +11,8 @@
 //! payload carries the send time (nanoseconds since a shared `Instant` in this process); the
 //! receiver records `now - sent` in an HdrHistogram; p50/p99/p99.9/max reported.
 //!
-//! Needs `target/release/peerlink-server` (built with `cargo build --release -p peerlink-server`
-//! when missing). Run: `cargo bench -p peerlink-tests --bench relay_load`.
+//! Runs `cargo build --release -p peerlink-server` first (no-op when up to date; BENCH_NO_BUILD=1
+//! skips it) and uses target/release/peerlink-server. Run: `cargo bench -p peerlink-tests --bench relay_load`.
 //! Env: BENCH_CLIENTS (1000), BENCH_MEASURE_SECS (5), BENCH_WINDOW (4000),
 //! BENCH_CLIENT_THREADS (2), BENCH_BASELINE_THREADS (2), BENCH_SERVER_ARGS (extra server flags),
 //! BENCH_PACED_FRACTIONS ("0.5": phase 2 rates as fractions of phase 1; the first is the headline).
