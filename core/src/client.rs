@@ -421,8 +421,8 @@ enum Pending {
     User { sent_at: Instant },
     /// An automatic re-join after reconnecting; its result is a `PeerList` event.
     Rejoin,
-    /// An automatic room re-join after reconnecting.
-    RoomRejoin,
+    /// An automatic re-join of this room after reconnecting.
+    RoomRejoin(String),
 }
 
 #[derive(Debug, Clone)]
@@ -1058,8 +1058,9 @@ impl Client {
         let rooms: Vec<String> = self.rooms.keys().filter(|r| !server_rooms.contains(r)).cloned().collect();
         for room in rooms {
             let id = self.alloc_id();
-            self.pending.insert(id, (Pending::RoomRejoin, now + self.config.request_timeout));
-            self.transmits.push_back(ClientTransmit::Text(ClientMessage::JoinRoom { id, room_id: room.into() }.encode()));
+            let frame = ClientMessage::JoinRoom { id, room_id: room.as_str().into() }.encode();
+            self.pending.insert(id, (Pending::RoomRejoin(room), now + self.config.request_timeout));
+            self.transmits.push_back(ClientTransmit::Text(frame));
         }
         while let Some((_, frame)) = self.outbox.pop_front() {
             self.transmits.push_back(ClientTransmit::Text(frame));
@@ -1082,9 +1083,16 @@ impl Client {
         }
         match id.and_then(|id| self.pending.remove(&id).map(|p| (id, p))) {
             Some((id, (Pending::User { .. }, _))) => self.respond(id, Err(RequestError::Server { code, message })),
-            Some((_, (Pending::RoomRejoin, _))) => {
-                warn!(%code, "room could not be re-joined after reconnecting");
-                self.events.push_back(ClientEvent::Error(ClientError::Server { code, message }));
+            Some((_, (Pending::RoomRejoin(room_id), _))) => {
+                // The client is no longer in the room either way.
+                self.rooms.remove(&room_id);
+                if code == ErrorCode::RoomNotFound {
+                    // Closed (or expired) while this client was away and its session was lost.
+                    self.events.push_back(ClientEvent::RoomClosed { room_id });
+                } else {
+                    warn!(%code, %room_id, "room could not be re-joined after reconnecting");
+                    self.events.push_back(ClientEvent::Error(ClientError::Server { code, message }));
+                }
             }
             Some((_, (Pending::Rejoin, _))) | None => {
                 self.events.push_back(ClientEvent::Error(ClientError::Server { code, message }));
@@ -1095,7 +1103,7 @@ impl Client {
     fn complete(&mut self, id: u64, response: Response) {
         match self.pending.remove(&id) {
             Some((Pending::User { .. }, _)) => self.respond(id, Ok(response)),
-            Some((Pending::RoomRejoin, _)) => {
+            Some((Pending::RoomRejoin(_), _)) => {
                 if let Response::RoomJoined { room, .. } = response {
                     debug!(room = %room.room_id, "room re-joined");
                 }

@@ -342,6 +342,34 @@ fn a_request_that_times_out_in_the_outbox_is_never_sent() {
 }
 
 #[test]
+fn a_room_closed_while_the_session_was_lost_is_reported_closed_not_as_an_error() {
+    let mut net = Net::new(ServerConfig::default());
+    let owner = net.registered(cfg(), 1);
+    let member = net.registered(cfg(), 2);
+    let now = net.now;
+    net.nodes[owner].c.create_room(now, "den", None, None).unwrap();
+    net.pump();
+    net.nodes[member].c.join_room(now, "den").unwrap();
+    net.pump();
+    net.events(member);
+    // The member is away past the resume grace (30 s): the server ends its session.
+    net.nodes[member].offline = true;
+    net.cut(member);
+    net.run_until(Duration::from_secs(35));
+    let now = net.now;
+    net.nodes[owner].c.close_room(now, "den").unwrap();
+    net.pump();
+    net.nodes[member].offline = false;
+    net.run_until(Duration::from_secs(70));
+    assert!(net.nodes[member].c.is_registered());
+    let ev = net.events(member);
+    assert!(ev.contains(&ClientEvent::Reconnected { resumed: false }), "{ev:?}");
+    assert!(ev.contains(&ClientEvent::RoomClosed { room_id: "den".into() }), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, ClientEvent::Error(_))), "no spurious error: {ev:?}");
+    assert_eq!(net.nodes[member].c.rooms().count(), 0);
+}
+
+#[test]
 fn gives_up_after_max_reconnect_attempts() {
     let mut net = Net::new(ServerConfig::default());
     let mut c = cfg();
