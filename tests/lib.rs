@@ -81,17 +81,7 @@ impl RawClient {
     /// connection's nonce to forge a replay).
     pub fn register_frame(&self, identity: &Identity, nonce: &str, id: u64) -> String {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(id);
-        let sig = identity.sign(&mut rng, &protocol::register_context(&self.server_id, nonce));
-        ClientMessage::Register {
-            id,
-            version: protocol::PROTOCOL_VERSION,
-            public_key: identity.public_key().to_base64().into(),
-            alias: "raw".into(),
-            meta: None,
-            signature: sig.to_base64().into(),
-            token: None,
-        }
-        .encode()
+        ClientMessage::register(id, identity, &mut rng, &self.server_id, nonce, "raw", None, None).encode()
     }
 
     /// Registers `identity` and returns the `registered` reply.

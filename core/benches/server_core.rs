@@ -64,17 +64,8 @@ fn setup(now: Instant) -> (Server, Vec<Fingerprint>) {
         };
         assert_eq!(sid, server_id);
         let id = Identity::generate(&mut rng);
-        let sig = id.sign(&mut rng, &protocol::register_context(&sid, &nonce));
-        let reg = ClientMessage::Register {
-            id: 1,
-            version: protocol::PROTOCOL_VERSION,
-            public_key: id.public_key().to_base64().into(),
-            alias: format!("bench-{i}").into(),
-            meta: None,
-            signature: sig.to_base64().into(),
-            token: None,
-        }
-        .encode();
+        let alias = format!("bench-{i}");
+        let reg = ClientMessage::register(1, &id, &mut rng, &sid, &nonce, &alias, None, None).encode();
         server.handle_message(conn, now, &reg).unwrap();
         let Some(ServerTransmit::Text { text, .. }) = server.poll_transmit() else { panic!("no reply") };
         assert!(text.contains("\"registered\""), "registration failed: {text}");

@@ -977,19 +977,17 @@ impl Client {
                 return;
             }
         }
-        let signature = self.identity.sign(&mut self.rng, &protocol::register_context(&server_id, &nonce));
         let id = self.alloc_id();
-        let public_key = self.identity.public_key().to_base64();
-        let sig = signature.to_base64();
-        let frame = ClientMessage::Register {
+        let frame = ClientMessage::register(
             id,
-            version: PROTOCOL_VERSION,
-            public_key: public_key.into(),
-            alias: self.config.alias.as_str().into(),
-            meta: self.meta_json.as_deref(),
-            signature: sig.into(),
-            token: self.config.token.as_deref().map(Into::into),
-        }
+            &self.identity,
+            &mut self.rng,
+            &server_id,
+            &nonce,
+            &self.config.alias,
+            self.meta_json.as_deref(),
+            self.config.token.as_deref(),
+        )
         .encode();
         self.transmits.push_back(ClientTransmit::Text(frame));
         self.state = State::Registering { deadline: now + self.config.connect_timeout };

@@ -385,6 +385,33 @@ pub enum ClientMessage<'a> {
     Bye,
 }
 
+impl<'a> ClientMessage<'a> {
+    /// Builds the `register` answer to a challenge: signs [`register_context`] for `server_id`
+    /// and this connection's `nonce` with `identity`, mixing in the caller's randomness.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register<R: rand::CryptoRng + ?Sized>(
+        id: u64,
+        identity: &crate::identity::Identity,
+        rng: &mut R,
+        server_id: &str,
+        nonce: &str,
+        alias: &'a str,
+        meta: Option<&'a RawValue>,
+        token: Option<&'a str>,
+    ) -> Self {
+        let signature = identity.sign(rng, &register_context(server_id, nonce));
+        ClientMessage::Register {
+            id,
+            version: PROTOCOL_VERSION,
+            public_key: identity.public_key().to_base64().into(),
+            alias: alias.into(),
+            meta,
+            signature: signature.to_base64().into(),
+            token: token.map(Into::into),
+        }
+    }
+}
+
 impl ClientMessage<'_> {
     /// Encodes the frame as JSON text.
     pub fn encode(&self) -> String {

@@ -82,17 +82,7 @@ impl Driver {
     }
 
     fn register(&mut self, conn: ConnId, id: &Identity) {
-        let sig = id.sign(&mut self.rng, &protocol::register_context("peerlink", &self.nonce)).to_base64();
-        let frame = ClientMessage::Register {
-            id: 1,
-            version: protocol::PROTOCOL_VERSION,
-            public_key: id.public_key().to_base64().into(),
-            alias: "mem".into(),
-            meta: None,
-            signature: sig.into(),
-            token: None,
-        }
-        .encode();
+        let frame = ClientMessage::register(1, id, &mut self.rng, "peerlink", &self.nonce, "mem", None, None).encode();
         self.send(conn, &frame);
     }
 

@@ -117,17 +117,8 @@ impl H {
     fn register_frame(&mut self, conn: ConnId, id: &Identity, req_id: u64, token: Option<&str>) -> String {
         let nonce = self.nonce[&conn].clone();
         let server_id = self.s.config().server_id.clone();
-        let sig = id.sign(&mut self.rng, &register_context(&server_id, &nonce)).to_base64();
-        ClientMessage::Register {
-            id: req_id,
-            version: PROTOCOL_VERSION,
-            public_key: id.public_key().to_base64().into(),
-            alias: format!("peer-{}", id.fingerprint().short()).into(),
-            meta: None,
-            signature: sig.into(),
-            token: token.map(Into::into),
-        }
-        .encode()
+        let alias = format!("peer-{}", id.fingerprint().short());
+        ClientMessage::register(req_id, id, &mut self.rng, &server_id, &nonce, &alias, None, token).encode()
     }
 
     /// Registers `id` on `conn` and returns every frame sent to it in reply.
@@ -281,17 +272,7 @@ fn register_replayed_from_another_connection_is_bad_signature() {
     assert_eq!(error_of(&h.take(b)[0]), (Some(1), ErrorCode::BadSignature));
     // A signature for another server id does not verify either.
     let nonce = h.nonce[&b].clone();
-    let sig = id.sign(&mut h.rng, &register_context("other-server", &nonce)).to_base64();
-    let forged = ClientMessage::Register {
-        id: 2,
-        version: PROTOCOL_VERSION,
-        public_key: id.public_key().to_base64().into(),
-        alias: "".into(),
-        meta: None,
-        signature: sig.into(),
-        token: None,
-    }
-    .encode();
+    let forged = ClientMessage::register(2, &id, &mut h.rng, "other-server", &nonce, "", None, None).encode();
     h.send(b, &forged);
     assert_eq!(error_of(&h.take(b)[0]), (Some(2), ErrorCode::BadSignature));
     // The original connection can still use it.

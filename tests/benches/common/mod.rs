@@ -271,17 +271,7 @@ pub async fn connect_registered(addr: &str, identity: &Identity, seed: u64) -> (
         panic!("expected a challenge, got {text}");
     };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-    let sig = identity.sign(&mut rng, &protocol::register_context(&server_id, &nonce));
-    let reg = ClientMessage::Register {
-        id: 1,
-        version: protocol::PROTOCOL_VERSION,
-        public_key: identity.public_key().to_base64().into(),
-        alias: "bench".into(),
-        meta: None,
-        signature: sig.to_base64().into(),
-        token: None,
-    }
-    .encode();
+    let reg = ClientMessage::register(1, identity, &mut rng, &server_id, &nonce, "bench", None, None).encode();
     ws.send(Message::text(reg)).await.expect("send register");
     loop {
         let text = next_text(&mut ws).await;

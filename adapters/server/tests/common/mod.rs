@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use peerlink::identity::Identity;
-use peerlink::protocol::{self, ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use peerlink::protocol::{self, ClientMessage, ServerMessage};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tungstenite::stream::MaybeTlsStream;
@@ -66,20 +66,8 @@ pub fn identity(seed: u64) -> Identity {
 /// Reads the challenge and registers `identity`; returns after `registered`.
 pub fn register(ws: &mut Ws, identity: &Identity, alias: &str) {
     let ServerMessage::Challenge { server_id, nonce, .. } = recv(ws) else { panic!("no challenge") };
-    let context = protocol::register_context(&server_id, &nonce);
-    let signature = identity.sign(&mut ChaCha20Rng::seed_from_u64(7), &context).to_base64();
-    send(
-        ws,
-        &ClientMessage::Register {
-            id: 1,
-            version: PROTOCOL_VERSION,
-            public_key: identity.public_key().to_base64().into(),
-            alias: alias.into(),
-            meta: None,
-            signature: signature.into(),
-            token: None,
-        },
-    );
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    send(ws, &ClientMessage::register(1, identity, &mut rng, &server_id, &nonce, alias, None, None));
     match recv(ws) {
         ServerMessage::Registered { id: 1, fingerprint, .. } => assert_eq!(fingerprint, identity.fingerprint()),
         other => panic!("expected registered, got {other:?}"),
