@@ -564,7 +564,10 @@ impl PollClient {
         } else {
             Stream::Plain(tcp)
         };
+        // tungstenite zero-fills its whole read buffer before every read; its 128 KiB default
+        // costs more per frame than the frame does (signaling frames are small).
         let config = WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
             .max_write_buffer_size(MAX_WRITE_BUFFER)
             .max_frame_size(Some(MAX_FRAME));
         let result = tungstenite::client::client_with_config(request, stream, Some(config));

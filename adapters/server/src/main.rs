@@ -163,28 +163,17 @@ fn main() -> anyhow::Result<()> {
 
     let std_listener = std::net::TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
     let addr = std_listener.local_addr()?;
-    let listener = smol::net::TcpListener::try_from(std_listener)?;
-
-    // SIGINT/SIGTERM → shutdown future.
-    let (stop_tx, stop_rx) = async_channel::bounded::<i32>(1);
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            let _ = stop_tx.send_blocking(signal);
-        }
-    })?;
-
+    let options = ServerOptions { addr, config, tls, seed: None };
+    let server = peerlink_server::spawn_on(std_listener, options).context("starting the server")?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {scheme}://{addr}")?;
         out.flush()?;
     }
-    let options = ServerOptions { addr, config, tls, seed: None };
-    let shutdown = async move {
-        if let Ok(signal) = stop_rx.recv().await {
-            info!(signal, "signal received");
-        }
-    };
-    smol::block_on(peerlink_server::run(listener, options, shutdown))?;
+    if let Some(signal) = signals.forever().next() {
+        info!(signal, "signal received");
+    }
+    server.shutdown();
     Ok(())
 }

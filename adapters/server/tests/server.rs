@@ -206,3 +206,64 @@ fn many_clients_relay() {
     }
     assert_eq!(server.stats().outbound_bytes, 0);
 }
+
+#[test]
+fn slow_consumer_is_closed_with_4001_and_the_sender_keeps_going() {
+    let mut options = ServerOptions::local();
+    options.config.outbound_queue_bytes = 64 * 1024;
+    options.config.rate_limit = peerlink::server::RateLimit { per_second: 100_000, burst: 100_000 };
+    let server = spawn(options).unwrap();
+    let url = server.url();
+    // The sink registers, then stops reading; a tiny receive buffer makes the server's socket
+    // fill up after a few frames.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.local_addr().into()).unwrap();
+    let tcp: std::net::TcpStream = socket.into();
+    let (mut sink, _) = tungstenite::client(url.as_str(), tungstenite::stream::MaybeTlsStream::Plain(tcp)).unwrap();
+    set_timeout(&sink);
+    register(&mut sink, &identity(40), "sink");
+    let mut sender = connect_registered(&url, 41);
+    let big = format!(r#"{{"blob":"{}"}}"#, "z".repeat(60 * 1024));
+    let payload = serde_json::value::RawValue::from_string(big).unwrap();
+    let to = identity(40).fingerprint();
+    // Far more than the socket buffers and the 64 KiB cap hold.
+    for _ in 0..200 {
+        sender.write(Message::text(ClientMessage::Relay { id: None, to, payload: &payload }.encode())).unwrap();
+    }
+    sender.flush().unwrap();
+    // The sink, reading at last, gets what was written before the cap, then close 4001.
+    let mut relays = 0;
+    let code = loop {
+        match sink.read() {
+            Ok(Message::Text(_)) => relays += 1,
+            Ok(Message::Close(Some(f))) => {
+                let _ = sink.flush();
+                break u16::from(f.code);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame after {relays} relays: {e}"),
+        }
+    };
+    assert_eq!(code, 4001, "after {relays} relays");
+    assert!(relays < 200, "the cap did not bite: {relays} relays delivered");
+    // The sender is unaffected; nothing stays queued for the closed sink.
+    send(&mut sender, &ClientMessage::Ping { id: 5 });
+    loop {
+        match recv(&mut sender) {
+            ServerMessage::Pong { id: 5 } => break,
+            // Relays to a parked session are refused once its queue is full.
+            ServerMessage::Error { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut stats = server.stats();
+    for _ in 0..100 {
+        if stats.connections == 1 && stats.outbound_bytes == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        stats = server.stats();
+    }
+    assert_eq!((stats.connections, stats.outbound_bytes), (1, 0), "{stats:?}");
+}

@@ -477,7 +477,10 @@ async fn open(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Ws, 
     } else {
         Box::new(tcp)
     };
-    let (ws, _response) = async_tungstenite::client_async(url, stream).await.map_err(ws_error)?;
+    // tungstenite zero-fills its whole read buffer before every read; its 128 KiB default
+    // costs more per frame than the frame does (signaling frames are small).
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let (ws, _response) = async_tungstenite::client_async_with_config(url, stream, Some(config)).await.map_err(ws_error)?;
     Ok(ws)
 }
 

@@ -38,6 +38,34 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Unless BENCH_PIN=0 (or the machine has fewer than 2 CPUs): server and load generator each
+/// get a core of their own (server on CPU 0, the generator on CPU 1), so neither's queueing
+/// shows up in the other's figures.
+pub fn pinned() -> bool {
+    // Decided once: after `pin_generator`, `available_parallelism` (which follows this
+    // process's affinity) says 1.
+    static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PINNED.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0")
+    })
+}
+
+/// Pins this process (threads created from now on) to CPU 1 when [`pinned`].
+pub fn pin_generator() {
+    if !pinned() {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on our own thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(1, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// VmRSS of a process, in bytes.
 pub fn vm_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
@@ -96,10 +124,18 @@ impl ChildServer {
 }
 
 /// Spawns `program args`, waits for its `listening on ws://ADDR` line and returns it.
+/// When [`pinned`], the server runs under `taskset -c 0` (see [`pin_generator`]).
 pub fn spawn_server(name: &'static str, program: &std::path::Path, args: &[&str]) -> ChildServer {
     let log = std::env::temp_dir().join(format!("peerlink-bench-{name}-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).expect("create server log");
-    let mut child = Command::new(program)
+    let mut command = if pinned() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -304,7 +340,9 @@ pub fn maybe_run_baseline_server() -> bool {
         return false;
     }
     raise_nofile();
-    let threads: usize = std::env::var("BENCH_BASELINE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    // Pinned to one core, one thread (more would only time-slice it).
+    let threads: usize =
+        std::env::var("BENCH_BASELINE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(if pinned() { 1 } else { 2 });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().unwrap();
     let listener = smol::net::TcpListener::try_from(listener).expect("async listener");
@@ -348,7 +386,11 @@ pub fn maybe_run_baseline_server() -> bool {
 async fn baseline_relay_conn(
     ex: Arc<smol::Executor<'static>>,
     tcp: TcpStream, routes: Arc<Mutex<HashMap<String, async_channel::Sender<Message>>>>) {
-    let Ok(ws) = async_tungstenite::accept_async(tcp).await else { return };
+    // The same 4 KiB read buffer as peerlink-server: tungstenite zero-fills its whole read
+    // buffer before every read, and the default (128 KiB) makes that the biggest cost per frame.
+    let mut config = async_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 4 * 1024;
+    let Ok(ws) = async_tungstenite::accept_async_with_config(tcp, Some(config)).await else { return };
     let (mut tx, mut rx) = ws.split();
     let challenge = r#"{"type":"challenge","version":1,"server_id":"baseline","nonce":"AAAA"}"#;
     if tx.send(Message::text(challenge)).await.is_err() {
