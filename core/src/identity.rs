@@ -99,15 +99,45 @@ impl Fingerprint {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// Lowercase hex digit -> its value; anything else -> 0xff.
+const UNHEX: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+impl Fingerprint {
+    /// The 64 lowercase hex digits.
+    fn hex(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
         for (i, b) in self.0.iter().enumerate() {
             out[2 * i] = HEX[(b >> 4) as usize];
             out[2 * i + 1] = HEX[(b & 0xf) as usize];
         }
+        out
+    }
+
+    /// Appends the 64 lowercase hex digits to `out` (what `Display` prints, without the
+    /// formatter).
+    pub fn write_hex(&self, out: &mut String) {
         // The buffer holds only ASCII hex digits.
-        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+        out.push_str(std::str::from_utf8(&self.hex()).unwrap_or_default());
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The buffer holds only ASCII hex digits.
+        f.write_str(std::str::from_utf8(&self.hex()).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -125,14 +155,17 @@ impl FromStr for Fingerprint {
         if bytes.len() != 64 {
             return Err(IdentityError::InvalidFingerprint);
         }
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            _ => Err(IdentityError::InvalidFingerprint),
-        };
+        // Every `to` of every relay is parsed here: decode without a branch per digit and
+        // check all digits at once.
         let mut out = [0u8; 32];
-        for i in 0..32 {
-            out[i] = (nibble(bytes[2 * i])? << 4) | nibble(bytes[2 * i + 1])?;
+        let mut bad = 0u8;
+        for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let (hi, lo) = (UNHEX[pair[0] as usize], UNHEX[pair[1] as usize]);
+            bad |= hi | lo;
+            *byte = (hi << 4) | (lo & 0x0f);
+        }
+        if bad & 0xf0 != 0 {
+            return Err(IdentityError::InvalidFingerprint);
         }
         Ok(Fingerprint(out))
     }
@@ -420,5 +453,16 @@ mod tests {
         assert!("xyz".parse::<Fingerprint>().is_err());
         assert!("G".repeat(64).parse::<Fingerprint>().is_err());
         assert!(fp.to_string().to_uppercase().parse::<Fingerprint>().is_err());
+        // One bad digit anywhere is enough; the neighbours of the hex ranges included.
+        let good = fp.to_string();
+        for i in 0..64 {
+            for bad in ['/', ':', '@', 'G', '`', 'g', ' '] {
+                let mut s = good.clone();
+                s.replace_range(i..i + 1, &bad.to_string());
+                assert!(s.parse::<Fingerprint>().is_err(), "{s}");
+            }
+        }
+        // 64 bytes, but not 64 digits.
+        assert!(format!("\u{e9}{}", &good[2..]).parse::<Fingerprint>().is_err());
     }
 }
