@@ -1,0 +1,828 @@
+//! [`Node`]: one local participant. It owns the signaling [`Client`] and a direct connection
+//! ([`peer`](crate::peer)) to every peer it talks to, and drains them all, in the shape of
+//! str0m's `Rtc` and firezone's `Node`.
+//!
+//! Inputs: WebSocket texts and socket events for the signaling client
+//! ([`Node::handle_text`], [`Node::handle_connected`], [`Node::handle_disconnected`]),
+//! datagrams with their source and local destination ([`Node::handle_datagram`]), and time
+//! ([`Node::handle_timeout`]). Outputs, drained after every input until `None`:
+//! [`Node::poll_transmit`] (texts for the WebSocket, datagrams for the UDP sockets),
+//! [`Node::poll_event`], and [`Node::poll_timeout`].
+//!
+//! Negotiation messages between peers travel inside the signaling server's `relay`; the node
+//! consumes them, and hands every other relay to the application as
+//! [`ClientEvent::Relay`].
+//!
+//! # Bounds
+//!
+//! At most [`NodeConfig::max_peers`] connections (more incoming offers are refused with
+//! `busy`, more `connect_to_peer` calls fail with [`NodeError::TooManyPeers`]); at most
+//! [`MAX_PENDING_OUTPUTS`] undrained events and transmits (then `handle_*` returns
+//! [`NodeError::NotDrained`]); sends are never queued beyond str0m's buffered amount
+//! ([`SendError::WouldBlock`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use str0m::Candidate;
+use tracing::{debug, info, trace, warn};
+
+use crate::client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit};
+use crate::identity::{Fingerprint, Identity};
+use crate::peer::signal::{RejectReason, Signal, SignalError};
+use crate::peer::{
+    ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, Payload, Peer, PeerConfig, PeerError, PeerOutput,
+    PeerState, SendError, crypto,
+};
+use crate::stun::{self, StunMessage, TransactionId};
+
+/// Most events or transmits that may wait undrained before `handle_*` refuses more input.
+pub const MAX_PENDING_OUTPUTS: usize = 65_536;
+/// Most local addresses (host and server-reflexive candidates together).
+pub const MAX_LOCAL_CANDIDATES: usize = 32;
+/// Most STUN servers.
+pub const MAX_STUN_SERVERS: usize = 8;
+/// STUN binding retransmissions: the first after 500 ms, then doubling.
+const STUN_ATTEMPTS: u32 = 4;
+
+/// A STUN or TURN server as in the reference `iceServers` (`stun:` URLs are used for
+/// server-reflexive candidates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceServer {
+    /// URLs, e.g. `stun:stun.example.org:3478`.
+    pub urls: Vec<String>,
+    /// User name (TURN).
+    pub username: Option<String>,
+    /// Credential (TURN).
+    pub credential: Option<String>,
+}
+
+impl IceServer {
+    /// A server at these URLs, without credentials.
+    pub fn new(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        IceServer { urls: urls.into_iter().map(Into::into).collect(), username: None, credential: None }
+    }
+}
+
+/// A node's configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// The signaling client.
+    pub client: ClientConfig,
+    /// Every direct connection.
+    pub peer: PeerConfig,
+    /// STUN (and, later, TURN) servers. Adapters resolve the `stun:` hosts and call
+    /// [`Node::add_stun_server`]. Default none.
+    pub ice_servers: Vec<IceServer>,
+    /// Answer offers from peers that were not called (the reference auto-accepts). Default
+    /// `true`; when `false` such offers are refused with `refused`.
+    pub accept_incoming: bool,
+    /// Most simultaneous connections. Default 256.
+    pub max_peers: usize,
+}
+
+impl NodeConfig {
+    /// Defaults, with the signaling server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        NodeConfig::with_client(ClientConfig::new(url))
+    }
+
+    /// Defaults around a signaling client configuration.
+    pub fn with_client(client: ClientConfig) -> Self {
+        NodeConfig { client, peer: PeerConfig::default(), ice_servers: Vec::new(), accept_incoming: true, max_peers: 256 }
+    }
+
+    /// The `stun:` servers' hosts and ports, for the adapter to resolve.
+    pub fn stun_hosts(&self) -> Vec<(String, u16)> {
+        self.ice_servers.iter().flat_map(|s| s.urls.iter()).filter_map(|u| stun::parse_stun_url(u)).collect()
+    }
+}
+
+/// Errors from the node's commands and its misuse (never from network input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// More outputs wait than [`MAX_PENDING_OUTPUTS`]: drain `poll_event` and
+    /// `poll_transmit`.
+    #[error("poll_event and poll_transmit must be drained before more input")]
+    NotDrained,
+    /// A node does not connect to itself.
+    #[error("a node cannot connect to itself")]
+    SelfConnect,
+    /// [`NodeConfig::max_peers`] connections exist.
+    #[error("at most {0} connections")]
+    TooManyPeers(usize),
+    /// The signaling client refused the command.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Sending failed (nothing was queued).
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// Creating a channel failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The connection could not be started.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The DTLS certificate could not be made.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// Too many local addresses or STUN servers, or an address ICE cannot use.
+    #[error("invalid address: {0}")]
+    InvalidAddress(String),
+}
+
+/// An output for the adapter's sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeTransmit {
+    /// For the signaling WebSocket (see [`ClientTransmit`]).
+    Signaling(ClientTransmit),
+    /// A UDP datagram to send from `source` (one of the local addresses).
+    Datagram(Datagram),
+}
+
+/// Something that happened; drain with [`Node::poll_event`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// From the signaling client (every relay that is not a peer negotiation message
+    /// included).
+    Signaling(ClientEvent),
+    /// A peer called: a connection now exists (it was answered).
+    Incoming {
+        /// The caller.
+        peer: Fingerprint,
+    },
+    /// A connection changed state.
+    PeerState {
+        /// The peer.
+        peer: Fingerprint,
+        /// Its new state.
+        state: PeerState,
+    },
+    /// A data channel opened (either side created it).
+    ChannelOpen {
+        /// The peer.
+        peer: Fingerprint,
+        /// Its label.
+        channel: String,
+    },
+    /// A data channel closed.
+    ChannelClosed {
+        /// The peer.
+        peer: Fingerprint,
+        /// Its label.
+        channel: String,
+    },
+    /// A message arrived.
+    Data {
+        /// The sender.
+        peer: Fingerprint,
+        /// The channel's label.
+        channel: String,
+        /// The message.
+        data: Payload,
+    },
+    /// A channel's buffered amount fell to the low-water mark: sends are accepted again.
+    BufferedAmountLow {
+        /// The peer.
+        peer: Fingerprint,
+        /// The channel's label.
+        channel: String,
+    },
+    /// A connection failed or was refused (followed by `PeerState` `Failed` when one existed).
+    PeerError {
+        /// The peer.
+        peer: Fingerprint,
+        /// What went wrong.
+        error: PeerError,
+    },
+    /// A negotiation message from a peer could not be used; it was dropped.
+    BadSignal {
+        /// The sender.
+        from: Fingerprint,
+        /// Why.
+        error: SignalError,
+    },
+    /// A STUN server told us how it sees one of our addresses (a server-reflexive candidate).
+    ReflexiveAddress {
+        /// Our local address.
+        local: SocketAddr,
+        /// The STUN server.
+        server: SocketAddr,
+        /// The address it saw.
+        mapped: SocketAddr,
+    },
+    /// A STUN server did not answer.
+    StunTimeout {
+        /// Our local address.
+        local: SocketAddr,
+        /// The STUN server.
+        server: SocketAddr,
+    },
+}
+
+/// A read-only view of one connection ([`Node::get_peer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerView {
+    /// The remote peer.
+    pub fingerprint: Fingerprint,
+    /// Its state.
+    pub state: PeerState,
+    /// The session id (hex), shared by both sides.
+    pub session: String,
+    /// Labels of the open channels.
+    pub channels: Vec<String>,
+    /// Whether this side made the first offer.
+    pub offerer: bool,
+    /// The largest message a send accepts.
+    pub max_message_size: usize,
+}
+
+struct StunRequest {
+    local: SocketAddr,
+    server: SocketAddr,
+    attempts: u32,
+    next: Instant,
+    request: Vec<u8>,
+}
+
+/// One local participant. See the [module docs](self).
+pub struct Node {
+    config: NodeConfig,
+    client: Client,
+    identity: Identity,
+    rng: ChaCha20Rng,
+    cert: str0m::config::DtlsCert,
+    peers: BTreeMap<Fingerprint, Peer>,
+    candidates: Vec<Candidate>,
+    stun_servers: Vec<SocketAddr>,
+    stun: BTreeMap<TransactionId, StunRequest>,
+    transmits: VecDeque<NodeTransmit>,
+    events: VecDeque<NodeEvent>,
+    now: Instant,
+}
+
+impl Node {
+    /// Creates a node. `seed` drives every random choice (session ids, ICE credentials, the
+    /// DTLS certificate, retransmission jitter); `unix_ms` (wall clock) dates the certificate.
+    /// Call [`Node::connect`] to reach the signaling server.
+    pub fn new(config: NodeConfig, identity: Identity, seed: u64, now: Instant, unix_ms: u64) -> Result<Self, NodeError> {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let client = Client::new(config.client.clone(), identity.clone(), rng.next_u64(), now)?;
+        let cert = crypto::generate_certificate(&mut rng, unix_ms).map_err(NodeError::Certificate)?;
+        Ok(Node {
+            config,
+            client,
+            identity,
+            rng,
+            cert,
+            peers: BTreeMap::new(),
+            candidates: Vec::new(),
+            stun_servers: Vec::new(),
+            stun: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            now,
+        })
+    }
+
+    /// Returns this node's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.identity.fingerprint()
+    }
+
+    /// Returns the configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Returns the signaling client (for its state).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Returns the signaling client for commands (`join`, `relay`, rooms, ...). What they
+    /// produce comes out of this node's `poll_transmit` and `poll_event`.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    // ---- outputs ------------------------------------------------------------------------
+
+    /// Returns the next output for the sockets, or `None`. Drain after every input.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<NodeTransmit> {
+        if let Some(t) = self.client.poll_transmit() {
+            return Some(NodeTransmit::Signaling(t));
+        }
+        self.transmits.pop_front()
+    }
+
+    /// Returns the next event, or `None`. Drain after every input.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.pump_client();
+        self.events.pop_front()
+    }
+
+    /// Returns when [`Node::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let peers = self.peers.values().filter_map(Peer::timeout);
+        let stun = self.stun.values().map(|r| r.next);
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).min()
+    }
+
+    fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
+        if self.events.len() + self.transmits.len() > MAX_PENDING_OUTPUTS {
+            return Err(NodeError::NotDrained);
+        }
+        self.now = self.now.max(now);
+        Ok(())
+    }
+
+    // ---- signaling inputs ---------------------------------------------------------------
+
+    /// Starts connecting to the signaling server.
+    pub fn connect(&mut self, now: Instant) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.client.connect(now)?;
+        Ok(())
+    }
+
+    /// Reports that the signaling WebSocket opened.
+    pub fn handle_connected(&mut self, now: Instant) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.client.handle_connected(now)?;
+        self.pump_client();
+        Ok(())
+    }
+
+    /// Reports that the signaling WebSocket closed (with the server's close code, if any).
+    pub fn handle_disconnected(&mut self, now: Instant, code: Option<u16>) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.client.handle_disconnected(now, code)?;
+        self.pump_client();
+        Ok(())
+    }
+
+    /// Reports a text frame from the signaling server.
+    pub fn handle_text(&mut self, now: Instant, text: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.client.handle_text(now, text)?;
+        self.pump_client();
+        Ok(())
+    }
+
+    /// Moves the client's events out, consuming peer negotiation messages.
+    fn pump_client(&mut self) {
+        while let Some(event) = self.client.poll_event() {
+            match event {
+                ClientEvent::Relay { from, payload } => match Signal::decode(&payload.0) {
+                    Ok(Some(signal)) => self.on_signal(from, signal),
+                    Ok(None) => self.events.push_back(NodeEvent::Signaling(ClientEvent::Relay { from, payload })),
+                    Err(error) => {
+                        debug!(from = %from.short(), %error, "bad negotiation message");
+                        self.events.push_back(NodeEvent::BadSignal { from, error });
+                    }
+                },
+                other => self.events.push_back(NodeEvent::Signaling(other)),
+            }
+        }
+    }
+
+    // ---- datagrams ----------------------------------------------------------------------
+
+    /// Reports a UDP datagram from `source` received on the local address `destination`.
+    /// Datagrams nobody wants (stray, malformed) are dropped.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, contents: &[u8]) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let now = self.now;
+        if let Some(tid) = stun::transaction_id(contents) {
+            if self.stun.get(&tid).is_some_and(|r| r.server == source && r.local == destination) {
+                self.on_stun_response(tid, contents);
+                return Ok(());
+            }
+        }
+        let Some(input) = Peer::parse_datagram(now, source, destination, contents) else {
+            trace!(%source, len = contents.len(), "undecodable datagram dropped");
+            return Ok(());
+        };
+        let Some(fp) = self.peers.iter().find(|(_, p)| p.accepts(&input)).map(|(fp, _)| *fp) else {
+            trace!(%source, "datagram for no connection dropped");
+            return Ok(());
+        };
+        self.with_peer(fp, |peer, ctx| peer.handle_input(input, ctx));
+        Ok(())
+    }
+
+    // ---- time ---------------------------------------------------------------------------
+
+    /// Advances every timer to `now`. Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let now = self.now;
+        self.client.handle_timeout(now)?;
+        self.pump_client();
+        let due: Vec<Fingerprint> = self.peers.iter().filter(|(_, p)| p.timeout().is_some_and(|t| t <= now)).map(|(f, _)| *f).collect();
+        for fp in due {
+            self.with_peer(fp, |peer, ctx| peer.handle_timeout(ctx));
+        }
+        self.stun_timers(now);
+        Ok(())
+    }
+
+    // ---- local addresses and STUN -------------------------------------------------------
+
+    /// Adds a local UDP address (a bound socket) as a host candidate; STUN servers are asked
+    /// how they see it. Live connections learn it by trickle.
+    pub fn add_local_address(&mut self, now: Instant, addr: SocketAddr) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let candidate = Candidate::host(addr, "udp").map_err(|e| NodeError::InvalidAddress(e.to_string()))?;
+        self.add_candidate(candidate)?;
+        for server in self.stun_servers.clone() {
+            self.start_stun(addr, server);
+        }
+        Ok(())
+    }
+
+    /// Adds a STUN server (resolved address); every local address is checked against it.
+    pub fn add_stun_server(&mut self, now: Instant, server: SocketAddr) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if self.stun_servers.contains(&server) {
+            return Ok(());
+        }
+        if self.stun_servers.len() >= MAX_STUN_SERVERS {
+            return Err(NodeError::InvalidAddress(format!("at most {MAX_STUN_SERVERS} STUN servers")));
+        }
+        self.stun_servers.push(server);
+        let hosts: Vec<SocketAddr> =
+            self.candidates.iter().filter(|c| c.kind() == str0m::CandidateKind::Host).map(|c| c.addr()).collect();
+        for local in hosts {
+            if local.is_ipv4() == server.is_ipv4() {
+                self.start_stun(local, server);
+            }
+        }
+        Ok(())
+    }
+
+    /// The local candidates (host and server-reflexive) as SDP candidate lines.
+    pub fn local_candidates(&self) -> Vec<String> {
+        self.candidates.iter().map(|c| c.to_sdp_string()).collect()
+    }
+
+    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), NodeError> {
+        if self.candidates.iter().any(|c| c.addr() == candidate.addr() && c.kind() == candidate.kind()) {
+            return Ok(());
+        }
+        if self.candidates.len() >= MAX_LOCAL_CANDIDATES {
+            return Err(NodeError::InvalidAddress(format!("at most {MAX_LOCAL_CANDIDATES} local candidates")));
+        }
+        self.candidates.push(candidate.clone());
+        let live: Vec<Fingerprint> = self.peers.keys().copied().collect();
+        for fp in live {
+            let c = candidate.clone();
+            self.with_peer(fp, move |peer, ctx| peer.add_local_candidate(c, ctx));
+        }
+        Ok(())
+    }
+
+    fn start_stun(&mut self, local: SocketAddr, server: SocketAddr) {
+        if local.is_ipv4() != server.is_ipv4() {
+            return;
+        }
+        let mut t = [0u8; 12];
+        self.rng.fill_bytes(&mut t);
+        let tid = TransactionId(t);
+        let request = stun::binding_request(tid);
+        self.transmits.push_back(NodeTransmit::Datagram(Datagram { source: local, destination: server, contents: request.clone() }));
+        self.stun.insert(tid, StunRequest { local, server, attempts: 1, next: self.now + Duration::from_millis(500), request });
+    }
+
+    fn stun_timers(&mut self, now: Instant) {
+        let due: Vec<TransactionId> = self.stun.iter().filter(|(_, r)| r.next <= now).map(|(t, _)| *t).collect();
+        for tid in due {
+            let Some(r) = self.stun.get_mut(&tid) else { continue };
+            if r.attempts >= STUN_ATTEMPTS {
+                let (local, server) = (r.local, r.server);
+                self.stun.remove(&tid);
+                info!(%local, %server, "STUN server did not answer");
+                self.events.push_back(NodeEvent::StunTimeout { local, server });
+                continue;
+            }
+            r.attempts += 1;
+            r.next = now + Duration::from_millis(500 << (r.attempts - 1));
+            self.transmits.push_back(NodeTransmit::Datagram(Datagram { source: r.local, destination: r.server, contents: r.request.clone() }));
+        }
+    }
+
+    fn on_stun_response(&mut self, tid: TransactionId, contents: &[u8]) {
+        let Some(req) = self.stun.remove(&tid) else { return };
+        match stun::decode(contents) {
+            Ok(StunMessage::BindingSuccess { mapped, .. }) => {
+                info!(local = %req.local, server = %req.server, %mapped, "server-reflexive address");
+                self.events.push_back(NodeEvent::ReflexiveAddress { local: req.local, server: req.server, mapped });
+                if mapped != req.local {
+                    match Candidate::server_reflexive(mapped, req.local, "udp") {
+                        Ok(c) => {
+                            if let Err(e) = self.add_candidate(c) {
+                                warn!(error = %e, "server-reflexive candidate not added");
+                            }
+                        }
+                        Err(e) => debug!(error = %e, "unusable server-reflexive address"),
+                    }
+                }
+            }
+            Ok(other) => {
+                debug!(?other, "STUN server refused the binding");
+                self.events.push_back(NodeEvent::StunTimeout { local: req.local, server: req.server });
+            }
+            Err(e) => {
+                // Not a valid answer: keep waiting for one.
+                debug!(error = %e, "bad STUN response");
+                self.stun.insert(tid, req);
+            }
+        }
+    }
+
+    // ---- peers --------------------------------------------------------------------------
+
+    /// Runs `f` on the connection to `fp` with a context, then routes what it produced: its
+    /// negotiation messages to the relay, its outputs to events; a connection that ended is
+    /// removed.
+    fn with_peer(&mut self, fp: Fingerprint, f: impl FnOnce(&mut Peer, &mut Ctx<'_, ChaCha20Rng>)) {
+        let Node { peers, identity, rng, config, cert, candidates, transmits, now, .. } = self;
+        let Some(peer) = peers.get_mut(&fp) else { return };
+        let mut datagrams = VecDeque::new();
+        let mut signals = VecDeque::new();
+        let mut outputs = VecDeque::new();
+        let mut ctx = Ctx {
+            identity,
+            rng,
+            config: &config.peer,
+            cert,
+            candidates,
+            now: *now,
+            datagrams: &mut datagrams,
+            signals: &mut signals,
+            outputs: &mut outputs,
+        };
+        f(peer, &mut ctx);
+        let terminal = peer.is_terminal();
+        transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
+        self.route(fp, signals, outputs);
+        if terminal {
+            self.peers.remove(&fp);
+        }
+    }
+
+    fn route(&mut self, fp: Fingerprint, signals: VecDeque<Signal>, outputs: VecDeque<PeerOutput>) {
+        for signal in signals {
+            self.send_signal(fp, &signal);
+        }
+        for output in outputs {
+            self.events.push_back(match output {
+                PeerOutput::State(state) => NodeEvent::PeerState { peer: fp, state },
+                PeerOutput::ChannelOpen(channel) => NodeEvent::ChannelOpen { peer: fp, channel },
+                PeerOutput::ChannelClosed(channel) => NodeEvent::ChannelClosed { peer: fp, channel },
+                PeerOutput::Data { channel, data } => NodeEvent::Data { peer: fp, channel, data },
+                PeerOutput::BufferedAmountLow(channel) => NodeEvent::BufferedAmountLow { peer: fp, channel },
+                PeerOutput::Error(error) => NodeEvent::PeerError { peer: fp, error },
+            });
+        }
+    }
+
+    fn send_signal(&mut self, to: Fingerprint, signal: &Signal) {
+        let Ok(payload) = RawValue::from_string(signal.encode()) else { return };
+        if let Err(e) = self.client.relay(to, &payload) {
+            // The outbox is full or the client gave up: the connection will time out.
+            warn!(to = %to.short(), error = %e, "negotiation message not sent");
+            self.events.push_back(NodeEvent::Signaling(ClientEvent::Error(e)));
+        }
+    }
+
+    fn on_signal(&mut self, from: Fingerprint, signal: Signal) {
+        if from == self.fingerprint() {
+            return;
+        }
+        let now = self.now;
+        let existing = self.peers.get(&from).filter(|p| !p.is_terminal());
+        match signal {
+            Signal::Offer { session, sdp, key, sig } => {
+                if let Some(peer) = existing {
+                    if peer.session() == session {
+                        let signal = Signal::Offer { session, sdp, key, sig };
+                        self.with_peer(from, |peer, ctx| peer.handle_signal(signal, ctx));
+                        return;
+                    }
+                    if peer.has_pending_offer() && peer.never_connected() && !peer.is_polite() {
+                        // Glare: both called. The impolite side's offer wins; the polite side
+                        // answers it, so this one is dropped.
+                        debug!(from = %from.short(), "glare: keeping our offer");
+                        return;
+                    }
+                    // Glare on the polite side, or the remote started over: answer the new
+                    // session in place of ours.
+                    debug!(from = %from.short(), %session, "replacing the connection with the remote's new session");
+                    self.drop_peer_quietly(from);
+                } else if !self.config.accept_incoming {
+                    self.send_signal(from, &Signal::Reject { session, reason: RejectReason::Refused });
+                    return;
+                } else if self.live_peers() >= self.config.max_peers {
+                    self.send_signal(from, &Signal::Reject { session, reason: RejectReason::Busy });
+                    return;
+                }
+                self.peers.remove(&from);
+                let result = {
+                    let Node { identity, rng, config, cert, candidates, transmits, .. } = self;
+                    let mut datagrams = VecDeque::new();
+                    let mut signals = VecDeque::new();
+                    let mut outputs = VecDeque::new();
+                    let mut ctx = Ctx {
+                        identity,
+                        rng,
+                        config: &config.peer,
+                        cert,
+                        candidates,
+                        now,
+                        datagrams: &mut datagrams,
+                        signals: &mut signals,
+                        outputs: &mut outputs,
+                    };
+                    let result = Peer::answer(from, session, &sdp, &key, &sig, &mut ctx);
+                    transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
+                    (result, signals, outputs)
+                };
+                match result {
+                    (Ok(peer), signals, outputs) => {
+                        self.peers.insert(from, peer);
+                        self.events.push_back(NodeEvent::Incoming { peer: from });
+                        self.events.push_back(NodeEvent::PeerState { peer: from, state: PeerState::Connecting });
+                        self.route(from, signals, outputs);
+                    }
+                    (Err(error), _, _) => {
+                        let reason = match error {
+                            PeerError::IdentityMismatch(_) => RejectReason::IdentityMismatch,
+                            _ => RejectReason::BadDescription,
+                        };
+                        warn!(from = %from.short(), %error, "refusing an offer");
+                        self.send_signal(from, &Signal::Reject { session, reason });
+                        self.events.push_back(NodeEvent::PeerError { peer: from, error });
+                    }
+                }
+            }
+            other => {
+                if existing.is_some() {
+                    self.with_peer(from, |peer, ctx| peer.handle_signal(other, ctx));
+                }
+            }
+        }
+    }
+
+    /// Forgets a connection that is being replaced (its remote started a new session).
+    fn drop_peer_quietly(&mut self, fp: Fingerprint) {
+        if let Some(peer) = self.peers.remove(&fp) {
+            if !peer.never_connected() {
+                self.events.push_back(NodeEvent::PeerState { peer: fp, state: PeerState::Closed });
+            }
+        }
+    }
+
+    fn live_peers(&self) -> usize {
+        self.peers.values().filter(|p| !p.is_terminal()).count()
+    }
+
+    /// Starts a direct connection to `peer` (an offer through the signaling relay). Does
+    /// nothing if a live connection exists. Progress arrives as [`NodeEvent::PeerState`].
+    pub fn connect_to_peer(&mut self, now: Instant, peer: Fingerprint) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if peer == self.fingerprint() {
+            return Err(NodeError::SelfConnect);
+        }
+        if self.peers.get(&peer).is_some_and(|p| !p.is_terminal()) {
+            return Ok(());
+        }
+        if self.live_peers() >= self.config.max_peers {
+            return Err(NodeError::TooManyPeers(self.config.max_peers));
+        }
+        let now = self.now;
+        let Node { identity, rng, config, cert, candidates, transmits, .. } = self;
+        let mut datagrams = VecDeque::new();
+        let mut signals = VecDeque::new();
+        let mut outputs = VecDeque::new();
+        let mut ctx = Ctx {
+            identity,
+            rng,
+            config: &config.peer,
+            cert,
+            candidates,
+            now,
+            datagrams: &mut datagrams,
+            signals: &mut signals,
+            outputs: &mut outputs,
+        };
+        let new = Peer::offer(peer, &mut ctx)?;
+        transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
+        self.peers.insert(peer, new);
+        self.events.push_back(NodeEvent::PeerState { peer, state: PeerState::Connecting });
+        self.route(peer, signals, outputs);
+        Ok(())
+    }
+
+    /// Returns a view of the connection to `peer`.
+    pub fn get_peer(&self, peer: &Fingerprint) -> Option<PeerView> {
+        let p = self.peers.get(peer)?;
+        Some(PeerView {
+            fingerprint: *peer,
+            state: p.state(),
+            session: p.session().to_string(),
+            channels: p.open_channels().map(str::to_owned).collect(),
+            offerer: p.is_offerer(),
+            max_message_size: p.max_message_size(),
+        })
+    }
+
+    /// Returns the peers this node has connections to (in any state).
+    pub fn peers(&self) -> impl Iterator<Item = Fingerprint> + '_ {
+        self.peers.keys().copied()
+    }
+
+    fn send_raw(&mut self, now: Instant, peer: Fingerprint, channel: Option<&str>, binary: bool, data: &[u8]) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if !self.peers.contains_key(&peer) {
+            return Err(SendError::UnknownPeer(peer).into());
+        }
+        let label = channel.unwrap_or(DEFAULT_CHANNEL);
+        let mut result = Ok(());
+        self.with_peer(peer, |p, ctx| result = p.send(label, binary, data, ctx));
+        Ok(result?)
+    }
+
+    /// Sends `value` as JSON text on `channel` (the default channel when `None`).
+    pub fn send<T: Serialize + ?Sized>(&mut self, now: Instant, peer: Fingerprint, channel: Option<&str>, value: &T) -> Result<(), NodeError> {
+        let text = serde_json::to_string(value).map_err(|e| SendError::Serialize(e.to_string()))?;
+        self.send_raw(now, peer, channel, false, text.as_bytes())
+    }
+
+    /// Sends a text message on `channel` (the default channel when `None`).
+    pub fn send_text(&mut self, now: Instant, peer: Fingerprint, channel: Option<&str>, text: &str) -> Result<(), NodeError> {
+        self.send_raw(now, peer, channel, false, text.as_bytes())
+    }
+
+    /// Sends a binary message on `channel` (the default channel when `None`).
+    pub fn send_binary(&mut self, now: Instant, peer: Fingerprint, channel: Option<&str>, data: &[u8]) -> Result<(), NodeError> {
+        self.send_raw(now, peer, channel, true, data)
+    }
+
+    /// Opens a named channel to `peer`; [`NodeEvent::ChannelOpen`] follows on both sides.
+    pub fn create_data_channel(&mut self, now: Instant, peer: Fingerprint, options: ChannelOptions) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if !self.peers.contains_key(&peer) {
+            return Err(ChannelError::UnknownPeer(peer).into());
+        }
+        let mut result = Ok(());
+        self.with_peer(peer, |p, ctx| result = p.create_channel(&options, ctx));
+        Ok(result?)
+    }
+
+    /// Bytes written on `channel` to `peer` and not yet acknowledged.
+    pub fn buffered_amount(&mut self, peer: &Fingerprint, channel: Option<&str>) -> Option<usize> {
+        self.peers.get_mut(peer)?.buffered_amount(channel.unwrap_or(DEFAULT_CHANNEL))
+    }
+
+    /// Restarts ICE with `peer` (new credentials, the same DTLS session and channels).
+    pub fn restart_ice(&mut self, now: Instant, peer: Fingerprint) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if !self.peers.contains_key(&peer) {
+            return Err(SendError::UnknownPeer(peer).into());
+        }
+        self.with_peer(peer, |p, ctx| p.restart_ice(ctx));
+        Ok(())
+    }
+
+    /// Closes the connection to `peer` (the remote sees `Closed` too).
+    pub fn close_peer(&mut self, now: Instant, peer: Fingerprint) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.with_peer(peer, |p, ctx| p.close(ctx));
+        Ok(())
+    }
+
+    /// Closes every connection and disconnects from the signaling server.
+    pub fn close(&mut self, now: Instant) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let all: Vec<Fingerprint> = self.peers.keys().copied().collect();
+        for fp in all {
+            self.with_peer(fp, |p, ctx| p.close(ctx));
+        }
+        self.client.disconnect(now)?;
+        self.pump_client();
+        Ok(())
+    }
+}
