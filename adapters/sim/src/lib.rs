@@ -184,6 +184,8 @@ struct SimNode {
     events: Vec<(Duration, NodeEvent)>,
     /// Signaling cut: frames in both directions are lost and connects fail.
     signaling_down: bool,
+    /// Behind a full-cone NAT: the address others see (and reach it at) instead of `addr`.
+    public: Option<SocketAddr>,
 }
 
 /// Counts of what the network did.
@@ -342,15 +344,27 @@ impl Sim {
         self.add_node_with_identity(name, config, identity)
     }
 
+    /// Adds a node behind a full-cone NAT with this public IP: its datagrams leave with the
+    /// source `public_ip:5000`, only datagrams to that address reach it, and its own (host)
+    /// address is unreachable from other nodes. A STUN server tells it its public address.
+    pub fn add_node_behind_nat(&mut self, name: impl Into<String>, config: NodeConfig, public_ip: IpAddr) -> NodeId {
+        let identity = Identity::generate(&mut self.rng);
+        self.add(name.into(), config, identity, Some(SocketAddr::new(public_ip, NODE_PORT)))
+    }
+
     /// Adds a node with the given identity.
     pub fn add_node_with_identity(&mut self, name: impl Into<String>, config: NodeConfig, identity: Identity) -> NodeId {
+        self.add(name.into(), config, identity, None)
+    }
+
+    fn add(&mut self, name: String, config: NodeConfig, identity: Identity, public: Option<SocketAddr>) -> NodeId {
         let id = NodeId(self.nodes.len());
         let n = id.0 as u32 + 1;
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)), NODE_PORT);
         let seed = self.rng.next_u64();
         let node = Node::new(config, identity, seed, self.now, START_UNIX_MS + self.elapsed().as_millis() as u64)
             .expect("a node's certificate is made from its seed");
-        self.nodes.push(SimNode { name: name.into(), node, addr, conn: None, events: Vec::new(), signaling_down: false });
+        self.nodes.push(SimNode { name, node, addr, conn: None, events: Vec::new(), signaling_down: false, public });
         let now = self.now;
         let sim_node = &mut self.nodes[id.0].node;
         sim_node.add_local_address(now, addr).expect("a node's first address is valid");
@@ -616,18 +630,25 @@ impl Sim {
         }
     }
 
+    /// The node reachable at `addr`: its public address when behind a NAT, else its own.
     fn node_at(&self, addr: SocketAddr) -> Option<NodeId> {
-        self.nodes.iter().position(|n| n.addr == addr).map(NodeId)
+        self.nodes.iter().position(|n| n.public.unwrap_or(n.addr) == addr).map(NodeId)
     }
 
     /// Sends a datagram across the virtual network.
     fn route(&mut self, from: NodeId, source: SocketAddr, destination: SocketAddr, contents: Vec<u8>) {
         self.stats.sent += 1;
+        // Through the sender's NAT, if any.
+        let source = match self.nodes[from.0].public {
+            Some(public) if source == self.nodes[from.0].addr => public,
+            _ => source,
+        };
         if self.stun_servers.contains(&destination) {
             if let Ok(peerlink::stun::StunMessage::BindingRequest { transaction }) = peerlink::stun::decode(&contents) {
                 let reply = peerlink::stun::binding_success(transaction, source);
                 let at = self.now + self.default_link.latency * 2;
-                self.schedule(at, Delivery::Datagram { to: from, source: destination, destination: source, contents: reply });
+                let local = self.nodes[from.0].addr;
+                self.schedule(at, Delivery::Datagram { to: from, source: destination, destination: local, contents: reply });
             }
             return;
         }
@@ -658,6 +679,8 @@ impl Sim {
                 self.stats.duplicated += 1;
             }
             let at = self.now + delay;
+            // Through the receiver's NAT: delivered to its own address.
+            let destination = self.nodes[to.0].addr;
             self.schedule(at, Delivery::Datagram { to, source, destination, contents: contents.clone() });
         }
     }

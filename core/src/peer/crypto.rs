@@ -104,7 +104,14 @@ impl DtlsProvider for SeededDtls {
         let cert = dimpl::DtlsCertificate { certificate: cert.certificate.clone(), private_key: cert.private_key.clone() };
         // ICE proves return routability before DTLS starts, so server cookies would only cost a
         // round trip.
-        let mut builder = dimpl::Config::builder().use_server_cookie(false);
+        let mut builder = dimpl::Config::builder()
+            .use_server_cookie(false)
+            // The peer's own timers decide when a connection has failed (`connect_timeout`,
+            // `failed_timeout`). dimpl's defaults (40 s, 4 retries) would end a DTLS 1.3
+            // connection whose last handshake ACK was lost in an outage, even though both
+            // sides were connected and the path came back.
+            .handshake_timeout(Duration::from_secs(24 * 3600))
+            .flight_retries(10);
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }

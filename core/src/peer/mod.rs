@@ -517,6 +517,10 @@ impl Peer {
     /// Handles a datagram that [`Peer::accepts`].
     pub(crate) fn handle_input<R: RngCore>(&mut self, input: Input<'_>, ctx: &mut Ctx<'_, R>) {
         self.last_rx = ctx.now;
+        if self.state == PeerState::Disconnected {
+            // The path works again (a blip shorter than ICE's own timeout).
+            self.maybe_connected(ctx);
+        }
         if let Err(e) = self.rtc.handle_input(input) {
             // Bad packets from the network are not our caller's error; a broken connection is
             // an event.
@@ -823,20 +827,17 @@ impl Peer {
         ctx.outputs.push_back(PeerOutput::State(state));
     }
 
-    fn update_connected<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
-        let up = self.dtls_connected && self.ice_connected;
-        match self.state {
-            PeerState::Connecting | PeerState::Disconnected if up => {
-                self.restarts = 0;
-                self.last_rx = ctx.now;
-                self.set_state(PeerState::Connected, ctx);
-                for (_, chan) in self.channels.iter_mut().filter(|(_, c)| c.ready && !c.open) {
-                    chan.open = true;
-                    ctx.outputs.push_back(PeerOutput::ChannelOpen(chan.label.clone()));
-                }
-            }
-            PeerState::Connected if !self.ice_connected => self.set_state(PeerState::Disconnected, ctx),
-            _ => {}
+    /// Moves to `Connected` if DTLS is up and ICE has a working path.
+    fn maybe_connected<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
+        if !(self.dtls_connected && self.ice_connected) || !matches!(self.state, PeerState::Connecting | PeerState::Disconnected) {
+            return;
+        }
+        self.restarts = 0;
+        self.last_rx = ctx.now;
+        self.set_state(PeerState::Connected, ctx);
+        for (_, chan) in self.channels.iter_mut().filter(|(_, c)| c.ready && !c.open) {
+            chan.open = true;
+            ctx.outputs.push_back(PeerOutput::ChannelOpen(chan.label.clone()));
         }
     }
 
@@ -873,12 +874,24 @@ impl Peer {
         match event {
             Event::Connected => {
                 self.dtls_connected = true;
-                self.update_connected(ctx);
+                self.maybe_connected(ctx);
             }
             Event::IceConnectionStateChange(s) => {
                 trace!(remote = %self.remote.short(), ice = ?s, "ICE state");
-                self.ice_connected = matches!(s, IceConnectionState::Connected | IceConnectionState::Completed);
-                self.update_connected(ctx);
+                match s {
+                    IceConnectionState::Connected | IceConnectionState::Completed => {
+                        self.ice_connected = true;
+                        self.maybe_connected(ctx);
+                    }
+                    IceConnectionState::Disconnected => {
+                        self.ice_connected = false;
+                        if self.state == PeerState::Connected {
+                            self.set_state(PeerState::Disconnected, ctx);
+                        }
+                    }
+                    // Checking again (an ICE restart) says nothing about the current path.
+                    _ => {}
+                }
             }
             Event::ChannelOpen(id, label) => {
                 if let Some(low) = Some(self.config.buffered_amount_low.unwrap_or(self.config.max_buffered_amount / 4)) {

@@ -1,0 +1,15 @@
+//! Simulation scenarios: the real server core and real Nodes (str0m ICE, DTLS, SCTP) on the
+//! deterministic network of `peerlink-sim`. One scenario per file; `harness` has the helpers.
+
+mod harness;
+
+mod channels;
+mod determinism;
+mod full_mesh;
+mod glare;
+mod ice_restart;
+mod lossy_link;
+mod mitm;
+mod outage_recovery;
+mod partition;
+mod reflexive;
