@@ -78,18 +78,22 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerlink::client::{
     ClientTransmit, MatchResult, RequestError, RequestId, Response, RoomDetails,
 };
-use peerlink::{ClientConfig, ClientError, ClientEvent, Fingerprint, Identity, PeerInfo};
+use peerlink::node::{NodeTransmit, PeerView};
+use peerlink::{
+    ChannelOptions, ClientConfig, ClientError, ClientEvent, Datagram, Fingerprint, Identity, Node,
+    NodeConfig, NodeError, NodeEvent, PeerInfo,
+};
 use rand::{RngCore, SeedableRng};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::{ClientHandshake, Request};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
@@ -103,8 +107,11 @@ pub use peerlink;
 /// queue is drained.
 pub const MAX_QUEUED_EVENTS: usize = 65_536;
 
-/// Most WebSocket frames one [`PollClient::poll`] reads, so a flood cannot stall a frame.
+/// Most WebSocket frames one [`PollNode::poll`] reads, so a flood cannot stall a frame.
 pub const MAX_FRAMES_PER_POLL: usize = 256;
+
+/// Most UDP datagrams one [`PollNode::poll`] reads (over all sockets).
+pub const MAX_DATAGRAMS_PER_POLL: usize = 1024;
 
 /// Most bytes tungstenite may buffer for a socket that does not accept writes; past it the
 /// connection is treated as dead and replaced.
@@ -140,6 +147,19 @@ pub enum Error {
     /// The client is disconnected: [`Client::disconnect`] was called, or the core gave up.
     #[error("client is closed")]
     Closed,
+    /// The node refused a command (a send on a full buffer, an unknown peer or channel, ...).
+    #[error(transparent)]
+    Node(NodeError),
+}
+
+impl From<NodeError> for Error {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Client(e) => e.into(),
+            NodeError::NotDrained => Error::Client(ClientError::NotDrained),
+            e => Error::Node(e),
+        }
+    }
 }
 
 impl From<ClientError> for Error {
@@ -171,6 +191,21 @@ pub struct PollOptions {
     /// Certificates trusted for `wss://` in addition to the webpki roots (for self-signed or
     /// private-CA servers).
     pub extra_root_certs: Vec<CertificateDer<'static>>,
+    /// Where a [`PollNode`] binds its UDP sockets (a [`PollClient`] binds none). Default: every
+    /// interface.
+    pub udp: UdpBind,
+}
+
+/// Where a [`PollNode`] binds its UDP sockets; each becomes a host candidate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UdpBind {
+    /// One socket on every local interface address (IPv6 link-local ones excepted).
+    #[default]
+    AllInterfaces,
+    /// One socket on 127.0.0.1 (peers on this machine only; what tests use).
+    Loopback,
+    /// Exactly these addresses (port 0 picks a free port).
+    Addrs(Vec<SocketAddr>),
 }
 
 impl std::fmt::Debug for PollOptions {
@@ -179,6 +214,7 @@ impl std::fmt::Debug for PollOptions {
             .field("identity", &self.identity.as_ref().map(|i| i.fingerprint()))
             .field("seed", &self.seed)
             .field("extra_root_certs", &self.extra_root_certs.len())
+            .field("udp", &self.udp)
             .finish()
     }
 }
@@ -255,12 +291,15 @@ enum Interest {
 
 // ---- PollClient ---------------------------------------------------------------------------
 
-/// A non-blocking driver of [`peerlink::Client`] for game loops: call [`PollClient::poll`] once
-/// per frame, then drain [`PollClient::poll_event`]. See the [crate docs](crate).
-pub struct PollClient {
-    core: peerlink::Client,
+/// A non-blocking driver of a [`peerlink::Node`] (the signaling client and every direct
+/// connection) for game loops: call [`PollNode::poll`] once per frame, then drain
+/// [`PollNode::poll_event`]. See the [crate docs](crate).
+pub struct PollNode {
+    core: Node,
+    udp: Vec<UdpSocket>,
+    recv_buf: Vec<u8>,
     conn: Conn,
-    events: VecDeque<ClientEvent>,
+    events: VecDeque<NodeEvent>,
     extra_root_certs: Vec<CertificateDer<'static>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     last_error: Option<Error>,
@@ -269,7 +308,7 @@ pub struct PollClient {
     more_to_read: bool,
 }
 
-impl std::fmt::Debug for PollClient {
+impl std::fmt::Debug for PollNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let conn = match self.conn {
             Conn::None => "none",
@@ -277,19 +316,48 @@ impl std::fmt::Debug for PollClient {
             Conn::Handshaking(_) => "handshaking",
             Conn::Open { .. } => "open",
         };
-        f.debug_struct("PollClient")
+        f.debug_struct("PollNode")
             .field("fingerprint", &self.core.fingerprint())
-            .field("registered", &self.core.is_registered())
+            .field("registered", &self.core.client().is_registered())
+            .field("udp", &self.local_addrs())
             .field("conn", &conn)
             .field("queued_events", &self.events.len())
             .finish()
     }
 }
 
-impl PollClient {
-    /// Creates the client and starts connecting (the core's `connect(now)`). Does no I/O: the
-    /// socket is opened by the first [`PollClient::poll`].
-    pub fn new(config: ClientConfig, options: PollOptions) -> Result<PollClient, Error> {
+impl PollNode {
+    /// Creates the node, binds its UDP sockets ([`PollOptions::udp`]), resolves the STUN
+    /// servers of `config.ice_servers` (this may block: see the [crate docs](crate)) and starts
+    /// connecting to the signaling server. The WebSocket is opened by the first
+    /// [`PollNode::poll`].
+    pub fn new(config: NodeConfig, options: PollOptions) -> Result<PollNode, Error> {
+        let bind = options.udp.clone();
+        let mut node = PollNode::with_core(config, options)?;
+        let now = Instant::now();
+        for addr in bind_addrs(&bind)? {
+            let socket = UdpSocket::bind(addr)?;
+            socket.set_nonblocking(true)?;
+            let local = socket.local_addr()?;
+            node.core.add_local_address(now, local)?;
+            debug!(%local, "udp socket bound");
+            node.udp.push(socket);
+        }
+        for (host, port) in node.core.config().stun_hosts() {
+            match (host.as_str(), port).to_socket_addrs() {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        node.core.add_stun_server(now, addr)?;
+                    }
+                }
+                Err(e) => warn!(%host, error = %e, "STUN server not resolved"),
+            }
+        }
+        node.drain(now)?;
+        Ok(node)
+    }
+
+    fn with_core(config: NodeConfig, options: PollOptions) -> Result<PollNode, Error> {
         let now = Instant::now();
         let mut os_rng = rand_chacha::ChaCha20Rng::from_os_rng();
         let identity = match options.identity {
@@ -297,10 +365,16 @@ impl PollClient {
             None => Identity::generate(&mut os_rng),
         };
         let seed = options.seed.unwrap_or_else(|| os_rng.next_u64());
-        let mut core = peerlink::Client::new(config, identity, seed, now)?;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut core = Node::new(config, identity, seed, now, unix_ms)?;
         core.connect(now)?;
-        Ok(PollClient {
+        Ok(PollNode {
             core,
+            udp: Vec::new(),
+            recv_buf: vec![0; 2048],
             conn: Conn::None,
             events: VecDeque::new(),
             extra_root_certs: options.extra_root_certs,
@@ -310,15 +384,16 @@ impl PollClient {
         })
     }
 
-    /// Does one bounded round of non-blocking work at `now`: opens sockets the core asks for
-    /// (resolving the host name, which may block: see the [crate docs](crate)), progresses the
-    /// TCP connect and the TLS/WebSocket handshakes, reads up to [`MAX_FRAMES_PER_POLL`] frames,
-    /// fires the core's timers that are due, and writes the core's frames. Events are queued for
-    /// [`PollClient::poll_event`].
+    /// Does one bounded round of non-blocking work at `now`: opens the WebSocket when the core
+    /// asks (resolving the host name, which may block: see the [crate docs](crate)),
+    /// progresses the TCP connect and the TLS/WebSocket handshakes, reads up to
+    /// [`MAX_FRAMES_PER_POLL`] frames and [`MAX_DATAGRAMS_PER_POLL`] datagrams, fires the
+    /// core's timers that are due, and writes what the core sends. Events are queued for
+    /// [`PollNode::poll_event`].
     ///
     /// Socket failures are not errors here: the core hears of them (and reconnects, or reports
-    /// [`ClientEvent::Disconnected`]); the last one is kept in [`PollClient::last_error`]. Errors
-    /// are the core's refusals, chiefly [`ClientError::NotDrained`] when more than
+    /// them as events); the last WebSocket one is kept in [`PollNode::last_error`]. Errors are
+    /// the core's refusals, chiefly [`ClientError::NotDrained`] when more than
     /// [`MAX_QUEUED_EVENTS`] events wait undrained.
     pub fn poll(&mut self, now: Instant) -> Result<(), Error> {
         if self.events.len() >= MAX_QUEUED_EVENTS {
@@ -328,6 +403,7 @@ impl PollClient {
         self.progress_connect(now)?;
         self.progress_handshake(now)?;
         self.read_frames(now)?;
+        self.read_datagrams(now)?;
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now)?;
         }
@@ -337,35 +413,94 @@ impl PollClient {
     }
 
     /// Returns the next queued event.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
         self.events.pop_front()
     }
 
-    /// Returns when the core next needs [`PollClient::poll`] even if no frame arrives (a ping,
-    /// a request or connect timeout, a reconnect). `None` when the client is idle.
+    /// Returns when the core next needs [`PollNode::poll`] even if nothing arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.core.poll_timeout()
     }
 
-    /// Returns the core state machine, for commands (`join`, `relay`, `create_room`, ...). Their
-    /// frames are written by the next [`PollClient::poll`]; replies arrive as
-    /// [`ClientEvent::Response`].
-    pub fn client(&mut self) -> &mut peerlink::Client {
+    /// Waits (blocking) up to `timeout` for the next event, polling as needed.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<NodeEvent>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events.pop_front() {
+                return Ok(Some(e));
+            }
+            self.poll(Instant::now())?;
+            if let Some(e) = self.events.pop_front() {
+                return Ok(Some(e));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            self.wait(Some(deadline));
+        }
+    }
+
+    /// Returns the node, for commands (`connect_to_peer`, `send`, `create_data_channel`, ...;
+    /// signaling commands through [`Node::client_mut`]). What they send goes out on the next
+    /// [`PollNode::poll`].
+    pub fn node(&mut self) -> &mut Node {
         &mut self.core
     }
 
-    /// Returns this client's fingerprint.
+    /// Returns the signaling client, for commands (`join`, `relay`, rooms, ...).
+    pub fn client(&mut self) -> &mut peerlink::Client {
+        self.core.client_mut()
+    }
+
+    /// Returns this node's fingerprint.
     pub fn fingerprint(&self) -> Fingerprint {
         self.core.fingerprint()
     }
 
-    /// Returns whether the client is registered right now.
+    /// Returns whether the signaling client is registered right now.
     pub fn is_registered(&self) -> bool {
-        self.core.is_registered()
+        self.core.client().is_registered()
     }
 
-    /// Returns the last socket, TLS or WebSocket error (the cause of the last
-    /// [`ClientEvent::Disconnected`] with no close code), if any.
+    /// Returns the addresses of the bound UDP sockets.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.udp.iter().filter_map(|s| s.local_addr().ok()).collect()
+    }
+
+    /// Starts a direct connection to `peer` (see [`Node::connect_to_peer`]).
+    pub fn connect_to_peer(&mut self, peer: Fingerprint) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.connect_to_peer(now, peer)?;
+        self.poll(now)
+    }
+
+    /// Returns a view of the connection to `peer`.
+    pub fn get_peer(&self, peer: &Fingerprint) -> Option<PeerView> {
+        self.core.get_peer(peer)
+    }
+
+    /// Sends `value` as JSON on `channel` (the default channel when `None`).
+    pub fn send<T: Serialize + ?Sized>(&mut self, peer: Fingerprint, channel: Option<&str>, value: &T) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.send(now, peer, channel, value)?;
+        self.poll(now)
+    }
+
+    /// Sends a binary message on `channel` (the default channel when `None`).
+    pub fn send_binary(&mut self, peer: Fingerprint, channel: Option<&str>, data: &[u8]) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.send_binary(now, peer, channel, data)?;
+        self.poll(now)
+    }
+
+    /// Opens a named data channel to `peer`.
+    pub fn create_data_channel(&mut self, peer: Fingerprint, options: ChannelOptions) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.create_data_channel(now, peer, options)?;
+        self.poll(now)
+    }
+
+    /// Returns the last socket, TLS or WebSocket error, if any.
     pub fn last_error(&self) -> Option<&Error> {
         self.last_error.as_ref()
     }
@@ -373,6 +508,42 @@ impl PollClient {
     /// Returns how many events wait in the queue.
     pub fn queued_events(&self) -> usize {
         self.events.len()
+    }
+
+    /// Reads up to [`MAX_DATAGRAMS_PER_POLL`] datagrams from the UDP sockets into the core.
+    fn read_datagrams(&mut self, now: Instant) -> Result<(), Error> {
+        let mut budget = MAX_DATAGRAMS_PER_POLL;
+        for socket in &self.udp {
+            let Ok(local) = socket.local_addr() else { continue };
+            while budget > 0 {
+                match socket.recv_from(&mut self.recv_buf) {
+                    Ok((n, source)) => {
+                        budget -= 1;
+                        self.core.handle_datagram(now, source, local, &self.recv_buf[..n])?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // ICMP errors (port unreachable) and the like: nothing to read now.
+                    Err(e) => {
+                        trace!(%local, error = %e, "udp recv");
+                        break;
+                    }
+                }
+            }
+        }
+        self.more_to_read |= budget == 0;
+        Ok(())
+    }
+
+    /// Sends a datagram from the socket bound to its source address (dropped, as UDP may, if
+    /// the socket's buffer is full).
+    fn send_datagram(&self, datagram: Datagram) {
+        let Some(socket) = self.udp.iter().find(|s| s.local_addr().is_ok_and(|a| a == datagram.source)) else {
+            debug!(source = %datagram.source, "no socket for a datagram's source");
+            return;
+        };
+        if let Err(e) = socket.send_to(&datagram.contents, datagram.destination) {
+            trace!(destination = %datagram.destination, error = %e, "udp send");
+        }
     }
 
     // ---- internals ------------------------------------------------------------------------
@@ -384,12 +555,13 @@ impl PollClient {
             while let Some(t) = self.core.poll_transmit() {
                 busy = true;
                 match t {
-                    ClientTransmit::Connect { url } => {
+                    NodeTransmit::Signaling(ClientTransmit::Connect { url }) => {
                         self.close_conn(None);
                         self.start_connect(now, &url)?;
                     }
-                    ClientTransmit::Text(text) => self.send_text(now, text)?,
-                    ClientTransmit::Close { code } => self.close_conn(Some(code)),
+                    NodeTransmit::Signaling(ClientTransmit::Text(text)) => self.send_text(now, text)?,
+                    NodeTransmit::Signaling(ClientTransmit::Close { code }) => self.close_conn(Some(code)),
+                    NodeTransmit::Datagram(d) => self.send_datagram(d),
                 }
             }
             while let Some(e) = self.core.poll_event() {
@@ -729,19 +901,48 @@ impl PollClient {
         if let Interest::Read { cap: Some(cap), .. } = interest {
             timeout = timeout.min(cap);
         }
+        let mut fds: Vec<(Fd, bool, bool)> = self.udp.iter().map(|s| (fd_of(s), true, false)).collect();
         match (fd, interest) {
-            (Some(fd), Interest::Read { write, .. }) => wait_fd(fd, true, write, timeout),
-            (Some(fd), Interest::Write) => wait_fd(fd, false, true, timeout),
-            _ => std::thread::sleep(timeout),
+            (Some(fd), Interest::Read { write, .. }) => fds.push((fd, true, write)),
+            (Some(fd), Interest::Write) => fds.push((fd, false, true)),
+            _ => {}
+        }
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+        } else {
+            wait_fds(&fds, timeout);
         }
     }
 }
 
-impl Drop for PollClient {
-    /// Ends the session cleanly (best-effort): peers see this client leave at once.
+/// The addresses to bind UDP sockets on.
+fn bind_addrs(bind: &UdpBind) -> Result<Vec<SocketAddr>, Error> {
+    Ok(match bind {
+        UdpBind::Loopback => vec![SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0)],
+        UdpBind::Addrs(addrs) => addrs.clone(),
+        UdpBind::AllInterfaces => {
+            let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()?
+                .into_iter()
+                .map(|i| i.ip())
+                .filter(|ip| match ip {
+                    // Link-local IPv6 needs a scope id that a candidate cannot carry.
+                    IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+                    IpAddr::V4(_) => true,
+                })
+                .collect();
+            ips.sort();
+            ips.dedup();
+            ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()
+        }
+    })
+}
+
+impl Drop for PollNode {
+    /// Ends the session cleanly (best-effort): connections are closed and peers see this
+    /// client leave at once.
     fn drop(&mut self) {
         let now = Instant::now();
-        if self.core.disconnect(now).is_ok() {
+        if self.core.close(now).is_ok() {
             let _ = self.drain(now);
         }
     }
@@ -782,32 +983,131 @@ fn fd_of<T: std::os::fd::AsRawFd>(s: &T) -> Fd {
 #[cfg(not(unix))]
 fn fd_of<T>(_: &T) -> Fd {}
 
-/// Waits until `fd` is readable (`read`) or writable (`write`), or `timeout` passes.
+/// Waits until one of `fds` is readable (`.1`) or writable (`.2`), or `timeout` passes.
 #[cfg(unix)]
 #[allow(unsafe_code)]
-fn wait_fd(fd: Fd, read: bool, write: bool, timeout: Duration) {
-    let mut events = 0;
-    if read {
-        events |= libc::POLLIN;
-    }
-    if write {
-        events |= libc::POLLOUT;
-    }
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+fn wait_fds(fds: &[(Fd, bool, bool)], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, read, write)| {
+            let mut events = 0;
+            if read {
+                events |= libc::POLLIN;
+            }
+            if write {
+                events |= libc::POLLOUT;
+            }
+            libc::pollfd { fd, events, revents: 0 }
+        })
+        .collect();
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `pfd` is one valid pollfd that lives across the call; `fd` is owned by the
-    // caller's open socket for the whole call. A stale or invalid fd only yields POLLNVAL.
-    let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds that lives across the call; every
+    // fd belongs to a socket the caller keeps open for the whole call. A stale or invalid fd
+    // only yields POLLNVAL.
+    let _ = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
 }
 
 /// Without poll(2): sleep in short steps (the caller polls in between).
 #[cfg(not(unix))]
-fn wait_fd(_: Fd, _read: bool, _write: bool, timeout: Duration) {
+fn wait_fds(_: &[(Fd, bool, bool)], timeout: Duration) {
     std::thread::sleep(timeout.min(Duration::from_millis(1)));
+}
+
+// ---- PollClient ---------------------------------------------------------------------------
+
+/// A non-blocking driver of the signaling client alone, for game loops: call
+/// [`PollClient::poll`] once per frame, then drain [`PollClient::poll_event`]. Commands go
+/// through [`PollClient::client`]; their replies arrive later as [`ClientEvent::Response`].
+///
+/// It is a [`PollNode`] without UDP sockets that refuses incoming connections: use a
+/// [`PollNode`] for direct connections.
+#[derive(Debug)]
+pub struct PollClient {
+    inner: PollNode,
+    events: VecDeque<ClientEvent>,
+}
+
+impl PollClient {
+    /// Creates the client and starts connecting (the core's `connect(now)`). Does no I/O: the
+    /// socket is opened by the first [`PollClient::poll`].
+    pub fn new(config: ClientConfig, options: PollOptions) -> Result<PollClient, Error> {
+        let mut config = NodeConfig::with_client(config);
+        config.accept_incoming = false;
+        Ok(PollClient { inner: PollNode::with_core(config, options)?, events: VecDeque::new() })
+    }
+
+    /// Does one bounded round of non-blocking work at `now` (see [`PollNode::poll`]).
+    pub fn poll(&mut self, now: Instant) -> Result<(), Error> {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            return Err(Error::Client(ClientError::NotDrained));
+        }
+        let result = self.inner.poll(now);
+        self.pump();
+        result
+    }
+
+    fn pump(&mut self) {
+        while let Some(e) = self.inner.events.pop_front() {
+            if let NodeEvent::Signaling(e) = e {
+                self.events.push_back(e);
+            }
+        }
+    }
+
+    /// Returns the next queued event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Returns when the core next needs [`PollClient::poll`] even if no frame arrives (a ping,
+    /// a request or connect timeout, a reconnect). `None` when the client is idle.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+
+    /// Returns the core state machine, for commands (`join`, `relay`, `create_room`, ...). Their
+    /// frames are written by the next [`PollClient::poll`]; replies arrive as
+    /// [`ClientEvent::Response`].
+    pub fn client(&mut self) -> &mut peerlink::Client {
+        self.inner.client()
+    }
+
+    /// Returns this client's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.inner.fingerprint()
+    }
+
+    /// Returns whether the client is registered right now.
+    pub fn is_registered(&self) -> bool {
+        self.inner.is_registered()
+    }
+
+    /// Returns the last socket, TLS or WebSocket error (the cause of the last
+    /// [`ClientEvent::Disconnected`] with no close code), if any.
+    pub fn last_error(&self) -> Option<&Error> {
+        self.inner.last_error()
+    }
+
+    /// Returns how many events wait in the queue.
+    pub fn queued_events(&self) -> usize {
+        self.events.len() + self.inner.events.len()
+    }
+
+    fn drain(&mut self, now: Instant) -> Result<(), Error> {
+        let result = self.inner.drain(now);
+        self.pump();
+        result
+    }
+
+    fn wait(&self, until: Option<Instant>) {
+        if self.events.is_empty() {
+            self.inner.wait(until);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
 }
 
 // ---- blocking Client ----------------------------------------------------------------------
@@ -843,7 +1143,7 @@ impl Client {
                     }
                     ClientEvent::Error(e) => return Err(Error::Client(e.clone())),
                     ClientEvent::Disconnected { code, .. } => {
-                        return Err(match (inner.last_error.take(), code) {
+                        return Err(match (inner.inner.last_error.take(), code) {
                             (Some(e), _) => e,
                             (None, Some(code)) => {
                                 Error::WebSocket(format!("server closed the connection ({code})"))
@@ -934,7 +1234,7 @@ impl Client {
         to: Fingerprint,
         payload: &T,
     ) -> Result<(), Error> {
-        self.inner.core.relay(to, payload)?;
+        self.inner.client().relay(to, payload)?;
         self.inner.poll(Instant::now())
     }
 
@@ -944,7 +1244,7 @@ impl Client {
         namespace: &str,
         payload: &T,
     ) -> Result<(), Error> {
-        self.inner.core.broadcast(namespace, payload)?;
+        self.inner.client().broadcast(namespace, payload)?;
         self.inner.poll(Instant::now())
     }
 
@@ -1034,7 +1334,7 @@ impl Client {
     /// requests and stops reconnecting. Queued events stay readable.
     pub fn disconnect(&mut self) {
         let now = Instant::now();
-        if let Err(error) = self.inner.core.disconnect(now) {
+        if let Err(error) = self.inner.client().disconnect(now) {
             warn!(%error, "disconnect");
         }
         if let Err(error) = self.inner.drain(now) {
@@ -1059,7 +1359,7 @@ impl Client {
         &mut self,
         command: impl FnOnce(&mut peerlink::Client, Instant) -> Result<RequestId, ClientError>,
     ) -> Result<Response, Error> {
-        let id = command(&mut self.inner.core, Instant::now())?;
+        let id = command(self.inner.client(), Instant::now())?;
         let mut scanned = 0;
         loop {
             self.inner.poll(Instant::now())?;

@@ -960,11 +960,6 @@ impl Peer {
         Receive::new(Protocol::Udp, source, destination, contents).ok().map(|r| Input::Receive(now, r))
     }
 
-    /// The remote's fingerprint.
-    pub(crate) fn remote(&self) -> Fingerprint {
-        self.remote
-    }
-
     /// Whether this side made the session's first offer.
     pub(crate) fn is_offerer(&self) -> bool {
         self.role == Role::Offerer
