@@ -55,6 +55,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -63,6 +64,9 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, StreamExt};
+use peerlink::node::{NodeTransmit, PeerView};
+use peerlink::{ChannelOptions, Datagram, NodeConfig, NodeError, NodeEvent};
+use smol::Async;
 use rand::TryRngCore;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
@@ -76,6 +80,9 @@ use tungstenite::protocol::CloseFrame;
 pub use peerlink;
 pub use peerlink::client::{MatchResult, RequestError, RequestId, Response, RoomDetails};
 pub use peerlink::{ClientConfig, ClientError, ClientEvent, ErrorCode, Fingerprint, Identity, PeerInfo, RawJson};
+
+/// Most datagrams the driver reads per wake-up before it looks at its other inputs.
+pub const DATAGRAMS_PER_WAKE: usize = 256;
 
 /// How many events the [`Events`] stream buffers before the driver waits for the consumer.
 pub const EVENT_CAPACITY: usize = 1024;
@@ -94,6 +101,21 @@ pub struct ConnectOptions {
     /// Extra trust anchors for `wss://`, on top of the Mozilla roots from `webpki-roots`
     /// (for example a self-signed test certificate).
     pub extra_root_certs: Vec<CertificateDer<'static>>,
+    /// Where a [`Node`] binds its UDP sockets (a [`Client`] binds none). Default: every
+    /// interface.
+    pub udp: UdpBind,
+}
+
+/// Where a [`Node`] binds its UDP sockets; each becomes a host candidate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UdpBind {
+    /// One socket on every local interface address (IPv6 link-local ones excepted).
+    #[default]
+    AllInterfaces,
+    /// One socket on 127.0.0.1 (peers on this machine only; what tests use).
+    Loopback,
+    /// Exactly these addresses (port 0 picks a free port).
+    Addrs(Vec<SocketAddr>),
 }
 
 /// Errors of the adapter.
@@ -117,6 +139,18 @@ pub enum Error {
     /// The driver task has ended (after [`Client::disconnect`] or when the client stopped).
     #[error("the client has shut down")]
     Closed,
+    /// The node refused a command (a send on a full buffer, an unknown peer or channel, ...).
+    #[error(transparent)]
+    Node(NodeError),
+}
+
+impl From<NodeError> for Error {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Client(e) => Error::Client(e),
+            e => Error::Node(e),
+        }
+    }
 }
 
 type Reply = Sender<Result<Response, Error>>;
@@ -137,12 +171,21 @@ enum Op {
     Ping,
 }
 
+type Done<T> = Sender<Result<T, Error>>;
+
 #[derive(Debug)]
 enum Command {
     Request(Op, Reply),
     Relay { to: Fingerprint, payload: Box<RawValue> },
     Broadcast { namespace: String, payload: Box<RawValue> },
     Disconnect(Sender<()>),
+    ConnectToPeer { peer: Fingerprint, done: Done<()> },
+    Send { peer: Fingerprint, channel: Option<String>, binary: bool, data: Vec<u8>, done: Done<()> },
+    CreateChannel { peer: Fingerprint, options: ChannelOptions, done: Done<()> },
+    RestartIce { peer: Fingerprint, done: Done<()> },
+    ClosePeer { peer: Fingerprint, done: Done<()> },
+    GetPeer { peer: Fingerprint, done: Sender<Option<PeerView>> },
+    BufferedAmount { peer: Fingerprint, channel: Option<String>, done: Sender<Option<usize>> },
 }
 
 struct Shared {
@@ -206,55 +249,12 @@ impl Client {
 
     /// Connects with the given [`ConnectOptions`]; otherwise like [`Client::connect`].
     pub async fn connect_with(config: ClientConfig, options: ConnectOptions) -> Result<(Client, Events), Error> {
-        let identity = match options.identity {
-            Some(identity) => identity,
-            None => {
-                // Fail cleanly if the OS RNG is unavailable before relying on it.
-                let mut probe = [0u8; 1];
-                rand::rngs::OsRng.try_fill_bytes(&mut probe).map_err(|e| io::Error::other(e.to_string()))?;
-                Identity::generate(&mut rand::rngs::OsRng.unwrap_err())
-            }
-        };
-        let seed = match options.seed {
-            Some(seed) => seed,
-            None => rand::rngs::OsRng.try_next_u64().map_err(|e| io::Error::other(e.to_string()))?,
-        };
-        let tls = if config.url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("wss://")) {
-            Some(tls_config(options.extra_root_certs)?)
-        } else {
-            None
-        };
-        let connect_timeout = config.connect_timeout;
-        let fingerprint = identity.fingerprint();
-        let now = Instant::now();
-        let mut core = peerlink::Client::new(config, identity, seed, now)?;
-        core.connect(now)?;
-
-        let (cmd_tx, cmd_rx) = async_channel::unbounded();
-        let (ev_tx, ev_rx) = async_channel::bounded(EVENT_CAPACITY);
-        let (ready_tx, ready_rx) = async_channel::bounded(1);
-        let client = Client { shared: Arc::new(Shared { commands: cmd_tx.clone(), fingerprint }) };
-        let events = Events { rx: Box::pin(ev_rx), _alive: cmd_tx };
-        let driver = Driver {
-            core,
-            tls,
-            connect_timeout,
-            ws: None,
-            commands: cmd_rx,
-            events: ev_tx,
-            pending: HashMap::new(),
-            ready: Some(ready_tx),
-            first_error: None,
-            last_socket_error: None,
-            finished: false,
-        };
-        debug!(fingerprint = %fingerprint.short(), "spawning driver");
-        smol::spawn(driver.run()).detach();
-        match ready_rx.recv().await {
-            Ok(Ok(())) => Ok((client, events)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Closed),
-        }
+        let mut config = NodeConfig::with_client(config);
+        // A plain client has no UDP sockets: it refuses calls from peers.
+        config.accept_incoming = false;
+        let (shared, rx, alive) = start(config, options, false).await?;
+        let events = Events { rx: Box::pin(rx.client()), _alive: alive };
+        Ok((Client { shared }, events))
     }
 
     /// Returns this client's fingerprint.
@@ -411,6 +411,289 @@ impl Client {
     }
 }
 
+/// Where the driver sends events: a [`Client`] sees signaling events only.
+enum Sink {
+    Client(Sender<ClientEvent>),
+    Node(Sender<NodeEvent>),
+}
+
+impl Sink {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sink::Client(s) => s.is_closed(),
+            Sink::Node(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(&self, event: NodeEvent) -> bool {
+        match (self, event) {
+            (Sink::Client(s), NodeEvent::Signaling(e)) => s.send(e).await.is_ok(),
+            (Sink::Client(_), _) => true,
+            (Sink::Node(s), e) => s.send(e).await.is_ok(),
+        }
+    }
+}
+
+/// The receiving end of the driver's events, before it is wrapped in a stream type.
+enum EventRx {
+    Client(Receiver<ClientEvent>),
+    Node(Receiver<NodeEvent>),
+}
+
+impl EventRx {
+    fn client(self) -> Receiver<ClientEvent> {
+        match self {
+            EventRx::Client(r) => r,
+            EventRx::Node(_) => unreachable!("a client driver has a client sink"),
+        }
+    }
+
+    fn node(self) -> Receiver<NodeEvent> {
+        match self {
+            EventRx::Node(r) => r,
+            EventRx::Client(_) => unreachable!("a node driver has a node sink"),
+        }
+    }
+}
+
+/// Binds the UDP sockets, builds the core and spawns the driver; resolves once registered.
+async fn start(config: NodeConfig, options: ConnectOptions, node: bool) -> Result<(Arc<Shared>, EventRx, Sender<Command>), Error> {
+    let identity = match options.identity {
+        Some(identity) => identity,
+        None => {
+            // Fail cleanly if the OS RNG is unavailable before relying on it.
+            let mut probe = [0u8; 1];
+            rand::rngs::OsRng.try_fill_bytes(&mut probe).map_err(|e| io::Error::other(e.to_string()))?;
+            Identity::generate(&mut rand::rngs::OsRng.unwrap_err())
+        }
+    };
+    let seed = match options.seed {
+        Some(seed) => seed,
+        None => rand::rngs::OsRng.try_next_u64().map_err(|e| io::Error::other(e.to_string()))?,
+    };
+    let tls = if config.client.url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("wss://")) {
+        Some(tls_config(options.extra_root_certs)?)
+    } else {
+        None
+    };
+    let connect_timeout = config.client.connect_timeout;
+    let fingerprint = identity.fingerprint();
+    let now = Instant::now();
+    let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let stun_hosts = config.stun_hosts();
+    let mut core = peerlink::Node::new(config, identity, seed, now, unix_ms)?;
+    let mut udp = Vec::new();
+    if node {
+        for addr in bind_addrs(&options.udp)? {
+            let socket = Async::<UdpSocket>::bind(addr)?;
+            let local = socket.get_ref().local_addr()?;
+            core.add_local_address(now, local)?;
+            debug!(%local, "udp socket bound");
+            udp.push((socket, local));
+        }
+        for (host, port) in stun_hosts {
+            match smol::net::resolve((host.as_str(), port)).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        core.add_stun_server(now, addr)?;
+                    }
+                }
+                Err(e) => tracing::warn!(%host, error = %e, "STUN server not resolved"),
+            }
+        }
+    }
+    core.connect(now)?;
+
+    let (cmd_tx, cmd_rx) = async_channel::unbounded();
+    let (sink, rx) = if node {
+        let (tx, rx) = async_channel::bounded(EVENT_CAPACITY);
+        (Sink::Node(tx), EventRx::Node(rx))
+    } else {
+        let (tx, rx) = async_channel::bounded(EVENT_CAPACITY);
+        (Sink::Client(tx), EventRx::Client(rx))
+    };
+    let (ready_tx, ready_rx) = async_channel::bounded(1);
+    let shared = Arc::new(Shared { commands: cmd_tx.clone(), fingerprint });
+    let driver = Driver {
+        core,
+        udp,
+        buf: vec![0; 2048],
+        tls,
+        connect_timeout,
+        ws: None,
+        commands: cmd_rx,
+        events: sink,
+        pending: HashMap::new(),
+        ready: Some(ready_tx),
+        first_error: None,
+        last_socket_error: None,
+        finished: false,
+    };
+    debug!(fingerprint = %fingerprint.short(), "spawning driver");
+    smol::spawn(driver.run()).detach();
+    match ready_rx.recv().await {
+        Ok(Ok(())) => Ok((shared, rx, cmd_tx)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Closed),
+    }
+}
+
+/// The addresses to bind UDP sockets on.
+fn bind_addrs(bind: &UdpBind) -> Result<Vec<SocketAddr>, Error> {
+    Ok(match bind {
+        UdpBind::Loopback => vec![SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0)],
+        UdpBind::Addrs(addrs) => addrs.clone(),
+        UdpBind::AllInterfaces => {
+            let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()?
+                .into_iter()
+                .map(|i| i.ip())
+                .filter(|ip| match ip {
+                    // Link-local IPv6 needs a scope id that a candidate cannot carry.
+                    IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+                    IpAddr::V4(_) => true,
+                })
+                .collect();
+            ips.sort();
+            ips.dedup();
+            ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()
+        }
+    })
+}
+
+/// A handle on a running [`peerlink::Node`]: the signaling client and direct connections to
+/// peers over UDP. Cloning is cheap; all clones drive the same node. Events arrive on
+/// [`NodeEvents`]; signaling commands (`join`, `relay`, rooms) go through [`Node::client`].
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("fingerprint", &self.shared.fingerprint.short()).finish()
+    }
+}
+
+/// The stream of everything a [`Node`] reports. Same back-pressure as [`Events`].
+#[derive(Debug)]
+pub struct NodeEvents {
+    rx: Pin<Box<Receiver<NodeEvent>>>,
+    _alive: Sender<Command>,
+}
+
+impl NodeEvents {
+    /// Waits for the next event; `None` once the driver task has ended.
+    pub async fn next(&mut self) -> Option<NodeEvent> {
+        self.rx.recv().await.ok()
+    }
+
+    /// Returns the next event if one is buffered, without waiting.
+    pub fn try_next(&mut self) -> Option<NodeEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures_lite::Stream for NodeEvents {
+    type Item = NodeEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<NodeEvent>> {
+        self.rx.as_mut().poll_next(cx)
+    }
+}
+
+impl Node {
+    /// Binds UDP sockets on every interface, connects to the signaling server and resolves
+    /// once registered (see [`Client::connect`]).
+    pub async fn connect(config: NodeConfig) -> Result<(Node, NodeEvents), Error> {
+        Self::connect_with(config, ConnectOptions::default()).await
+    }
+
+    /// Like [`Node::connect`], with an identity, seed, extra TLS roots or UDP binding.
+    pub async fn connect_with(config: NodeConfig, options: ConnectOptions) -> Result<(Node, NodeEvents), Error> {
+        let (shared, rx, alive) = start(config, options, true).await?;
+        Ok((Node { shared }, NodeEvents { rx: Box::pin(rx.node()), _alive: alive }))
+    }
+
+    /// Returns this node's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.shared.fingerprint
+    }
+
+    /// Returns a signaling handle on the same connection, for `join`, `relay`, rooms and the
+    /// rest (their events arrive on [`NodeEvents`] as [`NodeEvent::Signaling`]).
+    pub fn client(&self) -> Client {
+        Client { shared: self.shared.clone() }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.shared.commands.send(make(tx)).await.map_err(|_| Error::Closed)?;
+        rx.recv().await.map_err(|_| Error::Closed)?
+    }
+
+    /// Starts a direct connection to `peer` (see [`peerlink::Node::connect_to_peer`]);
+    /// progress arrives as [`NodeEvent::PeerState`].
+    pub async fn connect_to_peer(&self, peer: Fingerprint) -> Result<(), Error> {
+        self.call(|done| Command::ConnectToPeer { peer, done }).await
+    }
+
+    /// Sends `value` as JSON on `channel` (the default channel when `None`). Fails with
+    /// [`peerlink::SendError::WouldBlock`] when the send buffer is full: wait for
+    /// [`NodeEvent::BufferedAmountLow`].
+    pub async fn send<T: Serialize + ?Sized>(&self, peer: Fingerprint, channel: Option<&str>, value: &T) -> Result<(), Error> {
+        let data = serde_json::to_vec(value).map_err(|e| Error::Node(peerlink::SendError::Serialize(e.to_string()).into()))?;
+        let channel = channel.map(str::to_owned);
+        self.call(|done| Command::Send { peer, channel, binary: false, data, done }).await
+    }
+
+    /// Sends a text message on `channel` (the default channel when `None`).
+    pub async fn send_text(&self, peer: Fingerprint, channel: Option<&str>, text: &str) -> Result<(), Error> {
+        let (channel, data) = (channel.map(str::to_owned), text.as_bytes().to_vec());
+        self.call(|done| Command::Send { peer, channel, binary: false, data, done }).await
+    }
+
+    /// Sends a binary message on `channel` (the default channel when `None`).
+    pub async fn send_binary(&self, peer: Fingerprint, channel: Option<&str>, data: &[u8]) -> Result<(), Error> {
+        let (channel, data) = (channel.map(str::to_owned), data.to_vec());
+        self.call(|done| Command::Send { peer, channel, binary: true, data, done }).await
+    }
+
+    /// Opens a named data channel to `peer`.
+    pub async fn create_data_channel(&self, peer: Fingerprint, options: ChannelOptions) -> Result<(), Error> {
+        self.call(|done| Command::CreateChannel { peer, options, done }).await
+    }
+
+    /// Restarts ICE with `peer`.
+    pub async fn restart_ice(&self, peer: Fingerprint) -> Result<(), Error> {
+        self.call(|done| Command::RestartIce { peer, done }).await
+    }
+
+    /// Closes the connection to `peer`.
+    pub async fn close_peer(&self, peer: Fingerprint) -> Result<(), Error> {
+        self.call(|done| Command::ClosePeer { peer, done }).await
+    }
+
+    /// Returns a view of the connection to `peer`.
+    pub async fn get_peer(&self, peer: Fingerprint) -> Option<PeerView> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.shared.commands.send(Command::GetPeer { peer, done: tx }).await.ok()?;
+        rx.recv().await.ok().flatten()
+    }
+
+    /// Bytes written on `channel` to `peer` and not yet acknowledged.
+    pub async fn buffered_amount(&self, peer: Fingerprint, channel: Option<&str>) -> Option<usize> {
+        let (tx, rx) = async_channel::bounded(1);
+        let channel = channel.map(str::to_owned);
+        self.shared.commands.send(Command::BufferedAmount { peer, channel, done: tx }).await.ok()?;
+        rx.recv().await.ok().flatten()
+    }
+
+    /// Closes every connection, leaves the signaling server and ends the driver.
+    pub async fn close(&self) {
+        self.client().disconnect().await;
+    }
+}
+
 fn unexpected(response: Response) -> Error {
     Error::WebSocket(format!("unexpected reply {response:?}"))
 }
@@ -489,16 +772,20 @@ enum Wake {
     Frame(Option<Result<Message, tungstenite::Error>>),
     Command(Option<Command>),
     Timer,
+    Udp,
 }
 
 /// The task that owns the core client and the socket.
 struct Driver {
-    core: peerlink::Client,
+    core: peerlink::Node,
+    /// UDP sockets and their local addresses.
+    udp: Vec<(Async<UdpSocket>, SocketAddr)>,
+    buf: Vec<u8>,
     tls: Option<Arc<rustls::ClientConfig>>,
     connect_timeout: Duration,
     ws: Option<Ws>,
     commands: Receiver<Command>,
-    events: Sender<ClientEvent>,
+    events: Sink,
     pending: HashMap<RequestId, Reply>,
     /// Resolves `connect` once registered (or failed).
     ready: Option<Sender<Result<(), Error>>>,
@@ -523,6 +810,21 @@ impl Driver {
             let wake = {
                 let ws = &mut self.ws;
                 let commands = &self.commands;
+                let udp = &self.udp;
+                let datagram = async {
+                    if udp.is_empty() {
+                        return std::future::pending().await;
+                    }
+                    std::future::poll_fn(|cx| {
+                        for (socket, _) in udp {
+                            if socket.poll_readable(cx).is_ready() {
+                                return Poll::Ready(Wake::Udp);
+                            }
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                };
                 let frame = async {
                     match ws {
                         Some(ws) => Wake::Frame(ws.next().await),
@@ -539,7 +841,7 @@ impl Driver {
                         None => std::future::pending().await,
                     }
                 };
-                frame.race(command).race(timer).await
+                frame.race(datagram).race(command).race(timer).await
             };
             match wake {
                 Wake::Frame(frame) => self.on_frame(frame),
@@ -550,6 +852,7 @@ impl Driver {
                     break;
                 }
                 Wake::Timer => check(self.core.handle_timeout(Instant::now())),
+                Wake::Udp => self.read_datagrams(),
             }
         }
         // Whoever still waits for a reply learns that the driver is gone.
@@ -559,6 +862,13 @@ impl Driver {
 
     async fn drain_transmits(&mut self) {
         while let Some(transmit) = self.core.poll_transmit() {
+            let transmit = match transmit {
+                NodeTransmit::Signaling(t) => t,
+                NodeTransmit::Datagram(d) => {
+                    self.send_datagram(d);
+                    continue;
+                }
+            };
             match transmit {
                 peerlink::ClientTransmit::Connect { url } => {
                     self.ws = None;
@@ -610,9 +920,48 @@ impl Driver {
         }
     }
 
+    /// Reads what the UDP sockets hold (up to [`DATAGRAMS_PER_WAKE`]) into the core.
+    fn read_datagrams(&mut self) {
+        let now = Instant::now();
+        let mut budget = DATAGRAMS_PER_WAKE;
+        for (socket, local) in &self.udp {
+            while budget > 0 {
+                match socket.get_ref().recv_from(&mut self.buf) {
+                    Ok((n, source)) => {
+                        budget -= 1;
+                        check(self.core.handle_datagram(now, source, *local, &self.buf[..n]));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::trace!(%local, error = %e, "udp recv");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a datagram from the socket bound to its source (dropped, as UDP may, if the
+    /// socket's buffer is full).
+    fn send_datagram(&self, d: Datagram) {
+        let Some((socket, _)) = self.udp.iter().find(|(_, local)| *local == d.source) else {
+            debug!(source = %d.source, "no socket for a datagram's source");
+            return;
+        };
+        if let Err(e) = socket.get_ref().send_to(&d.contents, d.destination) {
+            tracing::trace!(destination = %d.destination, error = %e, "udp send");
+        }
+    }
+
     async fn drain_events(&mut self) {
         while let Some(event) = self.core.poll_event() {
-            match &event {
+            let NodeEvent::Signaling(signal) = &event else {
+                if !self.events.is_closed() && !self.events.send(event).await {
+                    debug!("event stream dropped: events are no longer forwarded");
+                }
+                continue;
+            };
+            match signal {
                 ClientEvent::Response { request, result } => {
                     if let Some(reply) = self.pending.remove(request) {
                         let _ = reply.try_send(result.clone().map_err(Error::Request));
@@ -648,7 +997,7 @@ impl Driver {
                 }
                 _ => {}
             }
-            if !self.events.is_closed() && self.events.send(event).await.is_err() {
+            if !self.events.is_closed() && !self.events.send(event).await {
                 debug!("event stream dropped: events are no longer forwarded");
             }
         }
@@ -683,9 +1032,39 @@ impl Driver {
 
     async fn on_command(&mut self, command: Command) {
         let now = Instant::now();
-        let core = &mut self.core;
+        let node = &mut self.core;
         match command {
+            Command::ConnectToPeer { peer, done } => {
+                let _ = done.try_send(node.connect_to_peer(now, peer).map_err(Error::from));
+            }
+            Command::Send { peer, channel, binary, data, done } => {
+                let result = if binary {
+                    node.send_binary(now, peer, channel.as_deref(), &data)
+                } else {
+                    match std::str::from_utf8(&data) {
+                        Ok(text) => node.send_text(now, peer, channel.as_deref(), text),
+                        Err(e) => Err(NodeError::Send(peerlink::SendError::Serialize(e.to_string()))),
+                    }
+                };
+                let _ = done.try_send(result.map_err(Error::from));
+            }
+            Command::CreateChannel { peer, options, done } => {
+                let _ = done.try_send(node.create_data_channel(now, peer, options).map_err(Error::from));
+            }
+            Command::RestartIce { peer, done } => {
+                let _ = done.try_send(node.restart_ice(now, peer).map_err(Error::from));
+            }
+            Command::ClosePeer { peer, done } => {
+                let _ = done.try_send(node.close_peer(now, peer).map_err(Error::from));
+            }
+            Command::GetPeer { peer, done } => {
+                let _ = done.try_send(node.get_peer(&peer));
+            }
+            Command::BufferedAmount { peer, channel, done } => {
+                let _ = done.try_send(node.buffered_amount(&peer, channel.as_deref()));
+            }
             Command::Request(op, reply) => {
+                let core = node.client_mut();
                 let result = match &op {
                     Op::Join { namespace, app_type, app_version } => {
                         core.join(now, namespace, app_type.as_deref(), app_version.as_deref())
@@ -717,12 +1096,12 @@ impl Driver {
                 }
             }
             Command::Relay { to, payload } => {
-                if let Err(e) = core.relay(to, &*payload) {
+                if let Err(e) = node.client_mut().relay(to, &*payload) {
                     self.refused(e).await;
                 }
             }
             Command::Broadcast { namespace, payload } => {
-                if let Err(e) = core.broadcast(&namespace, &*payload) {
+                if let Err(e) = node.client_mut().broadcast(&namespace, &*payload) {
                     self.refused(e).await;
                 }
             }
@@ -739,19 +1118,19 @@ impl Driver {
     async fn refused(&mut self, error: ClientError) {
         debug!(%error, "command refused");
         if !self.events.is_closed() {
-            let _ = self.events.send(ClientEvent::Error(error)).await;
+            let _ = self.events.send(NodeEvent::Signaling(ClientEvent::Error(error))).await;
         }
     }
 
     /// Says `bye`, closes the socket and fails pending requests.
     async fn shutdown(&mut self) {
-        check(self.core.disconnect(Instant::now()));
+        check(self.core.close(Instant::now()));
         self.drain_transmits().await;
         self.ws = None;
     }
 }
 
-fn check(result: Result<(), ClientError>) {
+fn check<E: std::fmt::Display>(result: Result<(), E>) {
     if let Err(e) = result {
         // Only `NotDrained`, which cannot happen: the driver drains after every input.
         debug!(error = %e, "core refused input");
