@@ -5,6 +5,7 @@ mod bad_input;
 mod impersonation;
 mod matchmaking;
 mod namespace_exchange;
+mod peer_mesh;
 mod register;
 mod relay_and_broadcast;
 mod resume;

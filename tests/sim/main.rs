@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod bad_input;
 mod channels;
 mod determinism;
 mod full_mesh;

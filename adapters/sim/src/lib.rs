@@ -332,6 +332,13 @@ impl Sim {
         self.filter = Some(Box::new(filter));
     }
 
+    /// Delivers a raw datagram to a node at the current time, as if `source` had sent it (for
+    /// testing what a node does with junk from the network).
+    pub fn inject_datagram(&mut self, to: NodeId, source: SocketAddr, contents: &[u8]) {
+        let destination = self.nodes[to.0].addr;
+        self.deliver(Delivery::Datagram { to, source, destination, contents: contents.to_vec() });
+    }
+
     /// Answers STUN binding requests sent to `addr` (with the requester's address).
     pub fn add_stun_server(&mut self, addr: SocketAddr) {
         self.stun_servers.insert(addr);
