@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId, Reliability as StrReliability};
-use str0m::config::DtlsVersion;
+pub use str0m::config::DtlsVersion;
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, trace, warn};
