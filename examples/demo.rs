@@ -1,6 +1,7 @@
 //! The peerlink tour: an embedded signaling server on loopback and three clients (two on the
 //! blocking adapter, one on smol) that register with verified identities, find each other in a
-//! namespace, relay and broadcast, match, and run a room. Prints what happened.
+//! namespace, relay and broadcast, match, and run a room; then two nodes that connect directly
+//! over UDP (WebRTC data channels, DTLS bound to their identities). Prints what happened.
 //!
 //! ```text
 //! cargo run --release --example demo
@@ -9,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use peerlink::{ClientConfig, ClientEvent};
+use peerlink::{ChannelOptions, ClientConfig, ClientEvent, NodeConfig, NodeEvent, Payload, PeerState};
 use serde_json::json;
 
 fn config(url: &str, alias: &str) -> ClientConfig {
@@ -24,6 +25,75 @@ fn wait<T>(c: &mut peerlink_blocking::Client, mut pick: impl FnMut(ClientEvent) 
             return Ok(v);
         }
     }
+}
+
+/// Polls a PollNode until `pick` accepts an event.
+fn wait_node<T>(n: &mut peerlink_blocking::PollNode, mut pick: impl FnMut(NodeEvent) -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let event = n.next_event(left)?.context("no event in time")?;
+        if let Some(v) = pick(event) {
+            return Ok(v);
+        }
+    }
+}
+
+/// Waits (up to 10 s) for the first event of a smol node that `pick` accepts.
+fn wait_smol<T>(events: &mut peerlink_smol::NodeEvents, mut pick: impl FnMut(NodeEvent) -> Option<T>) -> Result<T> {
+    smol::block_on(futures_lite::future::or(
+        async {
+            while let Some(e) = events.next().await {
+                if let Some(v) = pick(e) {
+                    return Ok(v);
+                }
+            }
+            anyhow::bail!("the node stopped")
+        },
+        async {
+            smol::Timer::after(Duration::from_secs(10)).await;
+            anyhow::bail!("no event in time")
+        },
+    ))
+}
+
+fn direct(url: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let loopback = peerlink_blocking::PollOptions { udp: peerlink_blocking::UdpBind::Loopback, ..Default::default() };
+    let mut dave = peerlink_blocking::PollNode::new(NodeConfig::with_client(config(url, "dave")), loopback)?;
+    let options = peerlink_smol::ConnectOptions { udp: peerlink_smol::UdpBind::Loopback, ..Default::default() };
+    let (erin, mut erin_events) = smol::block_on(peerlink_smol::Node::connect_with(NodeConfig::with_client(config(url, "erin")), options))?;
+    wait_node(&mut dave, |e| matches!(e, NodeEvent::Signaling(ClientEvent::Registered { .. })).then_some(()))?;
+    let t0 = std::time::Instant::now();
+    dave.connect_to_peer(erin.fingerprint())?;
+    wait_node(&mut dave, |e| matches!(e, NodeEvent::ChannelOpen { .. }).then_some(()))?;
+    let view = dave.get_peer(&erin.fingerprint()).context("dave's connection")?;
+    println!(
+        "direct      dave called erin over UDP: {:?} in {:.1?}, session {}, DTLS fingerprints signed by both identities",
+        view.state,
+        t0.elapsed(),
+        &view.session[..8]
+    );
+    dave.send(erin.fingerprint(), None, &json!({"move": "e4"}))?;
+    let got = wait_smol(&mut erin_events, |e| match e {
+        NodeEvent::Data { data: Payload::Text(t), .. } => Some(t),
+        _ => None,
+    })?;
+    println!("direct      erin got {got} straight from dave (no server in the path)");
+    smol::block_on(erin.create_data_channel(dave.fingerprint(), ChannelOptions::new("bulk")))?;
+    wait_node(&mut dave, |e| matches!(e, NodeEvent::ChannelOpen { channel, .. } if channel == "bulk").then_some(()))?;
+    wait_smol(&mut erin_events, |e| matches!(e, NodeEvent::ChannelOpen { ref channel, .. } if channel == "bulk").then_some(()))?;
+    smol::block_on(erin.send_binary(dave.fingerprint(), Some("bulk"), &vec![42u8; 60_000]))?;
+    let len = wait_node(&mut dave, |e| match e {
+        NodeEvent::Data { channel, data: Payload::Binary(b), .. } if channel == "bulk" => Some(b.len()),
+        _ => None,
+    })?;
+    println!("direct      erin opened channel `bulk` and sent {len} bytes of binary to dave");
+    dave.close_peer(erin.fingerprint())?;
+    wait_smol(&mut erin_events, |e| matches!(e, NodeEvent::PeerState { state: PeerState::Closed, .. }).then_some(()))?;
+    println!("direct      dave closed the connection; erin saw it close ({:.1?} for all of it)", started.elapsed());
+    smol::block_on(erin.close());
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -102,6 +172,10 @@ fn main() -> Result<()> {
     println!("room        bob kicked alice; alice was told");
     smol::block_on(bob.close_room("den"))?;
     println!("room        bob closed `den`");
+
+    // Direct connections: two nodes (blocking and smol) connect over UDP with WebRTC (ICE,
+    // DTLS bound to both identities, SCTP data channels), negotiated through the server's relay.
+    direct(&url)?;
 
     // A clean disconnect: the others see the peer leave at once.
     carol.disconnect();

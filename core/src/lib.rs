@@ -1,8 +1,11 @@
 //! # peerlink
 //!
 //! A sans-IO toolkit for peer-to-peer applications: the signaling [`client`] and [`server`]
-//! state machines, verified [`identity`]s, and the wire [`protocol`]. Runtime adapters
-//! (`peerlink-smol`, `peerlink-blocking`, `peerlink-server`) own the sockets and timers.
+//! state machines, verified [`identity`]s, the wire [`protocol`], and direct WebRTC
+//! connections between peers ([`peer`], on str0m's ICE, DTLS and SCTP) gathered in a [`node`]:
+//! one [`Node`] per local participant owns the signaling client and every connection. Runtime
+//! adapters (`peerlink-smol`, `peerlink-blocking`, `peerlink-server`, and the deterministic
+//! simulator `peerlink-sim`) own the sockets and timers.
 //!
 //! ## The drain contract
 //!
@@ -78,6 +81,70 @@
 //! }
 //! assert!(events.iter().any(|e| matches!(e, ClientEvent::Registered { .. })));
 //! assert!(events.iter().any(|e| matches!(e, ClientEvent::PeerList { namespace, .. } if namespace == "lobby")));
+//! ```
+//!
+//! ## A node on real sockets
+//!
+//! A [`Node`] is driven the same way, with one more input (datagrams) and one more output
+//! (datagrams to send). This loop runs one on a std `UdpSocket` and a blocking WebSocket, with
+//! no threads and no async runtime (the `peerlink-blocking` adapter is this, done properly:
+//! non-blocking WebSocket, TLS, several sockets, reconnects).
+//!
+//! ```no_run
+//! use std::net::UdpSocket;
+//! use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+//! use peerlink::{Identity, Node, NodeConfig, NodeEvent, NodeTransmit};
+//! use peerlink::client::ClientTransmit;
+//! use rand::SeedableRng;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let identity = Identity::generate(&mut rand_chacha::ChaCha20Rng::from_os_rng());
+//! let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+//! let mut node = Node::new(NodeConfig::new("ws://127.0.0.1:8080"), identity, 42, Instant::now(), unix_ms)?;
+//! let udp = UdpSocket::bind("127.0.0.1:0")?;
+//! udp.set_read_timeout(Some(Duration::from_millis(5)))?;
+//! node.add_local_address(Instant::now(), udp.local_addr()?)?;
+//! node.connect(Instant::now())?;
+//! let mut ws = None;
+//! let mut buf = [0u8; 2048];
+//! loop {
+//!     // 1. Drain every output: frames and datagrams to send, then events.
+//!     while let Some(t) = node.poll_transmit() {
+//!         match t {
+//!             NodeTransmit::Signaling(ClientTransmit::Connect { url }) => {
+//!                 let (socket, _) = tungstenite::connect(url.as_str())?;
+//!                 ws = Some(socket);
+//!                 node.handle_connected(Instant::now())?;
+//!             }
+//!             NodeTransmit::Signaling(ClientTransmit::Text(text)) => {
+//!                 ws.as_mut().expect("connected").send(tungstenite::Message::text(text))?;
+//!             }
+//!             NodeTransmit::Signaling(ClientTransmit::Close { .. }) => ws = None,
+//!             NodeTransmit::Datagram(d) => {
+//!                 udp.send_to(&d.contents, d.destination)?;
+//!             }
+//!         }
+//!     }
+//!     while let Some(event) = node.poll_event() {
+//!         if let NodeEvent::Data { peer, data, .. } = event {
+//!             println!("{} sent {data:?}", peer.short());
+//!         }
+//!     }
+//!     // 2. Feed inputs: a datagram (with its source and our local address), a WebSocket
+//!     //    frame, or the time once `poll_timeout` has passed. A real adapter waits on all
+//!     //    of them at once; a spurious `handle_timeout` is harmless.
+//!     if let Ok((n, source)) = udp.recv_from(&mut buf) {
+//!         node.handle_datagram(Instant::now(), source, udp.local_addr()?, &buf[..n])?;
+//!     }
+//!     if let Some(socket) = ws.as_mut() {
+//!         # let _ = socket;
+//!         // (read a frame without blocking, then:) node.handle_text(Instant::now(), &text)?;
+//!     }
+//!     if node.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+//!         node.handle_timeout(Instant::now())?;
+//!     }
+//! }
+//! # }
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

@@ -63,3 +63,66 @@ fn server_core_seeds_reach_registered_states() {
     let s = run("seed-resume");
     assert!(s.registered >= 3 && s.max_sessions >= 2, "{s:?}");
 }
+
+#[test]
+fn stun_decode_corpus() {
+    replay("stun_decode", harness::stun_decode);
+}
+
+#[test]
+fn peer_signal_corpus() {
+    replay("peer_signal", harness::peer_signal);
+}
+
+fn seed(target: &str, name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target).join(format!("seed-{name}"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The STUN seeds are what they claim to be (the RFC 5769 vectors included), so the fuzzer
+/// starts from every kind of message.
+#[test]
+fn stun_decode_seeds_decode_as_expected() {
+    use peerlink::stun::{StunError, StunMessage, decode};
+    let mapped = |name: &str| match decode(&seed("stun_decode", name)) {
+        Ok(StunMessage::BindingSuccess { mapped, .. }) => mapped.to_string(),
+        other => panic!("seed-{name}: {other:?}"),
+    };
+    assert_eq!(mapped("rfc5769-response-v4"), "192.0.2.1:32853");
+    assert_eq!(mapped("rfc5769-response-v6"), "[2001:db8:1234:5678:11:2233:4455:6677]:32853");
+    assert_eq!(mapped("success-v4"), "203.0.113.9:40000");
+    assert_eq!(mapped("success-plain"), "192.0.2.7:3478");
+    assert_eq!(mapped("success-both"), "10.0.0.1:5000", "XOR-MAPPED-ADDRESS wins");
+    for name in ["rfc5769-request", "request"] {
+        assert!(matches!(decode(&seed("stun_decode", name)), Ok(StunMessage::BindingRequest { .. })), "seed-{name}");
+    }
+    assert!(matches!(decode(&seed("stun_decode", "error-420")), Ok(StunMessage::BindingError { code: 420, .. })));
+    assert_eq!(decode(&seed("stun_decode", "success-empty")), Err(StunError::NoMappedAddress));
+    assert_eq!(decode(&seed("stun_decode", "success-truncated")), Err(StunError::Truncated));
+    assert_eq!(decode(&seed("stun_decode", "allocate")), Err(StunError::Unsupported(0x0003)));
+    for name in ["bad-length", "dtls"] {
+        assert_eq!(decode(&seed("stun_decode", name)), Err(StunError::NotStun), "seed-{name}");
+    }
+}
+
+/// The negotiation seeds cover every message kind and the typed refusals.
+#[test]
+fn peer_signal_seeds_decode_as_expected() {
+    use peerlink::peer::signal::{Signal, SignalError};
+    let decode = |name: &str| {
+        let text = String::from_utf8(seed("peer_signal", name)).expect("UTF-8");
+        let raw = serde_json::value::RawValue::from_string(text).unwrap_or_else(|e| panic!("seed-{name}: {e}"));
+        Signal::decode(&raw)
+    };
+    assert!(matches!(decode("offer"), Ok(Some(Signal::Offer { .. }))));
+    assert!(matches!(decode("answer"), Ok(Some(Signal::Answer { .. }))));
+    assert!(matches!(decode("candidate"), Ok(Some(Signal::Candidate { .. }))));
+    assert!(matches!(decode("bye"), Ok(Some(Signal::Bye { .. }))));
+    assert!(matches!(decode("reject"), Ok(Some(Signal::Reject { .. }))));
+    assert_eq!(decode("version"), Err(SignalError::Version("rtc/9".into())));
+    assert!(matches!(decode("missing-sdp"), Err(SignalError::Malformed(_))));
+    assert_eq!(decode("long-candidate"), Err(SignalError::TooLong("candidate")));
+    assert_eq!(decode("app-object"), Ok(None));
+    let sdp = String::from_utf8(seed("peer_signal", "sdp")).expect("UTF-8");
+    assert!(peerlink::peer::signal::sdp_fingerprint(&sdp).is_some_and(|f| f.starts_with("sha-256 AB:AB")));
+}

@@ -500,6 +500,20 @@ impl PollNode {
         self.poll(now)
     }
 
+    /// Restarts ICE with `peer`.
+    pub fn restart_ice(&mut self, peer: Fingerprint) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.restart_ice(now, peer)?;
+        self.poll(now)
+    }
+
+    /// Closes the connection to `peer` (the remote sees it close).
+    pub fn close_peer(&mut self, peer: Fingerprint) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.close_peer(now, peer)?;
+        self.poll(now)
+    }
+
     /// Returns the last socket, TLS or WebSocket error, if any.
     pub fn last_error(&self) -> Option<&Error> {
         self.last_error.as_ref()
@@ -791,7 +805,9 @@ impl PollNode {
                 return Ok(());
             };
             match ws.read() {
-                Ok(Message::Text(text)) => self.core.handle_text(now, text.as_str())?,
+                // The time a frame is read, not when this poll began: replies carry timings
+                // (a ping's round trip) that the poll's start would shorten.
+                Ok(Message::Text(text)) => self.core.handle_text(Instant::now().max(now), text.as_str())?,
                 Ok(Message::Close(frame)) => {
                     let code = frame.map(|f| u16::from(f.code));
                     debug!(?code, "server closed the connection");

@@ -108,3 +108,39 @@ fn next_event_blocks_until_something_happens() {
         assert!(matches!(e, NodeEvent::Signaling(_)), "{e:?}");
     }
 }
+
+#[test]
+fn a_burst_right_after_open_arrives_complete_and_in_order() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let server = common::server();
+    let url = server.url();
+    let mut a = node(&url, "a");
+    let mut b = node(&url, "b");
+    let mut log = Vec::new();
+    while !(a.is_registered() && b.is_registered()) {
+        run(&mut a, &mut b, &mut log, Duration::from_secs(10), |_| true);
+    }
+    let fb = b.fingerprint();
+    a.connect_to_peer(fb).unwrap();
+    // Only the sender's side is waited for: the receiver must not lose what comes early.
+    run(&mut a, &mut b, &mut log, Duration::from_secs(10), |l| open(l, 'a', "default"));
+    let mut sent = 0u32;
+    while sent < 200 {
+        let mut msg = vec![0u8; 16 * 1024];
+        msg[..4].copy_from_slice(&sent.to_le_bytes());
+        match a.node().send_binary(Instant::now(), fb, None, &msg) {
+            Ok(()) => sent += 1,
+            Err(peerlink::NodeError::Send(peerlink::SendError::WouldBlock { .. })) => run(&mut a, &mut b, &mut log, Duration::from_secs(10), |_| true),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    run(&mut a, &mut b, &mut log, Duration::from_secs(20), |l| data(l, 'b').len() == 200);
+    let got: Vec<u32> = data(&log, 'b')
+        .into_iter()
+        .map(|(_, d)| match d {
+            Payload::Binary(d) => u32::from_le_bytes(d[..4].try_into().unwrap()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, (0..200).collect::<Vec<_>>());
+}

@@ -1,7 +1,7 @@
 //! Direct connections between two peers: one str0m [`Rtc`] per remote peer, negotiated
 //! through the signaling server's relay, bound to both identities.
 //!
-//! A [`Peer`] is owned and driven by a [`Node`](crate::node::Node); applications reach it
+//! A connection is owned and driven by a [`Node`](crate::node::Node); applications reach it
 //! through the node's commands and events. This module holds its state machine and the types
 //! the node's API uses.
 //!
@@ -921,7 +921,10 @@ impl Peer {
                 }
             }
             Event::ChannelData(d) => {
-                let Some(label) = self.chan(d.id).map(|c| c.label.clone()) else { return };
+                let Some(label) = self.chan(d.id).map(|c| c.label.clone()) else {
+                    warn!(remote = %self.remote.short(), id = ?d.id, len = d.data.len(), "data for an unknown channel dropped");
+                    return;
+                };
                 let data = if d.binary {
                     Payload::Binary(d.data)
                 } else {

@@ -1,0 +1,909 @@
+//! Data-channel throughput benchmark (harness = false).
+//!
+//! **What is measured.** One reliable, ordered data channel between two endpoints on
+//! 127.0.0.1, each endpoint on its own OS thread with its own UDP socket. The sender writes
+//! `BENCH_DC_MIB` MiB as `BENCH_DC_MSG`-byte binary messages, with backpressure; the receiver
+//! counts the bytes it gets. The figure is bytes / (time of the last byte received - time of
+//! the first write), in MB/s (10^6 bytes/s) and MiB/s. Connection setup (ICE, DTLS, SCTP,
+//! DCEP) is not timed. Each thread's CPU time (user + system, from `getrusage(RUSAGE_THREAD)`)
+//! over the transfer is printed too, so it shows whether a side is CPU bound, and the summary
+//! gives MB per CPU-second of each side, a figure that holds up better than MB/s when other
+//! processes share the machine. Each run also prints the UDP datagrams the kernel dropped for
+//! a full socket receive buffer meanwhile (system-wide `RcvbufErrors`): every one is a loss
+//! the transport had to recover from.
+//!
+//! **Baseline.** Two raw str0m `Rtc` instances at str0m's default settings (128 KiB SCTP max
+//! buffered amount, default MTU), negotiated in-process (the offer and answer travel over a
+//! std mpsc channel), each driven by the canonical sans-IO loop from str0m's docs: every
+//! mutation is followed by draining `poll_output` to `Output::Timeout`; transmits go out with
+//! `send_to`; the thread waits on the socket with `set_read_timeout` until the next str0m
+//! timeout (capped, so it notices the end of the run). The sender writes until
+//! `Channel::write` returns `Ok(false)`, then waits for `Event::ChannelBufferedAmountLow`
+//! (low threshold at half of the max buffered amount, lower only for messages bigger than
+//! half of it) before writing more.
+//!
+//! **Reusable part.** [`measure_series`] / [`measure_run`] take a sender and a receiver
+//! endpoint as closures, run each on its own thread, and report MB/s. An endpoint connects in
+//! whatever way it likes (untimed), then follows the [`Transfer`] it is handed: the sender
+//! reports when it made its first write ([`SenderReport`]), the receiver when the last byte
+//! arrived ([`ReceiverReport`]). Messages carry a sequence number ([`Transfer::fill`],
+//! [`Transfer::check`]) so a receiver can verify order and completeness cheaply.
+//!
+//! Run: `cargo bench -p peerlink-tests --bench dc_throughput`.
+//! Env: BENCH_DC_MIB (256), BENCH_DC_MSG (16384), BENCH_DC_RUNS (3), BENCH_DC_TIMEOUT_S (120,
+//! per run), BENCH_DC_VARIANTS=1 (after the baseline, also measure tunings: str0m's SCTP max
+//! buffered amount 64 KiB / 256 KiB / 1 MiB, its MTU 1400 / 1500, the sockets' SO_RCVBUF, a
+//! few combinations; then print a table). The baseline's settings never change.
+
+use std::fmt;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::channel::ChannelId;
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+
+/// Errors of this bench: anything printable, from any thread.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const MIB: u64 = 1024 * 1024;
+
+// ----------------------------------------------------------------------------------------
+// Settings
+// ----------------------------------------------------------------------------------------
+
+/// What every run transfers, and how often, from the environment.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Bytes to transfer per run.
+    pub total_bytes: u64,
+    /// Size of each message (the last one may be shorter).
+    pub msg_size: usize,
+    /// Runs per configuration.
+    pub runs: usize,
+    /// Give up a run (setup included) after this long.
+    pub timeout: Duration,
+}
+
+impl Plan {
+    fn from_env() -> Result<Self, Error> {
+        let mib = env_u64("BENCH_DC_MIB", 256)?;
+        let msg_size = env_u64("BENCH_DC_MSG", 16_384)?;
+        let runs = env_u64("BENCH_DC_RUNS", 3)?;
+        let timeout_s = env_u64("BENCH_DC_TIMEOUT_S", 120)?;
+        if mib == 0 || msg_size == 0 || runs == 0 || timeout_s == 0 {
+            return Err("BENCH_DC_MIB, BENCH_DC_MSG, BENCH_DC_RUNS and BENCH_DC_TIMEOUT_S must be > 0".into());
+        }
+        Ok(Self {
+            total_bytes: mib * MIB,
+            msg_size: usize::try_from(msg_size)?,
+            runs: usize::try_from(runs)?,
+            timeout: Duration::from_secs(timeout_s),
+        })
+    }
+}
+
+/// Reads a non-negative integer from the environment; unset means `default`.
+fn env_u64(name: &str, default: u64) -> Result<u64, Error> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|e| format!("{name}={v:?}: {e}").into()),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => Err(format!("{name}: {e}").into()),
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+// ----------------------------------------------------------------------------------------
+// Reusable measuring part
+// ----------------------------------------------------------------------------------------
+
+/// What both endpoints of one run share: the data to move and when to give up.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// Bytes to transfer.
+    pub total_bytes: u64,
+    /// Size of each message (the last one may be shorter).
+    pub msg_size: usize,
+    /// Set by the harness once either endpoint returned.
+    stop: Arc<AtomicBool>,
+    /// The run fails when it is not done by then.
+    deadline: Instant,
+}
+
+impl Transfer {
+    /// Number of messages the sender writes.
+    pub fn message_count(&self) -> u64 {
+        self.total_bytes.div_ceil(self.msg_size as u64)
+    }
+
+    /// Length of message number `seq` (0-based).
+    pub fn message_len(&self, seq: u64) -> usize {
+        let offset = seq * self.msg_size as u64;
+        // At most `msg_size`, so the cast back cannot truncate.
+        self.total_bytes.saturating_sub(offset).min(self.msg_size as u64) as usize
+    }
+
+    /// Stamps message `seq` into `buf` (at least [`Self::message_len`] long) and returns the
+    /// message: the sequence number, little endian, in its first (up to) 8 bytes.
+    pub fn fill<'b>(&self, seq: u64, buf: &'b mut [u8]) -> &'b [u8] {
+        let msg = &mut buf[..self.message_len(seq)];
+        let stamp = seq.to_le_bytes();
+        let n = msg.len().min(stamp.len());
+        msg[..n].copy_from_slice(&stamp[..n]);
+        msg
+    }
+
+    /// Checks that `data` is message `seq` as stamped by [`Self::fill`].
+    pub fn check(&self, seq: u64, data: &[u8]) -> Result<(), Error> {
+        let want = self.message_len(seq);
+        if seq >= self.message_count() || data.len() != want {
+            return Err(format!("message {seq}: {} bytes, expected {want}", data.len()).into());
+        }
+        let stamp = seq.to_le_bytes();
+        let n = want.min(stamp.len());
+        if data[..n] != stamp[..n] {
+            let got = u64::from_le_bytes(data[..8.min(data.len())].try_into().unwrap_or([0; 8]));
+            return Err(format!("message {seq}: wrong sequence stamp {got} (reordered or lost data)").into());
+        }
+        Ok(())
+    }
+
+    /// `Ok(true)` once the harness says stop; an error once the run is past its deadline.
+    pub fn should_stop(&self) -> Result<bool, Error> {
+        if self.stop.load(Ordering::Acquire) {
+            Ok(true)
+        } else if Instant::now() >= self.deadline {
+            Err("timed out (BENCH_DC_TIMEOUT_S)".into())
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// A sender endpoint: run on its own thread, it connects to its receiver (untimed), then
+/// sends the [`Transfer`] and keeps its connection serviced until [`Transfer::should_stop`]
+/// says stop (which happens once the receiver has everything). Returning earlier stops the
+/// receiver too.
+pub type SenderEndpoint = Box<dyn FnOnce(Transfer) -> Result<SenderReport, Error> + Send>;
+
+/// A receiver endpoint: run on its own thread, it connects to its sender (untimed), then
+/// receives until all [`Transfer::total_bytes`] arrived and returns; it gives up with an error
+/// when [`Transfer::should_stop`] says stop (the sender returned) or fails (deadline).
+pub type ReceiverEndpoint = Box<dyn FnOnce(Transfer) -> Result<ReceiverReport, Error> + Send>;
+
+/// What a sender endpoint reports when it stops.
+#[derive(Debug)]
+pub struct SenderReport {
+    /// When the first message was handed to the stack.
+    pub first_write: Instant,
+    /// CPU time this thread used from the first write until it stopped.
+    pub cpu: Option<Duration>,
+}
+
+/// What a receiver endpoint reports when all bytes arrived.
+#[derive(Debug)]
+pub struct ReceiverReport {
+    /// When the last byte arrived.
+    pub last_byte: Instant,
+    /// Bytes received (must equal [`Transfer::total_bytes`]).
+    pub bytes: u64,
+    /// CPU time this thread used from the channel opening until the last byte.
+    pub cpu: Option<Duration>,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStats {
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub sender_cpu: Option<Duration>,
+    pub receiver_cpu: Option<Duration>,
+    /// UDP datagrams the kernel dropped for a full socket receive buffer during the run,
+    /// system-wide (Linux `RcvbufErrors`): each is a loss the transport had to recover from.
+    pub udp_rcvbuf_drops: Option<u64>,
+}
+
+impl RunStats {
+    /// Throughput in MB/s (10^6 bytes per second).
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
+    }
+
+    /// Throughput in MiB/s.
+    pub fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / MIB as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// MB moved per CPU-second of one side (its `cpu`): the throughput that side could reach
+    /// with a core to itself. Unlike MB/s, this barely moves when other processes compete
+    /// for the CPUs.
+    pub fn mb_per_cpu_s(&self, cpu: Option<Duration>) -> Option<f64> {
+        cpu.filter(|c| !c.is_zero()).map(|c| self.bytes as f64 / 1e6 / c.as_secs_f64())
+    }
+}
+
+impl fmt::Display for RunStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "{} MiB in {secs:.2} s = {:.1} MB/s ({:.1} MiB/s)",
+            self.bytes / MIB,
+            self.mb_per_s(),
+            self.mib_per_s()
+        )?;
+        let cpu = |c: Option<Duration>| {
+            c.map_or("n/a".to_owned(), |c| format!("{:.2} s ({:.0}%)", c.as_secs_f64(), 100.0 * c.as_secs_f64() / secs))
+        };
+        write!(f, "; cpu sender {}, receiver {}", cpu(self.sender_cpu), cpu(self.receiver_cpu))?;
+        if let Some(drops) = self.udp_rcvbuf_drops {
+            write!(f, "; udp rcvbuf drops {drops}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one transfer: `sender` and `receiver` each on their own OS thread. Both get the same
+/// [`Transfer`]; once either returns (or panics) the transfer's stop flag is set, which the
+/// other watches ([`Transfer::should_stop`]): the receiver returning ends the sender's loop, a
+/// failing sender ends the receiver's.
+pub fn measure_run(plan: &Plan, sender: SenderEndpoint, receiver: ReceiverEndpoint) -> Result<RunStats, Error> {
+    let drops_before = udp_rcvbuf_errors();
+    let transfer = Transfer {
+        total_bytes: plan.total_bytes,
+        msg_size: plan.msg_size,
+        stop: Arc::new(AtomicBool::new(false)),
+        deadline: Instant::now() + plan.timeout,
+    };
+    let spawn = |name: &str| thread::Builder::new().name(name.to_owned());
+
+    /// Sets the stop flag when dropped: when its thread's endpoint returns or unwinds.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let t = transfer.clone();
+    let receiver = spawn("dc-receiver").spawn(move || {
+        let _stop = StopOnDrop(t.stop.clone());
+        receiver(t)
+    })?;
+    let t = transfer.clone();
+    let sender = spawn("dc-sender").spawn(move || {
+        let _stop = StopOnDrop(t.stop.clone());
+        sender(t)
+    })?;
+
+    fn joined<T>(name: &str, r: thread::Result<Result<T, Error>>) -> Result<T, Error> {
+        r.unwrap_or_else(|_| Err("thread panicked".into())).map_err(|e| format!("{name}: {e}").into())
+    }
+    let (sent, received) = match (joined("sender", sender.join()), joined("receiver", receiver.join())) {
+        (Ok(sent), Ok(received)) => (sent, received),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+        // The first failure usually makes the other side fail too: show both.
+        (Err(s), Err(r)) => return Err(format!("{s}; {r}").into()),
+    };
+
+    if received.bytes != transfer.total_bytes {
+        return Err(format!("receiver got {} bytes, expected {}", received.bytes, transfer.total_bytes).into());
+    }
+    Ok(RunStats {
+        bytes: received.bytes,
+        elapsed: received.last_byte.saturating_duration_since(sent.first_write),
+        sender_cpu: sent.cpu,
+        receiver_cpu: received.cpu,
+        udp_rcvbuf_drops: udp_rcvbuf_errors().zip(drops_before).map(|(after, before)| after.saturating_sub(before)),
+    })
+}
+
+/// The runs of one configuration.
+#[derive(Debug)]
+pub struct Series {
+    pub label: String,
+    pub runs: Vec<RunStats>,
+    pub failures: usize,
+}
+
+impl Series {
+    /// Median MB/s over the successful runs.
+    pub fn median(&self) -> Option<f64> {
+        median(self.runs.iter().map(RunStats::mb_per_s).collect())
+    }
+
+    /// Best MB/s over the successful runs.
+    pub fn best(&self) -> Option<f64> {
+        self.runs.iter().map(RunStats::mb_per_s).max_by(f64::total_cmp)
+    }
+
+    /// Median [`RunStats::mb_per_cpu_s`] of the sender.
+    pub fn sender_mb_per_cpu_s(&self) -> Option<f64> {
+        median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.sender_cpu)).collect())
+    }
+
+    /// Median [`RunStats::mb_per_cpu_s`] of the receiver.
+    pub fn receiver_mb_per_cpu_s(&self) -> Option<f64> {
+        median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.receiver_cpu)).collect())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// Formats an optional figure with one decimal.
+fn fmt1(v: Option<f64>) -> String {
+    v.map_or("n/a".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// Runs `plan.runs` transfers of one configuration, printing each run and a summary line.
+/// `endpoints` makes a fresh (sender, receiver) pair per run; see [`measure_run`].
+pub fn measure_series(
+    label: &str,
+    plan: &Plan,
+    mut endpoints: impl FnMut() -> Result<(SenderEndpoint, ReceiverEndpoint), Error>,
+) -> Series {
+    let mut series = Series { label: label.to_owned(), runs: Vec::new(), failures: 0 };
+    for run in 1..=plan.runs {
+        let result = endpoints().and_then(|(sender, receiver)| measure_run(plan, sender, receiver));
+        match result {
+            Ok(stats) => {
+                println!("dc_throughput: {label}: run {run}/{}: {stats}", plan.runs);
+                series.runs.push(stats);
+            }
+            Err(e) => {
+                eprintln!("dc_throughput: {label}: run {run}/{} FAILED: {e}", plan.runs);
+                series.failures += 1;
+            }
+        }
+    }
+    match (series.median(), series.best()) {
+        (Some(median), Some(best)) => {
+            let mib = |mb: f64| mb * 1e6 / MIB as f64;
+            println!(
+                "dc_throughput: {label} median {median:.1} MB/s ({:.1} MiB/s), best {best:.1} MB/s ({:.1} MiB/s) \
+                 over {} runs; MB per CPU-second: sender {}, receiver {}",
+                mib(median),
+                mib(best),
+                series.runs.len(),
+                fmt1(series.sender_mb_per_cpu_s()),
+                fmt1(series.receiver_mb_per_cpu_s()),
+            );
+        }
+        _ => eprintln!("dc_throughput: {label}: no successful run"),
+    }
+    series
+}
+
+/// The system-wide count of UDP datagrams dropped for a full receive buffer
+/// (`RcvbufErrors` in /proc/net/snmp), where available.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    // Two "Udp:" lines: the field names, then the values.
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// CPU time (user + system) the calling thread has used so far.
+#[cfg(target_os = "linux")]
+pub fn thread_cpu_time() -> Option<Duration> {
+    // SAFETY: `rusage` is a plain C struct for which all-zero bytes are a valid value, and
+    // getrusage only writes into the struct we pass it, which lives on our stack.
+    let (rc, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let rc = libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        (rc, usage)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some(tv(usage.ru_utime) + tv(usage.ru_stime))
+}
+
+/// CPU time of the calling thread: not available off Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn thread_cpu_time() -> Option<Duration> {
+    None
+}
+
+/// CPU time used since `start` (a [`thread_cpu_time`] reading on the same thread).
+fn cpu_since(start: Option<Duration>) -> Option<Duration> {
+    Some(thread_cpu_time()?.saturating_sub(start?))
+}
+
+// ----------------------------------------------------------------------------------------
+// Raw str0m endpoints
+// ----------------------------------------------------------------------------------------
+
+/// Longest wait on the socket, so a thread notices the stop flag promptly.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// How the two `Rtc`s (and their sockets) are configured. `Str0mConfig::default()` is str0m's
+/// defaults on sockets with the OS defaults, untouched.
+#[derive(Debug, Clone, Copy, Default)]
+struct Str0mConfig {
+    /// `RtcConfig::set_sctp_max_buffered_amount`, when set.
+    sctp_max_buffered_amount: Option<usize>,
+    /// `RtcConfig::set_mtu(mtu..=mtu)`, when set.
+    mtu: Option<usize>,
+    /// The sockets' SO_RCVBUF, when set (not a str0m setting; Linux caps it at
+    /// net.core.rmem_max, then doubles it for bookkeeping overhead).
+    udp_rcvbuf: Option<usize>,
+}
+
+impl Str0mConfig {
+    fn label(&self) -> String {
+        // The sizes used here are whole KiB, and whole MiB from 1 MiB on.
+        let size = |b: usize| if b >= 1 << 20 { format!("{} MiB", b >> 20) } else { format!("{} KiB", b >> 10) };
+        let settings: Vec<String> = [
+            self.sctp_max_buffered_amount.map(|b| format!("sctp buffer {}", size(b))),
+            self.mtu.map(|m| format!("mtu {m}")),
+            self.udp_rcvbuf.map(|b| format!("udp rcvbuf {}", size(b))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if settings.is_empty() {
+            "raw str0m (defaults)".to_owned()
+        } else {
+            format!("raw str0m ({})", settings.join(", "))
+        }
+    }
+
+    fn rtc_config(&self) -> RtcConfig {
+        let mut config = Rtc::builder();
+        if let Some(bytes) = self.sctp_max_buffered_amount {
+            config = config.set_sctp_max_buffered_amount(bytes);
+        }
+        if let Some(mtu) = self.mtu {
+            config = config.set_mtu(mtu..=mtu);
+        }
+        config
+    }
+
+    /// A (sender, receiver) pair for [`measure_run`]: the sender offers, the receiver answers;
+    /// the SDPs travel between the two threads over mpsc channels.
+    fn endpoints(self) -> (SenderEndpoint, ReceiverEndpoint) {
+        let (offer_tx, offer_rx) = mpsc::channel();
+        let (answer_tx, answer_rx) = mpsc::channel();
+        (
+            Box::new(move |t| run_str0m_sender(self, t, offer_tx, answer_rx)),
+            Box::new(move |t| run_str0m_receiver(self, t, offer_rx, answer_tx)),
+        )
+    }
+}
+
+/// One `Rtc` and its UDP socket, driven by str0m's canonical run loop.
+struct Str0mPeer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    /// The socket's read timeout in whole milliseconds, to skip redundant setsockopt calls.
+    read_timeout_ms: Option<u128>,
+    buf: Vec<u8>,
+}
+
+impl Str0mPeer {
+    /// Binds 127.0.0.1:0 (with SO_RCVBUF `udp_rcvbuf`, when set) and builds an `Rtc` with a
+    /// host candidate for that address.
+    fn new(config: RtcConfig, udp_rcvbuf: Option<usize>) -> Result<Self, Error> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        if let Some(bytes) = udp_rcvbuf {
+            socket2::SockRef::from(&socket).set_recv_buffer_size(bytes)?;
+        }
+        let local = socket.local_addr()?;
+        let mut rtc = config.build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp")?);
+        Ok(Self { rtc, socket, local, read_timeout_ms: None, buf: vec![0; 65_536] })
+    }
+
+    /// Drains `poll_output` until `Output::Timeout` (returned): transmits are sent, events
+    /// handed to `on_event` (which may mutate the `Rtc`; the drain continues after it).
+    fn drain(&mut self, mut on_event: impl FnMut(&mut Rtc, Event) -> Result<(), Error>) -> Result<Instant, Error> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(at) => return Ok(at),
+                Output::Transmit(t) => {
+                    self.socket
+                        .send_to(&t.contents, t.destination)
+                        .map_err(|e| format!("send_to {}: {e}", t.destination))?;
+                }
+                Output::Event(Event::IceConnectionStateChange(IceConnectionState::Disconnected)) => {
+                    return Err("ICE disconnected".into());
+                }
+                Output::Event(event) => on_event(&mut self.rtc, event)?,
+            }
+        }
+    }
+
+    /// Waits for one datagram until `deadline` (at most [`MAX_WAIT`]) and feeds it to the
+    /// `Rtc`, or feeds `Input::Timeout` when the wait ran out. One mutation: drain afterwards.
+    fn wait_and_feed(&mut self, deadline: Instant) -> Result<(), Error> {
+        let now = Instant::now();
+        if deadline <= now {
+            return Ok(self.rtc.handle_input(Input::Timeout(now))?);
+        }
+        // Round up to whole milliseconds (never zero: a zero read timeout is an error).
+        let wait_ms = (deadline - now).min(MAX_WAIT).as_micros().div_ceil(1000).max(1);
+        if self.read_timeout_ms != Some(wait_ms) {
+            self.socket.set_read_timeout(Some(Duration::from_millis(wait_ms as u64)))?;
+            self.read_timeout_ms = Some(wait_ms);
+        }
+        match self.socket.recv_from(&mut self.buf) {
+            Ok((n, source)) => {
+                // Datagrams str0m cannot demultiplex are dropped, as a real socket loop would.
+                if let Ok(contents) = DatagramRecv::try_from(&self.buf[..n]) {
+                    let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
+                    self.rtc.handle_input(Input::Receive(Instant::now(), receive))?;
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Ok(self.rtc.handle_input(Input::Timeout(Instant::now()))?)
+            }
+            Err(e) => Err(format!("recv_from: {e}").into()),
+        }
+    }
+}
+
+/// Sender side of the raw str0m baseline: offers one data channel, then writes the transfer
+/// with backpressure until the harness says stop.
+fn run_str0m_sender(
+    config: Str0mConfig,
+    transfer: Transfer,
+    offer_tx: mpsc::Sender<String>,
+    answer_rx: mpsc::Receiver<String>,
+) -> Result<SenderReport, Error> {
+    let rtc_config = config.rtc_config();
+    let max_buffered = rtc_config.sctp_max_buffered_amount();
+    let msg_size = transfer.msg_size;
+    if msg_size > max_buffered {
+        return Err(format!("{msg_size}-byte messages never fit the {max_buffered}-byte SCTP buffer").into());
+    }
+
+    let mut peer = Str0mPeer::new(rtc_config, config.udp_rcvbuf)?;
+    let mut sdp = peer.rtc.sdp_api();
+    sdp.add_channel("bench".to_owned());
+    let (offer, pending) = sdp.apply().ok_or("SdpApi::apply made no offer")?;
+    offer_tx.send(offer.to_sdp_string()).map_err(|_| "receiver gone before the offer")?;
+    let answer = answer_rx
+        .recv_timeout(transfer.deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| format!("waiting for the answer: {e}"))?;
+    peer.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer)?)?;
+
+    let mut state = SenderState {
+        // Half the buffer, but low enough that a refused write leaves the buffered amount
+        // above it, so the `ChannelBufferedAmountLow` we then wait for is sure to come.
+        low_threshold: (max_buffered / 2).min(max_buffered - msg_size),
+        channel: None,
+        blocked: false,
+    };
+    let mut msg = vec![0xA5; msg_size];
+    let mut seq = 0;
+    let (mut first_write, mut cpu_start) = (None, None);
+    let mut next_timeout = peer.drain(|rtc, e| state.on_event(rtc, e))?;
+    while !transfer.should_stop()? {
+        // Write while the channel is open, not blocked, and there is data left.
+        let writable = state.channel.filter(|_| !state.blocked && seq < transfer.message_count());
+        if let Some(id) = writable {
+            let data = transfer.fill(seq, &mut msg);
+            let accepted = peer.rtc.channel(id).ok_or("channel gone")?.write(true, data)?;
+            if accepted {
+                if first_write.is_none() {
+                    first_write = Some(Instant::now());
+                    cpu_start = thread_cpu_time();
+                }
+                seq += 1;
+            } else {
+                state.blocked = true;
+            }
+        } else {
+            peer.wait_and_feed(next_timeout)?;
+        }
+        next_timeout = peer.drain(|rtc, e| state.on_event(rtc, e))?;
+    }
+    let first_write = first_write.ok_or("stopped before the first write")?;
+    Ok(SenderReport { first_write, cpu: cpu_since(cpu_start) })
+}
+
+/// The sender's channel state, updated by events during drains.
+struct SenderState {
+    low_threshold: usize,
+    /// Set once the channel is open.
+    channel: Option<ChannelId>,
+    /// A write was refused; cleared by `ChannelBufferedAmountLow`.
+    blocked: bool,
+}
+
+impl SenderState {
+    fn on_event(&mut self, rtc: &mut Rtc, event: Event) -> Result<(), Error> {
+        match event {
+            Event::ChannelOpen(id, _) => {
+                let mut channel = rtc.channel(id).ok_or("channel gone at open")?;
+                channel.set_buffered_amount_low_threshold(self.low_threshold);
+                self.channel = Some(id);
+            }
+            Event::ChannelBufferedAmountLow(_) => self.blocked = false,
+            Event::ChannelClose(_) => return Err("channel closed".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Receiver side of the raw str0m baseline: answers, then counts (and checks) the messages
+/// until all bytes arrived.
+fn run_str0m_receiver(
+    config: Str0mConfig,
+    transfer: Transfer,
+    offer_rx: mpsc::Receiver<String>,
+    answer_tx: mpsc::Sender<String>,
+) -> Result<ReceiverReport, Error> {
+    let mut peer = Str0mPeer::new(config.rtc_config(), config.udp_rcvbuf)?;
+    let offer = offer_rx
+        .recv_timeout(transfer.deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| format!("waiting for the offer: {e}"))?;
+    let answer = peer.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer)?)?;
+    answer_tx.send(answer.to_sdp_string()).map_err(|_| "sender gone before the answer")?;
+
+    let mut state = ReceiverState { transfer: &transfer, bytes: 0, seq: 0, cpu_start: None, last_byte: None };
+    let mut next_timeout = peer.drain(|rtc, e| state.on_event(rtc, e))?;
+    loop {
+        if let Some(last_byte) = state.last_byte {
+            return Ok(ReceiverReport { last_byte, bytes: state.bytes, cpu: cpu_since(state.cpu_start) });
+        }
+        if transfer.should_stop()? {
+            return Err(format!("stopped after {} bytes", state.bytes).into());
+        }
+        peer.wait_and_feed(next_timeout)?;
+        next_timeout = peer.drain(|rtc, e| state.on_event(rtc, e))?;
+    }
+}
+
+/// The receiver's progress, updated by events during drains.
+struct ReceiverState<'t> {
+    transfer: &'t Transfer,
+    bytes: u64,
+    /// Sequence number of the next message.
+    seq: u64,
+    cpu_start: Option<Duration>,
+    last_byte: Option<Instant>,
+}
+
+impl ReceiverState<'_> {
+    fn on_event(&mut self, _: &mut Rtc, event: Event) -> Result<(), Error> {
+        match event {
+            Event::ChannelOpen(..) => self.cpu_start = thread_cpu_time(),
+            Event::ChannelData(data) => {
+                self.transfer.check(self.seq, &data.data)?;
+                self.seq += 1;
+                self.bytes += data.data.len() as u64;
+                if self.bytes == self.transfer.total_bytes {
+                    self.last_byte = Some(Instant::now());
+                }
+            }
+            Event::ChannelClose(_) => return Err("channel closed".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// peerlink endpoints
+// ----------------------------------------------------------------------------------------
+
+/// A peerlink node on the blocking adapter, bound to 127.0.0.1, registered with `url`.
+fn peerlink_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_blocking::PollNode, Error> {
+    let mut config = peerlink::NodeConfig::new(url);
+    config.peer = peer.clone();
+    let options = peerlink_blocking::PollOptions { udp: peerlink_blocking::UdpBind::Loopback, ..Default::default() };
+    let mut node = peerlink_blocking::PollNode::new(config, options)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.is_registered() {
+        if Instant::now() >= deadline {
+            return Err("not registered".into());
+        }
+        node.next_event(Duration::from_millis(20))?;
+    }
+    Ok(node)
+}
+
+/// peerlink's sender and receiver: two `PollNode`s (the blocking adapter, one thread each),
+/// negotiating through the real signaling server at `url` (untimed), then the transfer on the
+/// default channel.
+fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoint, ReceiverEndpoint) {
+    use peerlink::{NodeEvent, Payload};
+    let (fp_tx, fp_rx) = mpsc::channel();
+    let (url2, peer2) = (url.clone(), peer.clone());
+    let receiver: ReceiverEndpoint = Box::new(move |transfer: Transfer| {
+        let mut node = peerlink_node(&url2, &peer2)?;
+        fp_tx.send(node.fingerprint()).map_err(|_| "sender gone")?;
+        let (mut bytes, mut seq, mut cpu_start) = (0u64, 0u64, None);
+        loop {
+            if transfer.should_stop()? {
+                return Err(format!("stopped after {bytes} bytes").into());
+            }
+            // Blocks (briefly) only when nothing is queued.
+            let Some(event) = node.next_event(Duration::from_millis(5))? else { continue };
+            match event {
+                NodeEvent::ChannelOpen { .. } if cpu_start.is_none() => cpu_start = thread_cpu_time(),
+                NodeEvent::Data { data: Payload::Binary(data), .. } => {
+                    transfer.check(seq, &data)?;
+                    seq += 1;
+                    bytes += data.len() as u64;
+                    if bytes == transfer.total_bytes {
+                        return Ok(ReceiverReport { last_byte: Instant::now(), bytes, cpu: cpu_since(cpu_start) });
+                    }
+                }
+                NodeEvent::PeerError { error, .. } => return Err(format!("receiver: {error}").into()),
+                _ => {}
+            }
+        }
+    });
+    let sender: SenderEndpoint = Box::new(move |transfer: Transfer| {
+        let mut node = peerlink_node(&url, &peer)?;
+        let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
+        node.connect_to_peer(target)?;
+        loop {
+            match node.next_event(Duration::from_secs(10))? {
+                Some(NodeEvent::ChannelOpen { channel, .. }) if channel == "default" => break,
+                Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
+                Some(_) => {}
+                None => return Err("connection timed out".into()),
+            }
+        }
+        let mut msg = vec![0xA5; transfer.msg_size];
+        let mut seq = 0;
+        let (mut first_write, mut cpu_start) = (None, None);
+        let mut blocked = false;
+        while !transfer.should_stop()? {
+            if !blocked && seq < transfer.message_count() {
+                let now = Instant::now();
+                let data = transfer.fill(seq, &mut msg);
+                match node.node().send_binary(now, target, None, data) {
+                    Ok(()) => {
+                        if first_write.is_none() {
+                            first_write = Some(now);
+                            cpu_start = thread_cpu_time();
+                        }
+                        seq += 1;
+                        // Let the node do its I/O now and then, as an application would.
+                        if seq % 8 == 0 {
+                            node.poll(Instant::now())?;
+                        }
+                        continue;
+                    }
+                    Err(peerlink::NodeError::Send(peerlink::SendError::WouldBlock { .. })) => blocked = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // Blocked or done: wait for the buffer to drain (or the receiver to finish).
+            match node.next_event(Duration::from_millis(5))? {
+                Some(NodeEvent::BufferedAmountLow { .. }) => blocked = false,
+                Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
+                _ => {}
+            }
+        }
+        let first_write = first_write.ok_or("stopped before the first write")?;
+        Ok(SenderReport { first_write, cpu: cpu_since(cpu_start) })
+    });
+    (sender, receiver)
+}
+
+// ----------------------------------------------------------------------------------------
+// Main
+// ----------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).try_init();
+    }
+    let plan = match Plan::from_env() {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("dc_throughput: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "dc_throughput: {} MiB per run as {}-byte messages, {} run(s) per configuration, UDP on 127.0.0.1, one thread per endpoint",
+        plan.total_bytes / MIB,
+        plan.msg_size,
+        plan.runs
+    );
+
+    let str0m_series = |config: Str0mConfig| measure_series(&config.label(), &plan, || Ok(config.endpoints()));
+    let mut all = vec![str0m_series(Str0mConfig::default())];
+    let server = match peerlink_server::spawn(peerlink_server::ServerOptions::local()) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("dc_throughput: signaling server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = server.url();
+    let peerlink_series = |label: &str, peer: peerlink::PeerConfig| {
+        measure_series(label, &plan, || Ok(peerlink_endpoints(url.clone(), peer.clone())))
+    };
+    let mut peer = peerlink::PeerConfig::default();
+    if let Ok(v) = std::env::var("BENCH_DC_PEER") {
+        for opt in v.split(',') {
+            match opt {
+                "nosnap" => peer.snap = false,
+                "dtls12" => peer.dtls_version = peerlink::peer::DtlsVersion::Dtls12,
+                _ => {}
+            }
+        }
+    }
+    all.push(peerlink_series("peerlink (defaults)", peer));
+    if let (Some(base), Some(ours)) = (all[0].median(), all[1].median()) {
+        println!(
+            "dc_throughput: RESULT peerlink median {ours:.1} MB/s vs raw str0m (defaults) {base:.1} MB/s: ratio {:.2} (goal >= 1.5: {})",
+            ours / base,
+            if ours / base >= 1.5 { "MET" } else { "MISSED" }
+        );
+    }
+
+    if env_flag("BENCH_DC_VARIANTS") {
+        const KIB: usize = 1024;
+        let mtu_max = str0m::DATAGRAM_MTU_TARGET_MAX;
+        let config =
+            |sctp_max_buffered_amount, mtu, udp_rcvbuf| Str0mConfig { sctp_max_buffered_amount, mtu, udp_rcvbuf };
+        let variants = [
+            config(Some(64 * KIB), None, None),
+            config(Some(256 * KIB), None, None),
+            config(Some(1024 * KIB), None, None),
+            config(None, Some(1400), None),
+            config(None, Some(mtu_max), None),
+            config(None, None, Some(1024 * KIB)),
+            config(Some(1024 * KIB), None, Some(4096 * KIB)),
+            config(Some(64 * KIB), Some(mtu_max), None),
+            config(None, Some(mtu_max), Some(1024 * KIB)),
+        ];
+        for config in variants {
+            all.push(str0m_series(config));
+        }
+
+        println!(
+            "dc_throughput: summary over {} run(s) each (MB/s; and MB per CPU-second of each side, medians)",
+            plan.runs
+        );
+        let width = all.iter().map(|s| s.label.len()).max().unwrap_or(0);
+        println!(
+            "dc_throughput:   {:<width$} {:>8} {:>8} {:>15} {:>15}",
+            "configuration", "median", "best", "sender MB/cpu", "receiver MB/cpu"
+        );
+        for s in &all {
+            println!(
+                "dc_throughput:   {:<width$} {:>8} {:>8} {:>15} {:>15}",
+                s.label,
+                fmt1(s.median()),
+                fmt1(s.best()),
+                fmt1(s.sender_mb_per_cpu_s()),
+                fmt1(s.receiver_mb_per_cpu_s())
+            );
+        }
+    }
+
+    if all.iter().any(|s| s.failures > 0) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
