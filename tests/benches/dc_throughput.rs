@@ -811,6 +811,54 @@ fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
 }
 
 // ----------------------------------------------------------------------------------------
+// The simulator at 50 ms RTT
+// ----------------------------------------------------------------------------------------
+
+/// Moves `mib` MiB as 16 KiB messages between two nodes of the simulator on a clean link with
+/// a 50 ms round trip (no bandwidth limit: what limits is the window and SCTP's congestion
+/// control); returns virtual MB/s.
+fn sim_throughput(peer: peerlink::PeerConfig, mib: u64) -> Result<f64, Error> {
+    use peerlink::{NodeError, NodeEvent, SendError};
+    let mut sim = peerlink_sim::Sim::new(9);
+    sim.set_default_link(peerlink_sim::LinkConfig::new(Duration::from_millis(25)));
+    let mut config = peerlink::NodeConfig::new("sim://server");
+    config.peer = peer;
+    let a = sim.add_node("a", config.clone());
+    let b = sim.add_node("b", config);
+    sim.run_for(Duration::from_millis(200));
+    let fb = sim.fingerprint(b);
+    sim.with_node(a, |n, now| n.connect_to_peer(now, fb))?;
+    let open = |sim: &peerlink_sim::Sim| sim.events(a).iter().any(|(_, e)| matches!(e, NodeEvent::ChannelOpen { .. }));
+    if !sim.run_until(Duration::from_secs(10), open) {
+        return Err("simulated connection did not open".into());
+    }
+    let total = mib * MIB;
+    let msg = vec![1u8; 16 * 1024];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let start = sim.elapsed();
+    while received < total {
+        while sent < total {
+            match sim.with_node(a, |n, now| n.send_binary(now, fb, None, &msg)) {
+                Ok(()) => sent += msg.len() as u64,
+                Err(NodeError::Send(SendError::WouldBlock { .. })) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        sim.run_for(Duration::from_millis(5));
+        for (_, e) in sim.take_events(b) {
+            if let NodeEvent::Data { data: peerlink::Payload::Binary(d), .. } = e {
+                received += d.len() as u64;
+            }
+        }
+        sim.take_events(a);
+        if sim.elapsed() - start > Duration::from_secs(600) {
+            return Err(format!("only {received} bytes in 600 virtual seconds").into());
+        }
+    }
+    Ok(total as f64 / 1e6 / (sim.elapsed() - start).as_secs_f64())
+}
+
+// ----------------------------------------------------------------------------------------
 // Main
 // ----------------------------------------------------------------------------------------
 
@@ -862,6 +910,19 @@ fn main() -> ExitCode {
             ours / base,
             if ours / base >= 1.5 { "MET" } else { "MISSED" }
         );
+    }
+    // A long path, in the simulator: the adaptive window against a fixed one the size of
+    // str0m's default buffer (128 KiB).
+    let sim_mib = env_u64("BENCH_DC_SIM_MIB", 32).unwrap_or(32);
+    let mut fixed = peerlink::PeerConfig::default();
+    fixed.min_send_window = 128 * 1024;
+    fixed.max_buffered_amount = 128 * 1024;
+    match (sim_throughput(peerlink::PeerConfig::default(), sim_mib), sim_throughput(fixed, sim_mib)) {
+        (Ok(adaptive), Ok(fixed)) => println!(
+            "dc_throughput: RESULT simulator, 50 ms RTT, {sim_mib} MiB: adaptive window {adaptive:.1} MB/s, fixed 128 KiB window {fixed:.1} MB/s (virtual time): ratio {:.1}",
+            adaptive / fixed
+        ),
+        (a, f) => eprintln!("dc_throughput: simulator run failed: {:?} / {:?}", a.err(), f.err()),
     }
 
     if env_flag("BENCH_DC_VARIANTS") {

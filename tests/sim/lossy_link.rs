@@ -39,8 +39,14 @@ fn duplication_reordering_and_a_small_mtu_are_survived() {
     );
     let b_fp = sim.fingerprint(b);
     connect(&mut sim, a, b, Duration::from_secs(20));
-    for i in 0..50 {
-        sim.with_node(a, |n, now| n.send_binary(now, b_fp, None, &vec![i as u8; 3000])).unwrap();
+    let mut i = 0u8;
+    while i < 50 {
+        // Backpressure: a full send window refuses, and room comes back as the link drains.
+        match sim.with_node(a, |n, now| n.send_binary(now, b_fp, None, &vec![i; 3000])) {
+            Ok(()) => i += 1,
+            Err(peerlink::NodeError::Send(peerlink::SendError::WouldBlock { .. })) => sim.run_for(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
     }
     assert!(sim.run_until(Duration::from_secs(20), |sim| received(sim, b, a).len() == 50));
     assert_eq!(received(&sim, b, a).len(), 50, "exactly once despite duplicates");

@@ -338,6 +338,7 @@ impl PollNode {
         for addr in bind_addrs(&bind)? {
             let socket = UdpSocket::bind(addr)?;
             socket.set_nonblocking(true)?;
+            size_buffers(&socket);
             let local = socket.local_addr()?;
             node.core.add_local_address(now, local)?;
             debug!(%local, "udp socket bound");
@@ -928,6 +929,19 @@ impl PollNode {
         } else {
             wait_fds(&fds, timeout);
         }
+    }
+}
+
+/// Socket buffer size asked for each UDP socket (the OS may cap it, e.g. Linux at
+/// `net.core.rmem_max`): a burst of a send window's worth of datagrams must not overflow the
+/// receiver's buffer, or the transport spends its time recovering losses.
+pub const UDP_SOCKET_BUFFER: usize = 2 * 1024 * 1024;
+
+/// Asks for [`UDP_SOCKET_BUFFER`]-byte receive and send buffers (best effort).
+fn size_buffers(socket: &UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    if let Err(e) = s.set_recv_buffer_size(UDP_SOCKET_BUFFER).and_then(|()| s.set_send_buffer_size(UDP_SOCKET_BUFFER)) {
+        debug!(error = %e, "udp socket buffers not resized");
     }
 }
 

@@ -81,6 +81,10 @@ pub use peerlink;
 pub use peerlink::client::{MatchResult, RequestError, RequestId, Response, RoomDetails};
 pub use peerlink::{ClientConfig, ClientError, ClientEvent, ErrorCode, Fingerprint, Identity, PeerInfo, RawJson};
 
+/// Socket buffer size asked for each UDP socket (the OS may cap it): a burst of a send
+/// window's worth of datagrams must not overflow the receiver's buffer.
+pub const UDP_SOCKET_BUFFER: usize = 2 * 1024 * 1024;
+
 /// Most datagrams the driver reads per wake-up before it looks at its other inputs.
 pub const DATAGRAMS_PER_WAKE: usize = 256;
 
@@ -486,6 +490,10 @@ async fn start(config: NodeConfig, options: ConnectOptions, node: bool) -> Resul
     if node {
         for addr in bind_addrs(&options.udp)? {
             let socket = Async::<UdpSocket>::bind(addr)?;
+            let buffers = socket2::SockRef::from(socket.get_ref());
+            if let Err(e) = buffers.set_recv_buffer_size(UDP_SOCKET_BUFFER).and_then(|()| buffers.set_send_buffer_size(UDP_SOCKET_BUFFER)) {
+                debug!(error = %e, "udp socket buffers not resized");
+            }
             let local = socket.get_ref().local_addr()?;
             core.add_local_address(now, local)?;
             debug!(%local, "udp socket bound");

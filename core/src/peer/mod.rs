@@ -73,18 +73,23 @@ pub struct PeerConfig {
     /// Carry the SCTP INIT in the SDP (SNAP) and skip SCTP's own 2-round-trip handshake when
     /// the remote agrees. Default `true`.
     pub snap: bool,
-    /// Bytes a connection may have written and not yet acknowledged, over all its channels
-    /// (str0m's SCTP max buffered amount). Writes beyond it are refused with
-    /// [`SendError::WouldBlock`] until [`crate::node::NodeEvent::BufferedAmountLow`]. This caps
-    /// the data in flight: throughput is at most about this much per round trip. Default
-    /// 256 KiB.
+    /// The most bytes a connection may have written and not yet acknowledged, over all its
+    /// channels (str0m's SCTP max buffered amount): the upper bound of the send window.
+    /// Default 4 MiB.
     pub max_buffered_amount: usize,
-    /// A channel's buffered amount falling to this announces
-    /// [`crate::node::NodeEvent::BufferedAmountLow`]. Default a quarter of
-    /// `max_buffered_amount`.
-    pub buffered_amount_low: Option<usize>,
-    /// Target datagram size (str0m's MTU target). Default 1150, which passes any path.
-    pub mtu: usize,
+    /// The send window's lower bound, and where it starts. The window is the data a
+    /// connection keeps in flight: writes beyond it are refused with [`SendError::WouldBlock`]
+    /// until [`crate::node::NodeEvent::BufferedAmountLow`] (when half of it is acknowledged).
+    /// It follows the path's bandwidth-delay product (twice the measured delivery rate times
+    /// the smallest round trip seen), between this and `max_buffered_amount`: small on a fast
+    /// short path, where str0m's SCTP costs more CPU per packet the more is in flight, and
+    /// large on a long one, where a small window would cap the rate at window / RTT. Default
+    /// 64 KiB.
+    pub min_send_window: usize,
+    /// Target datagram size (str0m's MTU target, 576 to 1500). `None` (the default) picks
+    /// 1500 when every local address is a loopback address (nothing is fragmented there) and
+    /// 1150, which passes any Internet path, otherwise.
+    pub mtu: Option<usize>,
 }
 
 impl Default for PeerConfig {
@@ -97,9 +102,9 @@ impl Default for PeerConfig {
             keepalive_interval: Duration::from_secs(1),
             dtls_version: DtlsVersion::Auto,
             snap: true,
-            max_buffered_amount: 256 * 1024,
-            buffered_amount_low: None,
-            mtu: str0m::DATAGRAM_MTU_TARGET,
+            max_buffered_amount: 4 * 1024 * 1024,
+            min_send_window: 64 * 1024,
+            mtu: None,
         }
     }
 }
@@ -341,6 +346,24 @@ pub(crate) struct Peer {
     next_restart: Option<Instant>,
     restarts: u32,
     max_message: usize,
+    window: SendWindow,
+}
+
+/// The send window (see [`PeerConfig::min_send_window`]).
+struct SendWindow {
+    /// Bytes allowed in flight now.
+    size: usize,
+    /// Bytes ever written.
+    written: u64,
+    /// Acknowledged bytes and when, at the last adjustment.
+    mark: Option<(Instant, u64)>,
+    /// A write was refused for the window since the last adjustment.
+    limited: bool,
+    /// Channels whose writes were refused, to be told when the window has room.
+    blocked: Vec<ChannelId>,
+    /// The smallest round trip seen, and when.
+    rtt_min: Option<(Duration, Instant)>,
+    next_update: Option<Instant>,
 }
 
 fn ice_creds(rng: &mut impl RngCore) -> IceCreds {
@@ -358,8 +381,9 @@ fn build_rtc<R: RngCore>(ctx: &mut Ctx<'_, R>) -> Rtc {
         .set_dtls_version(config.dtls_version)
         .set_snap_enabled(config.snap)
         .set_sctp_max_buffered_amount(config.max_buffered_amount)
-        .set_mtu(config.mtu.clamp(str0m::DATAGRAM_MTU_TARGET_MIN, str0m::DATAGRAM_MTU_TARGET_MAX)..=usize::MAX)
-        .set_stats_interval(None);
+        .set_mtu(mtu(config, ctx.candidates)..=usize::MAX)
+        // The stats carry the round trip the send window follows.
+        .set_stats_interval(Some(STATS_INTERVAL));
     builder.set_max_stun_rto(config.keepalive_interval.max(Duration::from_millis(100)));
     crypto::seed_next_dtls(ctx.rng.next_u64());
     let mut rtc = builder.build(ctx.now);
@@ -367,6 +391,21 @@ fn build_rtc<R: RngCore>(ctx: &mut Ctx<'_, R>) -> Rtc {
         rtc.add_local_candidate(c.clone());
     }
     rtc
+}
+
+/// How often str0m reports the path's round trip.
+const STATS_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a smallest round trip is trusted before newer samples replace it.
+const RTT_MIN_AGE: Duration = Duration::from_secs(10);
+
+/// The MTU target: configured, or 1500 on a loopback-only node, else str0m's safe default.
+fn mtu(config: &PeerConfig, candidates: &[Candidate]) -> usize {
+    let auto = if !candidates.is_empty() && candidates.iter().all(|c| c.addr().ip().is_loopback()) {
+        str0m::DATAGRAM_MTU_TARGET_MAX
+    } else {
+        str0m::DATAGRAM_MTU_TARGET
+    };
+    config.mtu.unwrap_or(auto).clamp(str0m::DATAGRAM_MTU_TARGET_MIN, str0m::DATAGRAM_MTU_TARGET_MAX)
 }
 
 /// Verifies an offer or answer's identity binding; returns the SDP to apply.
@@ -449,6 +488,75 @@ impl Peer {
             next_restart: None,
             restarts: 0,
             max_message: ctx.config.max_buffered_amount.min(DEFAULT_REMOTE_MAX_MESSAGE),
+            window: SendWindow {
+                size: ctx.config.min_send_window.min(ctx.config.max_buffered_amount),
+                written: 0,
+                mark: None,
+                limited: false,
+                blocked: Vec::new(),
+                rtt_min: None,
+                next_update: None,
+            },
+        }
+    }
+
+    /// Bytes written on every channel and not yet acknowledged.
+    fn buffered_total(&mut self) -> usize {
+        let ids: Vec<ChannelId> = self.channels.iter().filter(|(_, c)| c.open).map(|(id, _)| *id).collect();
+        ids.into_iter().filter_map(|id| self.rtc.channel(id).map(|mut c| c.buffered_amount())).sum()
+    }
+
+    /// Re-sizes the send window to the path's bandwidth-delay product (see
+    /// [`PeerConfig::min_send_window`]); tells blocked channels when there is room again.
+    fn update_window<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
+        if self.window.blocked.is_empty() && !self.window.limited {
+            return;
+        }
+        let now = ctx.now;
+        let buffered = self.buffered_total();
+        let acked = self.window.written.saturating_sub(buffered as u64);
+        if self.window.next_update.is_none_or(|t| t <= now) {
+            if let (Some((since, acked_then)), Some((rtt, _))) = (self.window.mark, self.window.rtt_min) {
+                let elapsed = now.saturating_duration_since(since);
+                if self.window.limited && !elapsed.is_zero() {
+                    let rate = (acked - acked_then) as f64 / elapsed.as_secs_f64();
+                    let bdp = (2.0 * rate * rtt.as_secs_f64()) as usize;
+                    let (min, max) = (self.config.min_send_window, self.config.max_buffered_amount);
+                    // Grow at most twofold per round, shrink gently.
+                    let target = bdp.clamp(min, max);
+                    let size = if target > self.window.size {
+                        target.min(self.window.size * 2)
+                    } else {
+                        (self.window.size - (self.window.size - target) / 4).max(min)
+                    };
+                    if size != self.window.size {
+                        trace!(remote = %self.remote.short(), from = self.window.size, to = size, rate, ?rtt, "send window");
+                        self.window.size = size;
+                    }
+                }
+            }
+            self.window.mark = Some((now, acked));
+            self.window.limited = false;
+            let rtt = self.window.rtt_min.map_or(Duration::from_millis(100), |(r, _)| r);
+            self.window.next_update = Some(now + (rtt * 2).clamp(Duration::from_millis(20), Duration::from_millis(500)));
+        }
+        if !self.window.blocked.is_empty() && buffered <= self.window.size / 2 {
+            for id in std::mem::take(&mut self.window.blocked) {
+                if let Some(chan) = self.chan(id).filter(|c| c.open) {
+                    let label = chan.label.clone();
+                    ctx.outputs.push_back(PeerOutput::BufferedAmountLow(label));
+                }
+            }
+        }
+    }
+
+    fn note_rtt(&mut self, rtt: Duration, now: Instant) {
+        let fresh = match self.window.rtt_min {
+            None => true,
+            Some((min, at)) => rtt <= min || now.saturating_duration_since(at) > RTT_MIN_AGE,
+        };
+        if fresh && !rtt.is_zero() {
+            self.window.rtt_min = Some((rtt, now));
         }
     }
 
@@ -506,7 +614,8 @@ impl Peer {
             PeerState::Disconnected => Some(self.state_since + self.config.failed_timeout),
             _ => None,
         };
-        [self.rtc_timeout, self.next_restart, own].into_iter().flatten().min()
+        let window = self.window.next_update.filter(|_| !self.window.blocked.is_empty() || self.window.limited);
+        [self.rtc_timeout, self.next_restart, own, window].into_iter().flatten().min()
     }
 
     /// Whether a received datagram belongs to this connection.
@@ -531,6 +640,7 @@ impl Peer {
             }
         }
         self.drain(ctx);
+        self.update_window(ctx);
     }
 
     /// Advances timers.
@@ -564,6 +674,7 @@ impl Peer {
             }
             _ => {}
         }
+        self.update_window(ctx);
         if self.next_restart.is_some_and(|t| t <= now) {
             self.next_restart = None;
             if self.state == PeerState::Disconnected {
@@ -755,6 +866,15 @@ impl Peer {
         if data.len() > self.max_message {
             return Err(SendError::MessageTooLarge { size: data.len(), max: self.max_message });
         }
+        let buffered = self.buffered_total();
+        // A message bigger than the window still goes when nothing else is in flight.
+        if buffered > 0 && buffered + data.len() > self.window.size {
+            self.window.limited = true;
+            if !self.window.blocked.contains(&id) {
+                self.window.blocked.push(id);
+            }
+            return Err(SendError::WouldBlock { buffered });
+        }
         let Some(mut channel) = self.rtc.channel(id) else {
             return Err(SendError::ChannelNotOpen(label.to_string()));
         };
@@ -767,7 +887,15 @@ impl Peer {
         };
         if !accepted {
             let buffered = channel.buffered_amount();
+            self.window.limited = true;
+            if !self.window.blocked.contains(&id) {
+                self.window.blocked.push(id);
+            }
             return Err(SendError::WouldBlock { buffered });
+        }
+        self.window.written += data.len() as u64;
+        if self.window.mark.is_none() {
+            self.window.mark = Some((ctx.now, self.window.written - data.len() as u64));
         }
         self.drain(ctx);
         Ok(())
@@ -894,11 +1022,6 @@ impl Peer {
                 }
             }
             Event::ChannelOpen(id, label) => {
-                if let Some(low) = Some(self.config.buffered_amount_low.unwrap_or(self.config.max_buffered_amount / 4)) {
-                    if let Some(mut c) = self.rtc.channel(id) {
-                        c.set_buffered_amount_low_threshold(low);
-                    }
-                }
                 if self.chan(id).is_none() && self.channels.len() >= MAX_CHANNELS {
                     // A remote opening channels without end: refuse the rest.
                     warn!(remote = %self.remote.short(), "too many channels: closing `{label}`");
@@ -948,10 +1071,14 @@ impl Peer {
                     }
                 }
             }
-            Event::ChannelBufferedAmountLow(id) => {
-                if let Some(chan) = self.chan(id) {
-                    let label = chan.label.clone();
-                    ctx.outputs.push_back(PeerOutput::BufferedAmountLow(label));
+            // The send window decides when a blocked channel hears it has room (see
+            // `update_window`); str0m's per-channel threshold is not used.
+            Event::ChannelBufferedAmountLow(_) => {}
+            Event::PeerStats(stats) => {
+                // The ICE round trip of the selected path (STUN checks and keep-alives).
+                let rtt = stats.selected_candidate_pair.and_then(|p| p.current_round_trip_time);
+                if let Some(rtt) = rtt {
+                    self.note_rtt(rtt, ctx.now);
                 }
             }
             _ => {}
