@@ -10,4 +10,5 @@ mod register;
 mod relay_and_broadcast;
 mod resume;
 mod rooms;
+mod stun_server;
 mod tls;
