@@ -1,9 +1,15 @@
 //! # peerlink-blocking
 //!
-//! A std-sockets + [`tungstenite`] adapter for the sans-IO [`peerlink::Client`]: no threads, no
-//! async runtime. It comes in two layers sharing one implementation:
+//! A std-sockets + [`tungstenite`] adapter for the sans-IO [`peerlink::Node`] (the signaling
+//! client plus direct WebRTC connections over UDP) and [`peerlink::Client`]: no threads, no
+//! async runtime. It comes in three layers sharing one implementation:
 //!
-//! * [`PollClient`] is a **non-blocking** driver for game loops and other frame-based programs.
+//! * [`PollNode`] is a **non-blocking** driver of a whole node for game loops: call
+//!   [`PollNode::poll`] once per frame (WebSocket, UDP sockets and timers, a bounded amount of
+//!   work each), then drain [`PollNode::poll_event`]. Peers connect with
+//!   [`PollNode::connect_to_peer`] and talk on data channels ([`PollNode::send`],
+//!   [`PollNode::create_data_channel`]). `examples/game_loop.rs` is a 60 Hz loop on it.
+//! * [`PollClient`] is the same driver for the signaling client alone.
 //!   Call [`PollClient::poll`] once per frame; it does a bounded amount of non-blocking work
 //!   (progressing the TCP connect, the TLS and WebSocket handshakes, reading at most
 //!   [`MAX_FRAMES_PER_POLL`] frames, firing the core's timers and writing its frames), then
@@ -21,7 +27,39 @@
 //! a connection is (re)opened. Use an IP address in the URL, or a host the resolver answers from
 //! its cache, where a frame hitch is unacceptable. Everything else in `poll` is non-blocking.
 //!
-//! ## A game loop
+//! ## A game loop with direct connections
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use peerlink::{ClientEvent, NodeConfig, NodeEvent};
+//! use peerlink_blocking::{PollNode, PollOptions};
+//!
+//! # fn main() -> Result<(), peerlink_blocking::Error> {
+//! let mut net = PollNode::new(NodeConfig::new("ws://127.0.0.1:8080"), PollOptions::default())?;
+//! loop {
+//!     net.poll(Instant::now())?;
+//!     while let Some(event) = net.poll_event() {
+//!         match event {
+//!             // Call whoever is in the lobby already.
+//!             NodeEvent::Signaling(ClientEvent::PeerList { peers, .. }) => {
+//!                 for peer in peers {
+//!                     net.connect_to_peer(peer.fingerprint)?;
+//!                 }
+//!             }
+//!             NodeEvent::Signaling(ClientEvent::Registered { .. }) => {
+//!                 net.client().join(Instant::now(), "lobby", None, None)?;
+//!             }
+//!             NodeEvent::ChannelOpen { peer, .. } => net.send(peer, None, &"hello")?,
+//!             NodeEvent::Data { peer, data, .. } => println!("{} sent {data:?}", peer.short()),
+//!             _ => {}
+//!         }
+//!     }
+//!     std::thread::sleep(Duration::from_millis(16));
+//! }
+//! # }
+//! ```
+//!
+//! ## A game loop, signaling only
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};

@@ -1,7 +1,9 @@
 //! # peerlink-smol
 //!
-//! A thin async adapter that runs the sans-IO [`peerlink::client::Client`] over a real
-//! WebSocket (`ws://`, or `wss://` with rustls) on the [smol](https://docs.rs/smol) runtime.
+//! A thin async adapter that runs the sans-IO [`peerlink::Node`] (the signaling client plus
+//! direct WebRTC connections over UDP) over a real WebSocket (`ws://`, or `wss://` with
+//! rustls) and UDP sockets on the [smol](https://docs.rs/smol) runtime. [`Node`] is the whole
+//! thing; [`Client`] is the signaling client alone (no sockets, calls refused).
 //!
 //! [`Client::connect`] spawns a *driver task* on smol's global executor. The driver owns the
 //! core state machine and the socket; it opens (and re-opens) the connection, feeds frames and
@@ -24,7 +26,30 @@
 //! stalls the replies those commands wait for. Dropping [`Events`] is fine: the driver keeps
 //! running and simply stops forwarding events.
 //!
-//! ## Example
+//! ## Direct connections
+//!
+//! ```no_run
+//! use peerlink::{NodeConfig, NodeEvent};
+//! use peerlink_smol::Node;
+//!
+//! smol::block_on(async {
+//!     let (node, mut events) = Node::connect(NodeConfig::new("wss://signal.example.com")).await?;
+//!     for peer in node.client().join("lobby").await? {
+//!         node.connect_to_peer(peer.fingerprint).await?;
+//!     }
+//!     while let Some(event) = events.next().await {
+//!         match event {
+//!             NodeEvent::ChannelOpen { peer, .. } => node.send(peer, None, &"hello").await?,
+//!             NodeEvent::Data { peer, data, .. } => println!("{} sent {data:?}", peer.short()),
+//!             _ => {}
+//!         }
+//!     }
+//!     Ok::<_, peerlink_smol::Error>(())
+//! })?;
+//! # Ok::<_, peerlink_smol::Error>(())
+//! ```
+//!
+//! ## Signaling only
 //!
 //! ```no_run
 //! use peerlink_smol::{Client, ClientConfig, ClientEvent};
