@@ -134,7 +134,7 @@ fn main() -> Result<()> {
             p.tick(now, tick)?;
         }
         slowest = slowest.max(now.elapsed());
-        if tick % 60 == 0 {
+        if tick.is_multiple_of(60) {
             for p in &players {
                 println!(
                     "[{}] tick {tick:>4}: sent {:>4}, received {:>4}, opponent at {:?}",

@@ -35,10 +35,10 @@ impl Coturn {
         for _ in 0..50 {
             probe.send_to(&request, ("127.0.0.1", port)).unwrap();
             let mut buf = [0u8; 512];
-            if let Ok((n, _)) = probe.recv_from(&mut buf) {
-                if peerlink::stun::decode(&buf[..n]).is_ok() {
-                    return coturn;
-                }
+            if let Ok((n, _)) = probe.recv_from(&mut buf)
+                && peerlink::stun::decode(&buf[..n]).is_ok()
+            {
+                return coturn;
             }
         }
         panic!("coturn did not answer on port {port}");

@@ -18,10 +18,8 @@ fn tamper(text: &str, rewrite: &mut dyn FnMut(&mut serde_json::Map<String, Value
     let is_negotiation = frame["type"] == "relay"
         && frame["payload"]["peerlink"] == "rtc/1"
         && matches!(frame["payload"]["t"].as_str(), Some("offer" | "answer"));
-    if is_negotiation {
-        if let Some(payload) = frame["payload"].as_object_mut() {
-            rewrite(payload);
-        }
+    if is_negotiation && let Some(payload) = frame["payload"].as_object_mut() {
+        rewrite(payload);
     }
     Some(frame.to_string())
 }
@@ -42,7 +40,7 @@ fn assert_no_connection(sim: &Sim, a: peerlink_sim::NodeId, b: peerlink_sim::Nod
                 _ => None,
             })
             .collect();
-        assert!(errors.iter().any(|e| expect(e)), "{}: {errors:?}", sim.name(x));
+        assert!(errors.iter().any(&expect), "{}: {errors:?}", sim.name(x));
         assert!(!states(sim, x, y).iter().any(|(_, s)| *s == peerlink::PeerState::Connected), "{}: {:?}", sim.name(x), states(sim, x, y));
         assert!(!sim.events(x).iter().any(|(_, e)| matches!(e, NodeEvent::ChannelOpen { .. } | NodeEvent::Data { .. })));
         assert!(sim.node(x).get_peer(&fy).is_none(), "a failed connection is gone");

@@ -131,7 +131,7 @@ use peerlink::{
 use rand::{RngCore, SeedableRng};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
-use tracing::{debug, trace, warn};
+use tracing::{debug, warn};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::{ClientHandshake, Request};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
@@ -139,6 +139,8 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 pub use peerlink;
+
+mod udp;
 
 /// Most events that may wait in a [`PollClient`]'s queue. Past it [`PollClient::poll`] refuses
 /// to do more work and returns [`Error::Client`]`(`[`ClientError::NotDrained`]`)` until the
@@ -334,8 +336,10 @@ enum Interest {
 /// [`PollNode::poll_event`]. See the [crate docs](crate).
 pub struct PollNode {
     core: Node,
-    udp: Vec<UdpSocket>,
-    recv_buf: Vec<u8>,
+    udp: Vec<udp::Port>,
+    /// Datagrams the core produced this round, sent in batches at the end of a drain.
+    outbox: Vec<Datagram>,
+    batch: udp::Buffers,
     conn: Conn,
     events: VecDeque<NodeEvent>,
     extra_root_certs: Vec<CertificateDer<'static>>,
@@ -380,7 +384,7 @@ impl PollNode {
             let local = socket.local_addr()?;
             node.core.add_local_address(now, local)?;
             debug!(%local, "udp socket bound");
-            node.udp.push(socket);
+            node.udp.push(udp::Port::new(socket, local)?);
         }
         for (host, port) in node.core.config().stun_hosts() {
             match (host.as_str(), port).to_socket_addrs() {
@@ -413,7 +417,8 @@ impl PollNode {
         Ok(PollNode {
             core,
             udp: Vec::new(),
-            recv_buf: vec![0; 2048],
+            outbox: Vec::new(),
+            batch: udp::Buffers::default(),
             conn: Conn::None,
             events: VecDeque::new(),
             extra_root_certs: options.extra_root_certs,
@@ -503,7 +508,7 @@ impl PollNode {
 
     /// Returns the addresses of the bound UDP sockets.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.udp.iter().filter_map(|s| s.local_addr().ok()).collect()
+        self.udp.iter().map(|p| p.local).collect()
     }
 
     /// Starts a direct connection to `peer` (see [`Node::connect_to_peer`]).
@@ -563,23 +568,21 @@ impl PollNode {
         self.events.len()
     }
 
-    /// Reads up to [`MAX_DATAGRAMS_PER_POLL`] datagrams from the UDP sockets into the core.
+    /// Reads up to [`MAX_DATAGRAMS_PER_POLL`] datagrams from the UDP sockets into the core,
+    /// several per system call (`recvmmsg`, and GRO where the kernel coalesces them).
     fn read_datagrams(&mut self, now: Instant) -> Result<(), Error> {
         let mut budget = MAX_DATAGRAMS_PER_POLL;
-        for socket in &self.udp {
-            let Ok(local) = socket.local_addr() else { continue };
+        for port in &self.udp {
             while budget > 0 {
-                match socket.recv_from(&mut self.recv_buf) {
-                    Ok((n, source)) => {
-                        budget -= 1;
-                        self.core.handle_datagram(now, source, local, &self.recv_buf[..n])?;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // ICMP errors (port unreachable) and the like: nothing to read now.
-                    Err(e) => {
-                        trace!(%local, error = %e, "udp recv");
-                        break;
-                    }
+                let mut got = 0;
+                let result = port.recv(&mut self.batch, |source, datagram| {
+                    got += 1;
+                    self.core.handle_datagram(now, source, port.local, datagram)
+                });
+                match result {
+                    Ok(()) if got > 0 => budget = budget.saturating_sub(got),
+                    Ok(()) => break,
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -587,16 +590,28 @@ impl PollNode {
         Ok(())
     }
 
-    /// Sends a datagram from the socket bound to its source address (dropped, as UDP may, if
-    /// the socket's buffer is full).
-    fn send_datagram(&self, datagram: Datagram) {
-        let Some(socket) = self.udp.iter().find(|s| s.local_addr().is_ok_and(|a| a == datagram.source)) else {
-            debug!(source = %datagram.source, "no socket for a datagram's source");
+    /// Sends what the core produced: runs of equal-sized datagrams from one socket to one
+    /// destination go out in one system call (UDP GSO) where the kernel allows.
+    fn flush_datagrams(&mut self) {
+        if self.outbox.is_empty() {
             return;
-        };
-        if let Err(e) = socket.send_to(&datagram.contents, datagram.destination) {
-            trace!(destination = %datagram.destination, error = %e, "udp send");
         }
+        let outbox = std::mem::take(&mut self.outbox);
+        let mut rest = &outbox[..];
+        while let Some(first) = rest.first() {
+            let Some(port) = self.udp.iter().find(|p| p.local == first.source) else {
+                debug!(source = %first.source, "no socket for a datagram's source");
+                rest = &rest[1..];
+                continue;
+            };
+            let n = udp::run_length(rest, port.max_segments());
+            port.send(&rest[..n], &mut self.batch);
+            rest = &rest[n..];
+        }
+        // Keep the allocation for the next round.
+        let mut outbox = outbox;
+        outbox.clear();
+        self.outbox = outbox;
     }
 
     // ---- internals ------------------------------------------------------------------------
@@ -614,7 +629,7 @@ impl PollNode {
                     }
                     NodeTransmit::Signaling(ClientTransmit::Text(text)) => self.send_text(now, text)?,
                     NodeTransmit::Signaling(ClientTransmit::Close { code }) => self.close_conn(Some(code)),
-                    NodeTransmit::Datagram(d) => self.send_datagram(d),
+                    NodeTransmit::Datagram(d) => self.outbox.push(d),
                 }
             }
             while let Some(e) = self.core.poll_event() {
@@ -622,6 +637,7 @@ impl PollNode {
                 self.events.push_back(e);
             }
             if !busy {
+                self.flush_datagrams();
                 return Ok(());
             }
         }
@@ -956,7 +972,7 @@ impl PollNode {
         if let Interest::Read { cap: Some(cap), .. } = interest {
             timeout = timeout.min(cap);
         }
-        let mut fds: Vec<(Fd, bool, bool)> = self.udp.iter().map(|s| (fd_of(s), true, false)).collect();
+        let mut fds: Vec<(Fd, bool, bool)> = self.udp.iter().map(|p| (fd_of(&p.socket), true, false)).collect();
         match (fd, interest) {
             (Some(fd), Interest::Read { write, .. }) => fds.push((fd, true, write)),
             (Some(fd), Interest::Write) => fds.push((fd, false, true)),

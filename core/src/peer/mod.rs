@@ -957,7 +957,7 @@ impl Peer {
 
     /// Moves to `Connected` if DTLS is up and ICE has a working path.
     fn maybe_connected<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
-        if !(self.dtls_connected && self.ice_connected) || !matches!(self.state, PeerState::Connecting | PeerState::Disconnected) {
+        if !(self.dtls_connected && self.ice_connected && matches!(self.state, PeerState::Connecting | PeerState::Disconnected)) {
             return;
         }
         self.restarts = 0;

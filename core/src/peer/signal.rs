@@ -265,7 +265,7 @@ fn dtls_message(kind: SdpKind, session: SessionId, signer: &Fingerprint, recipie
 /// for `recipient`; returns the `(key, sig)` fields.
 pub fn sign_dtls(
     identity: &Identity,
-    rng: &mut (impl rand::CryptoRng + RngCore),
+    rng: &mut impl rand::CryptoRng,
     kind: SdpKind,
     session: SessionId,
     recipient: &Fingerprint,
