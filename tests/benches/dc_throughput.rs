@@ -899,6 +899,7 @@ fn main() -> ExitCode {
             match opt {
                 "nosnap" => peer.snap = false,
                 "dtls12" => peer.dtls_version = peerlink::peer::DtlsVersion::Dtls12,
+                w if w.starts_with("win=") => peer.min_send_window = w[4..].parse::<usize>().unwrap_or(64) * 1024,
                 _ => {}
             }
         }

@@ -57,8 +57,17 @@ const PEERS: usize = 100;
 
 fn peerlink_per_connection() -> f64 {
     let mut sim = Sim::new(5);
-    let hub = sim.add_node("hub", NodeConfig::new("sim://server"));
-    let others: Vec<_> = (0..PEERS).map(|i| sim.add_node(format!("n{i}"), NodeConfig::new("sim://server"))).collect();
+    let mut config = NodeConfig::new("sim://server");
+    // BENCH_MEM_PEER=dtls12,nosnap: what str0m's defaults cost inside peerlink (diagnostic).
+    for opt in std::env::var("BENCH_MEM_PEER").unwrap_or_default().split(',') {
+        match opt {
+            "dtls12" => config.peer.dtls_version = peerlink::peer::DtlsVersion::Dtls12,
+            "nosnap" => config.peer.snap = false,
+            _ => {}
+        }
+    }
+    let hub = sim.add_node("hub", config.clone());
+    let others: Vec<_> = (0..PEERS).map(|i| sim.add_node(format!("n{i}"), config.clone())).collect();
     sim.run_for(Duration::from_secs(1));
     for n in std::iter::once(hub).chain(others.iter().copied()) {
         sim.take_events(n);
