@@ -5,6 +5,16 @@
 //!   decode again and re-encode to the same text.
 //! * [`server_core`]: an `arbitrary` sequence of [`Step`]s driving one [`Server`] on a virtual
 //!   clock with small limits, checking invariants after every step and a clean teardown.
+//! * [`stun_decode`]: arbitrary bytes through the STUN codec; it never panics, agrees with its
+//!   own demultiplexing, and whatever decodes as a Binding request or success re-encodes to
+//!   the same message.
+//! * [`peer_signal`]: arbitrary text as a relay payload through the peer negotiation codec
+//!   (whatever decodes must re-encode to an equal `Signal`) and as an SDP through
+//!   `sdp_fingerprint`.
+//!
+//! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
+//! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
+//! depend on, so its corpus is replayed by the `peerlink-tests` crate instead.
 
 #![allow(dead_code)]
 
@@ -14,10 +24,13 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use peerlink::identity::Identity;
+use peerlink::peer::signal::{self, Signal};
 use peerlink::protocol::{self, ClientMessage, PROTOCOL_VERSION, ServerMessage};
 use peerlink::server::{ConnId, RateLimit, Server, ServerConfig, ServerTransmit};
+use peerlink::stun::{self, StunError, StunMessage};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
+use serde_json::value::RawValue;
 
 // ---- decode_frames ----------------------------------------------------------------------
 
@@ -467,4 +480,85 @@ pub fn server_core(data: &[u8]) -> Summary {
     }
     d.teardown();
     d.summary
+}
+
+// ---- stun_decode ------------------------------------------------------------------------
+
+/// Decodes `data` as a STUN message. The codec must agree with its own demultiplexing
+/// (`is_stun`, `transaction_id`), type its refusals consistently with the header, and whatever
+/// decodes as a Binding request or success must re-encode (with `binding_request` /
+/// `binding_success`) to a message that decodes to the same thing.
+pub fn stun_decode(data: &[u8]) {
+    let looks_stun = stun::is_stun(data);
+    let tid = stun::transaction_id(data);
+    assert_eq!(tid.is_some(), looks_stun, "is_stun and transaction_id disagree");
+    let decoded = stun::decode(data);
+    let header = looks_stun.then(|| {
+        let kind = u16::from_be_bytes([data[0], data[1]]);
+        let len = usize::from(u16::from_be_bytes([data[2], data[3]]));
+        (kind, len % 4 == 0 && 20 + len == data.len())
+    });
+    match (&decoded, header) {
+        (Err(StunError::NotStun), None | Some((_, false))) => return,
+        (Err(e), None | Some((_, false))) => panic!("{e:?} for a datagram that is not well-formed STUN"),
+        (Err(StunError::NotStun), Some((_, true))) => panic!("a well-formed STUN header refused as not STUN"),
+        (Ok(_), None | Some((_, false))) => panic!("decoded a datagram that is not well-formed STUN: {decoded:?}"),
+        (_, Some((kind, true))) => check_stun_kind(kind, &decoded),
+    }
+    let Ok(msg) = decoded else { return };
+    let tid = tid.expect("is_stun");
+    match msg {
+        StunMessage::BindingRequest { transaction } => {
+            assert_eq!(transaction, tid, "request transaction");
+            let encoded = stun::binding_request(transaction);
+            assert_eq!(stun::decode(&encoded), Ok(msg), "re-encoded request {encoded:02x?}");
+            if data.len() == encoded.len() {
+                // No attributes: the encoding is the canonical one.
+                assert_eq!(encoded, data, "an attribute-less request re-encodes differently");
+            }
+        }
+        StunMessage::BindingSuccess { transaction, mapped } => {
+            assert_eq!(transaction, tid, "success transaction");
+            let encoded = stun::binding_success(transaction, mapped);
+            assert!(stun::is_stun(&encoded), "re-encoded success is not STUN: {encoded:02x?}");
+            assert_eq!(stun::decode(&encoded), Ok(msg), "re-encoded success {encoded:02x?}");
+        }
+        StunMessage::BindingError { transaction, .. } => assert_eq!(transaction, tid, "error transaction"),
+    }
+}
+
+/// The decoder's answer for a well-formed header of message type `kind`.
+fn check_stun_kind(kind: u16, decoded: &Result<StunMessage, StunError>) {
+    match (kind, decoded) {
+        (0x0001, Ok(StunMessage::BindingRequest { .. })) => {}
+        (0x0101, Ok(StunMessage::BindingSuccess { .. }) | Err(StunError::NoMappedAddress | StunError::Truncated)) => {}
+        (0x0111, Ok(StunMessage::BindingError { .. }) | Err(StunError::Truncated)) => {}
+        (0x0001 | 0x0101 | 0x0111, other) => panic!("message type {kind:#06x} decoded as {other:?}"),
+        (_, Err(StunError::Unsupported(k))) => assert_eq!(*k, kind, "Unsupported names another type"),
+        (_, other) => panic!("message type {kind:#06x} decoded as {other:?}"),
+    }
+}
+
+// ---- peer_signal ------------------------------------------------------------------------
+
+/// Takes `data` (if UTF-8) as an SDP for `sdp_fingerprint` and, if it is JSON, as a relay
+/// payload for `Signal::decode`; every signal that decodes must re-encode to JSON that
+/// decodes to an equal signal and re-encodes identically.
+pub fn peer_signal(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Some(fingerprint) = signal::sdp_fingerprint(text) {
+        // The canonical form reads back as itself (it is what signatures cover).
+        let again = signal::sdp_fingerprint(&format!("a=fingerprint:{fingerprint}\r\n"));
+        assert_eq!(again.as_deref(), Some(fingerprint.as_str()), "the canonical fingerprint does not read back");
+    }
+    let Ok(payload) = RawValue::from_string(text.to_owned()) else { return };
+    let Ok(Some(msg)) = Signal::decode(&payload) else { return };
+    let encoded = msg.encode();
+    let raw = RawValue::from_string(encoded.clone())
+        .unwrap_or_else(|e| panic!("signal {text:?} re-encoded as {encoded:?}, which is not JSON: {e}"));
+    let back = Signal::decode(&raw)
+        .unwrap_or_else(|e| panic!("signal {text:?} re-encoded as {encoded:?} does not decode: {e}"))
+        .unwrap_or_else(|| panic!("signal {text:?} re-encoded as {encoded:?} is not a signal"));
+    assert_eq!(back, msg, "signal changed through {encoded:?}");
+    assert_eq!(back.encode(), encoded, "signal {text:?} does not re-encode identically");
 }

@@ -686,13 +686,11 @@ impl Node {
         }
     }
 
-    /// Forgets a connection that is being replaced (its remote started a new session).
+    /// Ends a connection that is being replaced (its remote started a new session); its
+    /// channels close and, if it was ever up, it closes, as far as the application sees.
     fn drop_peer_quietly(&mut self, fp: Fingerprint) {
-        if let Some(peer) = self.peers.remove(&fp) {
-            if !peer.never_connected() {
-                self.events.push_back(NodeEvent::PeerState { peer: fp, state: PeerState::Closed });
-            }
-        }
+        self.with_peer(fp, |peer, ctx| peer.abandon(ctx));
+        self.peers.remove(&fp);
     }
 
     fn live_peers(&self) -> usize {

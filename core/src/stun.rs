@@ -150,21 +150,27 @@ pub fn decode(datagram: &[u8]) -> Result<StunMessage, StunError> {
             let mut plain = None;
             for attr in attributes(body) {
                 let (typ, value) = attr?;
+                // Only the first occurrence of an attribute counts (RFC 8489 section 14).
                 match typ {
-                    ATTR_XOR_MAPPED_ADDRESS => xor = parse_address(value, Some(transaction)),
-                    ATTR_MAPPED_ADDRESS => plain = parse_address(value, None),
+                    ATTR_XOR_MAPPED_ADDRESS if xor.is_none() => xor = Some(parse_address(value, Some(transaction))),
+                    ATTR_MAPPED_ADDRESS if plain.is_none() => plain = Some(parse_address(value, None)),
                     _ => {}
                 }
             }
-            let mapped = xor.or(plain).ok_or(StunError::NoMappedAddress)?;
+            let mapped = xor.flatten().or(plain.flatten()).ok_or(StunError::NoMappedAddress)?;
             Ok(StunMessage::BindingSuccess { transaction, mapped })
         }
         BINDING_ERROR => {
             let mut code = 0;
             for attr in attributes(body) {
                 let (typ, value) = attr?;
-                if typ == ATTR_ERROR_CODE && value.len() >= 4 {
-                    code = u16::from(value[2] & 0x07) * 100 + u16::from(value[3]);
+                // Class 3 to 6 and number 0 to 99 (RFC 8489 section 14.8); anything else, or a
+                // second ERROR-CODE, is ignored.
+                if typ == ATTR_ERROR_CODE && value.len() >= 4 && code == 0 {
+                    let (class, number) = (u16::from(value[2] & 0x07), u16::from(value[3]));
+                    if (3..=6).contains(&class) && number < 100 {
+                        code = class * 100 + number;
+                    }
                 }
             }
             Ok(StunMessage::BindingError { transaction, code })
@@ -314,6 +320,29 @@ mod tests {
         assert_eq!(decode(&alloc), Err(StunError::Unsupported(0x0003)));
         // DTLS and RTP are not STUN.
         assert!(!is_stun(&[22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn only_the_first_address_attribute_counts() {
+        let good = binding_success(TID, "1.2.3.4:5".parse().unwrap());
+        // Append a second, malformed XOR-MAPPED-ADDRESS: the first still wins.
+        let mut twice = good.clone();
+        twice.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
+        twice.extend_from_slice(&4u16.to_be_bytes());
+        twice.extend_from_slice(&[0, 9, 9, 9]);
+        let len = (twice.len() - HEADER_LEN) as u16;
+        twice[2..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(decode(&twice), decode(&good));
+    }
+
+    #[test]
+    fn error_codes_out_of_range_are_ignored() {
+        let mut err = Vec::new();
+        header(&mut err, BINDING_ERROR, 8, TID);
+        err.extend_from_slice(&ATTR_ERROR_CODE.to_be_bytes());
+        err.extend_from_slice(&4u16.to_be_bytes());
+        err.extend_from_slice(&[0, 0, 9, 55]);
+        assert_eq!(decode(&err), Ok(StunMessage::BindingError { transaction: TID, code: 0 }));
     }
 
     #[test]

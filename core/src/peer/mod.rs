@@ -139,7 +139,10 @@ pub enum Reliability {
 /// A data channel's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelOptions {
-    /// Its label: unique per connection, at most [`MAX_LABEL_LEN`] bytes.
+    /// Its label: unique among the channels this side creates on a connection, at most
+    /// [`MAX_LABEL_LEN`] bytes. If both sides create the same label at the same moment, the
+    /// connection has two channels of that name and sends by label use the first one opened;
+    /// let one side (say the caller) create shared channels.
     pub label: String,
     /// Whether messages arrive in order. Default `true`.
     pub ordered: bool,
@@ -919,6 +922,23 @@ impl Peer {
         self.drain(ctx);
         self.rtc.disconnect();
         self.set_state(PeerState::Closed, ctx);
+    }
+
+    /// Ends this connection because the remote started a new session in its place: no
+    /// messages to the remote; the application hears its channels close and the connection
+    /// close, if it ever was up.
+    pub(crate) fn abandon<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
+        if self.is_terminal() {
+            return;
+        }
+        self.rtc.disconnect();
+        if self.never_connected() {
+            // Never announced as up (a dropped glare offer): nothing to retract but the state.
+            self.state = PeerState::Closed;
+            self.rtc_timeout = None;
+        } else {
+            self.set_state(PeerState::Closed, ctx);
+        }
     }
 
     fn fail<R: RngCore>(&mut self, error: PeerError, ctx: &mut Ctx<'_, R>) {
