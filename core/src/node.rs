@@ -558,8 +558,29 @@ impl Node {
     /// negotiation messages to the relay, its outputs to events; a connection that ended is
     /// removed.
     fn with_peer(&mut self, fp: Fingerprint, f: impl FnOnce(&mut Peer, &mut Ctx<'_, ChaCha20Rng>)) {
+        if !self.peers.contains_key(&fp) {
+            return;
+        }
+        let (terminal, signals, outputs) = self.in_ctx(Some(fp), |peer, ctx| {
+            let peer = peer.expect("checked above");
+            f(peer, ctx);
+            peer.is_terminal()
+        });
+        self.route(fp, signals, outputs);
+        if terminal {
+            self.peers.remove(&fp);
+        }
+    }
+
+    /// Runs `f` with a context (and the connection to `fp`, if given and present); datagrams
+    /// it produces are queued; its negotiation messages and outputs are returned for routing.
+    fn in_ctx<T>(
+        &mut self,
+        fp: Option<Fingerprint>,
+        f: impl FnOnce(Option<&mut Peer>, &mut Ctx<'_, ChaCha20Rng>) -> T,
+    ) -> (T, VecDeque<Signal>, VecDeque<PeerOutput>) {
         let Node { peers, identity, rng, config, cert, candidates, transmits, now, .. } = self;
-        let Some(peer) = peers.get_mut(&fp) else { return };
+        let peer = fp.and_then(|fp| peers.get_mut(&fp));
         let mut datagrams = VecDeque::new();
         let mut signals = VecDeque::new();
         let mut outputs = VecDeque::new();
@@ -574,13 +595,9 @@ impl Node {
             signals: &mut signals,
             outputs: &mut outputs,
         };
-        f(peer, &mut ctx);
-        let terminal = peer.is_terminal();
+        let result = f(peer, &mut ctx);
         transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
-        self.route(fp, signals, outputs);
-        if terminal {
-            self.peers.remove(&fp);
-        }
+        (result, signals, outputs)
     }
 
     fn route(&mut self, fp: Fingerprint, signals: VecDeque<Signal>, outputs: VecDeque<PeerOutput>) {
@@ -612,7 +629,6 @@ impl Node {
         if from == self.fingerprint() {
             return;
         }
-        let now = self.now;
         let existing = self.peers.get(&from).filter(|p| !p.is_terminal());
         match signal {
             Signal::Offer { session, sdp, key, sig } => {
@@ -640,26 +656,7 @@ impl Node {
                     return;
                 }
                 self.peers.remove(&from);
-                let result = {
-                    let Node { identity, rng, config, cert, candidates, transmits, .. } = self;
-                    let mut datagrams = VecDeque::new();
-                    let mut signals = VecDeque::new();
-                    let mut outputs = VecDeque::new();
-                    let mut ctx = Ctx {
-                        identity,
-                        rng,
-                        config: &config.peer,
-                        cert,
-                        candidates,
-                        now,
-                        datagrams: &mut datagrams,
-                        signals: &mut signals,
-                        outputs: &mut outputs,
-                    };
-                    let result = Peer::answer(from, session, &sdp, &key, &sig, &mut ctx);
-                    transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
-                    (result, signals, outputs)
-                };
+                let result = self.in_ctx(None, |_, ctx| Peer::answer(from, session, &sdp, &key, &sig, ctx));
                 match result {
                     (Ok(peer), signals, outputs) => {
                         self.peers.insert(from, peer);
@@ -710,24 +707,8 @@ impl Node {
         if self.live_peers() >= self.config.max_peers {
             return Err(NodeError::TooManyPeers(self.config.max_peers));
         }
-        let now = self.now;
-        let Node { identity, rng, config, cert, candidates, transmits, .. } = self;
-        let mut datagrams = VecDeque::new();
-        let mut signals = VecDeque::new();
-        let mut outputs = VecDeque::new();
-        let mut ctx = Ctx {
-            identity,
-            rng,
-            config: &config.peer,
-            cert,
-            candidates,
-            now,
-            datagrams: &mut datagrams,
-            signals: &mut signals,
-            outputs: &mut outputs,
-        };
-        let new = Peer::offer(peer, &mut ctx)?;
-        transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
+        let (new, signals, outputs) = self.in_ctx(None, |_, ctx| Peer::offer(peer, ctx));
+        let new = new?;
         self.peers.insert(peer, new);
         self.events.push_back(NodeEvent::PeerState { peer, state: PeerState::Connecting });
         self.route(peer, signals, outputs);
