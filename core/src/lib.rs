@@ -159,7 +159,7 @@ pub mod stun;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
-pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView};
+pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, UdpBind};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
 pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};

@@ -69,6 +69,43 @@ impl IceServer {
     }
 }
 
+/// Where an adapter binds a node's UDP sockets; each socket becomes a host candidate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UdpBind {
+    /// One socket on every local interface address (IPv6 link-local ones excepted: a
+    /// candidate cannot carry their scope id).
+    #[default]
+    AllInterfaces,
+    /// One socket on 127.0.0.1 (peers on this machine only; what tests use).
+    Loopback,
+    /// Exactly these addresses (port 0 picks a free port).
+    Addrs(Vec<SocketAddr>),
+}
+
+impl UdpBind {
+    /// The addresses to bind. `interfaces` lists the machine's interface addresses (the
+    /// adapter reads them; only [`UdpBind::AllInterfaces`] calls it).
+    pub fn addrs<E>(&self, interfaces: impl FnOnce() -> Result<Vec<std::net::IpAddr>, E>) -> Result<Vec<SocketAddr>, E> {
+        use std::net::{IpAddr, Ipv4Addr};
+        Ok(match self {
+            UdpBind::Loopback => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)],
+            UdpBind::Addrs(addrs) => addrs.clone(),
+            UdpBind::AllInterfaces => {
+                let mut ips: Vec<IpAddr> = interfaces()?
+                    .into_iter()
+                    .filter(|ip| match ip {
+                        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+                        IpAddr::V4(_) => true,
+                    })
+                    .collect();
+                ips.sort();
+                ips.dedup();
+                ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()
+            }
+        })
+    }
+}
+
 /// A node's configuration.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -803,5 +840,23 @@ impl Node {
         self.client.disconnect(now)?;
         self.pump_client();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_bind_addresses() {
+        let none = || -> Result<Vec<std::net::IpAddr>, ()> { panic!("only AllInterfaces reads the interfaces") };
+        assert_eq!(UdpBind::Loopback.addrs(none), Ok(vec!["127.0.0.1:0".parse().unwrap()]));
+        let given: Vec<SocketAddr> = vec!["10.0.0.1:5000".parse().unwrap()];
+        assert_eq!(UdpBind::Addrs(given.clone()).addrs(none), Ok(given));
+        let ips = ["192.0.2.7", "127.0.0.1", "fe80::1", "2001:db8::1", "192.0.2.7"].map(|s| s.parse().unwrap()).to_vec();
+        let got = UdpBind::AllInterfaces.addrs(|| Ok::<_, ()>(ips)).unwrap();
+        let want: Vec<SocketAddr> = ["127.0.0.1:0", "192.0.2.7:0", "[2001:db8::1]:0"].map(|s| s.parse().unwrap()).to_vec();
+        assert_eq!(got, want, "link-local dropped, duplicates merged, sorted");
+        assert_eq!(UdpBind::AllInterfaces.addrs(|| Err("no interfaces")), Err("no interfaces"));
     }
 }

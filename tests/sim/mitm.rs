@@ -76,8 +76,6 @@ fn a_server_signing_with_its_own_key_is_not_the_peer() {
         tamper(text, &mut |p| {
             let sdp = swap_fingerprint(p["sdp"].as_str().unwrap_or_default());
             let kind = if p["t"] == "offer" { SdpKind::Offer } else { SdpKind::Answer };
-            let session = SessionId([0; 16]);
-            let _ = session;
             let sid = p["sid"].as_str().unwrap_or_default();
             let mut bytes = [0u8; 16];
             for (i, b) in bytes.iter_mut().enumerate() {

@@ -116,7 +116,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,7 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 pub use peerlink;
+pub use peerlink::node::UdpBind;
 
 mod udp;
 
@@ -236,17 +237,6 @@ pub struct PollOptions {
     pub udp: UdpBind,
 }
 
-/// Where a [`PollNode`] binds its UDP sockets; each becomes a host candidate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum UdpBind {
-    /// One socket on every local interface address (IPv6 link-local ones excepted).
-    #[default]
-    AllInterfaces,
-    /// One socket on 127.0.0.1 (peers on this machine only; what tests use).
-    Loopback,
-    /// Exactly these addresses (port 0 picks a free port).
-    Addrs(Vec<SocketAddr>),
-}
 
 impl std::fmt::Debug for PollOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1001,24 +991,7 @@ fn size_buffers(socket: &UdpSocket) {
 
 /// The addresses to bind UDP sockets on.
 fn bind_addrs(bind: &UdpBind) -> Result<Vec<SocketAddr>, Error> {
-    Ok(match bind {
-        UdpBind::Loopback => vec![SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0)],
-        UdpBind::Addrs(addrs) => addrs.clone(),
-        UdpBind::AllInterfaces => {
-            let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()?
-                .into_iter()
-                .map(|i| i.ip())
-                .filter(|ip| match ip {
-                    // Link-local IPv6 needs a scope id that a candidate cannot carry.
-                    IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-                    IpAddr::V4(_) => true,
-                })
-                .collect();
-            ips.sort();
-            ips.dedup();
-            ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()
-        }
-    })
+    Ok(bind.addrs(|| if_addrs::get_if_addrs().map(|ifs| ifs.into_iter().map(|i| i.ip()).collect()))?)
 }
 
 impl Drop for PollNode {

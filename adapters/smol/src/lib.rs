@@ -80,7 +80,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -105,6 +105,7 @@ use tungstenite::protocol::CloseFrame;
 pub use peerlink;
 pub use peerlink::client::{MatchResult, RequestError, RequestId, Response, RoomDetails};
 pub use peerlink::{ClientConfig, ClientError, ClientEvent, ErrorCode, Fingerprint, Identity, PeerInfo, RawJson};
+pub use peerlink::node::UdpBind;
 
 /// Socket buffer size asked for each UDP socket (the OS may cap it): a burst of a send
 /// window's worth of datagrams must not overflow the receiver's buffer.
@@ -135,17 +136,6 @@ pub struct ConnectOptions {
     pub udp: UdpBind,
 }
 
-/// Where a [`Node`] binds its UDP sockets; each becomes a host candidate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum UdpBind {
-    /// One socket on every local interface address (IPv6 link-local ones excepted).
-    #[default]
-    AllInterfaces,
-    /// One socket on 127.0.0.1 (peers on this machine only; what tests use).
-    Loopback,
-    /// Exactly these addresses (port 0 picks a free port).
-    Addrs(Vec<SocketAddr>),
-}
 
 /// Errors of the adapter.
 #[derive(thiserror::Error, Debug)]
@@ -573,24 +563,7 @@ async fn start(config: NodeConfig, options: ConnectOptions, node: bool) -> Resul
 
 /// The addresses to bind UDP sockets on.
 fn bind_addrs(bind: &UdpBind) -> Result<Vec<SocketAddr>, Error> {
-    Ok(match bind {
-        UdpBind::Loopback => vec![SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0)],
-        UdpBind::Addrs(addrs) => addrs.clone(),
-        UdpBind::AllInterfaces => {
-            let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()?
-                .into_iter()
-                .map(|i| i.ip())
-                .filter(|ip| match ip {
-                    // Link-local IPv6 needs a scope id that a candidate cannot carry.
-                    IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-                    IpAddr::V4(_) => true,
-                })
-                .collect();
-            ips.sort();
-            ips.dedup();
-            ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()
-        }
-    })
+    Ok(bind.addrs(|| if_addrs::get_if_addrs().map(|ifs| ifs.into_iter().map(|i| i.ip()).collect()))?)
 }
 
 /// A handle on a running [`peerlink::Node`]: the signaling client and direct connections to

@@ -183,6 +183,7 @@ impl DtlsInstance for Instance {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::pkcs8::DecodePrivateKey;
     use rand::SeedableRng;
 
     #[test]
@@ -197,6 +198,4 @@ mod tests {
         assert_eq!(cert.tbs_certificate.subject.to_string(), "CN=peerlink");
         assert!(p256::SecretKey::from_pkcs8_der(&a.private_key).is_ok());
     }
-
-    use p256::pkcs8::DecodePrivateKey;
 }

@@ -411,19 +411,10 @@ fn mtu(config: &PeerConfig, candidates: &[Candidate]) -> usize {
     config.mtu.unwrap_or(auto).clamp(str0m::DATAGRAM_MTU_TARGET_MIN, str0m::DATAGRAM_MTU_TARGET_MAX)
 }
 
-/// Verifies an offer or answer's identity binding; returns the SDP to apply.
-fn verify<'s>(
-    remote: Fingerprint,
-    me: Fingerprint,
-    kind: SdpKind,
-    session: SessionId,
-    sdp: &'s str,
-    key: &str,
-    sig: &str,
-) -> Result<&'s str, PeerError> {
+/// Verifies an offer or answer's identity binding.
+fn verify(remote: Fingerprint, me: Fingerprint, kind: SdpKind, session: SessionId, sdp: &str, key: &str, sig: &str) -> Result<(), PeerError> {
     let dtls = signal::sdp_fingerprint(sdp).ok_or(PeerError::IdentityMismatch(BindingError::NoFingerprint))?;
-    signal::verify_dtls(&remote, &me, kind, session, key, sig, &dtls).map_err(PeerError::IdentityMismatch)?;
-    Ok(sdp)
+    signal::verify_dtls(&remote, &me, kind, session, key, sig, &dtls).map_err(PeerError::IdentityMismatch)
 }
 
 /// The remote's message size limit until its description says otherwise (str0m's default).
@@ -458,7 +449,7 @@ impl Peer {
         sig: &str,
         ctx: &mut Ctx<'_, R>,
     ) -> Result<Peer, PeerError> {
-        let sdp = verify(remote, ctx.identity.fingerprint(), SdpKind::Offer, session, sdp, key, sig)?;
+        verify(remote, ctx.identity.fingerprint(), SdpKind::Offer, session, sdp, key, sig)?;
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::BadDescription(e.to_string()))?;
         let rtc = build_rtc(ctx);
         let mut peer = Peer::new(remote, session, Role::Answerer, rtc, ctx);
@@ -505,8 +496,8 @@ impl Peer {
 
     /// Bytes written on every channel and not yet acknowledged.
     fn buffered_total(&mut self) -> usize {
-        let ids: Vec<ChannelId> = self.channels.iter().filter(|(_, c)| c.open).map(|(id, _)| *id).collect();
-        ids.into_iter().filter_map(|id| self.rtc.channel(id).map(|mut c| c.buffered_amount())).sum()
+        let Peer { channels, rtc, .. } = self;
+        channels.iter().filter(|(_, c)| c.open).filter_map(|(id, _)| rtc.channel(*id).map(|mut c| c.buffered_amount())).sum()
     }
 
     /// Re-sizes the send window to the path's bandwidth-delay product (see
@@ -705,7 +696,7 @@ impl Peer {
                     return;
                 }
                 let result = verify(self.remote, ctx.identity.fingerprint(), SdpKind::Offer, session, &sdp, &key, &sig)
-                    .and_then(|sdp| SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
+                    .and_then(|()| SdpOffer::from_sdp_string(&sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
                 match result {
                     Ok(offer) => {
                         // A polite side's own pending offer is rolled back by accepting.
@@ -726,7 +717,7 @@ impl Peer {
                     return;
                 };
                 let result = verify(self.remote, ctx.identity.fingerprint(), SdpKind::Answer, session, &sdp, &key, &sig)
-                    .and_then(|sdp| SdpAnswer::from_sdp_string(sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
+                    .and_then(|()| SdpAnswer::from_sdp_string(&sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
                 match result {
                     Ok(answer) => {
                         self.note_max_message(&sdp);
