@@ -22,7 +22,12 @@
 //! (low threshold at half of the max buffered amount, lower only for messages bigger than
 //! half of it) before writing more.
 //!
-//! **Reusable part.** [`measure_series`] / [`measure_run`] take a sender and a receiver
+//! **Fairness.** The baseline and peerlink run in alternation (run 1 of each, then run 2 of
+//! each, ...), so a machine whose speed drifts (a shared VM) slows both alike; the result
+//! line gives the ratio of the medians and the ratio within each round. Unless BENCH_PIN=0,
+//! the sender thread is pinned to CPU 0 and the receiver to CPU 1 in every configuration.
+//!
+//! **Reusable part.** [`measure_interleaved`] / [`measure_series`] / [`measure_run`] take a sender and a receiver
 //! endpoint as closures, run each on its own thread, and report MB/s. An endpoint connects in
 //! whatever way it likes (untimed), then follows the [`Transfer`] it is handed: the sender
 //! reports when it made its first write ([`SenderReport`]), the receiver when the last byte
@@ -30,7 +35,7 @@
 //! [`Transfer::check`]) so a receiver can verify order and completeness cheaply.
 //!
 //! Run: `cargo bench -p peerlink-tests --bench dc_throughput`.
-//! Env: BENCH_DC_MIB (256), BENCH_DC_MSG (16384), BENCH_DC_RUNS (3), BENCH_DC_TIMEOUT_S (120,
+//! Env: BENCH_DC_MIB (256), BENCH_DC_MSG (16384), BENCH_DC_RUNS (5), BENCH_PIN (1), BENCH_DC_TIMEOUT_S (120,
 //! per run), BENCH_DC_VARIANTS=1 (after the baseline, also measure tunings: str0m's SCTP max
 //! buffered amount 64 KiB / 256 KiB / 1 MiB, its MTU 1400 / 1500, the sockets' SO_RCVBUF, a
 //! few combinations; then print a table). The baseline's settings never change.
@@ -76,7 +81,7 @@ impl Plan {
     fn from_env() -> Result<Self, Error> {
         let mib = env_u64("BENCH_DC_MIB", 256)?;
         let msg_size = env_u64("BENCH_DC_MSG", 16_384)?;
-        let runs = env_u64("BENCH_DC_RUNS", 3)?;
+        let runs = env_u64("BENCH_DC_RUNS", 5)?;
         let timeout_s = env_u64("BENCH_DC_TIMEOUT_S", 120)?;
         if mib == 0 || msg_size == 0 || runs == 0 || timeout_s == 0 {
             return Err("BENCH_DC_MIB, BENCH_DC_MSG, BENCH_DC_RUNS and BENCH_DC_TIMEOUT_S must be > 0".into());
@@ -277,11 +282,13 @@ pub fn measure_run(plan: &Plan, sender: SenderEndpoint, receiver: ReceiverEndpoi
     let t = transfer.clone();
     let receiver = spawn("dc-receiver").spawn(move || {
         let _stop = StopOnDrop(t.stop.clone());
+        pin_thread(1);
         receiver(t)
     })?;
     let t = transfer.clone();
     let sender = spawn("dc-sender").spawn(move || {
         let _stop = StopOnDrop(t.stop.clone());
+        pin_thread(0);
         sender(t)
     })?;
 
@@ -352,27 +359,46 @@ fn fmt1(v: Option<f64>) -> String {
     v.map_or("n/a".to_owned(), |v| format!("{v:.1}"))
 }
 
-/// Runs `plan.runs` transfers of one configuration, printing each run and a summary line.
-/// `endpoints` makes a fresh (sender, receiver) pair per run; see [`measure_run`].
-pub fn measure_series(
-    label: &str,
-    plan: &Plan,
-    mut endpoints: impl FnMut() -> Result<(SenderEndpoint, ReceiverEndpoint), Error>,
-) -> Series {
-    let mut series = Series { label: label.to_owned(), runs: Vec::new(), failures: 0 };
+/// Makes a fresh (sender, receiver) pair for one run of a configuration.
+pub type Endpoints<'a> = Box<dyn FnMut() -> Result<(SenderEndpoint, ReceiverEndpoint), Error> + 'a>;
+
+/// Runs `plan.runs` rounds; each round runs every configuration once, in turn, so all of
+/// them see the same conditions (a busy neighbour on a shared machine slows each alike,
+/// instead of whichever series happened to run then). Prints every run and then a summary
+/// line per configuration. `configs` are (label, endpoints); see [`measure_run`].
+pub fn measure_interleaved(plan: &Plan, configs: Vec<(String, Endpoints<'_>)>) -> Vec<Series> {
+    let (labels, mut makers): (Vec<String>, Vec<Endpoints<'_>>) = configs.into_iter().unzip();
+    let mut all: Vec<Series> =
+        labels.iter().map(|label| Series { label: label.clone(), runs: Vec::new(), failures: 0 }).collect();
     for run in 1..=plan.runs {
-        let result = endpoints().and_then(|(sender, receiver)| measure_run(plan, sender, receiver));
-        match result {
-            Ok(stats) => {
-                println!("dc_throughput: {label}: run {run}/{}: {stats}", plan.runs);
-                series.runs.push(stats);
-            }
-            Err(e) => {
-                eprintln!("dc_throughput: {label}: run {run}/{} FAILED: {e}", plan.runs);
-                series.failures += 1;
+        for (series, endpoints) in all.iter_mut().zip(makers.iter_mut()) {
+            let label = &series.label;
+            match endpoints().and_then(|(sender, receiver)| measure_run(plan, sender, receiver)) {
+                Ok(stats) => {
+                    println!("dc_throughput: {label}: run {run}/{}: {stats}", plan.runs);
+                    series.runs.push(stats);
+                }
+                Err(e) => {
+                    eprintln!("dc_throughput: {label}: run {run}/{} FAILED: {e}", plan.runs);
+                    series.failures += 1;
+                }
             }
         }
     }
+    for series in &all {
+        print_summary(series);
+    }
+    all
+}
+
+/// Runs `plan.runs` transfers of one configuration, printing each run and a summary line.
+pub fn measure_series(label: &str, plan: &Plan, endpoints: impl FnMut() -> Result<(SenderEndpoint, ReceiverEndpoint), Error>) -> Series {
+    let mut all = measure_interleaved(plan, vec![(label.to_owned(), Box::new(endpoints))]);
+    all.pop().expect("one series")
+}
+
+fn print_summary(series: &Series) {
+    let label = &series.label;
     match (series.median(), series.best()) {
         (Some(median), Some(best)) => {
             let mib = |mb: f64| mb * 1e6 / MIB as f64;
@@ -388,7 +414,24 @@ pub fn measure_series(
         }
         _ => eprintln!("dc_throughput: {label}: no successful run"),
     }
-    series
+}
+
+/// Unless BENCH_PIN=0 (or the machine has fewer than 2 CPUs): pins the calling thread to
+/// `cpu`, so that sender and receiver each have a core of their own in every configuration
+/// alike and the scheduler does not stack them on one.
+fn pin_thread(cpu: usize) {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 || std::env::var("BENCH_PIN").is_ok_and(|v| v == "0") {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % cpus, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 /// The system-wide count of UDP datagrams dropped for a full receive buffer
@@ -881,7 +924,6 @@ fn main() -> ExitCode {
     );
 
     let str0m_series = |config: Str0mConfig| measure_series(&config.label(), &plan, || Ok(config.endpoints()));
-    let mut all = vec![str0m_series(Str0mConfig::default())];
     let server = match peerlink_server::spawn(peerlink_server::ServerOptions::local()) {
         Ok(server) => server,
         Err(e) => {
@@ -890,9 +932,6 @@ fn main() -> ExitCode {
         }
     };
     let url = server.url();
-    let peerlink_series = |label: &str, peer: peerlink::PeerConfig| {
-        measure_series(label, &plan, || Ok(peerlink_endpoints(url.clone(), peer.clone())))
-    };
     let mut peer = peerlink::PeerConfig::default();
     if let Ok(v) = std::env::var("BENCH_DC_PEER") {
         for opt in v.split(',') {
@@ -904,11 +943,33 @@ fn main() -> ExitCode {
             }
         }
     }
-    all.push(peerlink_series("peerlink (defaults)", peer));
+    let baseline = Str0mConfig::default();
+    let mut all = measure_interleaved(
+        &plan,
+        vec![
+            (baseline.label(), Box::new(|| Ok(baseline.endpoints()))),
+            ("peerlink (defaults)".to_owned(), Box::new(|| Ok(peerlink_endpoints(url.clone(), peer.clone())))),
+        ],
+    );
     if let (Some(base), Some(ours)) = (all[0].median(), all[1].median()) {
+        // Each round ran both back to back: the ratio within a round is the fairest one on
+        // a machine whose speed drifts.
+        // (Only when no run failed, so that runs pair up.)
+        let paired = all[0].failures == 0 && all[1].failures == 0;
+        let rounds: Vec<f64> = all[0]
+            .runs
+            .iter()
+            .zip(&all[1].runs)
+            .filter(|_| paired)
+            .map(|(b, o)| o.mb_per_s() / b.mb_per_s())
+            .collect();
+        let per_round = median(rounds.clone());
         println!(
-            "dc_throughput: RESULT peerlink median {ours:.1} MB/s vs raw str0m (defaults) {base:.1} MB/s: ratio {:.2} (goal >= 1.5: {})",
+            "dc_throughput: RESULT peerlink median {ours:.1} MB/s vs raw str0m (defaults) {base:.1} MB/s: ratio {:.2}; \
+             per round {} (median {}) (goal >= 1.5: {})",
             ours / base,
+            rounds.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "),
+            per_round.map_or("n/a".to_owned(), |r| format!("{r:.2}")),
             if ours / base >= 1.5 { "MET" } else { "MISSED" }
         );
     }

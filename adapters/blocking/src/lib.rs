@@ -154,6 +154,10 @@ pub const MAX_FRAMES_PER_POLL: usize = 256;
 /// Most UDP datagrams one [`PollNode::poll`] reads (over all sockets).
 pub const MAX_DATAGRAMS_PER_POLL: usize = 1024;
 
+/// How many received datagrams [`PollNode::poll`] hands to the core before it sends what they
+/// produced, so acknowledgements leave while the rest of a backlog is still being read.
+const DRAIN_EVERY: usize = 8;
+
 /// Most bytes tungstenite may buffer for a socket that does not accept writes; past it the
 /// connection is treated as dead and replaced.
 const MAX_WRITE_BUFFER: usize = 8 * 1024 * 1024;
@@ -329,7 +333,10 @@ pub struct PollNode {
     udp: Vec<udp::Port>,
     /// Datagrams the core produced this round, sent in batches at the end of a drain.
     outbox: Vec<Datagram>,
-    batch: udp::Buffers,
+    /// Where datagrams are read into.
+    recv_buffers: udp::RecvBuffers,
+    /// Scratch space for joining a run of datagrams into one GSO send.
+    send_buffer: Vec<u8>,
     conn: Conn,
     events: VecDeque<NodeEvent>,
     extra_root_certs: Vec<CertificateDer<'static>>,
@@ -408,7 +415,8 @@ impl PollNode {
             core,
             udp: Vec::new(),
             outbox: Vec::new(),
-            batch: udp::Buffers::default(),
+            recv_buffers: udp::RecvBuffers::default(),
+            send_buffer: Vec::new(),
             conn: Conn::None,
             events: VecDeque::new(),
             extra_root_certs: options.extra_root_certs,
@@ -562,21 +570,34 @@ impl PollNode {
     /// several per system call (`recvmmsg`, and GRO where the kernel coalesces them).
     fn read_datagrams(&mut self, now: Instant) -> Result<(), Error> {
         let mut budget = MAX_DATAGRAMS_PER_POLL;
-        for port in &self.udp {
-            while budget > 0 {
-                let mut got = 0;
-                let result = port.recv(&mut self.batch, |source, datagram| {
-                    got += 1;
-                    self.core.handle_datagram(now, source, port.local, datagram)
-                });
-                match result {
-                    Ok(()) if got > 0 => budget = budget.saturating_sub(got),
-                    Ok(()) => break,
-                    Err(e) => return Err(e.into()),
+        let mut buffers = std::mem::take(&mut self.recv_buffers);
+        let result = (0..self.udp.len()).try_for_each(|i| self.read_port(now, i, &mut buffers, &mut budget));
+        self.recv_buffers = buffers;
+        result?;
+        self.more_to_read |= budget == 0;
+        Ok(())
+    }
+
+    /// Reads datagrams from port `i` until it is empty or `budget` is spent. Every
+    /// [`DRAIN_EVERY`] datagrams, sends what they produced (acknowledgements, chiefly) before
+    /// reading on: a sender waits on them, and holding them until the whole backlog is read
+    /// would make it wait for all of it.
+    fn read_port(&mut self, now: Instant, i: usize, buffers: &mut udp::RecvBuffers, budget: &mut usize) -> Result<(), Error> {
+        let local = self.udp[i].local;
+        while *budget > 0 {
+            let received = self.udp[i].recv(buffers);
+            if received.is_empty() {
+                break;
+            }
+            for (k, (source, datagram)) in buffers.datagrams(&received).enumerate() {
+                self.core.handle_datagram(now, source, local, datagram)?;
+                *budget = budget.saturating_sub(1);
+                if (k + 1) % DRAIN_EVERY == 0 {
+                    self.drain(now)?;
                 }
             }
+            self.drain(now)?;
         }
-        self.more_to_read |= budget == 0;
         Ok(())
     }
 
@@ -595,7 +616,7 @@ impl PollNode {
                 continue;
             };
             let n = udp::run_length(rest, port.max_segments());
-            port.send(&rest[..n], &mut self.batch);
+            port.send(&rest[..n], &mut self.send_buffer);
             rest = &rest[n..];
         }
         // Keep the allocation for the next round.

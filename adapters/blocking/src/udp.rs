@@ -21,11 +21,33 @@ pub(crate) struct Port {
     state: UdpSocketState,
 }
 
-/// Buffers shared by every port of a node, allocated on first use.
+/// Receive buffers shared by every port of a node, allocated on first use.
 #[derive(Default)]
-pub(crate) struct Buffers {
-    recv: Vec<Vec<u8>>,
-    send: Vec<u8>,
+pub(crate) struct RecvBuffers {
+    bufs: Vec<Vec<u8>>,
+}
+
+/// What one [`Port::recv`] read: `n` filled buffers and their metadata.
+pub(crate) struct Received {
+    meta: [RecvMeta; RECV_BATCH],
+    n: usize,
+}
+
+impl Received {
+    /// Whether nothing was read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+impl RecvBuffers {
+    /// The datagrams of `received` (GRO batches split at their stride), with their sources.
+    pub(crate) fn datagrams<'a>(&'a self, received: &'a Received) -> impl Iterator<Item = (SocketAddr, &'a [u8])> + 'a {
+        received.meta.iter().zip(self.bufs.iter()).take(received.n).flat_map(|(m, buf)| {
+            let stride = m.stride.max(1);
+            buf[..m.len].chunks(stride).map(move |d| (m.addr, d))
+        })
+    }
 }
 
 impl Port {
@@ -39,15 +61,16 @@ impl Port {
         self.state.max_gso_segments().max(1)
     }
 
-    /// Reads one batch (nothing when the socket is empty) and hands each datagram to `f`.
-    pub(crate) fn recv<E>(&self, buffers: &mut Buffers, mut f: impl FnMut(SocketAddr, &[u8]) -> Result<(), E>) -> Result<(), E> {
-        if buffers.recv.is_empty() {
+    /// Reads one batch into `buffers` (nothing when the socket is empty); the datagrams are
+    /// then in [`RecvBuffers::datagrams`].
+    pub(crate) fn recv(&self, buffers: &mut RecvBuffers) -> Received {
+        if buffers.bufs.is_empty() {
             // With GRO, one buffer may hold many coalesced datagrams.
             let size = if self.state.gro_segments() > 1 { MAX_BATCH_BYTES.next_power_of_two() } else { 2048 };
-            buffers.recv = (0..RECV_BATCH).map(|_| vec![0; size]).collect();
+            buffers.bufs = (0..RECV_BATCH).map(|_| vec![0; size]).collect();
         }
         let mut meta = [RecvMeta::default(); RECV_BATCH];
-        let mut slices: Vec<IoSliceMut<'_>> = buffers.recv.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut slices: Vec<IoSliceMut<'_>> = buffers.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         let n = match self.state.recv(UdpSockRef::from(&self.socket), &mut slices, &mut meta) {
             Ok(n) => n,
             Err(e) => {
@@ -55,29 +78,24 @@ impl Port {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     trace!(local = %self.local, error = %e, "udp recv");
                 }
-                return Ok(());
+                0
             }
         };
-        for (m, buf) in meta.iter().zip(slices.iter()).take(n) {
-            let stride = m.stride.max(1);
-            for datagram in buf[..m.len].chunks(stride) {
-                f(m.addr, datagram)?;
-            }
-        }
-        Ok(())
+        Received { meta, n }
     }
 
     /// Sends `datagrams` (a run from [`run_length`]) in one call when there are several.
-    pub(crate) fn send(&self, datagrams: &[Datagram], buffers: &mut Buffers) {
+    /// `buffer` is scratch space for joining them.
+    pub(crate) fn send(&self, datagrams: &[Datagram], buffer: &mut Vec<u8>) {
         let Some(first) = datagrams.first() else { return };
         let (contents, segment_size) = if datagrams.len() == 1 {
             (first.contents.as_slice(), None)
         } else {
-            buffers.send.clear();
+            buffer.clear();
             for d in datagrams {
-                buffers.send.extend_from_slice(&d.contents);
+                buffer.extend_from_slice(&d.contents);
             }
-            (buffers.send.as_slice(), Some(first.contents.len()))
+            (buffer.as_slice(), Some(first.contents.len()))
         };
         let transmit = Transmit { destination: first.destination, ecn: None, contents, segment_size, src_ip: None };
         // A full socket buffer or a refused batch loses the datagrams, as UDP may; the
@@ -145,21 +163,18 @@ mod tests {
         let b_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b_addr = b_sock.local_addr().unwrap();
         let b = Port::new(b_sock, b_addr).unwrap();
-        let mut bufs = Buffers::default();
+        let (mut bufs, mut scratch) = (RecvBuffers::default(), Vec::new());
         let batch: Vec<Datagram> = (0..10u8)
             .map(|i| Datagram { source: a.local, destination: b_addr, contents: vec![i; if i == 9 { 300 } else { 1200 }] })
             .collect();
         let n = run_length(&batch, a.max_segments());
-        a.send(&batch[..n], &mut bufs);
-        a.send(&batch[n..], &mut bufs);
+        a.send(&batch[..n], &mut scratch);
+        a.send(&batch[n..], &mut scratch);
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while got.len() < 10 && std::time::Instant::now() < deadline {
-            b.recv(&mut bufs, |_, d| {
-                got.push((d[0], d.len()));
-                Ok::<_, ()>(())
-            })
-            .unwrap();
+            let received = b.recv(&mut bufs);
+            got.extend(bufs.datagrams(&received).map(|(_, d)| (d[0], d.len())));
         }
         let want: Vec<(u8, usize)> = (0..10u8).map(|i| (i, if i == 9 { 300 } else { 1200 })).collect();
         assert_eq!(got, want);
