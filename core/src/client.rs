@@ -224,6 +224,15 @@ pub struct RoomDetails {
     pub metadata: Option<RawJson>,
 }
 
+/// A room that is not full, as [`Client::list_rooms`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomSummary {
+    /// The room.
+    pub details: RoomDetails,
+    /// How many members it has (fewer than `details.max_size`).
+    pub members: usize,
+}
+
 /// A successful reply to a request.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -262,6 +271,8 @@ pub enum Response {
         /// How many members it has.
         members: usize,
     },
+    /// `list_rooms`: rooms that are not full, sorted by room id.
+    Rooms(Vec<RoomSummary>),
     /// `ping`: the round trip time.
     Pong {
         /// Time from sending the ping to handling the pong.
@@ -302,7 +313,8 @@ pub enum ClientEvent {
     /// The client registered again after a disconnect.
     Reconnected {
         /// Whether the server resumed the old session (namespaces, rooms and queued frames
-        /// intact); otherwise the client re-joins them.
+        /// intact); otherwise the client re-joins them, and [`ClientEvent::PeerList`] and
+        /// [`ClientEvent::RoomRejoined`] follow.
         resumed: bool,
     },
     /// A peer joined a namespace this client is in.
@@ -372,6 +384,15 @@ pub enum ClientEvent {
         /// The room.
         room_id: String,
     },
+    /// A room was re-joined automatically after a reconnect that did not resume the session.
+    /// Members may have come and gone meanwhile: `peers` is the room as it is now, so a layer
+    /// above can re-form it (connect to new members, drop those no longer listed).
+    RoomRejoined {
+        /// The room.
+        room: RoomDetails,
+        /// The current other members.
+        peers: Vec<PeerInfo>,
+    },
     /// The reply to a request.
     Response {
         /// The request.
@@ -421,7 +442,8 @@ enum Pending {
     User { sent_at: Instant },
     /// An automatic re-join after reconnecting; its result is a `PeerList` event.
     Rejoin,
-    /// An automatic re-join of this room after reconnecting.
+    /// An automatic re-join of this room after reconnecting; its result is a `RoomRejoined`
+    /// event.
     RoomRejoin(String),
 }
 
@@ -786,6 +808,24 @@ impl Client {
         self.request(now, |id| ClientMessage::RoomInfo { id, room_id: room_id.into() })
     }
 
+    /// Lists rooms that are not full, sorted by room id, optionally only those whose id starts
+    /// with `prefix`. At most `limit` are listed; the server clamps `limit` to its maximum (100
+    /// by default), which is also what it uses without one. The reply is [`Response::Rooms`].
+    pub fn list_rooms(
+        &mut self,
+        now: Instant,
+        prefix: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<RequestId, ClientError> {
+        if prefix.is_some_and(|p| !protocol::is_valid_prefix(p)) {
+            return Err(ClientError::InvalidInput(format!(
+                "a room prefix must be at most {} bytes without control characters",
+                protocol::MAX_NAME_LEN
+            )));
+        }
+        self.request(now, |id| ClientMessage::ListRooms { id, prefix: prefix.map(Into::into), limit })
+    }
+
     /// Removes a member from a room this client owns. The reply is [`Response::Ok`].
     pub fn kick(&mut self, now: Instant, room_id: &str, peer: Fingerprint) -> Result<RequestId, ClientError> {
         check_name(room_id)?;
@@ -939,6 +979,17 @@ impl Client {
             }
             ServerMessage::RoomInfo { id, room_id, owner, max_size, metadata, members } => {
                 self.complete(id, Response::RoomInfo { room: RoomDetails { room_id, owner, max_size, metadata }, members })
+            }
+            ServerMessage::Rooms { id, rooms } => {
+                let rooms = rooms
+                    .into_iter()
+                    .map(|r| {
+                        let details =
+                            RoomDetails { room_id: r.room_id, owner: r.owner, max_size: r.max_size, metadata: r.metadata };
+                        RoomSummary { details, members: r.members }
+                    })
+                    .collect();
+                self.complete(id, Response::Rooms(rooms));
             }
             ServerMessage::RoomPeerJoined { room_id, peer } => self.events.push_back(ClientEvent::RoomPeerJoined { room_id, peer }),
             ServerMessage::RoomPeerLeft { room_id, fingerprint, kicked } => {
@@ -1102,8 +1153,9 @@ impl Client {
         match self.pending.remove(&id) {
             Some((Pending::User { .. }, _)) => self.respond(id, Ok(response)),
             Some((Pending::RoomRejoin(_), _)) => {
-                if let Response::RoomJoined { room, .. } = response {
+                if let Response::RoomJoined { room, peers } = response {
                     debug!(room = %room.room_id, "room re-joined");
+                    self.events.push_back(ClientEvent::RoomRejoined { room, peers });
                 }
             }
             Some((Pending::Rejoin, _)) | None => {}

@@ -154,12 +154,14 @@ pub mod identity;
 pub mod node;
 pub mod peer;
 pub mod protocol;
+pub mod room;
 pub mod server;
 pub mod stun;
 
-pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response};
+pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
 pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, UdpBind};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
+pub use room::{RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
 pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};

@@ -36,9 +36,11 @@ use crate::client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransm
 use crate::identity::{Fingerprint, Identity};
 use crate::peer::signal::{RejectReason, Signal, SignalError};
 use crate::peer::{
-    ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, Payload, Peer, PeerConfig, PeerError, PeerOutput,
-    PeerState, SendError, crypto,
+    ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, INTERNAL_CHANNEL, Payload, Peer, PeerConfig, PeerError,
+    PeerOutput, PeerState, SendError, crypto,
 };
+use crate::client::{RequestId, Response};
+use crate::room::{self, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
 
 /// Most events or transmits that may wait undrained before `handle_*` refuses more input.
@@ -122,6 +124,8 @@ pub struct NodeConfig {
     pub accept_incoming: bool,
     /// Most simultaneous connections. Default 256.
     pub max_peers: usize,
+    /// Managed rooms ([`crate::room`]).
+    pub rooms: RoomsConfig,
 }
 
 impl NodeConfig {
@@ -132,7 +136,14 @@ impl NodeConfig {
 
     /// Defaults around a signaling client configuration.
     pub fn with_client(client: ClientConfig) -> Self {
-        NodeConfig { client, peer: PeerConfig::default(), ice_servers: Vec::new(), accept_incoming: true, max_peers: 256 }
+        NodeConfig {
+            client,
+            peer: PeerConfig::default(),
+            ice_servers: Vec::new(),
+            accept_incoming: true,
+            max_peers: 256,
+            rooms: RoomsConfig::default(),
+        }
     }
 
     /// The `stun:` servers' hosts and ports, for the adapter to resolve.
@@ -167,6 +178,9 @@ pub enum NodeError {
     /// The connection could not be started.
     #[error(transparent)]
     Peer(#[from] PeerError),
+    /// A room command was refused (nothing was sent).
+    #[error(transparent)]
+    Room(#[from] RoomError),
     /// The DTLS certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -263,6 +277,19 @@ pub enum NodeEvent {
         /// The STUN server.
         server: SocketAddr,
     },
+    /// Something happened in a managed room.
+    Room(RoomEvent),
+}
+
+/// Input for the rooms, gathered while they are not at hand and handed over in
+/// [`Node::flush_rooms`].
+enum RoomInput {
+    Items { from: Fingerprint, items: Vec<room::wire::Item>, path: RoomPath },
+    Bad { from: Fingerprint, error: room::WireError },
+    Direct { peer: Fingerprint, open: bool },
+    Lost { peer: Fingerprint },
+    RelayRestored,
+    Client(ClientEvent),
 }
 
 /// A read-only view of one connection ([`Node::get_peer`]).
@@ -304,6 +331,10 @@ pub struct Node {
     transmits: VecDeque<NodeTransmit>,
     events: VecDeque<NodeEvent>,
     now: Instant,
+    rooms: Rooms,
+    room_inputs: VecDeque<RoomInput>,
+    /// A room command or input since the last [`Node::flush_rooms`].
+    rooms_dirty: bool,
 }
 
 impl Node {
@@ -314,6 +345,7 @@ impl Node {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let client = Client::new(config.client.clone(), identity.clone(), rng.next_u64(), now)?;
         let cert = crypto::generate_certificate(&mut rng, unix_ms).map_err(NodeError::Certificate)?;
+        let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), &mut rng);
         Ok(Node {
             config,
             client,
@@ -327,6 +359,9 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             now,
+            rooms,
+            room_inputs: VecDeque::new(),
+            rooms_dirty: false,
         })
     }
 
@@ -374,7 +409,10 @@ impl Node {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let peers = self.peers.values().filter_map(Peer::timeout);
         let stun = self.stun.values().map(|r| r.next);
-        self.client.poll_timeout().into_iter().chain(peers).chain(stun).min()
+        // A room deadline already past (it waits on input, e.g. the relay coming back) must
+        // not make the loop spin: it counts from now on.
+        let rooms = self.rooms.poll_timeout().map(|t| t.max(self.now));
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).min()
     }
 
     fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
@@ -399,6 +437,7 @@ impl Node {
         self.begin(now)?;
         self.client.handle_connected(now)?;
         self.pump_client();
+        self.flush_rooms();
         Ok(())
     }
 
@@ -407,6 +446,7 @@ impl Node {
         self.begin(now)?;
         self.client.handle_disconnected(now, code)?;
         self.pump_client();
+        self.flush_rooms();
         Ok(())
     }
 
@@ -415,13 +455,36 @@ impl Node {
         self.begin(now)?;
         self.client.handle_text(now, text)?;
         self.pump_client();
+        self.flush_rooms();
         Ok(())
     }
 
-    /// Moves the client's events out, consuming peer negotiation messages.
+    /// Moves the client's events out, consuming peer negotiation messages, room batches and
+    /// the events of managed rooms.
     fn pump_client(&mut self) {
         while let Some(event) = self.client.poll_event() {
+            match &event {
+                ClientEvent::Reconnected { .. } => {
+                    self.rooms_dirty = true;
+                    self.room_inputs.push_back(RoomInput::RelayRestored);
+                }
+                ClientEvent::Registered { .. } => self.rooms_dirty = true,
+                _ => {}
+            }
+            if self.is_room_event(&event) {
+                self.rooms_dirty = true;
+                self.room_inputs.push_back(RoomInput::Client(event));
+                continue;
+            }
             match event {
+                ClientEvent::Relay { from, payload } if room::wire::is_relayed(payload.0.get()) => {
+                    self.rooms_dirty = true;
+                    let me = self.fingerprint();
+                    self.room_inputs.push_back(match room::wire::decode_relayed(payload.0.get(), &from, &me) {
+                        Ok((items, _key)) => RoomInput::Items { from, items, path: RoomPath::Relay },
+                        Err(error) => RoomInput::Bad { from, error },
+                    });
+                }
                 ClientEvent::Relay { from, payload } => match Signal::decode(&payload.0) {
                     Ok(Some(signal)) => self.on_signal(from, signal),
                     Ok(None) => self.events.push_back(NodeEvent::Signaling(ClientEvent::Relay { from, payload })),
@@ -457,6 +520,9 @@ impl Node {
             return Ok(());
         };
         self.with_peer(fp, |peer, ctx| peer.handle_input(input, ctx));
+        if self.rooms_dirty {
+            self.flush_rooms();
+        }
         Ok(())
     }
 
@@ -473,6 +539,8 @@ impl Node {
             self.with_peer(fp, |peer, ctx| peer.handle_timeout(ctx));
         }
         self.stun_timers(now);
+        self.rooms_dirty = true;
+        self.flush_rooms();
         Ok(())
     }
 
@@ -642,6 +710,10 @@ impl Node {
             self.send_signal(fp, &signal);
         }
         for output in outputs {
+            let output = match self.room_output(fp, output) {
+                Some(output) => output,
+                None => continue,
+            };
             self.events.push_back(match output {
                 PeerOutput::State(state) => NodeEvent::PeerState { peer: fp, state },
                 PeerOutput::ChannelOpen(channel) => NodeEvent::ChannelOpen { peer: fp, channel },
@@ -650,6 +722,109 @@ impl Node {
                 PeerOutput::BufferedAmountLow(channel) => NodeEvent::BufferedAmountLow { peer: fp, channel },
                 PeerOutput::Error(error) => NodeEvent::PeerError { peer: fp, error },
             });
+        }
+    }
+
+    /// Takes what the rooms need from a connection's output: everything on the internal
+    /// channel (consumed), and state changes (also passed on).
+    fn room_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
+        let input = match &output {
+            PeerOutput::ChannelOpen(c) if c == INTERNAL_CHANNEL => {
+                let up = self.peers.get(&fp).is_some_and(|p| p.state() == PeerState::Connected);
+                up.then_some(RoomInput::Direct { peer: fp, open: true })
+            }
+            PeerOutput::ChannelClosed(c) if c == INTERNAL_CHANNEL => Some(RoomInput::Direct { peer: fp, open: false }),
+            PeerOutput::BufferedAmountLow(c) if c == INTERNAL_CHANNEL => None,
+            PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => Some(match data {
+                Payload::Text(text) => match room::wire::decode_batch(text) {
+                    Ok(items) => RoomInput::Items { from: fp, items, path: RoomPath::Direct },
+                    Err(error) => RoomInput::Bad { from: fp, error },
+                },
+                Payload::Binary(_) => RoomInput::Bad { from: fp, error: room::WireError::Malformed("binary on the room channel".into()) },
+            }),
+            PeerOutput::State(PeerState::Connected) => {
+                let open = self.peers.get(&fp).is_some_and(|p| p.channel_open(INTERNAL_CHANNEL));
+                open.then_some(RoomInput::Direct { peer: fp, open: true })
+            }
+            PeerOutput::State(PeerState::Disconnected) => Some(RoomInput::Direct { peer: fp, open: false }),
+            PeerOutput::State(PeerState::Failed | PeerState::Closed) => Some(RoomInput::Lost { peer: fp }),
+            _ => None,
+        };
+        let internal = matches!(&output,
+            PeerOutput::ChannelOpen(c) | PeerOutput::ChannelClosed(c) | PeerOutput::BufferedAmountLow(c) | PeerOutput::Data { channel: c, .. }
+            if c == INTERNAL_CHANNEL);
+        if internal {
+            // Room traffic may move now (acknowledged data, or room in the window).
+            self.rooms_dirty = true;
+        }
+        if let Some(input) = input {
+            self.rooms_dirty = true;
+            self.room_inputs.push_back(input);
+        }
+        (!internal).then_some(output)
+    }
+
+    fn is_room_event(&self, event: &ClientEvent) -> bool {
+        match event {
+            ClientEvent::RoomPeerJoined { room_id, .. }
+            | ClientEvent::RoomPeerLeft { room_id, .. }
+            | ClientEvent::RoomClosed { room_id }
+            | ClientEvent::Kicked { room_id } => self.rooms.manages(room_id),
+            ClientEvent::RoomRejoined { room, .. } => self.rooms.manages(&room.room_id),
+            ClientEvent::Response { request, .. } => self.rooms.pending.contains_key(request),
+            _ => false,
+        }
+    }
+
+    /// Hands gathered input to the rooms, lets them send, and moves their events out; again
+    /// while sending produced more input.
+    fn flush_rooms(&mut self) {
+        if !self.rooms_dirty && self.room_inputs.is_empty() {
+            return;
+        }
+        let mut rooms = std::mem::take(&mut self.rooms);
+        for _ in 0..8 {
+            self.rooms_dirty = false;
+            let now = self.now;
+            while let Some(input) = self.room_inputs.pop_front() {
+                match input {
+                    RoomInput::Items { from, items, path } => rooms.handle_items(now, from, items, path),
+                    RoomInput::Bad { from, error } => rooms.bad_input(from, error),
+                    RoomInput::Direct { peer, open } => rooms.direct_changed(peer, open),
+                    RoomInput::Lost { peer } => rooms.connection_lost(now, peer),
+                    RoomInput::RelayRestored => rooms.relay_restored(),
+                    RoomInput::Client(event) => self.room_client_event(&mut rooms, event),
+                }
+            }
+            rooms.flush(now, self);
+            while let Some(e) = rooms.poll_event() {
+                self.events.push_back(NodeEvent::Room(e));
+            }
+            if self.room_inputs.is_empty() {
+                break;
+            }
+        }
+        self.rooms = rooms;
+    }
+
+    fn room_client_event(&mut self, rooms: &mut Rooms, event: ClientEvent) {
+        let now = self.now;
+        match event {
+            ClientEvent::RoomPeerJoined { room_id, peer } => rooms.on_peer_joined(now, &room_id, peer),
+            ClientEvent::RoomPeerLeft { room_id, fingerprint, kicked } => rooms.on_peer_left(&room_id, fingerprint, kicked),
+            ClientEvent::RoomClosed { room_id } => rooms.remove(&room_id.clone(), Some(RoomEvent::Closed { room: room_id }), self),
+            ClientEvent::Kicked { room_id } => rooms.remove(&room_id.clone(), Some(RoomEvent::Kicked { room: room_id }), self),
+            ClientEvent::RoomRejoined { room, peers } => rooms.on_rejoined(now, room, peers),
+            ClientEvent::Response { request, result } => match (rooms.pending.remove(&request), result) {
+                (Some(Pending::Enter(_)), Ok(Response::RoomCreated(details))) => rooms.on_entered(now, details, Vec::new(), self),
+                (Some(Pending::Enter(_)), Ok(Response::RoomJoined { room, peers })) => rooms.on_entered(now, room, peers, self),
+                (Some(Pending::Enter(id)), Err(error)) => rooms.on_enter_failed(&id, error),
+                (Some(Pending::Kick(room)), Err(error)) => {
+                    self.events.push_back(NodeEvent::Room(RoomEvent::Error { room, error: RoomError::Request(error) }))
+                }
+                (_, result) => trace!(?result, "room request answered"),
+            },
+            other => self.events.push_back(NodeEvent::Signaling(other)),
         }
     }
 
@@ -685,7 +860,7 @@ impl Node {
                     // session in place of ours.
                     debug!(from = %from.short(), %session, "replacing the connection with the remote's new session");
                     self.drop_peer_quietly(from);
-                } else if !self.config.accept_incoming {
+                } else if !self.config.accept_incoming && !self.rooms.is_member(&from) {
                     self.send_signal(from, &Signal::Reject { session, reason: RejectReason::Refused });
                     return;
                 } else if self.live_peers() >= self.config.max_peers {
@@ -840,6 +1015,151 @@ impl Node {
         self.client.disconnect(now)?;
         self.pump_client();
         Ok(())
+    }
+}
+
+/// Managed rooms (see [`crate::room`]). Events arrive as [`NodeEvent::Room`].
+impl Node {
+    /// Creates a room owned by this node and enters it ([`RoomEvent::Joined`] follows, or
+    /// [`RoomEvent::Error`] with the server's refusal, e.g. `room_exists`).
+    pub fn create_room(&mut self, now: Instant, room: &str, options: RoomOptions) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.check_joined(room).err().ok_or_else(|| RoomError::AlreadyJoined(room.to_owned()))?;
+        let request = self.client.create_room(now, room, options.max_size, options.metadata.as_ref())?;
+        self.enter(room, request)
+    }
+
+    /// Joins a room and connects to every member ([`RoomEvent::Joined`] follows, or
+    /// [`RoomEvent::Error`] with the server's refusal: `room_not_found`, `room_full`).
+    pub fn join_room(&mut self, now: Instant, room: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.check_joined(room).err().ok_or_else(|| RoomError::AlreadyJoined(room.to_owned()))?;
+        let request = self.client.join_room(now, room)?;
+        self.enter(room, request)
+    }
+
+    fn enter(&mut self, room: &str, request: RequestId) -> Result<(), NodeError> {
+        self.rooms.entering(room, request)?;
+        self.rooms_dirty = true;
+        self.flush_rooms();
+        Ok(())
+    }
+
+    /// Leaves a room (the owner closes it for everyone instead, as the reference's `close`).
+    /// Messages not yet acknowledged are dropped. [`RoomEvent::Closed`] follows.
+    pub fn leave_room(&mut self, now: Instant, room: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if self.rooms.is_owner(room)? {
+            self.client.close_room(now, room)?;
+        } else {
+            self.client.leave_room(now, room)?;
+        }
+        let mut rooms = std::mem::take(&mut self.rooms);
+        rooms.remove(room, Some(RoomEvent::Closed { room: room.to_owned() }), self);
+        self.rooms = rooms;
+        self.rooms_dirty = true;
+        self.flush_rooms();
+        Ok(())
+    }
+
+    /// Removes `peer` from a room this node owns ([`RoomError::NotOwner`] otherwise,
+    /// [`RoomError::NotMember`] for a stranger; nothing is sent then).
+    pub fn kick(&mut self, now: Instant, room: &str, peer: Fingerprint) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.check_kick(room, &peer)?;
+        let request = self.client.kick(now, room, peer)?;
+        self.rooms.pending.insert(request, Pending::Kick(room.to_owned()));
+        Ok(())
+    }
+
+    /// Sends `data` to every member of `room` (`to: None`) or to one, on the direct path when
+    /// it is up and through the relay otherwise; delivered once and in order either way.
+    pub fn room_send(&mut self, now: Instant, room: &str, to: Option<Fingerprint>, data: RoomData) -> Result<(), NodeError> {
+        self.room_send_via(now, room, to, data, false)
+    }
+
+    /// Sends `value` as JSON (see [`Node::room_send`]).
+    pub fn room_send_json<T: Serialize + ?Sized>(&mut self, now: Instant, room: &str, to: Option<Fingerprint>, value: &T) -> Result<(), NodeError> {
+        let data = RoomData::json(value).map_err(|e| RoomError::Serialize(e.to_string()))?;
+        self.room_send_via(now, room, to, data, false)
+    }
+
+    /// Sends `data` to every member through the signaling server even where a direct path
+    /// is up (the reference's `broadcastViaServer`), in order with the rest of the stream.
+    pub fn room_broadcast_via_server(&mut self, now: Instant, room: &str, data: RoomData) -> Result<(), NodeError> {
+        self.room_send_via(now, room, None, data, true)
+    }
+
+    fn room_send_via(&mut self, now: Instant, room: &str, to: Option<Fingerprint>, data: RoomData, relay: bool) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.send(room, to, data, relay)?;
+        self.rooms_dirty = true;
+        self.flush_rooms();
+        Ok(())
+    }
+
+    /// Sets this node's presence state in `room` (cursor, typing, status; `None` clears it).
+    /// Members hear of it at most every [`RoomsConfig::presence_interval`] (the latest
+    /// state wins) and forget it after [`RoomsConfig::presence_ttl`] without a refresh, which
+    /// this node sends on its own while it stays.
+    pub fn set_presence(&mut self, now: Instant, room: &str, state: Option<&serde_json::Value>) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.set_presence(room, state)?;
+        self.rooms_dirty = true;
+        self.flush_rooms();
+        Ok(())
+    }
+
+    /// Returns a view of a room this node is in.
+    pub fn room(&self, room: &str) -> Option<RoomView> {
+        self.rooms.view(room)
+    }
+
+    /// Returns the rooms this node is in.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.ids()
+    }
+}
+
+impl Transport for Node {
+    fn direct_open(&self, peer: &Fingerprint) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.state() == PeerState::Connected && p.channel_open(INTERNAL_CHANNEL))
+    }
+
+    fn send_direct(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError> {
+        let mut result = Err(SendError::UnknownPeer(peer));
+        self.with_peer(peer, |p, ctx| result = p.send(INTERNAL_CHANNEL, false, text.as_bytes(), ctx));
+        result
+    }
+
+    fn relay_ready(&self) -> bool {
+        self.client.is_registered()
+    }
+
+    fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool {
+        let payload = room::wire::encode_relayed(&self.identity, &mut self.rng, &to, body);
+        let Ok(payload) = RawValue::from_string(payload) else { return false };
+        match self.client.relay(to, &payload) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(to = %to.short(), error = %e, "room relay not sent");
+                false
+            }
+        }
+    }
+
+    fn has_connection(&self, peer: &Fingerprint) -> bool {
+        self.peers.get(peer).is_some_and(|p| !p.is_terminal())
+    }
+
+    fn connect(&mut self, peer: Fingerprint) {
+        if let Err(e) = self.connect_to_peer(self.now, peer) {
+            debug!(peer = %peer.short(), error = %e, "room member not called");
+        }
+    }
+
+    fn close_peer(&mut self, peer: Fingerprint) {
+        self.with_peer(peer, |p, ctx| p.close(ctx));
     }
 }
 

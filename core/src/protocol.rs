@@ -360,6 +360,18 @@ pub enum ClientMessage<'a> {
         /// The room id.
         room_id: Cow<'a, str>,
     },
+    /// Lists rooms that are not full, by room id; answered by `rooms`.
+    ListRooms {
+        /// Request id.
+        id: u64,
+        /// Only rooms whose id starts with this (at most [`MAX_NAME_LEN`] bytes without control
+        /// characters; may be empty).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prefix: Option<Cow<'a, str>>,
+        /// The most rooms to return.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// Removes a member from a room (owner only); answered by `ok`.
     Kick {
         /// Request id.
@@ -432,6 +444,7 @@ impl ClientMessage<'_> {
             | JoinRoom { id, .. }
             | LeaveRoom { id, .. }
             | RoomInfo { id, .. }
+            | ListRooms { id, .. }
             | Kick { id, .. }
             | CloseRoom { id, .. }
             | Ping { id } => Some(*id),
@@ -495,6 +508,8 @@ struct RawClientFrame<'a> {
     #[serde(borrow)]
     room_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
+    prefix: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     config: Option<RawRoomConfig<'a>>,
     #[serde(borrow)]
     fingerprint: Option<Cow<'a, str>>,
@@ -541,7 +556,13 @@ fn need<T>(field: Option<T>, name: &str, id: Option<u64>) -> Result<T, FrameErro
 /// Returns whether `name` is a valid namespace or room id: 1 to [`MAX_NAME_LEN`] bytes without
 /// control characters.
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME_LEN && !name.chars().any(char::is_control)
+    !name.is_empty() && is_valid_prefix(name)
+}
+
+/// Returns whether `prefix` is a valid `list_rooms` prefix: a room id that may be empty, so at
+/// most [`MAX_NAME_LEN`] bytes without control characters.
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    prefix.len() <= MAX_NAME_LEN && !prefix.chars().any(char::is_control)
 }
 
 fn check_name<'a>(value: Cow<'a, str>, field: &str, id: Option<u64>) -> Result<Cow<'a, str>, FrameError> {
@@ -680,6 +701,17 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, FrameError> {
                 _ => ClientMessage::CloseRoom { id, room_id },
             }
         }
+        "list_rooms" => {
+            let id = req()?;
+            if raw.prefix.as_deref().is_some_and(|p| !is_valid_prefix(p)) {
+                return Err(FrameError::new(
+                    ErrorCode::InvalidField,
+                    format!("`prefix` must be at most {MAX_NAME_LEN} bytes without control characters"),
+                    Some(id),
+                ));
+            }
+            ClientMessage::ListRooms { id, prefix: raw.prefix, limit: raw.limit }
+        }
         "kick" => ClientMessage::Kick {
             id: req()?,
             room_id: check_name(need(raw.room_id, "room_id", id)?, "room_id", id)?,
@@ -769,6 +801,22 @@ pub struct PeerInfo {
     /// The application version given when joining the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_version: Option<String>,
+}
+
+/// A room as `rooms` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomListing {
+    /// The room id.
+    pub room_id: String,
+    /// The owner.
+    pub owner: Fingerprint,
+    /// The room's size limit.
+    pub max_size: u32,
+    /// The room's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<RawJson>,
+    /// How many members it has now (fewer than `max_size`).
+    pub members: usize,
 }
 
 /// A frame from the server to a client.
@@ -921,6 +969,13 @@ pub enum ServerMessage {
         /// How many members it has now.
         members: usize,
     },
+    /// Reply to `list_rooms`.
+    Rooms {
+        /// The request id.
+        id: u64,
+        /// Rooms that are not full, sorted by room id, at most `limit`.
+        rooms: Vec<RoomListing>,
+    },
     /// A peer joined a room the recipient is in.
     RoomPeerJoined {
         /// The room.
@@ -1071,6 +1126,10 @@ mod tests {
             (r#"{"type":"match","id":10,"namespace":"a","group_size":1}"#, ErrorCode::InvalidField, Some(10)),
             (r#"{"type":"register","id":11,"version":1,"public_key":"k","signature":"s","meta":[1]}"#, ErrorCode::InvalidField, Some(11)),
             (r#"{"type":"join","id":12,"id":13,"namespace":"a"}"#, ErrorCode::InvalidField, None),
+            (r#"{"type":"list_rooms"}"#, ErrorCode::MissingField, None),
+            (r#"{"type":"list_rooms","id":14,"prefix":"a\u0007"}"#, ErrorCode::InvalidField, Some(14)),
+            (r#"{"type":"list_rooms","id":15,"prefix":7}"#, ErrorCode::InvalidField, Some(15)),
+            (r#"{"type":"list_rooms","id":16,"limit":-1}"#, ErrorCode::InvalidField, Some(16)),
         ];
         for (text, code, id) in cases {
             let err = decode_client(text).unwrap_err();
@@ -1094,6 +1153,9 @@ mod tests {
             ClientMessage::Join { id: 1, namespace: "lobby \"x\"".into(), app_type: Some("game".into()), app_version: None },
             ClientMessage::CreateRoom { id: 2, room_id: "r".into(), config: RoomConfig { max_size: Some(4), metadata: Some(&payload) } },
             ClientMessage::Kick { id: 5, room_id: "r".into(), fingerprint: fp() },
+            ClientMessage::ListRooms { id: 6, prefix: None, limit: None },
+            ClientMessage::ListRooms { id: 7, prefix: Some("".into()), limit: Some(3) },
+            ClientMessage::ListRooms { id: 8, prefix: Some("game-\"x\"".into()), limit: Some(0) },
             ClientMessage::Bye,
         ];
         for m in msgs {
@@ -1112,6 +1174,20 @@ mod tests {
             ServerMessage::Broadcast { from: fp(), namespace: "n".into(), payload: RawJson(payload.clone()) },
             ServerMessage::Error { id: Some(2), code: ErrorCode::RoomFull, message: "full".into() },
             ServerMessage::Pong { id: 9 },
+            ServerMessage::Rooms { id: 4, rooms: vec![] },
+            ServerMessage::Rooms {
+                id: 5,
+                rooms: vec![
+                    RoomListing { room_id: "a".into(), owner: fp(), max_size: 4, metadata: None, members: 0 },
+                    RoomListing {
+                        room_id: "b".into(),
+                        owner: fp(),
+                        max_size: 2,
+                        metadata: Some(RawJson::from_string(r#"{"t":1.5}"#.into()).unwrap()),
+                        members: 1,
+                    },
+                ],
+            },
         ];
         for m in msgs {
             assert_eq!(decode_server(&m.encode()).unwrap(), m);

@@ -16,3 +16,4 @@ mod ordering;
 mod outage_recovery;
 mod partition;
 mod reflexive;
+mod rooms;

@@ -521,6 +521,11 @@ impl PollNode {
         self.core.get_peer(peer)
     }
 
+    /// Returns a view of a room this node is in (see [`Node::room`]).
+    pub fn room(&self, room: &str) -> Option<peerlink::RoomView> {
+        self.core.room(room)
+    }
+
     /// Sends `value` as JSON on `channel` (the default channel when `None`).
     pub fn send<T: Serialize + ?Sized>(&mut self, peer: Fingerprint, channel: Option<&str>, value: &T) -> Result<(), Error> {
         let now = Instant::now();

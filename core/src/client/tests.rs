@@ -481,6 +481,48 @@ fn after_a_fresh_session_it_rejoins_its_namespaces_and_rooms() {
 }
 
 #[test]
+fn a_room_rejoined_after_a_fresh_session_is_reported_with_its_current_members() {
+    let mut net = Net::new(ServerConfig { resume_grace: Duration::ZERO, ..ServerConfig::default() });
+    let a = net.registered(cfg(), 1);
+    let b = net.registered(cfg(), 2);
+    let c = net.registered(cfg(), 3);
+    let now = net.now;
+    net.nodes[a].c.create_room(now, "den", Some(4), Some(&json!({"topic": "chess"}))).unwrap();
+    net.pump();
+    net.nodes[b].c.join_room(now, "den").unwrap();
+    net.pump();
+    net.cut(a);
+    // While a is away (its session gone), c joins: the re-joined room is not the one a left.
+    net.nodes[c].c.join_room(net.now, "den").unwrap();
+    net.pump();
+    net.events(a);
+    net.run_until(Duration::from_secs(2));
+    assert!(net.nodes[a].c.is_registered());
+    let ev = net.events(a);
+    let pos_re = ev.iter().position(|e| *e == ClientEvent::Reconnected { resumed: false }).expect("reconnected");
+    let rejoined: Vec<(usize, &RoomDetails, &Vec<PeerInfo>)> = ev
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            ClientEvent::RoomRejoined { room, peers } => Some((i, room, peers)),
+            _ => None,
+        })
+        .collect();
+    let [(pos, room, peers)] = rejoined[..] else { panic!("one RoomRejoined: {ev:?}") };
+    assert!(pos > pos_re);
+    let fa = net.fp(a);
+    assert_eq!((room.room_id.as_str(), room.owner, room.max_size), ("den", fa, 4));
+    assert_eq!(room.metadata.as_ref().map(RawJson::to_value), Some(json!({"topic": "chess"})));
+    let mut got: Vec<Fingerprint> = peers.iter().map(|p| p.fingerprint).collect();
+    let mut want = vec![net.fp(b), net.fp(c)];
+    got.sort_by_key(|f| f.to_string());
+    want.sort_by_key(|f| f.to_string());
+    assert_eq!(got, want, "the current other members");
+    assert!(responses(&ev).is_empty(), "an automatic re-join is not a user response");
+    assert_eq!(net.nodes[a].c.rooms().collect::<Vec<_>>(), ["den"]);
+}
+
+#[test]
 fn a_resumed_session_sends_no_rejoins() {
     let mut net = Net::new(ServerConfig::default());
     let a = net.registered(cfg(), 1);
@@ -579,6 +621,40 @@ fn relay_broadcast_and_match_end_to_end() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn list_rooms_reply_decodes_into_rooms() {
+    let mut net = Net::new(ServerConfig::default());
+    let owner = net.registered(cfg(), 1);
+    let a = net.registered(cfg(), 2);
+    let now = net.now;
+    net.nodes[owner].c.create_room(now, "lan-1", Some(2), Some(&json!({"map": "dust"}))).unwrap();
+    net.nodes[owner].c.create_room(now, "lan-0", Some(1), None).unwrap();
+    net.nodes[owner].c.create_room(now, "web", None, None).unwrap();
+    net.pump();
+    let r = net.nodes[a].c.list_rooms(now, Some("lan-"), None).unwrap();
+    net.pump();
+    let details = RoomDetails {
+        room_id: "lan-1".into(),
+        owner: net.fp(owner),
+        max_size: 2,
+        metadata: Some(RawJson::from_value(&json!({"map": "dust"})).unwrap()),
+    };
+    let want = Response::Rooms(vec![RoomSummary { details, members: 1 }]);
+    assert_eq!(responses(&net.events(a)), vec![(r, Ok(want))], "the full room lan-0 is not listed");
+    let r = net.nodes[a].c.list_rooms(now, None, Some(1)).unwrap();
+    net.pump();
+    match &responses(&net.events(a))[..] {
+        [(id, Ok(Response::Rooms(rooms)))] if *id == r => {
+            let ids: Vec<&str> = rooms.iter().map(|s| s.details.room_id.as_str()).collect();
+            assert_eq!(ids, ["lan-1"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let sent = net.nodes[a].sent.len();
+    assert!(matches!(net.nodes[a].c.list_rooms(now, Some("bad\n"), None), Err(ClientError::InvalidInput(_))));
+    assert_eq!(net.nodes[a].sent.len(), sent, "nothing sent for a bad prefix");
 }
 
 // ---- fatal conditions ----------------------------------------------------------------------------

@@ -47,6 +47,12 @@ use signal::{BindingError, RejectReason, SdpKind, SessionId, Signal};
 pub const DEFAULT_CHANNEL: &str = "default";
 /// SCTP stream id of [`DEFAULT_CHANNEL`].
 const DEFAULT_STREAM: u16 = 0;
+/// The label of peerlink's own channel (pre-negotiated as SCTP stream 2, reliable and
+/// ordered), which carries room messages ([`crate::room`]). Applications never see it: its
+/// events go to the rooms, and [`ChannelError::Invalid`] refuses the label.
+pub const INTERNAL_CHANNEL: &str = "peerlink";
+/// SCTP stream id of [`INTERNAL_CHANNEL`].
+const INTERNAL_STREAM: u16 = 2;
 /// Most channels one connection may have open.
 pub const MAX_CHANNELS: usize = 1024;
 /// Longest channel label.
@@ -428,8 +434,10 @@ impl Peer {
         let mut peer = Peer::new(remote, session, Role::Offerer, rtc, ctx);
         let mut api = peer.rtc.sdp_api();
         let id = api.add_channel_with_config(ChannelOptions::new(DEFAULT_CHANNEL).to_str0m(Some(DEFAULT_STREAM)));
+        let internal = api.add_channel_with_config(ChannelOptions::new(INTERNAL_CHANNEL).to_str0m(Some(INTERNAL_STREAM)));
         let applied = api.apply();
         peer.channels.push((id, Chan::new(DEFAULT_CHANNEL)));
+        peer.channels.push((internal, Chan::new(INTERNAL_CHANNEL)));
         let Some((offer, pending)) = applied else {
             return Err(PeerError::Transport("str0m made no offer".into()));
         };
@@ -457,6 +465,8 @@ impl Peer {
         // The pre-negotiated default channel: the offerer declared it in its offer.
         let id = peer.rtc.direct_api().create_data_channel(ChannelOptions::new(DEFAULT_CHANNEL).to_str0m(Some(DEFAULT_STREAM)));
         peer.channels.push((id, Chan::new(DEFAULT_CHANNEL)));
+        let internal = peer.rtc.direct_api().create_data_channel(ChannelOptions::new(INTERNAL_CHANNEL).to_str0m(Some(INTERNAL_STREAM)));
+        peer.channels.push((internal, Chan::new(INTERNAL_CHANNEL)));
         peer.drain(ctx);
         info!(remote = %remote.short(), %session, "answering");
         Ok(peer)
@@ -586,7 +596,12 @@ impl Peer {
 
     /// Labels of the open channels, in creation order.
     pub(crate) fn open_channels(&self) -> impl Iterator<Item = &str> {
-        self.channels.iter().filter(|(_, c)| c.open).map(|(_, c)| c.label.as_str())
+        self.channels.iter().filter(|(_, c)| c.open && c.label != INTERNAL_CHANNEL).map(|(_, c)| c.label.as_str())
+    }
+
+    /// Whether the channel called `label` is open.
+    pub(crate) fn channel_open(&self, label: &str) -> bool {
+        self.channels.iter().any(|(_, c)| c.open && c.label == label)
     }
 
     fn channel_id(&self, label: &str) -> Option<ChannelId> {
@@ -837,6 +852,9 @@ impl Peer {
         if options.label.is_empty() || options.label.len() > MAX_LABEL_LEN {
             return Err(ChannelError::Invalid(format!("a label is 1 to {MAX_LABEL_LEN} bytes")));
         }
+        if options.label == INTERNAL_CHANNEL {
+            return Err(ChannelError::Invalid(format!("`{INTERNAL_CHANNEL}` is peerlink's own channel")));
+        }
         if self.channel_id(&options.label).is_some() {
             return Err(ChannelError::Exists(options.label.clone()));
         }
@@ -1036,6 +1054,12 @@ impl Peer {
                 if self.chan(id).is_none() && self.channels.len() >= MAX_CHANNELS {
                     // A remote opening channels without end: refuse the rest.
                     warn!(remote = %self.remote.short(), "too many channels: closing `{label}`");
+                    self.rtc.direct_api().close_data_channel(id);
+                    return;
+                }
+                if self.chan(id).is_none() && label == INTERNAL_CHANNEL {
+                    // Only the pre-negotiated stream carries that label.
+                    warn!(remote = %self.remote.short(), "remote opened a channel with the internal label: closing it");
                     self.rtc.direct_api().close_data_channel(id);
                     return;
                 }

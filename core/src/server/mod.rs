@@ -41,7 +41,8 @@ pub use jwt::{AuthConfig, AuthError, AuthKey, sign_hs256};
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ use tracing::{debug, info, trace};
 
 use crate::identity::{Fingerprint, PublicKey, Signature};
 use crate::protocol::{
-    self, ClientMessage, CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, PeerInfo, RawJson, ServerMessage,
+    self, ClientMessage, CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, PeerInfo, RawJson, RoomListing, ServerMessage,
 };
 
 /// Most transmits that may wait undrained before `handle_*` refuses more input.
@@ -124,6 +125,8 @@ pub struct ServerConfig {
     pub max_peer_list: usize,
     /// Largest `discover` limit (and the default). Default 100.
     pub max_discover: u32,
+    /// Largest `list_rooms` limit (and the default). Default 100.
+    pub max_list_rooms: u32,
     /// Access control at registration, off by default.
     pub auth: Option<AuthConfig>,
 }
@@ -152,6 +155,7 @@ impl Default for ServerConfig {
             match_timeout: Duration::from_secs(60),
             max_peer_list: 256,
             max_discover: 100,
+            max_list_rooms: 100,
             auth: None,
         }
     }
@@ -282,6 +286,10 @@ pub struct Server {
     sessions: HashMap<Fingerprint, Session>,
     namespaces: HashMap<String, Namespace>,
     rooms: HashMap<String, Room>,
+    /// Ids of the rooms in `rooms` that are not full, in order, so `list_rooms` reads a prefix
+    /// range and stops after `limit` instead of scanning every room. Kept in step by
+    /// [`Server::sync_open`] wherever a room's members change or a room goes away.
+    open_rooms: BTreeSet<String>,
     /// Pending matches keyed by namespace, criteria (canonical JSON) and group size.
     matches: HashMap<String, Vec<MatchWaiter>>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
@@ -316,6 +324,7 @@ impl Server {
             sessions: HashMap::new(),
             namespaces: HashMap::new(),
             rooms: HashMap::new(),
+            open_rooms: BTreeSet::new(),
             matches: HashMap::new(),
             timers: BinaryHeap::new(),
             out: VecDeque::new(),
@@ -518,6 +527,9 @@ impl Server {
             ClientMessage::JoinRoom { id, room_id } => (Some(id), self.join_room(me, id, &room_id)),
             ClientMessage::LeaveRoom { id, room_id } => (Some(id), self.leave_room(me, id, &room_id, now)),
             ClientMessage::RoomInfo { id, room_id } => (Some(id), self.room_info(id, &room_id)),
+            ClientMessage::ListRooms { id, prefix, limit } => {
+                (Some(id), self.list_rooms(id, prefix.as_deref().unwrap_or(""), limit))
+            }
             ClientMessage::Kick { id, room_id, fingerprint } => {
                 (Some(id), self.kick(me, id, &room_id, fingerprint, now))
             }
@@ -927,6 +939,7 @@ impl Server {
             Room { owner: me, max_size, metadata: metadata.clone(), members: vec![me], empty_since: None },
         );
         self.sessions.get_mut(&me).expect("registered").rooms.push(room_id.to_string());
+        self.sync_open(&room_id);
         reply(ServerMessage::RoomCreated { id, room_id: room_id.into_owned(), owner: me, max_size, metadata })
     }
 
@@ -950,6 +963,7 @@ impl Server {
             room.members.push(me);
             room.empty_since = None;
             self.sessions.get_mut(&me).expect("registered").rooms.push(room_id.to_owned());
+            self.sync_open(room_id);
             for other in others {
                 self.send_to_session(&other, notice.clone());
             }
@@ -985,6 +999,7 @@ impl Server {
         if let Some(s) = self.sessions.get_mut(&who) {
             s.rooms.retain(|r| r != room_id);
         }
+        self.sync_open(room_id);
         let notice: Arc<str> =
             ServerMessage::RoomPeerLeft { room_id: room_id.to_owned(), fingerprint: who, kicked }.encode().into();
         for other in others {
@@ -1005,6 +1020,39 @@ impl Server {
             metadata: room.metadata.clone(),
             members: room.members.len(),
         })
+    }
+
+    fn list_rooms(&self, id: u64, prefix: &str, limit: Option<u32>) -> Reply {
+        let limit = limit.unwrap_or(self.config.max_list_rooms).min(self.config.max_list_rooms) as usize;
+        // The ids starting with `prefix` are one contiguous range of the ordered set, and every
+        // id in it is open: the work is one lookup plus `limit` rooms, however many rooms exist.
+        let rooms = self
+            .open_rooms
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|room_id| room_id.starts_with(prefix))
+            .take(limit)
+            .map(|room_id| {
+                let room = &self.rooms[room_id];
+                RoomListing {
+                    room_id: room_id.clone(),
+                    owner: room.owner,
+                    max_size: room.max_size,
+                    metadata: room.metadata.clone(),
+                    members: room.members.len(),
+                }
+            })
+            .collect();
+        reply(ServerMessage::Rooms { id, rooms })
+    }
+
+    /// Brings `open_rooms` in line with the room: listed while it exists and is not full.
+    fn sync_open(&mut self, room_id: &str) {
+        let open = self.rooms.get(room_id).is_some_and(|r| r.members.len() < r.max_size as usize);
+        if !open {
+            self.open_rooms.remove(room_id);
+        } else if !self.open_rooms.contains(room_id) {
+            self.open_rooms.insert(room_id.to_owned());
+        }
     }
 
     fn kick(&mut self, me: Fingerprint, id: u64, room_id: &str, target: Fingerprint, now: Instant) -> Reply {
@@ -1033,6 +1081,7 @@ impl Server {
             return err(ErrorCode::NotRoomOwner, "only the room's owner may close it");
         }
         let room = self.rooms.remove(room_id).expect("checked above");
+        self.sync_open(room_id);
         let notice: Arc<str> = ServerMessage::RoomClosed { room_id: room_id.to_owned() }.encode().into();
         for member in room.members {
             if let Some(s) = self.sessions.get_mut(&member) {
@@ -1082,6 +1131,7 @@ impl Server {
                 if expired {
                     debug!(%room_id, "empty room removed");
                     self.rooms.remove(&room_id);
+                    self.sync_open(&room_id);
                 }
             }
             Timer::Match(key) => {

@@ -68,6 +68,14 @@ impl H {
                 }
             }
         }
+        // `list_rooms` trusts its index of open rooms: it must match the rooms after every input.
+        let open: Vec<&String> = {
+            let mut v: Vec<&String> =
+                self.s.rooms.iter().filter(|(_, r)| r.members.len() < r.max_size as usize).map(|(id, _)| id).collect();
+            v.sort();
+            v
+        };
+        assert!(self.s.open_rooms.iter().eq(open), "open room index out of step with the rooms");
     }
 
     /// Opens a connection and consumes its challenge (which must be its first frame).
@@ -880,6 +888,105 @@ fn empty_room_is_removed_after_room_ttl_unless_rejoined() {
     assert_eq!(
         error_of(&h.one(o, json!({"type": "room_info", "id": 7, "room_id": "r"}))),
         (Some(7), ErrorCode::RoomNotFound)
+    );
+}
+
+fn list_rooms(h: &mut H, conn: ConnId, v: Value) -> Vec<(String, u32, usize)> {
+    match h.one(conn, v) {
+        ServerMessage::Rooms { rooms, .. } => rooms.into_iter().map(|r| (r.room_id, r.max_size, r.members)).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn listed(rooms: &[(&str, u32, usize)]) -> Vec<(String, u32, usize)> {
+    rooms.iter().map(|(id, max, n)| (id.to_string(), *max, *n)).collect()
+}
+
+#[test]
+fn list_rooms_lists_open_rooms_by_prefix_in_id_order() {
+    let mut h = H::default();
+    let (o, io) = h.peer(1);
+    let (b, _) = h.peer(2);
+    let (c, _) = h.peer(3);
+    let rooms = [("game-b", 2), ("game-a", 3), ("game-full", 1), ("chat", 4), ("gamer", 2)];
+    for (i, (room, max)) in rooms.into_iter().enumerate() {
+        let config = json!({"max_size": max, "metadata": {"n": i}});
+        h.one(o, json!({"type": "create_room", "id": i, "room_id": room, "config": config}));
+    }
+    match h.one(c, json!({"type": "list_rooms", "id": 9, "prefix": "game-"})) {
+        ServerMessage::Rooms { id: 9, rooms } => {
+            let ids: Vec<&str> = rooms.iter().map(|r| r.room_id.as_str()).collect();
+            assert_eq!(ids, ["game-a", "game-b"], "sorted, prefix only, the full room left out");
+            assert_eq!(rooms[0].owner, io.fingerprint());
+            assert_eq!((rooms[0].max_size, rooms[0].members), (3, 1));
+            assert_eq!(rooms[0].metadata.as_ref().unwrap().to_value(), json!({"n": 1}));
+        }
+        other => panic!("{other:?}"),
+    }
+    let all = listed(&[("chat", 4, 1), ("game-a", 3, 1), ("game-b", 2, 1), ("gamer", 2, 1)]);
+    assert_eq!(list_rooms(&mut h, c, json!({"type": "list_rooms", "id": 10})), all);
+    assert_eq!(list_rooms(&mut h, c, json!({"type": "list_rooms", "id": 11, "prefix": ""})), all);
+    assert_eq!(list_rooms(&mut h, c, json!({"type": "list_rooms", "id": 12, "prefix": null})), all);
+    assert_eq!(list_rooms(&mut h, c, json!({"type": "list_rooms", "id": 13, "prefix": "game-b-"})), vec![]);
+    assert_eq!(list_rooms(&mut h, c, json!({"type": "list_rooms", "id": 14, "prefix": "z"})), vec![]);
+    assert!(h.take(o).is_empty() && h.take(b).is_empty(), "list_rooms notifies nobody");
+
+    // A room drops out of the list when it fills up and comes back when someone leaves.
+    h.one(b, json!({"type": "join_room", "id": 20, "room_id": "game-b"}));
+    let games = json!({"type": "list_rooms", "id": 21, "prefix": "game"});
+    assert_eq!(list_rooms(&mut h, c, games.clone()), listed(&[("game-a", 3, 1), ("gamer", 2, 1)]));
+    h.one(b, json!({"type": "leave_room", "id": 22, "room_id": "game-b"}));
+    h.take(o);
+    assert_eq!(list_rooms(&mut h, c, games.clone()), listed(&[("game-a", 3, 1), ("game-b", 2, 1), ("gamer", 2, 1)]));
+    // Closed rooms are gone; rooms left empty are listed until their TTL removes them.
+    h.one(o, json!({"type": "close_room", "id": 23, "room_id": "game-a"}));
+    h.one(o, json!({"type": "leave_room", "id": 24, "room_id": "gamer"}));
+    h.one(o, json!({"type": "leave_room", "id": 25, "room_id": "game-full"}));
+    assert_eq!(list_rooms(&mut h, c, games.clone()), listed(&[("game-b", 2, 1), ("game-full", 1, 0), ("gamer", 2, 0)]));
+    h.run_until(Duration::from_secs(30));
+    h.req(c, json!({"type": "ping", "id": 26}));
+    h.run_until(Duration::from_secs(61));
+    assert_eq!(list_rooms(&mut h, c, games), listed(&[("game-b", 2, 1)]));
+}
+
+#[test]
+fn list_rooms_limit_defaults_to_and_is_clamped_at_max_list_rooms() {
+    let mut h = H::new(ServerConfig { max_list_rooms: 3, ..ServerConfig::default() });
+    let (o, _) = h.peer(1);
+    for i in 0..5 {
+        h.one(o, json!({"type": "create_room", "id": i, "room_id": format!("r{i}")}));
+    }
+    let ids = |h: &mut H, v: Value| -> Vec<String> { list_rooms(h, o, v).into_iter().map(|r| r.0).collect() };
+    assert_eq!(ids(&mut h, json!({"type": "list_rooms", "id": 1})), ["r0", "r1", "r2"]);
+    assert_eq!(ids(&mut h, json!({"type": "list_rooms", "id": 2, "limit": 2})), ["r0", "r1"]);
+    assert_eq!(ids(&mut h, json!({"type": "list_rooms", "id": 3, "limit": 1000})), ["r0", "r1", "r2"]);
+    assert_eq!(ids(&mut h, json!({"type": "list_rooms", "id": 4, "limit": 0})), Vec::<String>::new());
+    assert_eq!(ServerConfig::default().max_list_rooms, 100);
+}
+
+#[test]
+fn list_rooms_with_a_bad_prefix_is_invalid_field() {
+    let mut h = H::default();
+    let (a, _) = h.peer(1);
+    let long = "x".repeat(protocol::MAX_NAME_LEN + 1);
+    for (id, prefix) in [(1, json!("a\u{7}")), (2, json!(long)), (3, json!(7)), (4, json!(["a"]))] {
+        assert_eq!(
+            error_of(&h.one(a, json!({"type": "list_rooms", "id": id, "prefix": prefix}))),
+            (Some(id), ErrorCode::InvalidField),
+            "{prefix}"
+        );
+    }
+    assert_eq!(
+        error_of(&h.one(a, json!({"type": "list_rooms", "id": 5, "limit": "ten"}))),
+        (Some(5), ErrorCode::InvalidField)
+    );
+    let longest = "x".repeat(protocol::MAX_NAME_LEN);
+    let reply = h.one(a, json!({"type": "list_rooms", "id": 6, "prefix": longest}));
+    assert!(matches!(reply, ServerMessage::Rooms { id: 6, .. }), "{reply:?}");
+    let unregistered = h.connect();
+    assert_eq!(
+        error_of(&h.one(unregistered, json!({"type": "list_rooms", "id": 7}))),
+        (Some(7), ErrorCode::NotRegistered)
     );
 }
 

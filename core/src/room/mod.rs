@@ -1,0 +1,1123 @@
+//! Managed rooms on top of a [`Node`](crate::Node): the reference's `DirectRoom` and
+//! `GroupRoom`, with relay fallback and presence.
+//!
+//! A room is a signaling-server room (its membership, owner, size limit and metadata live on
+//! the server) whose members connect to each other directly (a full mesh: whoever joins
+//! calls everyone already there). Room messages travel on each connection's
+//! [`INTERNAL_CHANNEL`](crate::peer::INTERNAL_CHANNEL) while it is up and through the
+//! server's `relay` otherwise, transparently.
+//!
+//! # Delivery
+//!
+//! Every (room, sender, receiver) triple is a stream with sequence numbers: the receiver
+//! delivers in order, drops duplicates, and acknowledges cumulatively; the sender keeps what
+//! is not yet acknowledged and sends it again when the path changes (direct up or down, the
+//! signaling connection back) or when no acknowledgement came for an RTO. So switching
+//! between relay and direct in either direction neither loses, duplicates nor reorders a
+//! message (what a reliable ordered channel promises), as long as both stay in the room.
+//!
+//! # Bounds and overflow
+//!
+//! - At most [`RoomsConfig::max_unacked`] unacknowledged messages per member: a send that
+//!   would exceed it for any recipient is refused whole with [`RoomError::WouldBlock`]
+//!   (nothing is queued), and [`RoomEvent::Writable`] follows when there is room.
+//! - Relay frames are paced by a token bucket ([`RoomsConfig::relay_rate`],
+//!   [`RoomsConfig::relay_burst`]) below the server's per-connection rate limit; up to 32 KiB
+//!   of messages to one member share a frame. When the bucket is empty, messages wait in the
+//!   unacknowledged queue, which is what a sender then sees fill up (`WouldBlock`). Should the
+//!   server still refuse a frame (`rate_limited`), nothing is acknowledged and the RTO sends it
+//!   again.
+//! - At most [`MAX_REORDER`] out-of-order messages are held per stream; beyond that they are
+//!   dropped and sent again by their sender.
+//! - Presence: local updates go out at most once per [`RoomsConfig::presence_interval`] (the
+//!   latest wins); a member's updates beyond 20 per second are dropped.
+//!
+//! Relay batches are signed with the sender's identity key for their recipient (see
+//! `docs/PROTOCOL.md`): the server can delay or drop them, not forge, alter or redirect them.
+
+pub(crate) mod wire;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tracing::{debug, trace, warn};
+
+use crate::client::{RequestError, RequestId, RoomDetails};
+use crate::identity::Fingerprint;
+use crate::peer::{Payload, SendError};
+use crate::protocol::{PeerInfo, RawJson};
+pub use wire::{RoomData, WireError};
+use wire::Item;
+
+/// Most out-of-order messages held per stream.
+pub const MAX_REORDER: usize = 1024;
+/// Most items (messages, acknowledgements, presence) waiting per member besides the
+/// unacknowledged messages; older ones are dropped first (acknowledgements and presence are
+/// sent again anyway).
+const MAX_CONTROL_ITEMS: usize = 256;
+/// Bytes of items per relay frame (the server's frame limit is 64 KiB).
+const RELAY_BATCH_BYTES: usize = 32 * 1024;
+/// Bytes of items per direct message.
+const DIRECT_BATCH_BYTES: usize = 16 * 1024;
+/// Incoming presence updates accepted per member per second (and burst).
+const PRESENCE_RX_RATE: f64 = 20.0;
+
+/// How rooms behave. Every field has a default; see each.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RoomsConfig {
+    /// Largest room message (its encoded size: binary counts as base64). Default 16 KiB.
+    pub max_message_size: usize,
+    /// Most unacknowledged messages per member. Default 512.
+    pub max_unacked: usize,
+    /// Relay frames per second the rooms may send in all (the server allows 200 frames per
+    /// second per connection, for everything). Default 100.
+    pub relay_rate: u32,
+    /// Relay frames that may go at once after a quiet time. Default 100.
+    pub relay_burst: u32,
+    /// How long a sent message may wait for its acknowledgement before it is sent again
+    /// (doubling after each miss, up to `max_rto`). Default 1 s.
+    pub rto: Duration,
+    /// The longest RTO. Default 8 s.
+    pub max_rto: Duration,
+    /// Least time between two presence updates sent. Default 100 ms.
+    pub presence_interval: Duration,
+    /// How long a member's presence holds without a refresh; refreshed every third of it.
+    /// Default 30 s.
+    pub presence_ttl: Duration,
+    /// Largest presence state (JSON). Default 1 KiB.
+    pub max_presence_size: usize,
+    /// First wait before calling a member again whose connection failed (doubling, up to
+    /// a minute). Default 2 s.
+    pub redial_backoff: Duration,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            max_message_size: 16 * 1024,
+            max_unacked: 512,
+            relay_rate: 100,
+            relay_burst: 100,
+            rto: Duration::from_secs(1),
+            max_rto: Duration::from_secs(8),
+            presence_interval: Duration::from_millis(100),
+            presence_ttl: Duration::from_secs(30),
+            max_presence_size: 1024,
+            redial_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a room is created.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RoomOptions {
+    /// Most members (the server's default, 16, when `None`). A direct room is 2.
+    pub max_size: Option<u32>,
+    /// Metadata anyone can read (`room_info`, `list_rooms`).
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl RoomOptions {
+    /// A 1:1 room (the reference's `DirectRoom`).
+    pub fn direct() -> Self {
+        RoomOptions { max_size: Some(2), metadata: None }
+    }
+
+    /// A group room of at most `max_size` members (the reference's `GroupRoom`).
+    pub fn group(max_size: u32) -> Self {
+        RoomOptions { max_size: Some(max_size), metadata: None }
+    }
+
+    /// With this metadata.
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+}
+
+/// The path a member's messages take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoomPath {
+    /// The direct connection.
+    Direct,
+    /// The signaling server's relay.
+    Relay,
+}
+
+/// Errors of room commands, and of room input (as [`RoomEvent::Error`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoomError {
+    /// This node is not in that room (or has not finished joining it).
+    #[error("not in room `{0}`")]
+    NotJoined(String),
+    /// This node is already in (or joining) that room.
+    #[error("already in room `{0}`")]
+    AlreadyJoined(String),
+    /// The peer is not a member of the room.
+    #[error("{0} is not a member of the room")]
+    NotMember(Fingerprint),
+    /// Only the owner may do that.
+    #[error("only the room's owner may do that")]
+    NotOwner,
+    /// The message is over [`RoomsConfig::max_message_size`] (encoded).
+    #[error("message of {size} bytes is over the room limit of {max}")]
+    MessageTooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A recipient has [`RoomsConfig::max_unacked`] messages unacknowledged; nothing was
+    /// sent. Wait for [`RoomEvent::Writable`].
+    #[error("{peer} has too many unacknowledged messages")]
+    WouldBlock {
+        /// The recipient that is behind.
+        peer: Fingerprint,
+    },
+    /// The presence state is over [`RoomsConfig::max_presence_size`].
+    #[error("presence state of {size} bytes is over the limit of {max}")]
+    PresenceTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The value could not be serialized.
+    #[error("serialize: {0}")]
+    Serialize(String),
+    /// The server refused a room request (`room_full`, `room_not_found`, `not_room_owner`, ...).
+    #[error("server refused: {0}")]
+    Request(RequestError),
+    /// A member sent something unusable; it was dropped and nobody else is affected.
+    #[error("bad room message from {from}: {error}")]
+    BadMessage {
+        /// The sender.
+        from: Fingerprint,
+        /// What was wrong.
+        error: WireError,
+    },
+}
+
+/// Something that happened in a room; arrives as [`NodeEvent::Room`](crate::NodeEvent::Room).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RoomEvent {
+    /// This node is in the room (it created or joined it); connections to the members are
+    /// under way.
+    Joined {
+        /// The room.
+        room: String,
+        /// Its owner.
+        owner: Fingerprint,
+        /// Its size limit.
+        max_size: u32,
+        /// Its metadata.
+        metadata: Option<RawJson>,
+        /// The other members.
+        members: Vec<PeerInfo>,
+    },
+    /// Someone joined.
+    PeerJoined {
+        /// The room.
+        room: String,
+        /// The newcomer (alias and metadata as it registered them).
+        peer: PeerInfo,
+    },
+    /// Someone left, or was kicked.
+    PeerLeft {
+        /// The room.
+        room: String,
+        /// Who.
+        peer: Fingerprint,
+        /// Whether the owner kicked it.
+        kicked: bool,
+    },
+    /// A room message.
+    Data {
+        /// The room.
+        room: String,
+        /// The sender (proven: by DTLS on the direct path, by its signature on the relay).
+        from: Fingerprint,
+        /// The message (JSON arrives as text).
+        data: Payload,
+        /// How it came.
+        path: RoomPath,
+    },
+    /// Messages to (and from) a member now take another path.
+    PathChanged {
+        /// The room.
+        room: String,
+        /// The member.
+        peer: Fingerprint,
+        /// The new path.
+        path: RoomPath,
+    },
+    /// Sends refused with [`RoomError::WouldBlock`] may be tried again.
+    Writable {
+        /// The room.
+        room: String,
+    },
+    /// A member's presence state changed (`None`: cleared).
+    Presence {
+        /// The room.
+        room: String,
+        /// The member.
+        peer: Fingerprint,
+        /// Its state.
+        state: Option<serde_json::Value>,
+    },
+    /// A member's presence was not refreshed in time (it vanished, or its path is down).
+    PresenceExpired {
+        /// The room.
+        room: String,
+        /// The member.
+        peer: Fingerprint,
+    },
+    /// This node is no longer in the room: the owner closed it, or this node left it.
+    Closed {
+        /// The room.
+        room: String,
+    },
+    /// The owner kicked this node.
+    Kicked {
+        /// The room.
+        room: String,
+    },
+    /// A room request failed, or a member sent something unusable.
+    Error {
+        /// The room.
+        room: String,
+        /// What went wrong.
+        error: RoomError,
+    },
+}
+
+/// A member, as [`RoomView`] shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    /// Its fingerprint, alias and metadata.
+    pub info: PeerInfo,
+    /// The path messages to it take now.
+    pub path: RoomPath,
+    /// Its presence state.
+    pub presence: Option<serde_json::Value>,
+    /// Messages to it not yet acknowledged.
+    pub unacked: usize,
+}
+
+/// A read-only view of a room ([`Node::room`](crate::Node::room)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomView {
+    /// The room id.
+    pub id: String,
+    /// Its owner.
+    pub owner: Fingerprint,
+    /// Its size limit.
+    pub max_size: u32,
+    /// Its metadata.
+    pub metadata: Option<RawJson>,
+    /// The other members.
+    pub members: Vec<MemberView>,
+    /// This node's own presence state.
+    pub presence: Option<serde_json::Value>,
+}
+
+/// What the rooms need from the node around them.
+pub(crate) trait Transport {
+    /// Whether the connection to `peer` is up with its internal channel open.
+    fn direct_open(&self, peer: &Fingerprint) -> bool;
+    /// Sends `text` on the internal channel to `peer`.
+    fn send_direct(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError>;
+    /// Whether the signaling client is registered (relays can go).
+    fn relay_ready(&self) -> bool;
+    /// Signs `body` for `to` and relays it; false when the client refused it.
+    fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool;
+    /// Whether a connection to `peer` exists that is not failed or closed.
+    fn has_connection(&self, peer: &Fingerprint) -> bool;
+    /// Starts a connection to `peer`.
+    fn connect(&mut self, peer: Fingerprint);
+    /// Closes the connection to `peer`.
+    fn close_peer(&mut self, peer: Fingerprint);
+}
+
+/// What a pending server request was for.
+#[derive(Debug, Clone)]
+pub(crate) enum Pending {
+    Enter(String),
+    Kick(String),
+}
+
+struct OutMsg {
+    seq: u64,
+    data: RoomData,
+    sent: bool,
+    force_relay: bool,
+}
+
+struct Out {
+    next_seq: u64,
+    unacked: VecDeque<OutMsg>,
+    rto: Duration,
+    deadline: Option<Instant>,
+    blocked: bool,
+}
+
+#[derive(Default)]
+struct In {
+    epoch: Option<u64>,
+    next: u64,
+    buffer: BTreeMap<u64, RoomData>,
+    ack_due: bool,
+}
+
+struct RemotePresence {
+    epoch: u64,
+    version: u64,
+    state: Option<serde_json::Value>,
+    expires: Instant,
+}
+
+struct Member {
+    info: PeerInfo,
+    out: Out,
+    inn: In,
+    presence: Option<RemotePresence>,
+    presence_tokens: (f64, Instant),
+    /// Presence to send to this member (set when it joins, or on a change).
+    presence_due: bool,
+    path: Option<RoomPath>,
+}
+
+impl Member {
+    fn new(info: PeerInfo, rto: Duration, now: Instant) -> Self {
+        Member {
+            info,
+            out: Out { next_seq: 1, unacked: VecDeque::new(), rto, deadline: None, blocked: false },
+            inn: In { next: 1, ..In::default() },
+            presence: None,
+            presence_tokens: (PRESENCE_RX_RATE, now),
+            presence_due: true,
+            path: None,
+        }
+    }
+}
+
+struct LocalPresence {
+    state: Option<String>,
+    version: u64,
+    dirty: bool,
+    last_sent: Option<Instant>,
+}
+
+struct Room {
+    owner: Fingerprint,
+    max_size: u32,
+    metadata: Option<RawJson>,
+    /// False while the create or join request is in flight.
+    joined: bool,
+    epoch: u64,
+    members: BTreeMap<Fingerprint, Member>,
+    presence: LocalPresence,
+}
+
+/// Every managed room of a node.
+pub(crate) struct Rooms {
+    config: RoomsConfig,
+    me: Fingerprint,
+    rooms: BTreeMap<String, Room>,
+    pub(crate) pending: HashMap<RequestId, Pending>,
+    direct: BTreeSet<Fingerprint>,
+    relay_tokens: f64,
+    relay_at: Option<Instant>,
+    /// Relay items wait for a token (a wake-up is due when one is there).
+    relay_starved: bool,
+    redial: BTreeMap<Fingerprint, (Instant, Duration)>,
+    events: VecDeque<RoomEvent>,
+    /// A counter mixed with the seed into each room's epoch.
+    epochs: u64,
+    seed: u64,
+}
+
+/// Where an item in a batch came from, to mark it sent (or put it back) after the send.
+#[derive(Clone)]
+enum Origin {
+    Data { room: String, seq: u64 },
+    Ack { room: String },
+    Presence { room: String },
+}
+
+impl Default for Rooms {
+    /// An empty set (a placeholder while the real one is in use).
+    fn default() -> Self {
+        Rooms::with_seed(RoomsConfig::default(), Fingerprint::from_bytes([0; 32]), 0)
+    }
+}
+
+impl Rooms {
+    pub(crate) fn new(config: RoomsConfig, me: Fingerprint, rng: &mut impl RngCore) -> Self {
+        Rooms::with_seed(config, me, rng.next_u64())
+    }
+
+    fn with_seed(config: RoomsConfig, me: Fingerprint, seed: u64) -> Self {
+        Rooms {
+            relay_tokens: f64::from(config.relay_burst),
+            config,
+            me,
+            rooms: BTreeMap::new(),
+            pending: HashMap::new(),
+            direct: BTreeSet::new(),
+            relay_at: None,
+            relay_starved: false,
+            redial: BTreeMap::new(),
+            events: VecDeque::new(),
+            epochs: 0,
+            seed,
+        }
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<RoomEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether `room` is managed here (joined or joining).
+    pub(crate) fn manages(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Whether `peer` is a member of any room here.
+    pub(crate) fn is_member(&self, peer: &Fingerprint) -> bool {
+        self.rooms.values().any(|r| r.members.contains_key(peer))
+    }
+
+    pub(crate) fn ids(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().filter(|(_, r)| r.joined).map(|(id, _)| id.as_str())
+    }
+
+    pub(crate) fn view(&self, id: &str) -> Option<RoomView> {
+        let room = self.rooms.get(id).filter(|r| r.joined)?;
+        Some(RoomView {
+            id: id.to_owned(),
+            owner: room.owner,
+            max_size: room.max_size,
+            metadata: room.metadata.clone(),
+            members: room
+                .members
+                .iter()
+                .map(|(fp, m)| MemberView {
+                    info: m.info.clone(),
+                    path: if self.direct.contains(fp) { RoomPath::Direct } else { RoomPath::Relay },
+                    presence: m.presence.as_ref().and_then(|p| p.state.clone()),
+                    unacked: m.out.unacked.len(),
+                })
+                .collect(),
+            presence: room.presence.state.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+        })
+    }
+
+    fn new_epoch(&mut self) -> u64 {
+        self.epochs += 1;
+        // splitmix64 of seed + counter, kept below 2^53 so JavaScript reads it exactly.
+        let mut z = self.seed.wrapping_add(self.epochs.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) & ((1 << 53) - 1)
+    }
+
+    // ---- commands -----------------------------------------------------------------------
+
+    /// Registers a room being created or joined (the request is `request`).
+    pub(crate) fn entering(&mut self, id: &str, request: RequestId) -> Result<(), RoomError> {
+        if self.rooms.contains_key(id) {
+            return Err(RoomError::AlreadyJoined(id.to_owned()));
+        }
+        let epoch = self.new_epoch();
+        self.rooms.insert(
+            id.to_owned(),
+            Room {
+                owner: self.me,
+                max_size: 0,
+                metadata: None,
+                joined: false,
+                epoch,
+                members: BTreeMap::new(),
+                presence: LocalPresence { state: None, version: 0, dirty: false, last_sent: None },
+            },
+        );
+        self.pending.insert(request, Pending::Enter(id.to_owned()));
+        Ok(())
+    }
+
+    pub(crate) fn check_joined(&self, id: &str) -> Result<(), RoomError> {
+        match self.rooms.get(id) {
+            Some(r) if r.joined => Ok(()),
+            _ => Err(RoomError::NotJoined(id.to_owned())),
+        }
+    }
+
+    /// Whether this node owns `id`.
+    pub(crate) fn is_owner(&self, id: &str) -> Result<bool, RoomError> {
+        self.check_joined(id)?;
+        Ok(self.rooms[id].owner == self.me)
+    }
+
+    pub(crate) fn check_kick(&self, id: &str, peer: &Fingerprint) -> Result<(), RoomError> {
+        if !self.is_owner(id)? {
+            return Err(RoomError::NotOwner);
+        }
+        if !self.rooms[id].members.contains_key(peer) {
+            return Err(RoomError::NotMember(*peer));
+        }
+        Ok(())
+    }
+
+    /// Queues a message to every member (`to: None`) or one; all or nothing.
+    pub(crate) fn send(&mut self, id: &str, to: Option<Fingerprint>, data: RoomData, force_relay: bool) -> Result<(), RoomError> {
+        self.check_joined(id)?;
+        let size = data.wire_len();
+        if size > self.config.max_message_size {
+            return Err(RoomError::MessageTooLarge { size, max: self.config.max_message_size });
+        }
+        let max_unacked = self.config.max_unacked;
+        let room = self.rooms.get_mut(id).expect("checked");
+        let targets: Vec<Fingerprint> = match to {
+            Some(peer) if room.members.contains_key(&peer) => vec![peer],
+            Some(peer) => return Err(RoomError::NotMember(peer)),
+            None => room.members.keys().copied().collect(),
+        };
+        if let Some(full) = targets.iter().find(|p| room.members[*p].out.unacked.len() >= max_unacked) {
+            let peer = *full;
+            room.members.get_mut(&peer).expect("member").out.blocked = true;
+            return Err(RoomError::WouldBlock { peer });
+        }
+        for peer in targets {
+            let out = &mut room.members.get_mut(&peer).expect("member").out;
+            let seq = out.next_seq;
+            out.next_seq += 1;
+            out.unacked.push_back(OutMsg { seq, data: data.clone(), sent: false, force_relay });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_presence(&mut self, id: &str, state: Option<&serde_json::Value>) -> Result<(), RoomError> {
+        self.check_joined(id)?;
+        let text = state.map(serde_json::to_string).transpose().map_err(|e| RoomError::Serialize(e.to_string()))?;
+        if let Some(t) = &text {
+            if t.len() > self.config.max_presence_size {
+                return Err(RoomError::PresenceTooLarge { size: t.len(), max: self.config.max_presence_size });
+            }
+        }
+        let room = self.rooms.get_mut(id).expect("checked");
+        if room.presence.state == text {
+            return Ok(());
+        }
+        room.presence.state = text;
+        room.presence.version += 1;
+        room.presence.dirty = true;
+        Ok(())
+    }
+
+    /// This node left, was kicked from, or lost `id`: forget it, close connections that no
+    /// other room needs, and say so with `event`.
+    pub(crate) fn remove(&mut self, id: &str, event: Option<RoomEvent>, t: &mut dyn Transport) {
+        let Some(room) = self.rooms.remove(id) else { return };
+        self.pending.retain(|_, p| !matches!(p, Pending::Enter(r) | Pending::Kick(r) if r == id));
+        for peer in room.members.keys() {
+            if !self.is_member(peer) {
+                self.redial.remove(peer);
+                t.close_peer(*peer);
+            }
+        }
+        if room.joined {
+            self.events.extend(event);
+        }
+    }
+
+    // ---- membership from the server ------------------------------------------------------
+
+    /// The create or join request succeeded.
+    pub(crate) fn on_entered(&mut self, now: Instant, details: RoomDetails, peers: Vec<PeerInfo>, t: &mut dyn Transport) {
+        let rto = self.config.rto;
+        let Some(room) = self.rooms.get_mut(&details.room_id) else { return };
+        room.owner = details.owner;
+        room.max_size = details.max_size;
+        room.metadata = details.metadata.clone();
+        room.joined = true;
+        let mut members = Vec::new();
+        for info in peers.into_iter().filter(|p| p.fingerprint != self.me) {
+            members.push(info.clone());
+            room.members.insert(info.fingerprint, Member::new(info, rto, now));
+        }
+        debug!(room = %details.room_id, members = members.len(), "in room");
+        // Whoever joins calls everyone already there.
+        for m in &members {
+            if !t.has_connection(&m.fingerprint) {
+                t.connect(m.fingerprint);
+            }
+        }
+        self.events.push_back(RoomEvent::Joined {
+            room: details.room_id,
+            owner: details.owner,
+            max_size: details.max_size,
+            metadata: details.metadata,
+            members,
+        });
+    }
+
+    /// The create or join request failed.
+    pub(crate) fn on_enter_failed(&mut self, id: &str, error: RequestError) {
+        if self.rooms.get(id).is_some_and(|r| !r.joined) {
+            self.rooms.remove(id);
+            self.events.push_back(RoomEvent::Error { room: id.to_owned(), error: RoomError::Request(error) });
+        }
+    }
+
+    /// After a reconnect that lost the session, the client joined `details` again: the
+    /// members now are `peers`.
+    pub(crate) fn on_rejoined(&mut self, now: Instant, details: RoomDetails, peers: Vec<PeerInfo>) {
+        let id = details.room_id.clone();
+        let Some(room) = self.rooms.get(&id) else { return };
+        let now_in: BTreeSet<Fingerprint> = peers.iter().map(|p| p.fingerprint).filter(|f| *f != self.me).collect();
+        let gone: Vec<Fingerprint> = room.members.keys().filter(|f| !now_in.contains(f)).copied().collect();
+        for peer in gone {
+            self.on_peer_left(&id, peer, false);
+        }
+        let me = self.me;
+        for info in peers.into_iter().filter(|p| p.fingerprint != me) {
+            if !self.rooms[&id].members.contains_key(&info.fingerprint) {
+                self.on_peer_joined(now, &id, info);
+            }
+        }
+    }
+
+    pub(crate) fn on_peer_joined(&mut self, now: Instant, id: &str, info: PeerInfo) {
+        let rto = self.config.rto;
+        let Some(room) = self.rooms.get_mut(id).filter(|r| r.joined) else { return };
+        if info.fingerprint == self.me || room.members.contains_key(&info.fingerprint) {
+            return;
+        }
+        room.members.insert(info.fingerprint, Member::new(info.clone(), rto, now));
+        // The newcomer calls; nothing to do but wait.
+        self.events.push_back(RoomEvent::PeerJoined { room: id.to_owned(), peer: info });
+    }
+
+    pub(crate) fn on_peer_left(&mut self, id: &str, peer: Fingerprint, kicked: bool) {
+        let Some(room) = self.rooms.get_mut(id).filter(|r| r.joined) else { return };
+        if room.members.remove(&peer).is_some() {
+            self.events.push_back(RoomEvent::PeerLeft { room: id.to_owned(), peer, kicked });
+        }
+        if !self.is_member(&peer) {
+            self.redial.remove(&peer);
+        }
+    }
+
+    // ---- paths -----------------------------------------------------------------------------
+
+    /// The direct path to `peer` came up or went down: what is unacknowledged goes again on
+    /// the path that now applies.
+    pub(crate) fn direct_changed(&mut self, peer: Fingerprint, open: bool) {
+        let changed = if open { self.direct.insert(peer) } else { self.direct.remove(&peer) };
+        if !changed {
+            return;
+        }
+        if open {
+            self.redial.remove(&peer);
+        }
+        for room in self.rooms.values_mut() {
+            if let Some(m) = room.members.get_mut(&peer) {
+                for msg in &mut m.out.unacked {
+                    msg.sent = false;
+                }
+                m.out.deadline = None;
+                m.inn.ack_due = true;
+                m.presence_due = true;
+            }
+        }
+    }
+
+    /// The connection to `peer` failed or closed: the member with the smaller fingerprint
+    /// calls again after a backoff.
+    pub(crate) fn connection_lost(&mut self, now: Instant, peer: Fingerprint) {
+        self.direct_changed(peer, false);
+        if self.is_member(&peer) && self.me < peer {
+            let backoff = self.redial.get(&peer).map_or(self.config.redial_backoff, |(_, b)| (*b * 2).min(Duration::from_secs(60)));
+            self.redial.insert(peer, (now + backoff, backoff));
+        }
+    }
+
+    /// The signaling connection is back: what went (or was to go) by relay goes again.
+    pub(crate) fn relay_restored(&mut self) {
+        for room in self.rooms.values_mut() {
+            for (fp, m) in &mut room.members {
+                if !self.direct.contains(fp) || m.out.unacked.iter().any(|x| x.force_relay) {
+                    for msg in &mut m.out.unacked {
+                        msg.sent = false;
+                    }
+                    m.out.deadline = None;
+                    m.inn.ack_due = true;
+                }
+            }
+        }
+    }
+
+    // ---- input from members ----------------------------------------------------------------
+
+    /// A batch from `from` arrived on `path`.
+    pub(crate) fn handle_items(&mut self, now: Instant, from: Fingerprint, items: Vec<Item>, path: RoomPath) {
+        let max_unacked = self.config.max_unacked;
+        let base_rto = self.config.rto;
+        for item in items {
+            let id = item.room().to_owned();
+            let Some(room) = self.rooms.get_mut(&id).filter(|r| r.joined) else {
+                trace!(room = %id, from = %from.short(), "item for a room we are not in");
+                continue;
+            };
+            let our_epoch = room.epoch;
+            let Some(m) = room.members.get_mut(&from) else {
+                // Not (yet) a member here: its join notice may still be on its way. Not
+                // acknowledged, so it comes again.
+                trace!(room = %id, from = %from.short(), "item from a non-member");
+                continue;
+            };
+            match item {
+                Item::Data { epoch, seq, data, .. } => {
+                    if m.inn.epoch != Some(epoch) {
+                        if m.inn.epoch.is_some() {
+                            debug!(room = %id, from = %from.short(), "member started a new stream");
+                        }
+                        m.inn = In { epoch: Some(epoch), next: 1, ..In::default() };
+                    }
+                    m.inn.ack_due = true;
+                    if seq < m.inn.next {
+                        continue;
+                    }
+                    if seq > m.inn.next {
+                        if m.inn.buffer.len() < MAX_REORDER && seq - m.inn.next <= MAX_REORDER as u64 {
+                            m.inn.buffer.insert(seq, data);
+                        }
+                        continue;
+                    }
+                    deliver(&mut self.events, &id, from, data, path);
+                    m.inn.next += 1;
+                    while let Some(data) = m.inn.buffer.remove(&m.inn.next) {
+                        deliver(&mut self.events, &id, from, data, path);
+                        m.inn.next += 1;
+                    }
+                }
+                Item::Ack { epoch, seq, .. } => {
+                    if epoch != our_epoch {
+                        continue;
+                    }
+                    let before = m.out.unacked.len();
+                    while m.out.unacked.front().is_some_and(|x| x.seq <= seq) {
+                        m.out.unacked.pop_front();
+                    }
+                    if m.out.unacked.len() < before {
+                        m.out.rto = base_rto;
+                        m.out.deadline = if m.out.unacked.iter().any(|x| x.sent) { Some(now + base_rto) } else { None };
+                        if m.out.blocked && m.out.unacked.len() <= max_unacked / 2 {
+                            m.out.blocked = false;
+                            self.events.push_back(RoomEvent::Writable { room: id.clone() });
+                        }
+                    }
+                }
+                Item::Presence { epoch, version, ttl_ms, state, .. } => {
+                    // The member's own rate, enforced here too.
+                    let (tokens, at) = m.presence_tokens;
+                    let tokens = (tokens + now.saturating_duration_since(at).as_secs_f64() * PRESENCE_RX_RATE).min(PRESENCE_RX_RATE);
+                    if tokens < 1.0 {
+                        m.presence_tokens = (tokens, now);
+                        debug!(room = %id, from = %from.short(), "presence update over the rate dropped");
+                        continue;
+                    }
+                    m.presence_tokens = (tokens - 1.0, now);
+                    let expires = now + Duration::from_millis(ttl_ms);
+                    let fresh = match &m.presence {
+                        Some(p) => p.epoch != epoch || version > p.version,
+                        None => true,
+                    };
+                    if let (false, Some(p)) = (fresh, m.presence.as_mut()) {
+                        if version == p.version {
+                            p.expires = expires;
+                        }
+                        continue;
+                    }
+                    let value = match state.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose() {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.events.push_back(RoomEvent::Error {
+                                room: id.clone(),
+                                error: RoomError::BadMessage { from, error: WireError::Malformed(e.to_string()) },
+                            });
+                            continue;
+                        }
+                    };
+                    let changed = m.presence.as_ref().is_none_or(|p| p.state != value);
+                    m.presence = Some(RemotePresence { epoch, version, state: value.clone(), expires });
+                    if changed {
+                        self.events.push_back(RoomEvent::Presence { room: id.clone(), peer: from, state: value });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A member sent something unusable.
+    pub(crate) fn bad_input(&mut self, from: Fingerprint, error: WireError) {
+        warn!(from = %from.short(), %error, "bad room message");
+        let rooms: Vec<String> = self.rooms.iter().filter(|(_, r)| r.members.contains_key(&from)).map(|(id, _)| id.clone()).collect();
+        for room in rooms {
+            self.events.push_back(RoomEvent::Error { room, error: RoomError::BadMessage { from, error: error.clone() } });
+        }
+    }
+
+    // ---- output --------------------------------------------------------------------------
+
+    /// Sends whatever can go now. Call after every input.
+    pub(crate) fn flush(&mut self, now: Instant, t: &mut dyn Transport) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        self.refill(now);
+        self.timers(now, t);
+        let peers: BTreeSet<Fingerprint> = self.rooms.values().flat_map(|r| r.members.keys().copied()).collect();
+        self.relay_starved = false;
+        for peer in peers {
+            let direct = self.direct.contains(&peer) && t.direct_open(&peer);
+            let items = self.collect(peer, direct);
+            if items.is_empty() {
+                continue;
+            }
+            let (direct_items, relay_items): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, _, relay)| !relay);
+            if !direct_items.is_empty() {
+                self.send_batches(now, peer, direct_items, RoomPath::Direct, t);
+            }
+            if !relay_items.is_empty() {
+                self.send_batches(now, peer, relay_items, RoomPath::Relay, t);
+            }
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let rate = f64::from(self.config.relay_rate.max(1));
+        if let Some(at) = self.relay_at {
+            let add = now.saturating_duration_since(at).as_secs_f64() * rate;
+            self.relay_tokens = (self.relay_tokens + add).min(f64::from(self.config.relay_burst.max(1)));
+        }
+        self.relay_at = Some(now);
+    }
+
+    /// RTOs, presence refreshes and expiries, and redials that are due.
+    fn timers(&mut self, now: Instant, t: &mut dyn Transport) {
+        let (max_rto, interval) = (self.config.max_rto, self.config.presence_interval);
+        let refresh = self.config.presence_ttl / 3;
+        for (id, room) in &mut self.rooms {
+            for (fp, m) in &mut room.members {
+                if m.out.deadline.is_some_and(|d| d <= now) {
+                    debug!(room = %id, peer = %fp.short(), unacked = m.out.unacked.len(), rto = ?m.out.rto, "no acknowledgement: sending again");
+                    for msg in &mut m.out.unacked {
+                        msg.sent = false;
+                    }
+                    m.out.rto = (m.out.rto * 2).min(max_rto);
+                    m.out.deadline = None;
+                }
+                if m.presence.as_ref().is_some_and(|p| p.expires <= now) {
+                    m.presence = None;
+                    self.events.push_back(RoomEvent::PresenceExpired { room: id.clone(), peer: *fp });
+                }
+            }
+            let p = &mut room.presence;
+            let may_send = p.last_sent.is_none_or(|at| now >= at + interval);
+            let stale = p.state.is_some() && p.last_sent.is_some_and(|at| now >= at + refresh);
+            if (p.dirty && may_send) || stale {
+                p.dirty = false;
+                p.last_sent = Some(now);
+                for m in room.members.values_mut() {
+                    m.presence_due = true;
+                }
+            }
+        }
+        let due: Vec<Fingerprint> = self.redial.iter().filter(|(_, (at, _))| *at <= now).map(|(fp, _)| *fp).collect();
+        for peer in due {
+            let backoff = self.redial[&peer].1;
+            if !t.has_connection(&peer) {
+                debug!(peer = %peer.short(), "calling a room member again");
+                t.connect(peer);
+            }
+            // Checked again then; cleared when the direct path opens.
+            let next = (backoff * 2).min(Duration::from_secs(60));
+            self.redial.insert(peer, (now + backoff, next));
+        }
+    }
+
+    /// Everything due to `peer`, in order: per room, an acknowledgement, presence, then
+    /// unsent messages; each with where it came from and whether it must go by relay.
+    fn collect(&mut self, peer: Fingerprint, direct: bool) -> Vec<(Item, Origin, bool)> {
+        let ttl_ms = u64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(u64::MAX).min(wire::MAX_PRESENCE_TTL_MS);
+        let mut items = Vec::new();
+        for (id, room) in &mut self.rooms {
+            let Some(m) = room.members.get_mut(&peer) else { continue };
+            let path = if direct { RoomPath::Direct } else { RoomPath::Relay };
+            if m.path != Some(path) {
+                if m.path.is_some() || path == RoomPath::Direct {
+                    self.events.push_back(RoomEvent::PathChanged { room: id.clone(), peer, path });
+                }
+                m.path = Some(path);
+            }
+            if m.inn.ack_due {
+                if let Some(epoch) = m.inn.epoch {
+                    m.inn.ack_due = false;
+                    items.push((Item::Ack { room: id.clone(), epoch, seq: m.inn.next - 1 }, Origin::Ack { room: id.clone() }, !direct));
+                }
+            }
+            if m.presence_due && room.presence.last_sent.is_some() {
+                m.presence_due = false;
+                let p = &room.presence;
+                items.push((
+                    Item::Presence { room: id.clone(), epoch: room.epoch, version: p.version, ttl_ms, state: p.state.clone() },
+                    Origin::Presence { room: id.clone() },
+                    !direct,
+                ));
+            }
+            for msg in m.out.unacked.iter().filter(|x| !x.sent) {
+                items.push((
+                    Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: msg.data.clone() },
+                    Origin::Data { room: id.clone(), seq: msg.seq },
+                    !direct || msg.force_relay,
+                ));
+                if items.len() >= MAX_CONTROL_ITEMS + self.config.max_unacked {
+                    break;
+                }
+            }
+        }
+        items
+    }
+
+    fn send_batches(&mut self, now: Instant, peer: Fingerprint, items: Vec<(Item, Origin, bool)>, path: RoomPath, t: &mut dyn Transport) {
+        let limit = if path == RoomPath::Direct { DIRECT_BATCH_BYTES } else { RELAY_BATCH_BYTES };
+        let mut rest = items.into_iter().peekable();
+        loop {
+            let mut batch: Vec<Item> = Vec::new();
+            let mut origins: Vec<Origin> = Vec::new();
+            let mut bytes = 0;
+            while let Some((item, _, _)) = rest.peek() {
+                let len = item.encoded_len();
+                if !batch.is_empty() && (bytes + len > limit || batch.len() >= wire::MAX_ITEMS) {
+                    break;
+                }
+                bytes += len;
+                let (item, origin, _) = rest.next().expect("peeked");
+                batch.push(item);
+                origins.push(origin);
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let sent = match path {
+                RoomPath::Direct => match t.send_direct(peer, &wire::encode_batch(&batch)) {
+                    Ok(()) => true,
+                    Err(SendError::WouldBlock { .. }) => false,
+                    Err(e) => {
+                        debug!(peer = %peer.short(), error = %e, "direct room send failed");
+                        false
+                    }
+                },
+                RoomPath::Relay => {
+                    if !t.relay_ready() {
+                        false
+                    } else if self.relay_tokens < 1.0 {
+                        self.relay_starved = true;
+                        false
+                    } else if t.send_relay(peer, &wire::encode_batch(&batch)) {
+                        self.relay_tokens -= 1.0;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            if !sent {
+                // Put the unsent control items back; unsent messages stay unsent.
+                let rest_origins = origins.into_iter().chain(rest.map(|(_, o, _)| o));
+                for origin in rest_origins {
+                    self.requeue(peer, origin);
+                }
+                return;
+            }
+            for origin in origins {
+                if let Origin::Data { room, seq } = origin {
+                    if let Some(m) = self.rooms.get_mut(&room).and_then(|r| r.members.get_mut(&peer)) {
+                        if let Some(msg) = m.out.unacked.iter_mut().find(|x| x.seq == seq) {
+                            msg.sent = true;
+                        }
+                        if m.out.deadline.is_none() {
+                            m.out.deadline = Some(now + m.out.rto);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn requeue(&mut self, peer: Fingerprint, origin: Origin) {
+        let (room, ack) = match origin {
+            Origin::Data { .. } => return,
+            Origin::Ack { room } => (room, true),
+            Origin::Presence { room } => (room, false),
+        };
+        if let Some(m) = self.rooms.get_mut(&room).and_then(|r| r.members.get_mut(&peer)) {
+            if ack {
+                m.inn.ack_due = true;
+            } else {
+                m.presence_due = true;
+            }
+        }
+    }
+
+    /// When [`Rooms::flush`] next has something to do without new input.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for room in self.rooms.values() {
+            for m in room.members.values() {
+                if let Some(d) = m.out.deadline {
+                    at(d);
+                }
+                if let Some(p) = &m.presence {
+                    at(p.expires);
+                }
+            }
+            let p = &room.presence;
+            if let Some(last) = p.last_sent {
+                if p.dirty {
+                    at(last + self.config.presence_interval);
+                } else if p.state.is_some() {
+                    at(last + self.config.presence_ttl / 3);
+                }
+            } else if p.dirty {
+                // Never sent: the next flush sends it; it runs after this input anyway.
+            }
+        }
+        for (t, _) in self.redial.values() {
+            at(*t);
+        }
+        if self.relay_starved {
+            if let Some(last) = self.relay_at {
+                let need = (1.0 - self.relay_tokens).max(0.0) / f64::from(self.config.relay_rate.max(1));
+                at(last + Duration::from_secs_f64(need) + Duration::from_millis(1));
+            }
+        }
+        next
+    }
+}
+
+fn deliver(events: &mut VecDeque<RoomEvent>, room: &str, from: Fingerprint, data: RoomData, path: RoomPath) {
+    let data = match data {
+        RoomData::Json(s) | RoomData::Text(s) => Payload::Text(s),
+        RoomData::Binary(b) => Payload::Binary(b),
+    };
+    events.push_back(RoomEvent::Data { room: room.to_owned(), from, data, path });
+}

@@ -1,0 +1,333 @@
+//! The `room/1` wire format (see `docs/PROTOCOL.md`, "Room messages"): batches of items
+//! between two members of rooms, as the text of a message on [`INTERNAL_CHANNEL`] (direct) or
+//! as a signed `relay` payload (through the server).
+//!
+//! [`INTERNAL_CHANNEL`]: crate::peer::INTERNAL_CHANNEL
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::identity::{Fingerprint, Identity, PublicKey, Signature};
+
+/// Marks a relay payload as a room batch.
+pub(crate) const TAG: &str = "room/1";
+/// Most items one batch may carry.
+pub(crate) const MAX_ITEMS: usize = 1024;
+/// Longest room id in an item (the server's name limit).
+const MAX_ROOM_LEN: usize = 128;
+/// Longest time to live a presence state may ask for.
+pub(crate) const MAX_PRESENCE_TTL_MS: u64 = 300_000;
+
+/// Why a room batch was refused. Nothing in it is used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Not JSON, or not this shape.
+    #[error("malformed room batch: {0}")]
+    Malformed(String),
+    /// More than [`MAX_ITEMS`] items.
+    #[error("a batch carries at most {MAX_ITEMS} items")]
+    TooManyItems,
+    /// The key is not the sender's, or the signature does not cover the batch, or the batch
+    /// is addressed to somebody else: the server (or someone) altered or redirected it.
+    #[error("the batch is not signed by its sender for us: {0}")]
+    BadSignature(&'static str),
+}
+
+/// A room message's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomData {
+    /// JSON text (sent unescaped; delivered as [`crate::Payload::Text`]).
+    Json(String),
+    /// Text.
+    Text(String),
+    /// Bytes (base64 on the wire).
+    Binary(Vec<u8>),
+}
+
+impl RoomData {
+    /// Serializes `value` as JSON.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        serde_json::to_string(value).map(RoomData::Json)
+    }
+
+    /// The size it counts for against the message size limit (its encoded size).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            RoomData::Json(s) => s.len(),
+            RoomData::Text(s) => s.len() + s.len() / 8 + 2,
+            RoomData::Binary(b) => b.len().div_ceil(3) * 4,
+        }
+    }
+}
+
+/// One item of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Item {
+    /// A sequenced room message from the batch's sender.
+    Data { room: String, epoch: u64, seq: u64, data: RoomData },
+    /// "I have every message of your stream `epoch` up to `seq`."
+    Ack { room: String, epoch: u64, seq: u64 },
+    /// The sender's presence state (`None`: cleared), version `version`, valid `ttl_ms`.
+    Presence { room: String, epoch: u64, version: u64, ttl_ms: u64, state: Option<String> },
+}
+
+impl Item {
+    pub(crate) fn room(&self) -> &str {
+        match self {
+            Item::Data { room, .. } | Item::Ack { room, .. } | Item::Presence { room, .. } => room,
+        }
+    }
+
+    /// Appends this item's JSON to `out`.
+    pub(crate) fn encode_into(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let room = serde_json::to_string(self.room()).expect("a string serializes");
+        match self {
+            Item::Data { epoch, seq, data, .. } => {
+                let _ = write!(out, r#"{{"t":"d","r":{room},"e":{epoch},"s":{seq},"#);
+                match data {
+                    RoomData::Json(j) => {
+                        out.push_str(r#""j":"#);
+                        out.push_str(j);
+                    }
+                    RoomData::Text(t) => {
+                        out.push_str(r#""x":"#);
+                        out.push_str(&serde_json::to_string(t).expect("a string serializes"));
+                    }
+                    RoomData::Binary(b) => {
+                        out.push_str(r#""b":""#);
+                        out.push_str(&B64.encode(b));
+                        out.push('"');
+                    }
+                }
+                out.push('}');
+            }
+            Item::Ack { epoch, seq, .. } => {
+                let _ = write!(out, r#"{{"t":"a","r":{room},"e":{epoch},"s":{seq}}}"#);
+            }
+            Item::Presence { epoch, version, ttl_ms, state, .. } => {
+                let st = state.as_deref().unwrap_or("null");
+                let _ = write!(out, r#"{{"t":"p","r":{room},"e":{epoch},"v":{version},"ttl":{ttl_ms},"st":{st}}}"#);
+            }
+        }
+    }
+
+    /// An upper bound of [`Item::encode_into`]'s length.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let base = 64 + self.room().len() * 2;
+        match self {
+            Item::Data { data, .. } => base + data.wire_len(),
+            Item::Ack { .. } => base,
+            Item::Presence { state, .. } => base + state.as_ref().map_or(4, String::len),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireItem<'a> {
+    t: &'a str,
+    #[serde(borrow)]
+    r: std::borrow::Cow<'a, str>,
+    e: u64,
+    #[serde(default)]
+    s: Option<u64>,
+    #[serde(default, borrow)]
+    j: Option<&'a RawValue>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default, borrow)]
+    b: Option<&'a str>,
+    #[serde(default)]
+    v: Option<u64>,
+    #[serde(default)]
+    ttl: Option<u64>,
+    #[serde(default, borrow)]
+    st: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WireBatch<'a> {
+    #[serde(borrow)]
+    m: Vec<&'a RawValue>,
+}
+
+fn malformed(e: impl std::fmt::Display) -> WireError {
+    WireError::Malformed(e.to_string())
+}
+
+fn decode_item(raw: &RawValue) -> Result<Item, WireError> {
+    let w: WireItem<'_> = serde_json::from_str(raw.get()).map_err(malformed)?;
+    if w.r.is_empty() || w.r.len() > MAX_ROOM_LEN {
+        return Err(WireError::Malformed("room id length".into()));
+    }
+    let room = w.r.into_owned();
+    let epoch = w.e;
+    Ok(match w.t {
+        "d" => {
+            let seq = w.s.filter(|s| *s > 0).ok_or_else(|| malformed("data without a sequence number"))?;
+            let data = match (w.j, w.x, w.b) {
+                (Some(j), None, None) => RoomData::Json(j.get().to_owned()),
+                (None, Some(x), None) => RoomData::Text(x),
+                (None, None, Some(b)) => RoomData::Binary(B64.decode(b).map_err(malformed)?),
+                _ => return Err(malformed("data needs exactly one of j, x, b")),
+            };
+            Item::Data { room, epoch, seq, data }
+        }
+        "a" => Item::Ack { room, epoch, seq: w.s.ok_or_else(|| malformed("ack without a sequence number"))? },
+        "p" => {
+            let version = w.v.ok_or_else(|| malformed("presence without a version"))?;
+            let ttl_ms = w.ttl.unwrap_or(30_000).min(MAX_PRESENCE_TTL_MS);
+            let state = w.st.map(|s| s.get()).filter(|s| *s != "null").map(str::to_owned);
+            Item::Presence { room, epoch, version, ttl_ms, state }
+        }
+        other => return Err(WireError::Malformed(format!("unknown item type `{other}`"))),
+    })
+}
+
+/// Encodes `items` as a batch body: `{"m":[...]}`.
+pub(crate) fn encode_batch(items: &[Item]) -> String {
+    let mut out = String::with_capacity(8 + items.iter().map(Item::encoded_len).sum::<usize>());
+    out.push_str(r#"{"m":["#);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        item.encode_into(&mut out);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// Decodes a batch body. One bad item refuses the whole batch (its sender is broken or
+/// hostile; the sequence numbers make it resend what was good).
+pub(crate) fn decode_batch(body: &str) -> Result<Vec<Item>, WireError> {
+    let batch: WireBatch<'_> = serde_json::from_str(body).map_err(malformed)?;
+    if batch.m.len() > MAX_ITEMS {
+        return Err(WireError::TooManyItems);
+    }
+    batch.m.into_iter().map(decode_item).collect()
+}
+
+fn signed_message(from: &Fingerprint, to: &Fingerprint, body: &str) -> Vec<u8> {
+    format!("peerlink room/1\n{from}\n{to}\n{body}").into_bytes()
+}
+
+#[derive(Serialize, Deserialize)]
+struct Relayed<'a> {
+    peerlink: &'a str,
+    key: &'a str,
+    sig: &'a str,
+    to: Fingerprint,
+    body: std::borrow::Cow<'a, str>,
+}
+
+/// Builds the relay payload for a batch to `to`: the body, signed with our identity key for
+/// `to`, so the server can neither forge nor redirect it.
+pub(crate) fn encode_relayed(identity: &Identity, rng: &mut impl rand::CryptoRng, to: &Fingerprint, body: &str) -> String {
+    let sig = identity.sign(rng, &signed_message(&identity.fingerprint(), to, body)).to_base64();
+    let key = identity.public_key().to_base64();
+    serde_json::to_string(&Relayed { peerlink: TAG, key: &key, sig: &sig, to: *to, body: body.into() }).expect("serializes")
+}
+
+/// Whether a relay payload is a room batch (`"peerlink":"room/1"`).
+pub(crate) fn is_relayed(payload: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(default, borrow)]
+        peerlink: Option<&'a str>,
+    }
+    serde_json::from_str::<Probe<'_>>(payload).is_ok_and(|p| p.peerlink == Some(TAG))
+}
+
+/// Checks a relayed batch from `from` (as the server says) to `me` and returns its items.
+/// `known` is the key already verified for `from`, if any, to skip deriving its fingerprint.
+pub(crate) fn decode_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Result<(Vec<Item>, PublicKey), WireError> {
+    let r: Relayed<'_> = serde_json::from_str(payload).map_err(malformed)?;
+    if r.to != *me {
+        return Err(WireError::BadSignature("addressed to another peer"));
+    }
+    let key = PublicKey::from_base64(r.key).map_err(|_| WireError::BadSignature("malformed key"))?;
+    if key.fingerprint() != *from {
+        return Err(WireError::BadSignature("the key is not the sender's"));
+    }
+    let sig = Signature::from_base64(r.sig).map_err(|_| WireError::BadSignature("malformed signature"))?;
+    key.verify(&signed_message(from, me, &r.body), &sig).map_err(|_| WireError::BadSignature("signature does not verify"))?;
+    Ok((decode_batch(&r.body)?, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn items() -> Vec<Item> {
+        vec![
+            Item::Data { room: "r\"1".into(), epoch: 7, seq: 1, data: RoomData::Json(r#"{"a":[1,2]}"#.into()) },
+            Item::Data { room: "r".into(), epoch: 7, seq: 2, data: RoomData::Text("hé \"q\"\n".into()) },
+            Item::Data { room: "r".into(), epoch: 7, seq: 3, data: RoomData::Binary(vec![0, 255, 3]) },
+            Item::Ack { room: "r".into(), epoch: 9, seq: 0 },
+            Item::Presence { room: "r".into(), epoch: 7, version: 3, ttl_ms: 1000, state: Some(r#"{"typing":true}"#.into()) },
+            Item::Presence { room: "r".into(), epoch: 7, version: 4, ttl_ms: 1000, state: None },
+        ]
+    }
+
+    #[test]
+    fn batches_round_trip() {
+        let body = encode_batch(&items());
+        assert_eq!(decode_batch(&body).unwrap(), items());
+        for item in items() {
+            let mut s = String::new();
+            item.encode_into(&mut s);
+            assert!(s.len() <= item.encoded_len(), "{s}");
+        }
+    }
+
+    #[test]
+    fn relayed_batches_verify_and_refuse_tampering() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let (a, b, c) = (Identity::generate(&mut rng), Identity::generate(&mut rng), Identity::generate(&mut rng));
+        let body = encode_batch(&items());
+        let payload = encode_relayed(&a, &mut rng, &b.fingerprint(), &body);
+        assert!(is_relayed(&payload));
+        assert!(!is_relayed(r#"{"peerlink":"rtc/1"}"#) && !is_relayed("[1]") && !is_relayed("nope"));
+        let (got, key) = decode_relayed(&payload, &a.fingerprint(), &b.fingerprint()).unwrap();
+        assert_eq!(got, items());
+        assert_eq!(key.fingerprint(), a.fingerprint());
+        // The server claims another sender, or delivers it to someone else.
+        assert_eq!(
+            decode_relayed(&payload, &c.fingerprint(), &b.fingerprint()).unwrap_err(),
+            WireError::BadSignature("the key is not the sender's")
+        );
+        assert_eq!(decode_relayed(&payload, &a.fingerprint(), &c.fingerprint()).unwrap_err(), WireError::BadSignature("addressed to another peer"));
+        // The body is altered.
+        let altered = payload.replace(r#"\"s\":1"#, r#"\"s\":5"#);
+        assert_ne!(altered, payload);
+        assert_eq!(decode_relayed(&altered, &a.fingerprint(), &b.fingerprint()).unwrap_err(), WireError::BadSignature("signature does not verify"));
+    }
+
+    #[test]
+    fn bad_batches_get_typed_errors() {
+        for bad in [
+            "",
+            "[]",
+            r#"{"m":{}}"#,
+            r#"{"m":[{"t":"d","r":"r","e":1,"s":1}]}"#,
+            r#"{"m":[{"t":"d","r":"r","e":1,"s":0,"x":"a"}]}"#,
+            r#"{"m":[{"t":"d","r":"r","e":1,"s":1,"x":"a","b":"AA=="}]}"#,
+            r#"{"m":[{"t":"d","r":"r","e":1,"s":1,"b":"!!"}]}"#,
+            r#"{"m":[{"t":"a","r":"r","e":1}]}"#,
+            r#"{"m":[{"t":"p","r":"r","e":1}]}"#,
+            r#"{"m":[{"t":"z","r":"r","e":1}]}"#,
+            r#"{"m":[{"t":"a","r":"","e":1,"s":1}]}"#,
+            r#"{"m":[{"t":"a","r":"r","e":-1,"s":1}]}"#,
+        ] {
+            assert!(matches!(decode_batch(bad), Err(WireError::Malformed(_))), "{bad}");
+        }
+        let many = format!(r#"{{"m":[{}]}}"#, vec![r#"{"t":"a","r":"r","e":1,"s":1}"#; MAX_ITEMS + 1].join(","));
+        assert_eq!(decode_batch(&many), Err(WireError::TooManyItems));
+        assert!(matches!(decode_relayed("{}", &Fingerprint::from_bytes([0; 32]), &Fingerprint::from_bytes([1; 32])), Err(WireError::Malformed(_))));
+    }
+}
