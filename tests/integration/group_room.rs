@@ -56,23 +56,23 @@ fn a_group_of_five_talks_directly_refuses_a_sixth_kicks_and_closes() {
     g.until("registered", |g| g.nodes.iter().all(PollNode::is_registered));
     let fps: Vec<_> = g.nodes.iter().map(PollNode::fingerprint).collect();
 
-    g.nodes[0].node().create_room(Instant::now(), ROOM, RoomOptions::group(5).metadata(serde_json::json!({ "topic": "demo" }))).unwrap();
+    g.nodes[0].create_room(ROOM, RoomOptions::group(5).metadata(serde_json::json!({ "topic": "demo" }))).unwrap();
     g.until("created", |g| g.logs[0].iter().any(|e| matches!(e, RoomEvent::Joined { .. })));
     for i in 1..5 {
-        g.nodes[i].node().join_room(Instant::now(), ROOM).unwrap();
+        g.nodes[i].join_room(ROOM).unwrap();
         g.until("joined", |g| g.logs[i].iter().any(|e| matches!(e, RoomEvent::Joined { .. })));
     }
     // Everyone has a direct path to everyone.
     g.until("full mesh", |g| {
-        (0..5).all(|i| g.nodes[i].room(ROOM).is_some_and(|r| r.members.len() == 4 && r.members.iter().all(|m| m.path == RoomPath::Direct)))
+        (0..5).all(|i| g.nodes[i].room_info(ROOM).is_some_and(|r| r.members.len() == 4 && r.members.iter().all(|m| m.path == RoomPath::Direct)))
     });
-    let view = g.nodes[3].room(ROOM).unwrap();
+    let view = g.nodes[3].room_info(ROOM).unwrap();
     assert_eq!(view.owner, fps[0]);
     assert_eq!(view.max_size, 5);
     assert_eq!(view.metadata.as_ref().map(|m| m.0.get()), Some(r#"{"topic":"demo"}"#));
 
     // A sixth is refused with the server's `room_full`.
-    g.nodes[5].node().join_room(Instant::now(), ROOM).unwrap();
+    g.nodes[5].join_room(ROOM).unwrap();
     g.until("refused", |g| !g.logs[5].is_empty());
     assert!(
         matches!(&g.logs[5][0], RoomEvent::Error { error: RoomError::Request(e), .. } if e.code() == Some(ErrorCode::RoomFull)),
@@ -83,10 +83,10 @@ fn a_group_of_five_talks_directly_refuses_a_sixth_kicks_and_closes() {
     // All to all, then m1 to m2 alone.
     for i in 0..5 {
         for k in 0..10 {
-            g.nodes[i].node().room_send(Instant::now(), ROOM, None, RoomData::Text(format!("m{i}:{k}"))).unwrap();
+            g.nodes[i].room(ROOM).send_data(None, RoomData::Text(format!("m{i}:{k}"))).unwrap();
         }
     }
-    g.nodes[1].node().room_send_json(Instant::now(), ROOM, Some(fps[2]), &serde_json::json!({ "dm": true })).unwrap();
+    g.nodes[1].room(ROOM).send_to(fps[2], &serde_json::json!({ "dm": true })).unwrap();
     g.until("all to all", |g| (0..5).all(|i| g.received(i).len() >= 40 + usize::from(i == 2)));
     for i in 0..5 {
         let got = g.received(i);
@@ -101,19 +101,19 @@ fn a_group_of_five_talks_directly_refuses_a_sixth_kicks_and_closes() {
     }
 
     // The owner kicks m4: m4 hears it, the rest see it leave; m4's connections close.
-    assert_eq!(g.nodes[1].node().kick(Instant::now(), ROOM, fps[4]), Err(peerlink::NodeError::Room(RoomError::NotOwner)));
-    g.nodes[0].node().kick(Instant::now(), ROOM, fps[4]).unwrap();
+    assert!(matches!(g.nodes[1].room(ROOM).kick(fps[4]), Err(peerlink_blocking::Error::Node(peerlink::NodeError::Room(RoomError::NotOwner)))));
+    g.nodes[0].room(ROOM).kick(fps[4]).unwrap();
     g.until("kicked", |g| {
         g.logs[4].contains(&RoomEvent::Kicked { room: ROOM.into() })
             && (1..4).all(|i| g.logs[i].iter().any(|e| matches!(e, RoomEvent::PeerLeft { peer, kicked: true, .. } if *peer == fps[4])))
     });
-    assert!(g.nodes[4].room(ROOM).is_none());
-    g.nodes[1].node().room_send(Instant::now(), ROOM, None, RoomData::Text("after".into())).unwrap();
+    assert!(g.nodes[4].room_info(ROOM).is_none());
+    g.nodes[1].room(ROOM).send_data(None, RoomData::Text("after".into())).unwrap();
     g.until("after the kick", |g| [0, 2, 3].iter().all(|&i| g.received(i).iter().any(|(t, _, _)| t == "after")));
 
     // The owner closes it: everyone else hears `Closed`.
-    g.nodes[0].node().leave_room(Instant::now(), ROOM).unwrap();
+    g.nodes[0].room(ROOM).leave().unwrap();
     g.until("closed", |g| (0..4).all(|i| g.logs[i].contains(&RoomEvent::Closed { room: ROOM.into() })));
-    assert!((0..5).all(|i| g.nodes[i].room(ROOM).is_none()));
+    assert!((0..5).all(|i| g.nodes[i].room_info(ROOM).is_none()));
     drop(server);
 }

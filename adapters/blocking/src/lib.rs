@@ -522,8 +522,31 @@ impl PollNode {
     }
 
     /// Returns a view of a room this node is in (see [`Node::room`]).
-    pub fn room(&self, room: &str) -> Option<peerlink::RoomView> {
+    pub fn room_info(&self, room: &str) -> Option<peerlink::RoomView> {
         self.core.room(room)
+    }
+
+    /// Creates a managed room owned by this node (see [`peerlink::room`]).
+    /// [`peerlink::RoomEvent::Joined`] follows from [`PollNode::poll_event`], or
+    /// [`peerlink::RoomEvent::Error`] with the server's refusal.
+    pub fn create_room(&mut self, room: &str, options: peerlink::RoomOptions) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.create_room(now, room, options)?;
+        self.poll(now)
+    }
+
+    /// Joins a managed room and connects to every member; [`peerlink::RoomEvent::Joined`]
+    /// (or `Error`) follows.
+    pub fn join_room(&mut self, room: &str) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.join_room(now, room)?;
+        self.poll(now)
+    }
+
+    /// A handle on the room `id`, for commands (they fail with
+    /// [`peerlink::RoomError::NotJoined`] unless this node is in it).
+    pub fn room(&mut self, id: &str) -> Room<'_> {
+        Room { node: self, id: id.to_owned() }
     }
 
     /// Sends `value` as JSON on `channel` (the default channel when `None`).
@@ -1190,6 +1213,74 @@ impl PollClient {
 
     fn is_closed(&self) -> bool {
         self.inner.is_closed()
+    }
+}
+
+/// A managed room of a [`PollNode`], borrowed for commands (the same names as the room
+/// handles of `peerlink-smol` and `peerlink-tokio`, without `async`). What a command sends goes
+/// out before it returns; events arrive from [`PollNode::poll_event`] as
+/// [`NodeEvent::Room`].
+#[derive(Debug)]
+pub struct Room<'a> {
+    node: &'a mut PollNode,
+    id: String,
+}
+
+impl Room<'_> {
+    /// The room id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn run(&mut self, f: impl FnOnce(&mut Node, Instant, &str) -> Result<(), peerlink::NodeError>) -> Result<(), Error> {
+        let now = Instant::now();
+        f(&mut self.node.core, now, &self.id)?;
+        self.node.poll(now)
+    }
+
+    /// Sends `value` as JSON to every member, directly where the connection is up and
+    /// through the server otherwise; once and in order either way. Fails with
+    /// [`peerlink::RoomError::WouldBlock`] when a member is too far behind: wait for
+    /// [`peerlink::RoomEvent::Writable`].
+    pub fn send<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        self.run(|n, now, id| n.room_send_json(now, id, None, value))
+    }
+
+    /// Sends `value` as JSON to one member.
+    pub fn send_to<T: Serialize + ?Sized>(&mut self, peer: Fingerprint, value: &T) -> Result<(), Error> {
+        self.run(|n, now, id| n.room_send_json(now, id, Some(peer), value))
+    }
+
+    /// Sends text, bytes or JSON to every member (`to: None`) or to one.
+    pub fn send_data(&mut self, to: Option<Fingerprint>, data: peerlink::RoomData) -> Result<(), Error> {
+        self.run(|n, now, id| n.room_send(now, id, to, data))
+    }
+
+    /// Sends `value` as JSON to every member through the signaling server even where a
+    /// direct path is up.
+    pub fn broadcast_via_server<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        let data = peerlink::RoomData::json(value).map_err(|e| peerlink::NodeError::Room(peerlink::RoomError::Serialize(e.to_string())))?;
+        self.run(|n, now, id| n.room_broadcast_via_server(now, id, data))
+    }
+
+    /// Removes `peer` (owner only: [`peerlink::RoomError::NotOwner`] otherwise).
+    pub fn kick(&mut self, peer: Fingerprint) -> Result<(), Error> {
+        self.run(|n, now, id| n.kick(now, id, peer))
+    }
+
+    /// Sets this node's presence state (`None` clears it); see [`Node::set_presence`].
+    pub fn set_presence(&mut self, state: Option<&serde_json::Value>) -> Result<(), Error> {
+        self.run(|n, now, id| n.set_presence(now, id, state))
+    }
+
+    /// The room as this node sees it (members, paths, presence); `None` when not in it.
+    pub fn info(&self) -> Option<peerlink::RoomView> {
+        self.node.core.room(&self.id)
+    }
+
+    /// Leaves the room (the owner closes it for everyone).
+    pub fn leave(&mut self) -> Result<(), Error> {
+        self.run(|n, now, id| n.leave_room(now, id))
     }
 }
 

@@ -90,7 +90,7 @@ use async_channel::{Receiver, Sender};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, StreamExt};
 use peerlink::node::{NodeTransmit, PeerView};
-use peerlink::{ChannelOptions, Datagram, NodeConfig, NodeError, NodeEvent};
+use peerlink::{ChannelOptions, Datagram, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView};
 use smol::Async;
 use rand::TryRngCore;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -187,7 +187,19 @@ enum Op {
     RoomInfo { room_id: String },
     Kick { room_id: String, peer: Fingerprint },
     CloseRoom { room_id: String },
+    ListRooms { prefix: Option<String>, limit: Option<u32> },
     Ping,
+}
+
+/// A managed-room command for the driver.
+#[derive(Debug)]
+enum RoomOp {
+    Create { options: RoomOptions },
+    Join,
+    Send { to: Option<Fingerprint>, data: RoomData, via_server: bool },
+    Kick { peer: Fingerprint },
+    Presence { state: Option<serde_json::Value> },
+    Leave,
 }
 
 type Done<T> = Sender<Result<T, Error>>;
@@ -205,6 +217,8 @@ enum Command {
     ClosePeer { peer: Fingerprint, done: Done<()> },
     GetPeer { peer: Fingerprint, done: Sender<Option<PeerView>> },
     BufferedAmount { peer: Fingerprint, channel: Option<String>, done: Sender<Option<usize>> },
+    Room { room: String, op: RoomOp, done: Done<()> },
+    RoomView { room: String, done: Sender<Option<RoomView>> },
 }
 
 struct Shared {
@@ -394,6 +408,15 @@ impl Client {
         }
     }
 
+    /// Lists rooms that have space, by id, optionally only those whose id starts with
+    /// `prefix` (at most `limit`, the server's maximum by default).
+    pub async fn list_rooms(&self, prefix: Option<&str>, limit: Option<u32>) -> Result<Vec<RoomSummary>, Error> {
+        match self.request(Op::ListRooms { prefix: prefix.map(str::to_owned), limit }).await? {
+            Response::Rooms(rooms) => Ok(rooms),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Removes `peer` from a room this client owns.
     pub async fn kick(&self, room_id: &str, peer: Fingerprint) -> Result<(), Error> {
         self.expect_ok(Op::Kick { room_id: room_id.into(), peer }).await
@@ -547,6 +570,7 @@ async fn start(config: NodeConfig, options: ConnectOptions, node: bool) -> Resul
         commands: cmd_rx,
         events: sink,
         pending: HashMap::new(),
+        entering: HashMap::new(),
         ready: Some(ready_tx),
         first_error: None,
         last_socket_error: None,
@@ -698,6 +722,104 @@ impl Node {
     pub async fn close(&self) {
         self.client().disconnect().await;
     }
+
+    /// Creates a managed room owned by this node (see [`peerlink::room`]) and resolves once
+    /// the node is in it. The server's refusal (`room_exists`, ...) is
+    /// `Error::Node(NodeError::Room(RoomError::Request(..)))`.
+    pub async fn create_room(&self, room: &str, options: RoomOptions) -> Result<Room, Error> {
+        self.room(room).op(RoomOp::Create { options }).await?;
+        Ok(self.room(room))
+    }
+
+    /// Joins a managed room, resolves once in it, and connects to every member (progress
+    /// as [`RoomEvent::PathChanged`]). `room_full`, `room_not_found`: as for
+    /// [`Node::create_room`].
+    pub async fn join_room(&self, room: &str) -> Result<Room, Error> {
+        self.room(room).op(RoomOp::Join).await?;
+        Ok(self.room(room))
+    }
+
+    /// A handle on the room `id` (no I/O; commands fail with
+    /// [`peerlink::RoomError::NotJoined`] unless this node is in it).
+    pub fn room(&self, id: &str) -> Room {
+        Room { node: self.clone(), id: id.to_owned() }
+    }
+
+    /// Lists rooms that have space (see [`Client::list_rooms`]).
+    pub async fn list_rooms(&self, prefix: Option<&str>, limit: Option<u32>) -> Result<Vec<RoomSummary>, Error> {
+        self.client().list_rooms(prefix, limit).await
+    }
+}
+
+/// A handle on a managed room of a [`Node`] (the reference's `DirectRoom` / `GroupRoom`).
+/// Cheap to clone. Its events arrive on [`NodeEvents`] as [`NodeEvent::Room`].
+#[derive(Clone, Debug)]
+pub struct Room {
+    node: Node,
+    id: String,
+}
+
+impl Room {
+    /// The room id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn op(&self, op: RoomOp) -> Result<(), Error> {
+        let room = self.id.clone();
+        self.node.call(|done| Command::Room { room, op, done }).await
+    }
+
+    /// Sends `value` as JSON to every member: directly where the connection is up, through
+    /// the server otherwise; once and in order either way. Fails with
+    /// [`peerlink::RoomError::WouldBlock`] when a member is too far behind: wait for
+    /// [`RoomEvent::Writable`].
+    pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.send_data(None, json(value)?).await
+    }
+
+    /// Sends `value` as JSON to one member.
+    pub async fn send_to<T: Serialize + ?Sized>(&self, peer: Fingerprint, value: &T) -> Result<(), Error> {
+        self.send_data(Some(peer), json(value)?).await
+    }
+
+    /// Sends text, bytes or JSON to every member (`to: None`) or to one.
+    pub async fn send_data(&self, to: Option<Fingerprint>, data: RoomData) -> Result<(), Error> {
+        self.op(RoomOp::Send { to, data, via_server: false }).await
+    }
+
+    /// Sends `value` as JSON to every member through the signaling server even where a
+    /// direct path is up.
+    pub async fn broadcast_via_server<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.op(RoomOp::Send { to: None, data: json(value)?, via_server: true }).await
+    }
+
+    /// Removes `peer` (owner only: [`peerlink::RoomError::NotOwner`] otherwise).
+    pub async fn kick(&self, peer: Fingerprint) -> Result<(), Error> {
+        self.op(RoomOp::Kick { peer }).await
+    }
+
+    /// Sets this node's presence state (`None` clears it); see
+    /// [`peerlink::Node::set_presence`].
+    pub async fn set_presence(&self, state: Option<&serde_json::Value>) -> Result<(), Error> {
+        self.op(RoomOp::Presence { state: state.cloned() }).await
+    }
+
+    /// The room as this node sees it (members, paths, presence); `None` when not in it.
+    pub async fn info(&self) -> Option<RoomView> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.node.shared.commands.send(Command::RoomView { room: self.id.clone(), done: tx }).await.ok()?;
+        rx.recv().await.ok().flatten()
+    }
+
+    /// Leaves the room (the owner closes it for everyone).
+    pub async fn leave(&self) -> Result<(), Error> {
+        self.op(RoomOp::Leave).await
+    }
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Result<RoomData, Error> {
+    RoomData::json(value).map_err(|e| Error::Node(peerlink::RoomError::Serialize(e.to_string()).into()))
 }
 
 fn unexpected(response: Response) -> Error {
@@ -793,6 +915,8 @@ struct Driver {
     commands: Receiver<Command>,
     events: Sink,
     pending: HashMap<RequestId, Reply>,
+    /// `create_room` / `join_room` calls waiting for the room to say `Joined`.
+    entering: HashMap<String, Done<()>>,
     /// Resolves `connect` once registered (or failed).
     ready: Option<Sender<Result<(), Error>>>,
     /// The first core error before registration.
@@ -961,6 +1085,19 @@ impl Driver {
 
     async fn drain_events(&mut self) {
         while let Some(event) = self.core.poll_event() {
+            match &event {
+                NodeEvent::Room(RoomEvent::Joined { room, .. }) => {
+                    if let Some(done) = self.entering.remove(room) {
+                        let _ = done.try_send(Ok(()));
+                    }
+                }
+                NodeEvent::Room(RoomEvent::Error { room, error }) => {
+                    if let Some(done) = self.entering.remove(room) {
+                        let _ = done.try_send(Err(Error::Node(NodeError::Room(error.clone()))));
+                    }
+                }
+                _ => {}
+            }
             let NodeEvent::Signaling(signal) = &event else {
                 if !self.events.is_closed() && !self.events.send(event).await {
                     debug!("event stream dropped: events are no longer forwarded");
@@ -1069,6 +1206,30 @@ impl Driver {
             Command::BufferedAmount { peer, channel, done } => {
                 let _ = done.try_send(node.buffered_amount(&peer, channel.as_deref()));
             }
+            Command::RoomView { room, done } => {
+                let _ = done.try_send(node.room(&room));
+            }
+            Command::Room { room, op, done } => {
+                let entering = matches!(op, RoomOp::Create { .. } | RoomOp::Join);
+                let result = match op {
+                    RoomOp::Create { options } => node.create_room(now, &room, options),
+                    RoomOp::Join => node.join_room(now, &room),
+                    RoomOp::Send { to, data, via_server: false } => node.room_send(now, &room, to, data),
+                    RoomOp::Send { data, via_server: true, .. } => node.room_broadcast_via_server(now, &room, data),
+                    RoomOp::Kick { peer } => node.kick(now, &room, peer),
+                    RoomOp::Presence { state } => node.set_presence(now, &room, state.as_ref()),
+                    RoomOp::Leave => node.leave_room(now, &room),
+                };
+                match result {
+                    // Answered when the room says `Joined` (or refuses): see `drain_events`.
+                    Ok(()) if entering => {
+                        self.entering.insert(room, done);
+                    }
+                    result => {
+                        let _ = done.try_send(result.map_err(Error::from));
+                    }
+                }
+            }
             Command::Request(op, reply) => {
                 let core = node.client_mut();
                 let result = match &op {
@@ -1088,6 +1249,7 @@ impl Driver {
                     Op::RoomInfo { room_id } => core.room_info(now, room_id),
                     Op::Kick { room_id, peer } => core.kick(now, room_id, *peer),
                     Op::CloseRoom { room_id } => core.close_room(now, room_id),
+                    Op::ListRooms { prefix, limit } => core.list_rooms(now, prefix.as_deref(), *limit),
                     Op::Ping => core.ping(now),
                 };
                 match result {
