@@ -1,7 +1,9 @@
 //! The peerlink tour: an embedded signaling server on loopback and three clients (two on the
 //! blocking adapter, one on smol) that register with verified identities, find each other in a
 //! namespace, relay and broadcast, match, and run a room; then two nodes that connect directly
-//! over UDP (WebRTC data channels, DTLS bound to their identities). Prints what happened.
+//! over UDP (WebRTC data channels, DTLS bound to their identities); then a managed group room of
+//! three in which one member has no UDP, so its messages fall back to the server's relay.
+//! Prints what happened.
 //!
 //! ```text
 //! cargo run --release --example demo
@@ -96,6 +98,86 @@ fn direct(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// A group room of three `PollNode`s: frank and grace have UDP on loopback and talk directly;
+/// heidi has no UDP at all (as behind a firewall that blocks it), so whatever goes to or from
+/// her falls back to the server's relay, transparently and in order.
+fn group_room(url: &str) -> Result<()> {
+    use peerlink::{RoomData, RoomEvent, RoomOptions, RoomPath};
+    use peerlink_blocking::{PollNode, PollOptions, UdpBind};
+    let node = |alias: &str, udp: UdpBind| -> Result<PollNode> {
+        let mut c = NodeConfig::with_client(config(url, alias));
+        c.peer.connect_timeout = Duration::from_secs(2);
+        Ok(PollNode::new(c, PollOptions { udp, ..Default::default() })?)
+    };
+    let mut nodes = [node("frank", UdpBind::Loopback)?, node("grace", UdpBind::Loopback)?, node("heidi", UdpBind::Addrs(Vec::new()))?];
+    let names = ["frank", "grace", "heidi"];
+    let mut logs: [Vec<RoomEvent>; 3] = Default::default();
+    let pump = |nodes: &mut [PollNode; 3], logs: &mut [Vec<RoomEvent>; 3], done: &dyn Fn(&[Vec<RoomEvent>; 3]) -> bool| -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            for (n, log) in nodes.iter_mut().zip(logs.iter_mut()) {
+                n.poll(std::time::Instant::now())?;
+                while let Some(e) = n.poll_event() {
+                    if let NodeEvent::Room(e) = e {
+                        log.push(e);
+                    }
+                }
+            }
+            if done(logs) {
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "room: timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    while !nodes.iter().all(|n| n.is_registered()) {
+        pump(&mut nodes, &mut logs, &|_| true)?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let joined = |i: usize| move |l: &[Vec<RoomEvent>; 3]| l[i].iter().any(|e| matches!(e, RoomEvent::Joined { .. }));
+    nodes[0].create_room("studio", RoomOptions::group(8))?;
+    pump(&mut nodes, &mut logs, &joined(0))?;
+    for i in 1..3 {
+        nodes[i].join_room("studio")?;
+        pump(&mut nodes, &mut logs, &joined(i))?;
+    }
+    println!("group room  frank created `studio`; grace and heidi joined (heidi has no UDP)");
+    // Wait until frank and grace are connected directly (heidi never will be).
+    let t0 = std::time::Instant::now();
+    let fg = [nodes[0].fingerprint(), nodes[1].fingerprint()];
+    while ![(0, 1), (1, 0)].iter().all(|&(a, b)| {
+        nodes[a].room_info("studio").is_some_and(|r| r.members.iter().any(|m| m.info.fingerprint == fg[b] && m.path == RoomPath::Direct))
+    }) {
+        pump(&mut nodes, &mut logs, &|_| true)?;
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "frank and grace did not connect");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("group room  frank and grace connected directly in {:.1?}", t0.elapsed());
+    for i in 0..3 {
+        nodes[i].room("studio").send(&json!({ "from": names[i], "n": 1 }))?;
+        nodes[i].room("studio").send_data(None, RoomData::Text(format!("{} says bye", names[i])))?;
+    }
+    let count = |l: &Vec<RoomEvent>| l.iter().filter(|e| matches!(e, RoomEvent::Data { .. })).count();
+    pump(&mut nodes, &mut logs, &|l| l.iter().all(|l| count(l) == 4))?;
+    for (i, log) in logs.iter().enumerate() {
+        let got: Vec<String> = log
+            .iter()
+            .filter_map(|e| match e {
+                RoomEvent::Data { data: Payload::Text(t), path, .. } => Some(format!("{t} ({})", if *path == RoomPath::Direct { "direct" } else { "relay" })),
+                _ => None,
+            })
+            .collect();
+        println!("group room  {} got {}", names[i], got.join(", "));
+    }
+    let info = nodes[0].room_info("studio").context("frank's view")?;
+    let paths: Vec<String> = info.members.iter().map(|m| format!("{} via {:?}", m.info.alias, m.path)).collect();
+    println!("group room  frank reaches {}", paths.join(", "));
+    nodes[0].room("studio").leave()?;
+    pump(&mut nodes, &mut logs, &|l| l[1..].iter().all(|l| l.contains(&RoomEvent::Closed { room: "studio".into() })))?;
+    println!("group room  frank closed `studio`; grace and heidi were told");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let server = peerlink_server::spawn(peerlink_server::ServerOptions::local())?;
     let url = server.url();
@@ -176,6 +258,10 @@ fn main() -> Result<()> {
     // Direct connections: two nodes (blocking and smol) connect over UDP with WebRTC (ICE,
     // DTLS bound to both identities, SCTP data channels), negotiated through the server's relay.
     direct(&url)?;
+
+    // Managed rooms: a full mesh of direct connections, with the server's relay wherever a
+    // direct path is missing.
+    group_room(&url)?;
 
     // A clean disconnect: the others see the peer leave at once.
     carol.disconnect();

@@ -9,3 +9,4 @@ mod world;
 mod blocking;
 mod sim;
 mod smol;
+mod tokio;
