@@ -313,3 +313,61 @@ fn a_full_room_refuses_and_kick_and_close_reach_everyone() {
     assert!(room_events(&sim, nodes[2]).contains(&RoomEvent::Closed { room: ROOM.into() }));
     assert!(room_events(&sim, nodes[0]).contains(&RoomEvent::Closed { room: ROOM.into() }));
 }
+
+#[test]
+fn a_lost_session_rejoins_and_the_room_reforms() {
+    let (mut sim, nodes) = room_world(13, 3, room_config());
+    let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
+    let fa = sim.fingerprint(a);
+    // a only reaches the others through the server, which it loses for longer than the
+    // server keeps its session (30 s): the others see it leave; it comes back, joins again,
+    // and the others see it join.
+    for &o in &[b, c] {
+        sim.partition(a, o);
+    }
+    let mut sent = BTreeMap::new();
+    chatter(&mut sim, &nodes, &mut sent, Duration::from_secs(2), Duration::from_millis(200));
+    assert!(sim.run_until(Duration::from_secs(10), |sim| all_delivered(sim, &nodes, &sent)));
+    sim.set_signaling_down(a, true);
+    // a keeps writing while away; it is all delivered after it is back.
+    let mut while_away = Vec::new();
+    for k in 0..20 {
+        let text = format!("away-{k}");
+        sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Text(text.clone()))).unwrap();
+        while_away.push(text);
+        sim.run_for(Duration::from_secs(2));
+    }
+    for &o in &[b, c] {
+        assert!(room_events(&sim, o).iter().any(|e| matches!(e, RoomEvent::PeerLeft { peer, .. } if *peer == fa)), "{} never saw a leave", sim.name(o));
+    }
+    sim.set_signaling_down(a, false);
+    assert!(sim.run_until(Duration::from_secs(20), |sim| [b, c].iter().all(|&o| room_events(sim, o).iter().filter(|e| matches!(e, RoomEvent::PeerJoined { peer, .. } if peer.fingerprint == fa)).count() == 1)), "a did not re-join");
+    // After the re-join everyone talks to everyone again.
+    let mut after = BTreeMap::new();
+    chatter(&mut sim, &nodes, &mut after, Duration::from_secs(3), Duration::from_millis(200));
+    assert!(sim.run_until(Duration::from_secs(30), |sim| all_delivered(sim, &nodes, &{
+        let mut all = after.clone();
+        all.get_mut(&a).unwrap().splice(0..0, while_away.iter().cloned());
+        for (n, v) in &sent {
+            all.get_mut(n).unwrap().splice(0..0, v.iter().cloned());
+        }
+        all
+    })), "not everything arrived after the re-join");
+    sim.run_for(Duration::from_secs(2));
+    // What a sent (before, while away, after) reached b and c exactly once, in order.
+    for &o in &[b, c] {
+        let got: Vec<String> = room_received(&sim, o)[&fa].iter().map(|(t, _)| t.clone()).collect();
+        let want: Vec<String> = sent[&a].iter().chain(&while_away).chain(&after[&a]).cloned().collect();
+        assert_eq!(got, want, "{} from a", sim.name(o));
+    }
+    // And a got what the others sent after it was back.
+    let got = room_received(&sim, a);
+    for &o in &[b, c] {
+        // (Texts restart at `-0` for the second round, so compare the tail.)
+        let texts: Vec<&String> = got[&sim.fingerprint(o)].iter().map(|(t, _)| t).collect();
+        let want: Vec<&String> = sent[&o].iter().chain(&after[&o]).collect();
+        assert_eq!(&texts[texts.len() - after[&o].len()..], &want[sent[&o].len()..], "a from {}", sim.name(o));
+        assert_eq!(&texts[..sent[&o].len()], &want[..sent[&o].len()], "a from {} before", sim.name(o));
+        assert!(texts.len() <= want.len(), "a got more from {} than was sent: {texts:?}", sim.name(o));
+    }
+}

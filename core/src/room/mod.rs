@@ -679,7 +679,24 @@ impl Rooms {
     /// members now are `peers`.
     pub(crate) fn on_rejoined(&mut self, now: Instant, details: RoomDetails, peers: Vec<PeerInfo>) {
         let id = details.room_id.clone();
-        let Some(room) = self.rooms.get(&id) else { return };
+        let epoch = self.new_epoch();
+        let Some(room) = self.rooms.get_mut(&id) else { return };
+        // The others saw this node leave (its session ended) and come back: to them it is a
+        // new member, with new streams both ways. Start ours afresh (a new epoch) and send
+        // what they have not acknowledged again under it.
+        room.epoch = epoch;
+        for m in room.members.values_mut() {
+            m.inn = In { next: 1, ..In::default() };
+            for (seq, msg) in (1..).zip(m.out.unacked.iter_mut()) {
+                msg.seq = seq;
+                msg.sent = false;
+            }
+            m.out.next_seq = m.out.unacked.len() as u64 + 1;
+            m.out.deadline = None;
+            m.presence = None;
+            m.presence_due = true;
+        }
+        let room = &self.rooms[&id];
         let now_in: BTreeSet<Fingerprint> = peers.iter().map(|p| p.fingerprint).filter(|f| *f != self.me).collect();
         let gone: Vec<Fingerprint> = room.members.keys().filter(|f| !now_in.contains(f)).copied().collect();
         for peer in gone {
@@ -696,7 +713,13 @@ impl Rooms {
     pub(crate) fn on_peer_joined(&mut self, now: Instant, id: &str, info: PeerInfo) {
         let rto = self.config.rto;
         let Some(room) = self.rooms.get_mut(id).filter(|r| r.joined) else { return };
-        if info.fingerprint == self.me || room.members.contains_key(&info.fingerprint) {
+        if info.fingerprint == self.me {
+            return;
+        }
+        if let Some(m) = room.members.get_mut(&info.fingerprint) {
+            // Joined again without our hearing it leave (we were away): it starts new
+            // streams, and so do we towards it (what it missed is lost with its old session).
+            *m = Member::new(info, rto, now);
             return;
         }
         room.members.insert(info.fingerprint, Member::new(info.clone(), rto, now));
