@@ -371,3 +371,42 @@ fn a_lost_session_rejoins_and_the_room_reforms() {
         assert!(texts.len() <= want.len(), "a got more from {} than was sent: {texts:?}", sim.name(o));
     }
 }
+
+#[test]
+fn a_burst_through_the_relay_is_paced_backpressured_and_complete() {
+    let (mut sim, nodes) = room_world(17, 3, room_config());
+    let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
+    for (x, y) in [(a, b), (a, c), (b, c)] {
+        sim.partition(x, y);
+    }
+    sim.run_for(Duration::from_secs(1));
+    // 3,000 messages as fast as a will take them: it refuses with WouldBlock when a member is
+    // 512 behind, says Writable when half of that is acknowledged, and the server never has to
+    // refuse a frame for its rate limit.
+    let mut sent = Vec::new();
+    let mut refused = 0;
+    while sent.len() < 3000 {
+        let text = format!("burst-{}", sent.len());
+        match sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Text(text.clone()))) {
+            Ok(()) => sent.push(text),
+            Err(NodeError::Room(RoomError::WouldBlock { .. })) => {
+                refused += 1;
+                let writable = |sim: &Sim| room_events(sim, a).iter().filter(|e| matches!(e, RoomEvent::Writable { .. })).count();
+                let before = writable(&sim);
+                assert!(sim.run_until(Duration::from_secs(30), |sim| writable(sim) > before), "no Writable after WouldBlock");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "a burst of 3,000 never met backpressure");
+    let done = |sim: &Sim| [b, c].iter().all(|&o| room_received(sim, o).get(&sim.fingerprint(a)).map_or(0, Vec::len) == sent.len());
+    assert!(sim.run_until(Duration::from_secs(120), done), "not everything arrived");
+    for &o in &[b, c] {
+        let got: Vec<String> = room_received(&sim, o)[&sim.fingerprint(a)].iter().map(|(t, _)| t.clone()).collect();
+        assert_eq!(got, sent, "{}", sim.name(o));
+    }
+    let rate_limited = sim.events(a).iter().any(|(_, e)| {
+        matches!(e, NodeEvent::Signaling(ClientEvent::Error(peerlink::ClientError::Server { code: peerlink::ErrorCode::RateLimited, .. })))
+    });
+    assert!(!rate_limited, "the server had to rate-limit a");
+}
