@@ -3,9 +3,10 @@
 //! A sans-IO toolkit for peer-to-peer applications: the signaling [`client`] and [`server`]
 //! state machines, verified [`identity`]s, the wire [`protocol`], and direct WebRTC
 //! connections between peers ([`peer`], on str0m's ICE, DTLS and SCTP) gathered in a [`node`]:
-//! one [`Node`] per local participant owns the signaling client and every connection. Runtime
-//! adapters (`peerlink-smol`, `peerlink-blocking`, `peerlink-server`, and the deterministic
-//! simulator `peerlink-sim`) own the sockets and timers.
+//! one [`Node`] per local participant owns the signaling client and every connection, and runs
+//! managed [`room`]s over them (full-mesh direct paths with relay fallback, presence). Runtime
+//! adapters (`peerlink-smol`, `peerlink-tokio`, `peerlink-blocking`, `peerlink-server`, and the
+//! deterministic simulator `peerlink-sim`) own the sockets and timers.
 //!
 //! ## The drain contract
 //!
