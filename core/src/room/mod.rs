@@ -52,6 +52,8 @@ use wire::Item;
 
 /// Most out-of-order messages held per stream.
 pub const MAX_REORDER: usize = 1024;
+/// Most members a room is tracked with (the server's largest room size).
+pub const MAX_MEMBERS: usize = 256;
 /// Most items (messages, acknowledgements, presence) waiting per member besides the
 /// unacknowledged messages; older ones are dropped first (acknowledgements and presence are
 /// sent again anyway).
@@ -353,7 +355,8 @@ pub(crate) enum Pending {
 
 struct OutMsg {
     seq: u64,
-    data: RoomData,
+    /// Shared by the copies for every member.
+    data: std::sync::Arc<RoomData>,
     sent: bool,
     force_relay: bool,
 }
@@ -593,6 +596,7 @@ impl Rooms {
             room.members.get_mut(&peer).expect("member").out.blocked = true;
             return Err(RoomError::WouldBlock { peer });
         }
+        let data = std::sync::Arc::new(data);
         for peer in targets {
             let out = &mut room.members.get_mut(&peer).expect("member").out;
             let seq = out.next_seq;
@@ -647,7 +651,7 @@ impl Rooms {
         room.metadata = details.metadata.clone();
         room.joined = true;
         let mut members = Vec::new();
-        for info in peers.into_iter().filter(|p| p.fingerprint != self.me) {
+        for info in peers.into_iter().filter(|p| p.fingerprint != self.me).take(MAX_MEMBERS) {
             members.push(info.clone());
             room.members.insert(info.fingerprint, Member::new(info, rto, now));
         }
@@ -714,6 +718,10 @@ impl Rooms {
         let rto = self.config.rto;
         let Some(room) = self.rooms.get_mut(id).filter(|r| r.joined) else { return };
         if info.fingerprint == self.me {
+            return;
+        }
+        if room.members.len() >= MAX_MEMBERS && !room.members.contains_key(&info.fingerprint) {
+            warn!(room = %id, "more members than any room may have: ignored");
             return;
         }
         if let Some(m) = room.members.get_mut(&info.fingerprint) {
@@ -792,6 +800,7 @@ impl Rooms {
     pub(crate) fn handle_items(&mut self, now: Instant, from: Fingerprint, items: Vec<Item>, path: RoomPath) {
         let max_unacked = self.config.max_unacked;
         let base_rto = self.config.rto;
+        let max_presence = self.config.max_presence_size;
         for item in items {
             let id = item.room().to_owned();
             let Some(room) = self.rooms.get_mut(&id).filter(|r| r.joined) else {
@@ -866,6 +875,13 @@ impl Rooms {
                         if version == p.version {
                             p.expires = expires;
                         }
+                        continue;
+                    }
+                    if state.as_ref().is_some_and(|s| s.len() > max_presence) {
+                        self.events.push_back(RoomEvent::Error {
+                            room: id.clone(),
+                            error: RoomError::BadMessage { from, error: WireError::Malformed("presence state over the size limit".into()) },
+                        });
                         continue;
                     }
                     let value = match state.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose() {
@@ -1007,7 +1023,7 @@ impl Rooms {
             }
             for msg in m.out.unacked.iter().filter(|x| !x.sent) {
                 items.push((
-                    Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: msg.data.clone() },
+                    Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: (*msg.data).clone() },
                     Origin::Data { room: id.clone(), seq: msg.seq },
                     !direct || msg.force_relay,
                 ));
