@@ -288,6 +288,7 @@ enum RoomInput {
     Bad { from: Fingerprint, error: room::WireError },
     Direct { peer: Fingerprint, open: bool },
     Lost { peer: Fingerprint },
+    DirectWritable { peer: Fingerprint },
     RelayRestored,
     Client(ClientEvent),
 }
@@ -734,7 +735,7 @@ impl Node {
                 up.then_some(RoomInput::Direct { peer: fp, open: true })
             }
             PeerOutput::ChannelClosed(c) if c == INTERNAL_CHANNEL => Some(RoomInput::Direct { peer: fp, open: false }),
-            PeerOutput::BufferedAmountLow(c) if c == INTERNAL_CHANNEL => None,
+            PeerOutput::BufferedAmountLow(c) if c == INTERNAL_CHANNEL => Some(RoomInput::DirectWritable { peer: fp }),
             PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => Some(match data {
                 Payload::Text(text) => match room::wire::decode_batch(text) {
                     Ok(items) => RoomInput::Items { from: fp, items, path: RoomPath::Direct },
@@ -793,6 +794,7 @@ impl Node {
                     RoomInput::Direct { peer, open } => rooms.direct_changed(peer, open),
                     RoomInput::Lost { peer } => rooms.connection_lost(now, peer),
                     RoomInput::RelayRestored => rooms.relay_restored(),
+                    RoomInput::DirectWritable { peer } => rooms.direct_writable(peer),
                     RoomInput::Client(event) => self.room_client_event(&mut rooms, event),
                 }
             }
@@ -1126,9 +1128,9 @@ impl Transport for Node {
         self.peers.get(peer).is_some_and(|p| p.state() == PeerState::Connected && p.channel_open(INTERNAL_CHANNEL))
     }
 
-    fn send_direct(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError> {
+    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool) -> Result<(), SendError> {
         let mut result = Err(SendError::UnknownPeer(peer));
-        self.with_peer(peer, |p, ctx| result = p.send(INTERNAL_CHANNEL, false, text.as_bytes(), ctx));
+        self.with_peer(peer, |p, ctx| result = p.send_with(INTERNAL_CHANNEL, false, text.as_bytes(), !control, ctx));
         result
     }
 

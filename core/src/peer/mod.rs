@@ -869,6 +869,19 @@ impl Peer {
 
     /// Sends one message on the channel called `label`.
     pub(crate) fn send<R: RngCore>(&mut self, label: &str, binary: bool, data: &[u8], ctx: &mut Ctx<'_, R>) -> Result<(), SendError> {
+        self.send_with(label, binary, data, true, ctx)
+    }
+
+    /// [`Peer::send`], optionally past the send window (small control messages that must not
+    /// wait behind data; str0m's own buffer limit still applies).
+    pub(crate) fn send_with<R: RngCore>(
+        &mut self,
+        label: &str,
+        binary: bool,
+        data: &[u8],
+        windowed: bool,
+        ctx: &mut Ctx<'_, R>,
+    ) -> Result<(), SendError> {
         let Some(id) = self.channel_id(label) else {
             return Err(SendError::UnknownChannel(label.to_string()));
         };
@@ -880,7 +893,7 @@ impl Peer {
         }
         let buffered = self.buffered_total();
         // A message bigger than the window still goes when nothing else is in flight.
-        if buffered > 0 && buffered + data.len() > self.window.size {
+        if windowed && buffered > 0 && buffered + data.len() > self.window.size {
             self.window.limited = true;
             if !self.window.blocked.contains(&id) {
                 self.window.blocked.push(id);

@@ -35,7 +35,7 @@
 //! Relay batches are signed with the sender's identity key for their recipient (see
 //! `docs/PROTOCOL.md`): the server can delay or drop them, not forge, alter or redirect them.
 
-pub(crate) mod wire;
+#[doc(hidden)] pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -54,14 +54,16 @@ use wire::Item;
 pub const MAX_REORDER: usize = 1024;
 /// Most members a room is tracked with (the server's largest room size).
 pub const MAX_MEMBERS: usize = 256;
-/// Most items (messages, acknowledgements, presence) waiting per member besides the
-/// unacknowledged messages; older ones are dropped first (acknowledgements and presence are
-/// sent again anyway).
-const MAX_CONTROL_ITEMS: usize = 256;
 /// Bytes of items per relay frame (the server's frame limit is 64 KiB).
 const RELAY_BATCH_BYTES: usize = 32 * 1024;
 /// Bytes of items per direct message.
 const DIRECT_BATCH_BYTES: usize = 16 * 1024;
+/// Bytes of messages one flush hands to a direct connection at most (about its send
+/// window; more would only be refused).
+const DIRECT_FLUSH_BYTES: usize = 64 * 1024;
+/// Bytes of messages per stream sent by relay and not yet acknowledged: flow control, so
+/// that many senders cannot pile more onto one receiver's server connection than it drains.
+const RELAY_WINDOW_BYTES: usize = 64 * 1024;
 /// Incoming presence updates accepted per member per second (and burst).
 const PRESENCE_RX_RATE: f64 = 20.0;
 
@@ -332,8 +334,10 @@ pub struct RoomView {
 pub(crate) trait Transport {
     /// Whether the connection to `peer` is up with its internal channel open.
     fn direct_open(&self, peer: &Fingerprint) -> bool;
-    /// Sends `text` on the internal channel to `peer`.
-    fn send_direct(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError>;
+    /// Sends `text` on the internal channel to `peer`; `control` (small acknowledgements and
+    /// presence) goes even when the connection's send window is full, so that one direction's
+    /// data never holds back the other's acknowledgements.
+    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool) -> Result<(), SendError>;
     /// Whether the signaling client is registered (relays can go).
     fn relay_ready(&self) -> bool;
     /// Signs `body` for `to` and relays it; false when the client refused it.
@@ -359,6 +363,8 @@ struct OutMsg {
     data: std::sync::Arc<RoomData>,
     sent: bool,
     force_relay: bool,
+    /// Its encoded size, counted in `Out::relay_inflight` while sent by relay.
+    relay_bytes: usize,
 }
 
 struct Out {
@@ -367,6 +373,30 @@ struct Out {
     rto: Duration,
     deadline: Option<Instant>,
     blocked: bool,
+    /// Bytes of messages sent by relay and not yet acknowledged.
+    relay_inflight: usize,
+}
+
+impl Out {
+    /// Everything unacknowledged goes again (on whatever path applies then).
+    fn unsend_all(&mut self) {
+        for msg in &mut self.unacked {
+            msg.sent = false;
+            msg.relay_bytes = 0;
+        }
+        self.relay_inflight = 0;
+        self.deadline = None;
+    }
+
+    /// Drops what `seq` acknowledges; returns whether anything was.
+    fn acknowledge(&mut self, seq: u64) -> bool {
+        let before = self.unacked.len();
+        while self.unacked.front().is_some_and(|x| x.seq <= seq) {
+            let msg = self.unacked.pop_front().expect("checked");
+            self.relay_inflight = self.relay_inflight.saturating_sub(msg.relay_bytes);
+        }
+        self.unacked.len() < before
+    }
 }
 
 #[derive(Default)]
@@ -399,7 +429,7 @@ impl Member {
     fn new(info: PeerInfo, rto: Duration, now: Instant) -> Self {
         Member {
             info,
-            out: Out { next_seq: 1, unacked: VecDeque::new(), rto, deadline: None, blocked: false },
+            out: Out { next_seq: 1, unacked: VecDeque::new(), rto, deadline: None, blocked: false, relay_inflight: 0 },
             inn: In { next: 1, ..In::default() },
             presence: None,
             presence_tokens: (PRESENCE_RX_RATE, now),
@@ -434,6 +464,8 @@ pub(crate) struct Rooms {
     rooms: BTreeMap<String, Room>,
     pub(crate) pending: HashMap<RequestId, Pending>,
     direct: BTreeSet<Fingerprint>,
+    /// Direct paths whose send window is full, until the connection says it has room.
+    direct_blocked: BTreeSet<Fingerprint>,
     relay_tokens: f64,
     relay_at: Option<Instant>,
     /// Relay items wait for a token (a wake-up is due when one is there).
@@ -473,6 +505,7 @@ impl Rooms {
             rooms: BTreeMap::new(),
             pending: HashMap::new(),
             direct: BTreeSet::new(),
+            direct_blocked: BTreeSet::new(),
             relay_at: None,
             relay_starved: false,
             redial: BTreeMap::new(),
@@ -591,9 +624,11 @@ impl Rooms {
             Some(peer) => return Err(RoomError::NotMember(peer)),
             None => room.members.keys().copied().collect(),
         };
-        if let Some(full) = targets.iter().find(|p| room.members[*p].out.unacked.len() >= max_unacked) {
-            let peer = *full;
-            room.members.get_mut(&peer).expect("member").out.blocked = true;
+        let full: Vec<Fingerprint> = targets.iter().filter(|p| room.members[*p].out.unacked.len() >= max_unacked).copied().collect();
+        if let Some(&peer) = full.first() {
+            for p in &full {
+                room.members.get_mut(p).expect("member").out.blocked = true;
+            }
             return Err(RoomError::WouldBlock { peer });
         }
         let data = std::sync::Arc::new(data);
@@ -601,7 +636,7 @@ impl Rooms {
             let out = &mut room.members.get_mut(&peer).expect("member").out;
             let seq = out.next_seq;
             out.next_seq += 1;
-            out.unacked.push_back(OutMsg { seq, data: data.clone(), sent: false, force_relay });
+            out.unacked.push_back(OutMsg { seq, data: data.clone(), sent: false, force_relay, relay_bytes: 0 });
         }
         Ok(())
     }
@@ -691,12 +726,11 @@ impl Rooms {
         room.epoch = epoch;
         for m in room.members.values_mut() {
             m.inn = In { next: 1, ..In::default() };
+            m.out.unsend_all();
             for (seq, msg) in (1..).zip(m.out.unacked.iter_mut()) {
                 msg.seq = seq;
-                msg.sent = false;
             }
             m.out.next_seq = m.out.unacked.len() as u64 + 1;
-            m.out.deadline = None;
             m.presence = None;
             m.presence_due = true;
         }
@@ -737,8 +771,12 @@ impl Rooms {
 
     pub(crate) fn on_peer_left(&mut self, id: &str, peer: Fingerprint, kicked: bool) {
         let Some(room) = self.rooms.get_mut(id).filter(|r| r.joined) else { return };
-        if room.members.remove(&peer).is_some() {
+        if let Some(m) = room.members.remove(&peer) {
             self.events.push_back(RoomEvent::PeerLeft { room: id.to_owned(), peer, kicked });
+            if m.out.blocked {
+                // Whoever waits for room to send must not wait for a member that is gone.
+                self.events.push_back(RoomEvent::Writable { room: id.to_owned() });
+            }
         }
         if !self.is_member(&peer) {
             self.redial.remove(&peer);
@@ -757,12 +795,10 @@ impl Rooms {
         if open {
             self.redial.remove(&peer);
         }
+        self.direct_blocked.remove(&peer);
         for room in self.rooms.values_mut() {
             if let Some(m) = room.members.get_mut(&peer) {
-                for msg in &mut m.out.unacked {
-                    msg.sent = false;
-                }
-                m.out.deadline = None;
+                m.out.unsend_all();
                 m.inn.ack_due = true;
                 m.presence_due = true;
             }
@@ -784,10 +820,7 @@ impl Rooms {
         for room in self.rooms.values_mut() {
             for (fp, m) in &mut room.members {
                 if !self.direct.contains(fp) || m.out.unacked.iter().any(|x| x.force_relay) {
-                    for msg in &mut m.out.unacked {
-                        msg.sent = false;
-                    }
-                    m.out.deadline = None;
+                    m.out.unsend_all();
                     m.inn.ack_due = true;
                 }
             }
@@ -843,13 +876,9 @@ impl Rooms {
                     if epoch != our_epoch {
                         continue;
                     }
-                    let before = m.out.unacked.len();
-                    while m.out.unacked.front().is_some_and(|x| x.seq <= seq) {
-                        m.out.unacked.pop_front();
-                    }
-                    if m.out.unacked.len() < before {
+                    if m.out.acknowledge(seq) {
                         m.out.rto = base_rto;
-                        m.out.deadline = if m.out.unacked.iter().any(|x| x.sent) { Some(now + base_rto) } else { None };
+                        m.out.deadline = if m.out.unacked.iter().any(|x| x.sent) { Some(now + m.out.rto) } else { None };
                         if m.out.blocked && m.out.unacked.len() <= max_unacked / 2 {
                             m.out.blocked = false;
                             self.events.push_back(RoomEvent::Writable { room: id.clone() });
@@ -926,11 +955,11 @@ impl Rooms {
         self.relay_starved = false;
         for peer in peers {
             let direct = self.direct.contains(&peer) && t.direct_open(&peer);
-            let items = self.collect(peer, direct);
-            if items.is_empty() {
-                continue;
+            let relay_ok = t.relay_ready() && self.relay_tokens >= 1.0;
+            if t.relay_ready() && self.relay_tokens < 1.0 {
+                self.relay_starved = true;
             }
-            let (direct_items, relay_items): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, _, relay)| !relay);
+            let (direct_items, relay_items) = self.collect(peer, direct, relay_ok);
             if !direct_items.is_empty() {
                 self.send_batches(now, peer, direct_items, RoomPath::Direct, t);
             }
@@ -938,6 +967,11 @@ impl Rooms {
                 self.send_batches(now, peer, relay_items, RoomPath::Relay, t);
             }
         }
+    }
+
+    /// The notice that the direct connection to `peer` has room in its send window again.
+    pub(crate) fn direct_writable(&mut self, peer: Fingerprint) {
+        self.direct_blocked.remove(&peer);
     }
 
     fn refill(&mut self, now: Instant) {
@@ -957,11 +991,8 @@ impl Rooms {
             for (fp, m) in &mut room.members {
                 if m.out.deadline.is_some_and(|d| d <= now) {
                     debug!(room = %id, peer = %fp.short(), unacked = m.out.unacked.len(), rto = ?m.out.rto, "no acknowledgement: sending again");
-                    for msg in &mut m.out.unacked {
-                        msg.sent = false;
-                    }
+                    m.out.unsend_all();
                     m.out.rto = (m.out.rto * 2).min(max_rto);
-                    m.out.deadline = None;
                 }
                 if m.presence.as_ref().is_some_and(|p| p.expires <= now) {
                     m.presence = None;
@@ -992,11 +1023,16 @@ impl Rooms {
         }
     }
 
-    /// Everything due to `peer`, in order: per room, an acknowledgement, presence, then
-    /// unsent messages; each with where it came from and whether it must go by relay.
-    fn collect(&mut self, peer: Fingerprint, direct: bool) -> Vec<(Item, Origin, bool)> {
+    /// What is due to `peer` and can go now, in order, for the direct path and for the relay:
+    /// per room an acknowledgement and presence (control items, first), then unsent messages,
+    /// as much as the path takes now (a direct connection's window, the relay's tokens and the
+    /// stream's relay window). What is left stays due.
+    #[allow(clippy::type_complexity)]
+    fn collect(&mut self, peer: Fingerprint, direct: bool, relay_ok: bool) -> (Vec<(Item, Origin)>, Vec<(Item, Origin)>) {
         let ttl_ms = u64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(u64::MAX).min(wire::MAX_PRESENCE_TTL_MS);
-        let mut items = Vec::new();
+        let (mut direct_items, mut relay_items) = (Vec::new(), Vec::new());
+        let mut direct_budget = if direct && !self.direct_blocked.contains(&peer) { DIRECT_FLUSH_BYTES } else { 0 };
+        let mut relay_budget = if relay_ok { (self.relay_tokens.floor() as usize).min(8) * RELAY_BATCH_BYTES } else { 0 };
         for (id, room) in &mut self.rooms {
             let Some(m) = room.members.get_mut(&peer) else { continue };
             let path = if direct { RoomPath::Direct } else { RoomPath::Relay };
@@ -1006,49 +1042,69 @@ impl Rooms {
                 }
                 m.path = Some(path);
             }
-            if m.inn.ack_due {
-                if let Some(epoch) = m.inn.epoch {
-                    m.inn.ack_due = false;
-                    items.push((Item::Ack { room: id.clone(), epoch, seq: m.inn.next - 1 }, Origin::Ack { room: id.clone() }, !direct));
+            // Control items take the path's way when it can take anything now.
+            let control = if direct { Some(&mut direct_items) } else if relay_ok { Some(&mut relay_items) } else { None };
+            if let Some(control) = control {
+                if m.inn.ack_due {
+                    if let Some(epoch) = m.inn.epoch {
+                        m.inn.ack_due = false;
+                        control.push((Item::Ack { room: id.clone(), epoch, seq: m.inn.next - 1 }, Origin::Ack { room: id.clone() }));
+                    }
+                }
+                if m.presence_due && room.presence.last_sent.is_some() {
+                    m.presence_due = false;
+                    let p = &room.presence;
+                    let item = Item::Presence { room: id.clone(), epoch: room.epoch, version: p.version, ttl_ms, state: p.state.clone() };
+                    control.push((item, Origin::Presence { room: id.clone() }));
                 }
             }
-            if m.presence_due && room.presence.last_sent.is_some() {
-                m.presence_due = false;
-                let p = &room.presence;
-                items.push((
-                    Item::Presence { room: id.clone(), epoch: room.epoch, version: p.version, ttl_ms, state: p.state.clone() },
-                    Origin::Presence { room: id.clone() },
-                    !direct,
-                ));
-            }
+            let mut relay_window = RELAY_WINDOW_BYTES.saturating_sub(m.out.relay_inflight);
+            let (direct_budget, relay_budget) = (&mut direct_budget, &mut relay_budget);
             for msg in m.out.unacked.iter().filter(|x| !x.sent) {
-                items.push((
-                    Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: (*msg.data).clone() },
-                    Origin::Data { room: id.clone(), seq: msg.seq },
-                    !direct || msg.force_relay,
-                ));
-                if items.len() >= MAX_CONTROL_ITEMS + self.config.max_unacked {
+                let by_relay = !direct || msg.force_relay;
+                let item = Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: RoomData::Text(String::new()) };
+                let len = item.encoded_len() + msg.data.wire_len();
+                let (budget, items) = if by_relay { (&mut *relay_budget, &mut relay_items) } else { (&mut *direct_budget, &mut direct_items) };
+                // In order per stream: once one message has to wait, the rest wait too. A
+                // stream with nothing in flight by relay may always send one.
+                let fits = *budget >= len && (!by_relay || len <= relay_window || relay_window == RELAY_WINDOW_BYTES);
+                if !fits {
                     break;
                 }
+                *budget = budget.saturating_sub(len);
+                if by_relay {
+                    relay_window = relay_window.saturating_sub(len);
+                }
+                let item = Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: (*msg.data).clone() };
+                items.push((item, Origin::Data { room: id.clone(), seq: msg.seq }));
             }
         }
-        items
+        (direct_items, relay_items)
     }
 
-    fn send_batches(&mut self, now: Instant, peer: Fingerprint, items: Vec<(Item, Origin, bool)>, path: RoomPath, t: &mut dyn Transport) {
+    fn send_batches(&mut self, now: Instant, peer: Fingerprint, items: Vec<(Item, Origin)>, path: RoomPath, t: &mut dyn Transport) {
         let limit = if path == RoomPath::Direct { DIRECT_BATCH_BYTES } else { RELAY_BATCH_BYTES };
+        // On the direct path, control items go first in a batch of their own that the send
+        // window does not hold back.
+        let control_first = path == RoomPath::Direct && items.first().is_some_and(|(_, o)| !matches!(o, Origin::Data { .. }));
         let mut rest = items.into_iter().peekable();
+        let mut first = true;
         loop {
+            let control = first && control_first;
+            first = false;
             let mut batch: Vec<Item> = Vec::new();
             let mut origins: Vec<Origin> = Vec::new();
             let mut bytes = 0;
-            while let Some((item, _, _)) = rest.peek() {
+            while let Some((item, origin)) = rest.peek() {
                 let len = item.encoded_len();
+                if control && matches!(origin, Origin::Data { .. }) {
+                    break;
+                }
                 if !batch.is_empty() && (bytes + len > limit || batch.len() >= wire::MAX_ITEMS) {
                     break;
                 }
                 bytes += len;
-                let (item, origin, _) = rest.next().expect("peeked");
+                let (item, origin) = rest.next().expect("peeked");
                 batch.push(item);
                 origins.push(origin);
             }
@@ -1056,9 +1112,12 @@ impl Rooms {
                 return;
             }
             let sent = match path {
-                RoomPath::Direct => match t.send_direct(peer, &wire::encode_batch(&batch)) {
+                RoomPath::Direct => match t.send_direct(peer, &wire::encode_batch(&batch), control) {
                     Ok(()) => true,
-                    Err(SendError::WouldBlock { .. }) => false,
+                    Err(SendError::WouldBlock { .. }) => {
+                        self.direct_blocked.insert(peer);
+                        false
+                    }
                     Err(e) => {
                         debug!(peer = %peer.short(), error = %e, "direct room send failed");
                         false
@@ -1080,20 +1139,28 @@ impl Rooms {
             };
             if !sent {
                 // Put the unsent control items back; unsent messages stay unsent.
-                let rest_origins = origins.into_iter().chain(rest.map(|(_, o, _)| o));
+                let rest_origins = origins.into_iter().chain(rest.map(|(_, o)| o));
                 for origin in rest_origins {
                     self.requeue(peer, origin);
                 }
                 return;
             }
-            for origin in origins {
+            // The direct path is reliable while it lasts (a path change sends everything
+            // again): its RTO is only a safety net.
+            let max_rto = self.config.max_rto;
+            for (item, origin) in batch.iter().zip(origins) {
                 if let Origin::Data { room, seq } = origin {
                     if let Some(m) = self.rooms.get_mut(&room).and_then(|r| r.members.get_mut(&peer)) {
                         if let Some(msg) = m.out.unacked.iter_mut().find(|x| x.seq == seq) {
                             msg.sent = true;
+                            if path == RoomPath::Relay {
+                                msg.relay_bytes = item.encoded_len();
+                                m.out.relay_inflight += msg.relay_bytes;
+                            }
                         }
                         if m.out.deadline.is_none() {
-                            m.out.deadline = Some(now + m.out.rto);
+                            let rto = if path == RoomPath::Direct { max_rto } else { m.out.rto };
+                            m.out.deadline = Some(now + rto);
                         }
                     }
                 }
