@@ -12,6 +12,11 @@
 //!   (whatever decodes must re-encode to an equal `Signal`) and as an SDP through
 //!   `sdp_fingerprint`.
 //!
+//! * [`room_batch`]: the `room/1` codec: arbitrary text as a batch body (whatever decodes is
+//!   valid, fits its `encoded_len` and round-trips strictly) and as a relay payload (nothing
+//!   is accepted that is not signed by its sender for its recipient), `arbitrary` items through
+//!   an encode/decode round trip, and payloads signed here with mutations that must be refused.
+//!
 //! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
 //! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
 //! depend on, so its corpus is replayed by the `peerlink-tests` crate instead.
@@ -23,9 +28,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
-use peerlink::identity::Identity;
+use peerlink::identity::{Fingerprint, Identity};
 use peerlink::peer::signal::{self, Signal};
 use peerlink::protocol::{self, ClientMessage, PROTOCOL_VERSION, ServerMessage};
+use peerlink::room::RoomData;
+use peerlink::room::wire::{self, Item, WireError};
 use peerlink::server::{ConnId, RateLimit, Server, ServerConfig, ServerTransmit};
 use peerlink::stun::{self, StunError, StunMessage};
 use rand_chacha::ChaCha20Rng;
@@ -561,4 +568,502 @@ pub fn peer_signal(data: &[u8]) {
         .unwrap_or_else(|| panic!("signal {text:?} re-encoded as {encoded:?} is not a signal"));
     assert_eq!(back, msg, "signal changed through {encoded:?}");
     assert_eq!(back.encode(), encoded, "signal {text:?} does not re-encode identically");
+}
+
+// ---- room_batch -------------------------------------------------------------------------
+
+/// [`room_batch`] input whose first byte is this: a relayed batch, signed here (see
+/// [`room_signed`]).
+pub const ROOM_MODE_SIGNED: u8 = b'S';
+/// [`room_batch`] input whose first byte is this: `arbitrary` items, encoded then decoded.
+pub const ROOM_MODE_ITEMS: u8 = b'I';
+/// Most signature checks one signed input asks for.
+pub const ROOM_MAX_MUTATIONS: usize = 4;
+
+/// The sender, the recipient and a third party (the server, or another member).
+struct RoomFixtures {
+    a: Identity,
+    b: Identity,
+    c: Identity,
+}
+
+fn room_fixtures() -> &'static RoomFixtures {
+    static F: OnceLock<RoomFixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let id = |seed| Identity::generate(&mut ChaCha20Rng::seed_from_u64(seed));
+        RoomFixtures { a: id(2000), b: id(2001), c: id(2002) }
+    })
+}
+
+/// The `room/1` codec (`peerlink::room::wire`). The first byte picks the mode:
+///
+/// * `S` ([`ROOM_MODE_SIGNED`]): the rest goes to [`room_signed`].
+/// * `I` ([`ROOM_MODE_ITEMS`]): the rest, through `arbitrary`, is a list of valid items; they
+///   must encode within their `encoded_len` and decode back to themselves.
+/// * anything else: the rest (if UTF-8) is a batch body for `decode_batch` ([`check_room_batch`])
+///   and a relay payload for `is_relayed` and `decode_relayed`, which must refuse it unless it
+///   is a genuine batch between the fixed identities claimed ([`check_relayed_text`]).
+pub fn room_batch(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    match mode {
+        ROOM_MODE_SIGNED => room_signed(rest),
+        ROOM_MODE_ITEMS => room_items(rest),
+        _ => {
+            let Ok(text) = std::str::from_utf8(rest) else { return };
+            let _ = check_room_batch(text);
+            check_is_relayed(text);
+            check_relayed_text(text);
+        }
+    }
+}
+
+/// Whether `s` is exactly one JSON value, without surrounding whitespace.
+fn is_json_value(s: &str) -> bool {
+    serde_json::from_str::<&RawValue>(s).is_ok_and(|raw| raw.get() == s)
+}
+
+/// What the rooms rely on in a decoded item.
+fn check_room_item(item: &Item) {
+    let room = item.room();
+    assert!(!room.is_empty() && room.len() <= wire::MAX_ROOM_LEN, "room id of {} bytes: {item:?}", room.len());
+    match item {
+        Item::Data { seq, data, .. } => {
+            assert!(*seq > 0, "data with sequence number 0: {item:?}");
+            if let RoomData::Json(j) = data {
+                assert!(is_json_value(j), "JSON data that is not one JSON value: {item:?}");
+            }
+        }
+        Item::Ack { .. } => {}
+        Item::Presence { ttl_ms, state, .. } => {
+            assert!(*ttl_ms <= wire::MAX_PRESENCE_TTL_MS, "presence ttl over the limit: {item:?}");
+            if let Some(s) = state {
+                assert!(s != "null" && is_json_value(s), "presence state that is not a JSON value: {item:?}");
+            }
+        }
+    }
+}
+
+/// Every item encodes within its `encoded_len`, and a message's `wire_len` (what counts
+/// against the size limit) is its encoded size; the batch decodes back to `items` and
+/// re-encodes to the same text.
+fn check_room_encoding(items: &[Item]) {
+    use base64::Engine as _;
+    let mut total = 0;
+    for item in items {
+        let mut one = String::new();
+        item.encode_into(&mut one);
+        assert!(one.len() <= item.encoded_len(), "encoded_len {} is below the {} bytes of {one}", item.encoded_len(), one.len());
+        total += one.len();
+        if let Item::Data { data, .. } = item {
+            let size = match data {
+                RoomData::Json(j) => j.len(),
+                RoomData::Text(t) => serde_json::to_string(t).expect("a string serializes").len(),
+                RoomData::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b).len(),
+            };
+            assert_eq!(data.wire_len(), size, "wire_len of {data:?}");
+        }
+    }
+    let encoded = wire::encode_batch(items);
+    assert_eq!(encoded.len(), 8 + total + items.len().saturating_sub(1), "batch framing of {encoded}");
+    let back = wire::decode_batch(&encoded).unwrap_or_else(|e| panic!("{items:?} encoded as {encoded:?} does not decode: {e}"));
+    assert_eq!(back, items, "items changed through {encoded:?}");
+    assert_eq!(wire::encode_batch(&back), encoded, "a batch does not re-encode identically");
+}
+
+/// `decode_batch(text)`, checking that whatever decodes is valid and round-trips strictly.
+pub fn check_room_batch(text: &str) -> Result<Vec<Item>, WireError> {
+    let items = wire::decode_batch(text)?;
+    assert!(items.len() <= wire::MAX_ITEMS, "{} items decoded", items.len());
+    items.iter().for_each(check_room_item);
+    check_room_encoding(&items);
+    Ok(items)
+}
+
+/// `is_relayed` only claims JSON objects whose `peerlink` member is `"room/1"`.
+fn check_is_relayed(text: &str) {
+    if !wire::is_relayed(text) {
+        return;
+    }
+    // A map, not a struct: serde lets a struct come from an array too. Values stay raw, so
+    // deep nesting elsewhere is no reason to disagree.
+    let object = serde_json::from_str::<HashMap<String, &RawValue>>(text)
+        .unwrap_or_else(|e| panic!("is_relayed accepted {text:?}, which is not a JSON object: {e}"));
+    let tag = object.get("peerlink").map(|v| v.get());
+    assert_eq!(tag, Some("\"room/1\""), "is_relayed accepted {text:?}");
+}
+
+/// `decode_relayed(text)` between every two of the fixed identities: whatever it accepts must
+/// be a genuine batch from the one to the other, checked here independently.
+fn check_relayed_text(text: &str) {
+    let f = room_fixtures();
+    let ids = [&f.a, &f.b, &f.c];
+    for from in ids {
+        for me in ids {
+            if std::ptr::eq(from, me) {
+                continue;
+            }
+            match wire::decode_relayed(text, &from.fingerprint(), &me.fingerprint()) {
+                Ok((items, key)) => {
+                    assert_eq!(key.to_base64(), from.public_key().to_base64(), "accepted with another key: {text:?}");
+                    let body = check_genuine(text, from, me);
+                    assert_eq!(wire::decode_batch(&body).as_ref(), Ok(&items), "accepted items that are not the body's: {text:?}");
+                }
+                // Only the body can have too many items: the signature must have been checked first.
+                Err(WireError::TooManyItems) => {
+                    check_genuine(text, from, me);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Checks without `decode_relayed` that `text` is a relay payload signed by `from` for `me`,
+/// and returns its body.
+fn check_genuine(text: &str, from: &Identity, me: &Identity) -> String {
+    use peerlink::identity::{PublicKey, Signature};
+    let field = |name: &str, raw: &RawValue| -> String {
+        serde_json::from_str::<String>(raw.get()).unwrap_or_else(|e| panic!("accepted with a `{name}` that is not a string ({e}): {text:?}"))
+    };
+    // The envelope is a struct: an object with these members, or an array of them in order.
+    let names = ["peerlink", "key", "sig", "to", "body"];
+    let values: HashMap<String, String> = if let Ok(object) = serde_json::from_str::<HashMap<String, &RawValue>>(text) {
+        names
+            .iter()
+            .map(|n| {
+                let raw = object.get(*n).unwrap_or_else(|| panic!("accepted without `{n}`: {text:?}"));
+                (n.to_string(), field(n, raw))
+            })
+            .collect()
+    } else {
+        let array = serde_json::from_str::<Vec<&RawValue>>(text).unwrap_or_else(|e| panic!("accepted a non-envelope ({e}): {text:?}"));
+        assert_eq!(array.len(), names.len(), "accepted an array envelope: {text:?}");
+        names.iter().zip(array).map(|(n, raw)| (n.to_string(), field(n, raw))).collect()
+    };
+    let to: Fingerprint = values["to"].parse().unwrap_or_else(|e| panic!("accepted with a bad `to` ({e}): {text:?}"));
+    assert_eq!(to, me.fingerprint(), "accepted a batch for someone else: {text:?}");
+    let key = PublicKey::from_base64(&values["key"]).unwrap_or_else(|e| panic!("accepted with a bad key ({e}): {text:?}"));
+    assert_eq!(key.fingerprint(), from.fingerprint(), "accepted with another sender's key: {text:?}");
+    let sig = Signature::from_base64(&values["sig"]).unwrap_or_else(|e| panic!("accepted with a bad signature ({e}): {text:?}"));
+    let body = values["body"].clone();
+    let message = format!("peerlink room/1\n{}\n{}\n{body}", from.fingerprint(), me.fingerprint());
+    key.verify(message.as_bytes(), &sig).unwrap_or_else(|e| panic!("accepted a signature that does not verify ({e}): {text:?}"));
+    body
+}
+
+/// Who signs a payload, for whom, and where it claims to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Signing {
+    /// The sender, for the recipient.
+    Genuine,
+    /// The third party, with its own key, for the recipient.
+    ByThirdParty,
+    /// The sender, for the third party.
+    ForThirdParty,
+}
+
+/// Signs `body`; `true` if this is the first time (this process) for these arguments.
+/// Memoized: signing and verifying are most of a signed input's time, and the fuzzer tries
+/// many mutation lists on one body.
+fn signed_payload(seed: u8, signing: Signing, body: &str) -> (String, bool) {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHE: RefCell<HashMap<(u8, Signing, String), String>> = RefCell::new(HashMap::new());
+    }
+    let key = (seed, signing, body.to_owned());
+    if let Some(p) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
+        return (p, false);
+    }
+    let f = room_fixtures();
+    let mut rng = ChaCha20Rng::seed_from_u64(u64::from(seed));
+    let (signer, to) = match signing {
+        Signing::Genuine => (&f.a, f.b.fingerprint()),
+        Signing::ByThirdParty => (&f.c, f.b.fingerprint()),
+        Signing::ForThirdParty => (&f.a, f.c.fingerprint()),
+    };
+    let payload = wire::encode_relayed(signer, &mut rng, &to, body);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= 4096 {
+            c.clear();
+        }
+        c.insert(key, payload.clone());
+    });
+    (payload, true)
+}
+
+/// `payload` with member `name` replaced by `value`.
+fn with_member(payload: &str, name: &str, value: serde_json::Value) -> String {
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(payload).expect("our payload is an object");
+    assert!(object.insert(name.to_owned(), value).is_some(), "no `{name}` in {payload}");
+    serde_json::to_string(&object).expect("serializes")
+}
+
+fn member(payload: &str, name: &str) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(payload).expect("our payload is an object");
+    object[name].as_str().expect("a string member").to_owned()
+}
+
+/// Flips byte `pos % len` of `bytes` with `xor` (appends `xor` to an empty one).
+fn flip(bytes: &mut Vec<u8>, pos: u16, xor: u8) {
+    if bytes.is_empty() {
+        bytes.push(xor);
+    } else {
+        let i = usize::from(pos) % bytes.len();
+        bytes[i] ^= xor;
+    }
+}
+
+/// One change to a genuine payload, from 4 input bytes: `[kind, pos_lo, pos_hi, xor]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mutation {
+    kind: u8,
+    pos: u16,
+    xor: u8,
+}
+
+impl Mutation {
+    pub fn from_bytes(b: [u8; 4]) -> Self {
+        Mutation { kind: b[0], pos: u16::from_le_bytes([b[1], b[2]]), xor: if b[3] == 0 { 1 } else { b[3] } }
+    }
+
+    /// Mutation kinds (`kind % KINDS`; see [`room_signed`]).
+    pub const KINDS: u8 = 8;
+}
+
+/// A signed input: `[seed, n, n × [kind, pos_lo, pos_hi, xor], body...]` (`n % 5` mutations).
+/// The body (lossy UTF-8) is signed by the fixed sender for the fixed recipient with an RNG
+/// seeded by `seed`. The genuine payload must be claimed by `is_relayed` and decode to what
+/// `decode_batch` makes of the body (any body error unchanged); claimed by the wrong sender or
+/// delivered to the wrong recipient it must be refused (checked once per process for each
+/// seed and body: the answer cannot change); and each mutation must make it fail:
+///
+/// 0. a byte of the body flipped: "signature does not verify";
+/// 1. a byte of the signature flipped (base64 re-encoded): `BadSignature`;
+/// 2. a byte of the key flipped (base64 re-encoded): `BadSignature`;
+/// 3. a byte of `to` flipped: "addressed to another peer";
+/// 4. a byte of the signature's base64 text flipped: refused;
+/// 5. a byte of the key's base64 text flipped: refused;
+/// 6. a byte anywhere in the payload text flipped: refused, or (JSON being what it is) the
+///    same items from the same key;
+/// 7. re-signed (`pos` even) by the third party with its own key, claiming the sender: "the key
+///    is not the sender's"; or (`pos` odd) signed by the sender for the third party and `to`
+///    rewritten to the recipient: "signature does not verify".
+pub fn room_signed(data: &[u8]) {
+    use peerlink::identity::PublicKey;
+    let [seed, n, rest @ ..] = data else { return };
+    let n = usize::from(n % (ROOM_MAX_MUTATIONS as u8 + 1)).min(rest.len() / 4);
+    let (mutations, body) = rest.split_at(n * 4);
+    let body = String::from_utf8_lossy(body).into_owned();
+    let f = room_fixtures();
+    let (a, b, c) = (f.a.fingerprint(), f.b.fingerprint(), f.c.fingerprint());
+    let (payload, first) = signed_payload(*seed, Signing::Genuine, &body);
+    let expected = check_room_batch(&body);
+    let key_of = |k: &PublicKey| k.to_base64();
+    let refused = |text: &str, from: &Fingerprint, me: &Fingerprint, why: Option<&'static str>, what: &str| {
+        match (wire::decode_relayed(text, from, me), why) {
+            (Err(WireError::BadSignature(got)), Some(want)) => assert_eq!(got, want, "{what}: {text}"),
+            (Err(WireError::BadSignature(_)), None) => {}
+            (other, _) => panic!("{what}: {other:?} for {text}"),
+        }
+    };
+    if first {
+        assert!(wire::is_relayed(&payload), "our own payload is not claimed: {payload}");
+        check_is_relayed(&payload);
+        match (wire::decode_relayed(&payload, &a, &b), &expected) {
+            (Ok((items, key)), Ok(want)) => {
+                assert_eq!(&items, want, "a genuine payload's items: {payload}");
+                assert_eq!(key_of(&key), f.a.public_key().to_base64(), "a genuine payload's key");
+            }
+            (Err(got), Err(want)) => assert_eq!(&got, want, "a genuine payload with a bad body: {payload}"),
+            (got, want) => panic!("genuine payload {payload}: decode_relayed {got:?}, decode_batch {want:?}"),
+        }
+        refused(&payload, &c, &b, Some("the key is not the sender's"), "claimed by the wrong sender");
+        refused(&payload, &a, &c, Some("addressed to another peer"), "delivered to the wrong recipient");
+    }
+
+    for m in mutations.chunks_exact(4) {
+        let m = Mutation::from_bytes(m.try_into().expect("4 bytes"));
+        match m.kind % Mutation::KINDS {
+            0 => {
+                let mut bytes = body.clone().into_bytes();
+                flip(&mut bytes, m.pos, m.xor);
+                let altered = String::from_utf8_lossy(&bytes).into_owned();
+                if altered == body {
+                    continue;
+                }
+                let text = with_member(&payload, "body", altered.into());
+                refused(&text, &a, &b, Some("signature does not verify"), "body flipped");
+            }
+            1 | 2 => {
+                use base64::Engine as _;
+                let (name, what) = if m.kind % Mutation::KINDS == 1 { ("sig", "signature flipped") } else { ("key", "key flipped") };
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let mut bytes = b64.decode(member(&payload, name)).expect("our base64");
+                flip(&mut bytes, m.pos, m.xor);
+                let text = with_member(&payload, name, b64.encode(&bytes).into());
+                refused(&text, &a, &b, None, what);
+            }
+            3 => {
+                let mut bytes = b.as_bytes().to_vec();
+                flip(&mut bytes, m.pos, m.xor);
+                let to = Fingerprint::from_bytes(bytes.try_into().expect("32 bytes"));
+                let text = with_member(&payload, "to", to.to_string().into());
+                refused(&text, &a, &b, Some("addressed to another peer"), "recipient flipped");
+            }
+            4 | 5 => {
+                let name = if m.kind % Mutation::KINDS == 4 { "sig" } else { "key" };
+                let mut bytes = member(&payload, name).into_bytes();
+                flip(&mut bytes, m.pos, m.xor);
+                let Ok(altered) = String::from_utf8(bytes) else { continue };
+                let text = with_member(&payload, name, altered.into());
+                assert!(wire::decode_relayed(&text, &a, &b).is_err(), "{name} text flipped: {text}");
+            }
+            6 => {
+                let mut bytes = payload.clone().into_bytes();
+                flip(&mut bytes, m.pos, m.xor);
+                let Ok(text) = String::from_utf8(bytes) else { continue };
+                check_is_relayed(&text);
+                if let Ok((items, key)) = wire::decode_relayed(&text, &a, &b) {
+                    assert_eq!(Ok(&items), expected.as_ref(), "payload flipped into other items: {text}");
+                    assert_eq!(key_of(&key), f.a.public_key().to_base64(), "payload flipped into another key: {text}");
+                    check_genuine(&text, &f.a, &f.b);
+                }
+            }
+            _ if m.pos & 1 == 0 => {
+                let (text, _) = signed_payload(*seed, Signing::ByThirdParty, &body);
+                refused(&text, &a, &b, Some("the key is not the sender's"), "re-signed by a third party");
+            }
+            _ => {
+                let text = with_member(&signed_payload(*seed, Signing::ForThirdParty, &body).0, "to", b.to_string().into());
+                refused(&text, &a, &b, Some("signature does not verify"), "redirected");
+            }
+        }
+    }
+}
+
+/// An item as `arbitrary` makes it; [`ArbItem::valid`] turns it into one the rooms could send.
+#[derive(Debug, Arbitrary)]
+enum ArbItem {
+    Data { room: String, epoch: u64, seq: u64, data: ArbData },
+    Ack { room: String, epoch: u64, seq: u64 },
+    Presence { room: String, epoch: u64, version: u64, ttl_ms: u64, state: Option<String> },
+}
+
+#[derive(Debug, Arbitrary)]
+enum ArbData {
+    Json(String),
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// `s` if it is JSON (whitespace trimmed), else `s` as a JSON string.
+fn as_json(s: &str) -> String {
+    match serde_json::from_str::<&RawValue>(s) {
+        Ok(raw) => raw.get().to_owned(),
+        Err(_) => serde_json::to_string(s).expect("a string serializes"),
+    }
+}
+
+impl ArbItem {
+    fn valid(self) -> Item {
+        let room = |mut r: String| {
+            if r.is_empty() {
+                r.push('r');
+            }
+            let mut end = r.len().min(wire::MAX_ROOM_LEN);
+            while !r.is_char_boundary(end) {
+                end -= 1;
+            }
+            r.truncate(end.max(1));
+            if r.is_empty() { "r".to_owned() } else { r }
+        };
+        match self {
+            ArbItem::Data { room: r, epoch, seq, data } => Item::Data {
+                room: room(r),
+                epoch,
+                seq: seq.max(1),
+                data: match data {
+                    ArbData::Json(s) => RoomData::Json(as_json(&s)),
+                    ArbData::Text(s) => RoomData::Text(s),
+                    ArbData::Binary(b) => RoomData::Binary(b),
+                },
+            },
+            ArbItem::Ack { room: r, epoch, seq } => Item::Ack { room: room(r), epoch, seq },
+            ArbItem::Presence { room: r, epoch, version, ttl_ms, state } => Item::Presence {
+                room: room(r),
+                epoch,
+                version,
+                ttl_ms: ttl_ms.min(wire::MAX_PRESENCE_TTL_MS),
+                state: state.map(|s| as_json(&s)).filter(|s| s != "null"),
+            },
+        }
+    }
+}
+
+/// Valid items from `arbitrary` through `encode_batch` and back.
+fn room_items(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let mut items = Vec::new();
+    while items.len() < wire::MAX_ITEMS && !u.is_empty() {
+        match ArbItem::arbitrary(&mut u) {
+            Ok(item) => items.push(item.valid()),
+            Err(_) => break,
+        }
+    }
+    items.iter().for_each(check_room_item);
+    check_room_encoding(&items);
+}
+
+/// Raw relay payloads for the `room_batch` corpus: `(name, accepted, payload)`, written as
+/// `seed-relayed-<name>` (mode byte `R`) by the ignored test `write_room_batch_relayed_seeds`
+/// in `core/tests/fuzz_corpus.rs`. `accepted`: `decode_relayed` from the fixed sender to the
+/// fixed recipient takes it.
+pub fn room_relayed_seeds() -> Vec<(&'static str, bool, String)> {
+    let f = room_fixtures();
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let (b, c) = (f.b.fingerprint(), f.c.fingerprint());
+    let mixed = wire::encode_batch(&[
+        Item::Data { room: "r\"1".into(), epoch: 7, seq: 1, data: RoomData::Json(r#"{"a":[1,2]}"#.into()) },
+        Item::Data { room: "r".into(), epoch: 7, seq: 2, data: RoomData::Text("h\u{e9} \"q\"\n\u{1}".into()) },
+        Item::Data { room: "r".into(), epoch: 7, seq: 3, data: RoomData::Binary(vec![0, 255, 3]) },
+        Item::Ack { room: "r".into(), epoch: u64::MAX, seq: 0 },
+        Item::Presence { room: "r".into(), epoch: 7, version: 3, ttl_ms: 1000, state: Some(r#"{"typing":true}"#.into()) },
+        Item::Presence { room: "r".into(), epoch: 7, version: 4, ttl_ms: 1000, state: None },
+    ]);
+    let ack = r#"{"m":[{"t":"a","r":"r","e":1,"s":1}]}"#;
+    let mut sign = |by: &Identity, to: &Fingerprint, body: &str| wire::encode_relayed(by, &mut rng, to, body);
+    let genuine = sign(&f.a, &b, &mixed);
+    let member = |payload: &str, name: &str| {
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(payload).expect("an object");
+        object[name].clone()
+    };
+    let array = serde_json::to_string(&["peerlink", "key", "sig", "to", "body"].map(|n| member(&genuine, n))).expect("serializes");
+    vec![
+        ("genuine-empty", true, sign(&f.a, &b, r#"{"m":[]}"#)),
+        ("genuine-ack", true, sign(&f.a, &b, ack)),
+        ("genuine-mixed", true, genuine.clone()),
+        // serde lets a struct come from an array: decode_relayed takes it (still signed).
+        ("genuine-array", true, array),
+        ("genuine-bad-body", false, sign(&f.a, &b, r#"{"m":[{"t":"a","r":"r","e":1}]}"#)),
+        ("genuine-not-a-batch", false, sign(&f.a, &b, "hello")),
+        ("for-someone-else", false, sign(&f.a, &c, ack)),
+        ("redirected", false, with_member(&sign(&f.a, &c, ack), "to", b.to_string().into())),
+        ("forged-key", false, sign(&f.c, &b, ack)),
+        ("body-altered", false, with_member(&genuine, "body", mixed.replace("\"s\":1", "\"s\":5").into())),
+        ("uppercase-to", false, with_member(&genuine, "to", b.to_string().to_uppercase().into())),
+        ("spaced", true, serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&genuine).expect("JSON")).expect("serializes")),
+        // The tag must be plain (not `is_relayed`, then Malformed).
+        ("escaped-tag", false, genuine.replacen("room/1", "room\\/1", 1)),
+        // The tag is for `is_relayed` (false here); the signature covers a fixed "room/1".
+        ("other-tag", true, genuine.replacen("room/1", "rtc/1", 1)),
+        ("tag-only", false, r#"{"peerlink":"room/1"}"#.to_owned()),
+        ("tag-array", false, r#"["room/1"]"#.to_owned()),
+    ]
+}
+
+/// Whether `decode_relayed` from the fixed sender to the fixed recipient accepts `payload`.
+pub fn room_relayed_accepted(payload: &str) -> bool {
+    let f = room_fixtures();
+    wire::decode_relayed(payload, &f.a.fingerprint(), &f.b.fingerprint()).is_ok()
 }

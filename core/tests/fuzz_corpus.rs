@@ -126,3 +126,90 @@ fn peer_signal_seeds_decode_as_expected() {
     let sdp = String::from_utf8(seed("peer_signal", "sdp")).expect("UTF-8");
     assert!(peerlink::peer::signal::sdp_fingerprint(&sdp).is_some_and(|f| f.starts_with("sha-256 AB:AB")));
 }
+
+#[test]
+fn room_batch_corpus() {
+    replay("room_batch", harness::room_batch);
+}
+
+/// The room seeds are what their names say: every item kind decodes, the typed refusals are
+/// refused, the relayed payloads are signed (or forged) as named, so the fuzzer starts past
+/// the parser and the signature check.
+#[test]
+fn room_batch_seeds_decode_as_expected() {
+    use peerlink::room::wire::{self, Item, WireError};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/room_batch");
+    let mut kinds = [0usize; 5];
+    let (mut batches, mut bad, mut relayed, mut signed) = (0, 0, 0, 0);
+    for entry in std::fs::read_dir(&dir).expect("corpus") {
+        let name = entry.expect("entry").file_name().into_string().expect("UTF-8 name");
+        let Some(name) = name.strip_prefix("seed-") else { continue };
+        let data = seed("room_batch", name);
+        let text = || std::str::from_utf8(&data[1..]).unwrap_or_else(|e| panic!("seed-{name}: {e}"));
+        if name.starts_with("batch-") {
+            let items = wire::decode_batch(text()).unwrap_or_else(|e| panic!("seed-{name}: {e}"));
+            for item in &items {
+                kinds[match item {
+                    Item::Data { data: peerlink::RoomData::Json(_), .. } => 0,
+                    Item::Data { data: peerlink::RoomData::Text(_), .. } => 1,
+                    Item::Data { .. } => 2,
+                    Item::Ack { .. } => 3,
+                    Item::Presence { .. } => 4,
+                }] += 1;
+            }
+            batches += 1;
+        } else if name.starts_with("bad-") {
+            assert!(matches!(wire::decode_batch(text()), Err(WireError::Malformed(_))), "seed-{name}");
+            bad += 1;
+        } else if let Some(short) = name.strip_prefix("relayed-") {
+            let (_, accepted, _) = harness::room_relayed_seeds().into_iter().find(|(n, _, _)| *n == short).unwrap_or_else(|| panic!("seed-{name} is not in room_relayed_seeds"));
+            assert_eq!(harness::room_relayed_accepted(text()), accepted, "seed-{name}");
+            relayed += 1;
+        } else if name.starts_with("signed-") {
+            assert_eq!(data[0], harness::ROOM_MODE_SIGNED, "seed-{name}");
+            signed += 1;
+        }
+    }
+    assert!(kinds.iter().all(|n| *n >= 5), "item kinds (json, text, binary, ack, presence): {kinds:?}");
+    assert!(batches >= 30 && bad >= 15 && signed >= 8, "{batches} batches, {bad} bad, {signed} signed");
+    assert_eq!(relayed, harness::room_relayed_seeds().len(), "run `cargo test -p peerlink --test fuzz_corpus -- --ignored write_room_batch_relayed_seeds`");
+}
+
+/// Every byte of a signed payload's body, signature, key and recipient, and of its text,
+/// flipped (two ways) through the same checks as the fuzzer's signed mode: all refused.
+#[test]
+fn room_batch_every_flip_is_refused() {
+    let body = r#"{"m":[{"t":"d","r":"r","e":7,"s":1,"x":"h\u00e9\n"},{"t":"a","r":"r","e":9,"s":0}]}"#;
+    // (kind, length of what it flips): body, signature, key, recipient, signature text, key
+    // text, payload text.
+    let payload_len = 400 + 2 * body.len();
+    let fields = [(0, body.len()), (1, 64), (2, 65), (3, 32), (4, 88), (5, 88), (6, payload_len)];
+    let mut mutations = Vec::new();
+    for (kind, len) in fields {
+        for pos in 0..len as u16 {
+            for xor in [0x01, 0x80] {
+                mutations.push([kind, pos.to_le_bytes()[0], pos.to_le_bytes()[1], xor]);
+            }
+        }
+    }
+    mutations.extend([[7, 0, 0, 1], [7, 1, 0, 1]]);
+    for chunk in mutations.chunks(harness::ROOM_MAX_MUTATIONS) {
+        let mut input = vec![harness::ROOM_MODE_SIGNED, 3, chunk.len() as u8];
+        input.extend(chunk.iter().flatten());
+        input.extend(body.as_bytes());
+        harness::room_batch(&input);
+    }
+}
+
+/// Writes the genuinely signed relay payloads into the `room_batch` corpus (they need the
+/// harness's keys, so `fuzz/seeds/gen_seeds.py` cannot).
+#[test]
+#[ignore = "writes fuzz/corpus/room_batch/seed-relayed-*"]
+fn write_room_batch_relayed_seeds() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/room_batch");
+    for (name, _, payload) in harness::room_relayed_seeds() {
+        let mut data = b"R".to_vec();
+        data.extend(payload.as_bytes());
+        std::fs::write(dir.join(format!("seed-relayed-{name}")), data).expect("write");
+    }
+}

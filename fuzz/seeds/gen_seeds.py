@@ -152,3 +152,123 @@ scenarios = {
 }
 for name, data in scenarios.items():
     write("server_core", name, data)
+
+# ---- room_batch ------------------------------------------------------------------------
+# The first byte picks harness::room_batch's mode: b"R" (anything but S and I) raw text as a
+# batch body and a relay payload, b"S" a payload signed by the harness with mutations
+# ([seed, n, n x [kind, pos_lo, pos_hi, xor], body]), b"I" `arbitrary` items. Genuinely signed
+# raw relay payloads (seed-relayed-*) need the harness's keys: they are written by
+# `cargo test -p peerlink --test fuzz_corpus -- --ignored write_room_batch_relayed_seeds`.
+U64_MAX = 2**64 - 1
+
+def js(v): return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+def data(room, e, s, kind, value):
+    head = '{"t":"d","r":%s,"e":%d,"s":%d,' % (js(room), e, s)
+    if kind == "j":
+        return head + '"j":' + value + "}"
+    return head + '"%s":%s}' % (kind, js(value))
+
+def ack(room, e, s): return '{"t":"a","r":%s,"e":%d,"s":%d}' % (js(room), e, s)
+
+def presence(room, e, v, ttl=None, st=None):
+    out = '{"t":"p","r":%s,"e":%d,"v":%d' % (js(room), e, v)
+    if ttl is not None:
+        out += ',"ttl":%d' % ttl
+    if st is not None:
+        out += ',"st":' + st
+    return out + "}"
+
+def batch(*items): return '{"m":[' + ",".join(items) + "]}"
+
+B64_300 = __import__("base64").b64encode(bytes(range(256)) + bytes(44)).decode()
+room_batches = {
+    "empty": batch(),
+    "json-object": batch(data("r", 7, 1, "j", '{"a":[1,2],"b":{"c":null}}')),
+    "json-array": batch(data("r", 7, 2, "j", '[1,-2.5e300,"x",true,false,null]')),
+    "json-number": batch(data("r", 7, 3, "j", "0")),
+    "json-string": batch(data("r", 7, 4, "j", '"h\\u00e9 \\"q\\""')),
+    "json-nested": batch(data("r", 7, 5, "j", "[" * 40 + "]" * 40)),
+    # Raw values are skipped, not parsed: no depth limit (serde_json's 128 is for parsing).
+    "json-deep": batch(data("r", 7, 6, "j", "[" * 2000 + "]" * 2000)),
+    "json-spaced": '{ "m" : [ {"t" : "d", "r" : "r", "e" : 1, "s" : 1, "j" : [ 1 , 2 ] } ] }',
+    "text": batch(data("r", 1, 1, "x", "hello")),
+    "text-empty": batch(data("r", 1, 1, "x", "")),
+    "text-escapes": batch(data("r", 1, 2, "x", 'h\u00e9 "q"\n\\ \t\u2028 \U0001F600')),
+    "text-control": batch(data("r", 1, 3, "x", "".join(chr(c) for c in range(32)) * 4)),
+    "text-long": batch(data("r", 1, 4, "x", "abcdefgh" * 300)),
+    "binary": batch(data("r", 2, 1, "b", "AAEC")),
+    "binary-padded": batch(data("r", 2, 2, "b", "AA=="), data("r", 2, 3, "b", "AAE=")),
+    "binary-empty": batch(data("r", 2, 4, "b", "")),
+    "binary-long": batch(data("r", 2, 5, "b", B64_300)),
+    "ack": batch(ack("r", 9, 0)),
+    "ack-max": batch(ack("r", U64_MAX, U64_MAX)),
+    "data-max": batch(data("r", U64_MAX, U64_MAX, "j", "1")),
+    "presence": batch(presence("r", 7, 3, 1000, '{"typing":true}')),
+    "presence-null": batch(presence("r", 7, 4, 1000, "null")),
+    "presence-bare": batch(presence("r", 7, 5)),
+    "presence-ttl-clamped": batch(presence("r", 7, 6, 10**18, '"away"')),
+    "presence-max": batch(presence("r", U64_MAX, U64_MAX, U64_MAX, "[1,2,3]")),
+    "room-unicode": batch(ack("caf\u00e9 \u2603", 1, 1)),
+    "room-escaped": batch(ack('r"1\\', 1, 1)),
+    "room-128": batch(ack("x" * 128, 1, 1)),
+    "room-128-multibyte": batch(ack("\u00e9" * 64, 1, 1)),
+    "room-control": batch(data("\x01" * 128, U64_MAX, U64_MAX, "x", "\x01" * 64)),
+    "room-escaped-json": '{"m":[{"t":"a","r":"\\u0072\\ud83d\\ude00","e":1,"s":1}]}',
+    "mixed": batch(
+        data('r"1', 7, 1, "j", '{"a":[1,2]}'), data("r", 7, 2, "x", 'h\u00e9 "q"\n'), data("r", 7, 3, "b", "AP8D"),
+        ack("r", 9, 0), presence("r", 7, 3, 1000, '{"typing":true}'), presence("r", 7, 4, 1000, "null"),
+        ack("other", 1, 5), data("other", 2, 1, "x", "x")),
+    "extra-fields": '{"m":[{"t":"a","r":"r","e":1,"s":1,"zz":[{"deep":[1]}],"x":"ignored"}],"extra":1}',
+    "many": batch(*[ack("r%d" % (i % 7), i, i) for i in range(200)]),
+}
+bad_batches = {
+    "empty": "",
+    "array": "[]",
+    "m-object": '{"m":{}}',
+    "data-no-payload": batch('{"t":"d","r":"r","e":1,"s":1}'),
+    "data-seq-0": batch('{"t":"d","r":"r","e":1,"s":0,"x":"a"}'),
+    "data-two-payloads": batch('{"t":"d","r":"r","e":1,"s":1,"x":"a","b":"AA=="}'),
+    "data-j-null": batch('{"t":"d","r":"r","e":1,"s":1,"j":null}'),
+    "bad-base64": batch('{"t":"d","r":"r","e":1,"s":1,"b":"!!"}'),
+    "base64-trailing-bits": batch('{"t":"d","r":"r","e":1,"s":1,"b":"AB=="}'),
+    "ack-no-seq": batch('{"t":"a","r":"r","e":1}'),
+    "presence-no-version": batch('{"t":"p","r":"r","e":1}'),
+    "unknown-type": batch('{"t":"z","r":"r","e":1}'),
+    "escaped-type": batch('{"t":"\\u0061","r":"r","e":1,"s":1}'),
+    "empty-room": batch('{"t":"a","r":"","e":1,"s":1}'),
+    "long-room": batch(ack("x" * 129, 1, 1)),
+    "negative-epoch": batch('{"t":"a","r":"r","e":-1,"s":1}'),
+    "epoch-overflow": batch('{"t":"a","r":"r","e":18446744073709551616,"s":1}'),
+    "duplicate-field": batch('{"t":"a","r":"r","e":1,"e":2,"s":1}'),
+    "one-bad-item": batch(ack("r", 1, 1), '{"t":"a"}'),
+    "truncated": batch(ack("r", 1, 1))[:-3],
+    "trailing": batch(ack("r", 1, 1)) + " x",
+}
+for name, text in room_batches.items():
+    write("room_batch", "batch-" + name, b"R" + text.encode())
+for name, text in bad_batches.items():
+    write("room_batch", "bad-" + name, b"R" + text.encode())
+
+def mutation(kind, pos, xor=1): return bytes([kind]) + struct.pack("<H", pos) + bytes([xor])
+
+signed = {
+    # name: (seed, mutations, body)
+    "empty": (1, [], batch()),
+    "mixed-body-sig": (2, [mutation(0, 0), mutation(0, 37, 0x20), mutation(1, 5), mutation(1, 63, 0x80)], room_batches["mixed"]),
+    "ack-key-to": (3, [mutation(2, 0, 0x04), mutation(2, 64), mutation(3, 0), mutation(3, 31, 0xff)], room_batches["ack-max"]),
+    "text-b64-text": (4, [mutation(4, 3, 0x20), mutation(5, 10, 0x01), mutation(4, 87, 0x7f), mutation(5, 0, 0x03)], room_batches["text-escapes"]),
+    "presence-payload": (5, [mutation(6, 0), mutation(6, 20, 0x20), mutation(6, 300, 0x08), mutation(6, 9999, 0x40)], room_batches["presence"]),
+    "binary-forged": (6, [mutation(7, 0), mutation(7, 1)], room_batches["binary-long"]),
+    "control-all": (7, [mutation(0, 100), mutation(1, 30), mutation(6, 200, 0x10), mutation(7, 3)], room_batches["room-control"]),
+    "bad-body": (8, [mutation(0, 2), mutation(3, 5)], bad_batches["data-two-payloads"]),
+    "not-json-body": (9, [mutation(6, 150)], "not a batch \u00e9 \"\\"),
+    "many": (10, [mutation(0, 1000), mutation(2, 7)], room_batches["many"]),
+}
+for name, (seed, muts, body) in signed.items():
+    write("room_batch", "signed-" + name, b"S" + bytes([seed, len(muts)]) + b"".join(muts) + body.encode())
+
+import random
+rnd = random.Random(1)
+for i in range(12):
+    write("room_batch", "items-%02d" % i, b"I" + bytes(rnd.randrange(256) for _ in range(16 * (i + 1) ** 2 % 1500 + 16)))

@@ -219,6 +219,8 @@ fn bad_room_input_gets_typed_errors_and_affects_nobody_else() {
     assert_eq!(r, Err(NodeError::Room(RoomError::NotMember(fs))));
     let r = sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Binary(vec![0; 64 * 1024])));
     assert!(matches!(r, Err(NodeError::Room(RoomError::MessageTooLarge { .. }))), "{r:?}");
+    let r = sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Json("not json".into())));
+    assert!(matches!(r, Err(NodeError::Room(RoomError::Serialize(_)))), "{r:?}");
     let r = sim.with_node(a, |node, now| node.room_send(now, "elsewhere", None, RoomData::Text("hi".into())));
     assert_eq!(r, Err(NodeError::Room(RoomError::NotJoined("elsewhere".into()))));
     let r = sim.with_node(a, |node, now| node.join_room(now, ROOM));

@@ -54,8 +54,13 @@ use wire::Item;
 pub const MAX_REORDER: usize = 1024;
 /// Most members a room is tracked with (the server's largest room size).
 pub const MAX_MEMBERS: usize = 256;
-/// Bytes of items per relay frame (the server's frame limit is 64 KiB).
-const RELAY_BATCH_BYTES: usize = 32 * 1024;
+/// Bytes of items per relay frame. The body travels as a JSON string inside the relay
+/// payload, where quotes and backslashes double: 24 KiB of items stay under the server's
+/// 64 KiB frame limit whatever they hold.
+const RELAY_BATCH_BYTES: usize = 24 * 1024;
+/// The largest room message whatever [`RoomsConfig::max_message_size`] says: one that
+/// goes alone in a relay frame must fit it too.
+pub const MAX_ROOM_MESSAGE: usize = 28 * 1024;
 /// Bytes of items per direct message.
 const DIRECT_BATCH_BYTES: usize = 16 * 1024;
 /// Bytes of messages one flush hands to a direct connection at most (about its send
@@ -71,7 +76,8 @@ const PRESENCE_RX_RATE: f64 = 20.0;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RoomsConfig {
-    /// Largest room message (its encoded size: binary counts as base64). Default 16 KiB.
+    /// Largest room message (its encoded size: binary counts as base64, text its JSON
+    /// escaping). Default 16 KiB; at most [`MAX_ROOM_MESSAGE`] (a larger value acts as that).
     pub max_message_size: usize,
     /// Most unacknowledged messages per member. Default 512.
     pub max_unacked: usize,
@@ -614,8 +620,13 @@ impl Rooms {
     pub(crate) fn send(&mut self, id: &str, to: Option<Fingerprint>, data: RoomData, force_relay: bool) -> Result<(), RoomError> {
         self.check_joined(id)?;
         let size = data.wire_len();
-        if size > self.config.max_message_size {
-            return Err(RoomError::MessageTooLarge { size, max: self.config.max_message_size });
+        let max = self.config.max_message_size.min(MAX_ROOM_MESSAGE);
+        if size > max {
+            return Err(RoomError::MessageTooLarge { size, max });
+        }
+        if let RoomData::Json(text) = &data {
+            // Not JSON would make every batch it rides in unreadable, and its stream stuck.
+            serde_json::from_str::<&serde_json::value::RawValue>(text).map_err(|e| RoomError::Serialize(format!("not JSON: {e}")))?;
         }
         let max_unacked = self.config.max_unacked;
         let room = self.rooms.get_mut(id).expect("checked");

@@ -2,7 +2,12 @@
 //! between two members of rooms, as the text of a message on [`INTERNAL_CHANNEL`] (direct) or
 //! as a signed `relay` payload (through the server).
 //!
+//! The codec is `pub` but `#[doc(hidden)]` (as is this module) only so that the fuzz harness
+//! (`fuzz/harness.rs`, target `room_batch`, replayed by `core/tests/fuzz_corpus.rs`) can reach
+//! it from outside the crate. It is not a stable API: applications use [`Node`]'s rooms.
+//!
 //! [`INTERNAL_CHANNEL`]: crate::peer::INTERNAL_CHANNEL
+//! [`Node`]: crate::Node
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -12,13 +17,17 @@ use serde_json::value::RawValue;
 use crate::identity::{Fingerprint, Identity, PublicKey, Signature};
 
 /// Marks a relay payload as a room batch.
-pub(crate) const TAG: &str = "room/1";
+#[doc(hidden)]
+pub const TAG: &str = "room/1";
 /// Most items one batch may carry.
-pub(crate) const MAX_ITEMS: usize = 1024;
+#[doc(hidden)]
+pub const MAX_ITEMS: usize = 1024;
 /// Longest room id in an item (the server's name limit).
-const MAX_ROOM_LEN: usize = 128;
+#[doc(hidden)]
+pub const MAX_ROOM_LEN: usize = 128;
 /// Longest time to live a presence state may ask for.
-pub(crate) const MAX_PRESENCE_TTL_MS: u64 = 300_000;
+#[doc(hidden)]
+pub const MAX_PRESENCE_TTL_MS: u64 = 300_000;
 
 /// Why a room batch was refused. Nothing in it is used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,19 +62,34 @@ impl RoomData {
         serde_json::to_string(value).map(RoomData::Json)
     }
 
-    /// The size it counts for against the message size limit (its encoded size).
+    /// The size it counts for against the message size limit (its encoded size: JSON as is,
+    /// text as a JSON string, binary as base64).
     pub fn wire_len(&self) -> usize {
         match self {
             RoomData::Json(s) => s.len(),
-            RoomData::Text(s) => s.len() + s.len() / 8 + 2,
+            RoomData::Text(s) => json_str_len(s),
             RoomData::Binary(b) => b.len().div_ceil(3) * 4,
         }
     }
 }
 
+/// The length of `s` as a JSON string, quotes included, escaped as `serde_json` does.
+fn json_str_len(s: &str) -> usize {
+    let escaped: usize = s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x09 | 0x0a | 0x0c | 0x0d => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    escaped + 2
+}
+
 /// One item of a batch.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Item {
+pub enum Item {
     /// A sequenced room message from the batch's sender.
     Data { room: String, epoch: u64, seq: u64, data: RoomData },
     /// "I have every message of your stream `epoch` up to `seq`."
@@ -75,14 +99,15 @@ pub(crate) enum Item {
 }
 
 impl Item {
-    pub(crate) fn room(&self) -> &str {
+    /// The room the item belongs to.
+    pub fn room(&self) -> &str {
         match self {
             Item::Data { room, .. } | Item::Ack { room, .. } | Item::Presence { room, .. } => room,
         }
     }
 
     /// Appends this item's JSON to `out`.
-    pub(crate) fn encode_into(&self, out: &mut String) {
+    pub fn encode_into(&self, out: &mut String) {
         use std::fmt::Write as _;
         let room = serde_json::to_string(self.room()).expect("a string serializes");
         match self {
@@ -115,13 +140,18 @@ impl Item {
         }
     }
 
-    /// An upper bound of [`Item::encode_into`]'s length.
-    pub(crate) fn encoded_len(&self) -> usize {
-        let base = 64 + self.room().len() * 2;
+    /// An upper bound of [`Item::encode_into`]'s length: exact but for the numbers, counted
+    /// at 20 digits each.
+    pub fn encoded_len(&self) -> usize {
+        // Member names and punctuation, plus 20 digits per number:
+        // {"t":"d","r":R,"e":N,"s":N,"j":J}, {"t":"a","r":R,"e":N,"s":N},
+        // {"t":"p","r":R,"e":N,"v":N,"ttl":N,"st":S}.
+        let room = json_str_len(self.room());
         match self {
-            Item::Data { data, .. } => base + data.wire_len(),
-            Item::Ack { .. } => base,
-            Item::Presence { state, .. } => base + state.as_ref().map_or(4, String::len),
+            Item::Data { data: data @ RoomData::Binary(_), .. } => 69 + room + data.wire_len() + 2,
+            Item::Data { data, .. } => 69 + room + data.wire_len(),
+            Item::Ack { .. } => 64 + room,
+            Item::Presence { state, .. } => 97 + room + state.as_ref().map_or(4, String::len),
         }
     }
 }
@@ -188,7 +218,8 @@ fn decode_item(raw: &RawValue) -> Result<Item, WireError> {
 }
 
 /// Encodes `items` as a batch body: `{"m":[...]}`.
-pub(crate) fn encode_batch(items: &[Item]) -> String {
+#[doc(hidden)]
+pub fn encode_batch(items: &[Item]) -> String {
     let mut out = String::with_capacity(8 + items.iter().map(Item::encoded_len).sum::<usize>());
     out.push_str(r#"{"m":["#);
     for (i, item) in items.iter().enumerate() {
@@ -203,7 +234,8 @@ pub(crate) fn encode_batch(items: &[Item]) -> String {
 
 /// Decodes a batch body. One bad item refuses the whole batch (its sender is broken or
 /// hostile; the sequence numbers make it resend what was good).
-pub(crate) fn decode_batch(body: &str) -> Result<Vec<Item>, WireError> {
+#[doc(hidden)]
+pub fn decode_batch(body: &str) -> Result<Vec<Item>, WireError> {
     let batch: WireBatch<'_> = serde_json::from_str(body).map_err(malformed)?;
     if batch.m.len() > MAX_ITEMS {
         return Err(WireError::TooManyItems);
@@ -226,25 +258,31 @@ struct Relayed<'a> {
 
 /// Builds the relay payload for a batch to `to`: the body, signed with our identity key for
 /// `to`, so the server can neither forge nor redirect it.
-pub(crate) fn encode_relayed(identity: &Identity, rng: &mut impl rand::CryptoRng, to: &Fingerprint, body: &str) -> String {
+#[doc(hidden)]
+pub fn encode_relayed(identity: &Identity, rng: &mut impl rand::CryptoRng, to: &Fingerprint, body: &str) -> String {
     let sig = identity.sign(rng, &signed_message(&identity.fingerprint(), to, body)).to_base64();
     let key = identity.public_key().to_base64();
     serde_json::to_string(&Relayed { peerlink: TAG, key: &key, sig: &sig, to: *to, body: body.into() }).expect("serializes")
 }
 
-/// Whether a relay payload is a room batch (`"peerlink":"room/1"`).
-pub(crate) fn is_relayed(payload: &str) -> bool {
+/// Whether a relay payload is a room batch (an object with `"peerlink":"room/1"`).
+#[doc(hidden)]
+pub fn is_relayed(payload: &str) -> bool {
     #[derive(Deserialize)]
     struct Probe<'a> {
         #[serde(default, borrow)]
         peerlink: Option<&'a str>,
     }
-    serde_json::from_str::<Probe<'_>>(payload).is_ok_and(|p| p.peerlink == Some(TAG))
+    // serde would also take a struct from an array (`["room/1"]`): only objects are batches,
+    // anything else is the application's (as for `Signal::decode`).
+    payload.trim_start().starts_with('{') && serde_json::from_str::<Probe<'_>>(payload).is_ok_and(|p| p.peerlink == Some(TAG))
 }
 
-/// Checks a relayed batch from `from` (as the server says) to `me` and returns its items.
-/// `known` is the key already verified for `from`, if any, to skip deriving its fingerprint.
-pub(crate) fn decode_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Result<(Vec<Item>, PublicKey), WireError> {
+/// Checks a relayed batch from `from` (as the server says) to `me` and returns its items and
+/// the sender's key. Any change to the body, key, signature or recipient, or a sender the key
+/// is not from, refuses it with [`WireError::BadSignature`].
+#[doc(hidden)]
+pub fn decode_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Result<(Vec<Item>, PublicKey), WireError> {
     let r: Relayed<'_> = serde_json::from_str(payload).map_err(malformed)?;
     if r.to != *me {
         return Err(WireError::BadSignature("addressed to another peer"));
@@ -278,10 +316,19 @@ mod tests {
     fn batches_round_trip() {
         let body = encode_batch(&items());
         assert_eq!(decode_batch(&body).unwrap(), items());
-        for item in items() {
+        // 20-digit numbers and escaped room ids and text count in full (found by fuzzing).
+        let big = [
+            Item::Data { room: "\u{1}".repeat(128), epoch: u64::MAX, seq: u64::MAX, data: RoomData::Text("\u{1}\"".repeat(64)) },
+            Item::Ack { room: "r".into(), epoch: u64::MAX, seq: u64::MAX },
+            Item::Presence { room: "r".into(), epoch: u64::MAX, version: u64::MAX, ttl_ms: u64::MAX, state: Some("1".into()) },
+        ];
+        for item in items().into_iter().chain(big) {
             let mut s = String::new();
             item.encode_into(&mut s);
             assert!(s.len() <= item.encoded_len(), "{s}");
+            if let Item::Data { data: data @ RoomData::Text(t), .. } = &item {
+                assert_eq!(data.wire_len(), serde_json::to_string(t).unwrap().len());
+            }
         }
     }
 
@@ -293,6 +340,8 @@ mod tests {
         let payload = encode_relayed(&a, &mut rng, &b.fingerprint(), &body);
         assert!(is_relayed(&payload));
         assert!(!is_relayed(r#"{"peerlink":"rtc/1"}"#) && !is_relayed("[1]") && !is_relayed("nope"));
+        // serde takes a struct from an array too; only objects are batches (found by fuzzing).
+        assert!(!is_relayed(r#"["room/1"]"#) && is_relayed(r#" {"peerlink":"room/1"}"#));
         let (got, key) = decode_relayed(&payload, &a.fingerprint(), &b.fingerprint()).unwrap();
         assert_eq!(got, items());
         assert_eq!(key.fingerprint(), a.fingerprint());
