@@ -22,7 +22,7 @@
 //!   would exceed it for any recipient is refused whole with [`RoomError::WouldBlock`]
 //!   (nothing is queued), and [`RoomEvent::Writable`] follows when there is room.
 //! - Relay frames are paced by a token bucket ([`RoomsConfig::relay_rate`],
-//!   [`RoomsConfig::relay_burst`]) below the server's per-connection rate limit; up to 32 KiB
+//!   [`RoomsConfig::relay_burst`]) below the server's per-connection rate limit; up to 24 KiB
 //!   of messages to one member share a frame. When the bucket is empty, messages wait in the
 //!   unacknowledged queue, which is what a sender then sees fill up (`WouldBlock`). Should the
 //!   server still refuse a frame (`rate_limited`), nothing is acknowledged and the RTO sends it
