@@ -38,6 +38,7 @@
 #[doc(hidden)] pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -365,8 +366,8 @@ pub(crate) enum Pending {
 
 struct OutMsg {
     seq: u64,
-    /// Shared by the copies for every member.
-    data: std::sync::Arc<RoomData>,
+    /// Its encoded contents ([`wire::data_fragment`]), shared by the copies for every member.
+    fragment: Arc<str>,
     sent: bool,
     force_relay: bool,
     /// Its encoded size, counted in `Out::relay_inflight` while sent by relay.
@@ -489,6 +490,43 @@ enum Origin {
     Data { room: String, seq: u64 },
     Ack { room: String },
     Presence { room: String },
+}
+
+/// An item ready to encode: a control item, or a message whose contents were encoded once
+/// at send time.
+enum Piece {
+    Control(Item),
+    Data { room_json: Arc<str>, epoch: u64, seq: u64, fragment: Arc<str> },
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Control(item) => item.encoded_len(),
+            Piece::Data { room_json, fragment, .. } => wire::data_item_len(room_json.len(), fragment.len()),
+        }
+    }
+
+    fn is_data(&self) -> bool {
+        matches!(self, Piece::Data { .. })
+    }
+}
+
+/// A batch body: `{"m":[...]}`.
+fn encode_pieces(pieces: &[Piece]) -> String {
+    let mut out = String::with_capacity(8 + pieces.iter().map(Piece::len).sum::<usize>());
+    out.push_str(r#"{"m":["#);
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match piece {
+            Piece::Control(item) => item.encode_into(&mut out),
+            Piece::Data { room_json, epoch, seq, fragment } => wire::encode_data_item(&mut out, room_json, *epoch, *seq, fragment),
+        }
+    }
+    out.push_str("]}");
+    out
 }
 
 impl Default for Rooms {
@@ -642,12 +680,12 @@ impl Rooms {
             }
             return Err(RoomError::WouldBlock { peer });
         }
-        let data = std::sync::Arc::new(data);
+        let fragment: Arc<str> = wire::data_fragment(&data).into();
         for peer in targets {
             let out = &mut room.members.get_mut(&peer).expect("member").out;
             let seq = out.next_seq;
             out.next_seq += 1;
-            out.unacked.push_back(OutMsg { seq, data: data.clone(), sent: false, force_relay, relay_bytes: 0 });
+            out.unacked.push_back(OutMsg { seq, fragment: fragment.clone(), sent: false, force_relay, relay_bytes: 0 });
         }
         Ok(())
     }
@@ -1039,7 +1077,7 @@ impl Rooms {
     /// as much as the path takes now (a direct connection's window, the relay's tokens and the
     /// stream's relay window). What is left stays due.
     #[allow(clippy::type_complexity)]
-    fn collect(&mut self, peer: Fingerprint, direct: bool, relay_ok: bool) -> (Vec<(Item, Origin)>, Vec<(Item, Origin)>) {
+    fn collect(&mut self, peer: Fingerprint, direct: bool, relay_ok: bool) -> (Vec<(Piece, Origin)>, Vec<(Piece, Origin)>) {
         let ttl_ms = u64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(u64::MAX).min(wire::MAX_PRESENCE_TTL_MS);
         let (mut direct_items, mut relay_items) = (Vec::new(), Vec::new());
         let mut direct_budget = if direct && !self.direct_blocked.contains(&peer) { DIRECT_FLUSH_BYTES } else { 0 };
@@ -1059,22 +1097,22 @@ impl Rooms {
                 if m.inn.ack_due {
                     if let Some(epoch) = m.inn.epoch {
                         m.inn.ack_due = false;
-                        control.push((Item::Ack { room: id.clone(), epoch, seq: m.inn.next - 1 }, Origin::Ack { room: id.clone() }));
+                        control.push((Piece::Control(Item::Ack { room: id.clone(), epoch, seq: m.inn.next - 1 }), Origin::Ack { room: id.clone() }));
                     }
                 }
                 if m.presence_due && room.presence.last_sent.is_some() {
                     m.presence_due = false;
                     let p = &room.presence;
                     let item = Item::Presence { room: id.clone(), epoch: room.epoch, version: p.version, ttl_ms, state: p.state.clone() };
-                    control.push((item, Origin::Presence { room: id.clone() }));
+                    control.push((Piece::Control(item), Origin::Presence { room: id.clone() }));
                 }
             }
             let mut relay_window = RELAY_WINDOW_BYTES.saturating_sub(m.out.relay_inflight);
             let (direct_budget, relay_budget) = (&mut direct_budget, &mut relay_budget);
+            let room_json: Arc<str> = serde_json::to_string(id.as_str()).expect("a string serializes").into();
             for msg in m.out.unacked.iter().filter(|x| !x.sent) {
                 let by_relay = !direct || msg.force_relay;
-                let item = Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: RoomData::Text(String::new()) };
-                let len = item.encoded_len() + msg.data.wire_len();
+                let len = wire::data_item_len(room_json.len(), msg.fragment.len());
                 let (budget, items) = if by_relay { (&mut *relay_budget, &mut relay_items) } else { (&mut *direct_budget, &mut direct_items) };
                 // In order per stream: once one message has to wait, the rest wait too. A
                 // stream with nothing in flight by relay may always send one.
@@ -1086,28 +1124,28 @@ impl Rooms {
                 if by_relay {
                     relay_window = relay_window.saturating_sub(len);
                 }
-                let item = Item::Data { room: id.clone(), epoch: room.epoch, seq: msg.seq, data: (*msg.data).clone() };
-                items.push((item, Origin::Data { room: id.clone(), seq: msg.seq }));
+                let piece = Piece::Data { room_json: room_json.clone(), epoch: room.epoch, seq: msg.seq, fragment: msg.fragment.clone() };
+                items.push((piece, Origin::Data { room: id.clone(), seq: msg.seq }));
             }
         }
         (direct_items, relay_items)
     }
 
-    fn send_batches(&mut self, now: Instant, peer: Fingerprint, items: Vec<(Item, Origin)>, path: RoomPath, t: &mut dyn Transport) {
+    fn send_batches(&mut self, now: Instant, peer: Fingerprint, items: Vec<(Piece, Origin)>, path: RoomPath, t: &mut dyn Transport) {
         let limit = if path == RoomPath::Direct { DIRECT_BATCH_BYTES } else { RELAY_BATCH_BYTES };
         // On the direct path, control items go first in a batch of their own that the send
         // window does not hold back.
-        let control_first = path == RoomPath::Direct && items.first().is_some_and(|(_, o)| !matches!(o, Origin::Data { .. }));
+        let control_first = path == RoomPath::Direct && items.first().is_some_and(|(p, _)| !p.is_data());
         let mut rest = items.into_iter().peekable();
         let mut first = true;
         loop {
             let control = first && control_first;
             first = false;
-            let mut batch: Vec<Item> = Vec::new();
+            let mut batch: Vec<Piece> = Vec::new();
             let mut origins: Vec<Origin> = Vec::new();
             let mut bytes = 0;
             while let Some((item, origin)) = rest.peek() {
-                let len = item.encoded_len();
+                let len = item.len();
                 if control && matches!(origin, Origin::Data { .. }) {
                     break;
                 }
@@ -1123,7 +1161,7 @@ impl Rooms {
                 return;
             }
             let sent = match path {
-                RoomPath::Direct => match t.send_direct(peer, &wire::encode_batch(&batch), control) {
+                RoomPath::Direct => match t.send_direct(peer, &encode_pieces(&batch), control) {
                     Ok(()) => true,
                     Err(SendError::WouldBlock { .. }) => {
                         self.direct_blocked.insert(peer);
@@ -1140,7 +1178,7 @@ impl Rooms {
                     } else if self.relay_tokens < 1.0 {
                         self.relay_starved = true;
                         false
-                    } else if t.send_relay(peer, &wire::encode_batch(&batch)) {
+                    } else if t.send_relay(peer, &encode_pieces(&batch)) {
                         self.relay_tokens -= 1.0;
                         true
                     } else {
@@ -1165,7 +1203,7 @@ impl Rooms {
                         if let Some(msg) = m.out.unacked.iter_mut().find(|x| x.seq == seq) {
                             msg.sent = true;
                             if path == RoomPath::Relay {
-                                msg.relay_bytes = item.encoded_len();
+                                msg.relay_bytes = item.len();
                                 m.out.relay_inflight += msg.relay_bytes;
                             }
                         }

@@ -111,25 +111,7 @@ impl Item {
         use std::fmt::Write as _;
         let room = serde_json::to_string(self.room()).expect("a string serializes");
         match self {
-            Item::Data { epoch, seq, data, .. } => {
-                let _ = write!(out, r#"{{"t":"d","r":{room},"e":{epoch},"s":{seq},"#);
-                match data {
-                    RoomData::Json(j) => {
-                        out.push_str(r#""j":"#);
-                        out.push_str(j);
-                    }
-                    RoomData::Text(t) => {
-                        out.push_str(r#""x":"#);
-                        out.push_str(&serde_json::to_string(t).expect("a string serializes"));
-                    }
-                    RoomData::Binary(b) => {
-                        out.push_str(r#""b":""#);
-                        out.push_str(&B64.encode(b));
-                        out.push('"');
-                    }
-                }
-                out.push('}');
-            }
+            Item::Data { epoch, seq, data, .. } => encode_data_item(out, &room, *epoch, *seq, &data_fragment(data)),
             Item::Ack { epoch, seq, .. } => {
                 let _ = write!(out, r#"{{"t":"a","r":{room},"e":{epoch},"s":{seq}}}"#);
             }
@@ -154,6 +136,31 @@ impl Item {
             Item::Presence { state, .. } => 97 + room + state.as_ref().map_or(4, String::len),
         }
     }
+}
+
+/// The contents part of a data item (`"j":…`, `"x":"…"` or `"b":"…"`): encoded once per
+/// message and shared by the items for every recipient.
+pub(crate) fn data_fragment(data: &RoomData) -> String {
+    match data {
+        RoomData::Json(j) => format!(r#""j":{j}"#),
+        RoomData::Text(t) => format!(r#""x":{}"#, serde_json::to_string(t).expect("a string serializes")),
+        RoomData::Binary(b) => format!(r#""b":"{}""#, B64.encode(b)),
+    }
+}
+
+/// Appends a data item to `out`: `room_json` is the room id already as a JSON string,
+/// `fragment` from [`data_fragment`].
+pub(crate) fn encode_data_item(out: &mut String, room_json: &str, epoch: u64, seq: u64, fragment: &str) {
+    use std::fmt::Write as _;
+    let _ = write!(out, r#"{{"t":"d","r":{room_json},"e":{epoch},"s":{seq},"#);
+    out.push_str(fragment);
+    out.push('}');
+}
+
+/// An upper bound of [`encode_data_item`]'s length (numbers counted at 20 digits).
+pub(crate) fn data_item_len(room_json_len: usize, fragment_len: usize) -> usize {
+    // {"t":"d","r":R,"e":N,"s":N,F}
+    25 + room_json_len + 40 + fragment_len
 }
 
 #[derive(Deserialize)]
