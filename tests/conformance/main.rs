@@ -3,6 +3,7 @@
 //! and the simulator. The scenarios (`scenarios.rs`) are written once against [`world::World`];
 //! each backend file implements it and runs every scenario.
 
+mod async_world;
 mod scenarios;
 mod world;
 
