@@ -346,7 +346,7 @@ impl Node {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let client = Client::new(config.client.clone(), identity.clone(), rng.next_u64(), now)?;
         let cert = crypto::generate_certificate(&mut rng, unix_ms).map_err(NodeError::Certificate)?;
-        let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), &mut rng);
+        let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), now, unix_ms);
         Ok(Node {
             config,
             client,
@@ -1041,7 +1041,7 @@ impl Node {
     }
 
     fn enter(&mut self, room: &str, request: RequestId) -> Result<(), NodeError> {
-        self.rooms.entering(room, request)?;
+        self.rooms.entering(self.now, room, request)?;
         self.rooms_dirty = true;
         self.flush_rooms();
         Ok(())

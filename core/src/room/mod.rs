@@ -41,7 +41,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
 use tracing::{debug, trace, warn};
 
 use crate::client::{RequestError, RequestId, RoomDetails};
@@ -479,9 +478,10 @@ pub(crate) struct Rooms {
     relay_starved: bool,
     redial: BTreeMap<Fingerprint, (Instant, Duration)>,
     events: VecDeque<RoomEvent>,
-    /// A counter mixed with the seed into each room's epoch.
-    epochs: u64,
-    seed: u64,
+    /// The last epoch given out.
+    last_epoch: u64,
+    /// An instant and the wall clock (ms) then, to date epochs.
+    clock: Option<(Instant, u64)>,
 }
 
 /// Where an item in a batch came from, to mark it sent (or put it back) after the send.
@@ -532,16 +532,17 @@ fn encode_pieces(pieces: &[Piece]) -> String {
 impl Default for Rooms {
     /// An empty set (a placeholder while the real one is in use).
     fn default() -> Self {
-        Rooms::with_seed(RoomsConfig::default(), Fingerprint::from_bytes([0; 32]), 0)
+        Rooms::with_clock(RoomsConfig::default(), Fingerprint::from_bytes([0; 32]), None)
     }
 }
 
 impl Rooms {
-    pub(crate) fn new(config: RoomsConfig, me: Fingerprint, rng: &mut impl RngCore) -> Self {
-        Rooms::with_seed(config, me, rng.next_u64())
+    /// `now` and `unix_ms` (the wall clock then) date the streams' epochs.
+    pub(crate) fn new(config: RoomsConfig, me: Fingerprint, now: Instant, unix_ms: u64) -> Self {
+        Rooms::with_clock(config, me, Some((now, unix_ms)))
     }
 
-    fn with_seed(config: RoomsConfig, me: Fingerprint, seed: u64) -> Self {
+    fn with_clock(config: RoomsConfig, me: Fingerprint, clock: Option<(Instant, u64)>) -> Self {
         Rooms {
             relay_tokens: f64::from(config.relay_burst),
             config,
@@ -554,8 +555,8 @@ impl Rooms {
             relay_starved: false,
             redial: BTreeMap::new(),
             events: VecDeque::new(),
-            epochs: 0,
-            seed,
+            last_epoch: 0,
+            clock,
         }
     }
 
@@ -598,23 +599,24 @@ impl Rooms {
         })
     }
 
-    fn new_epoch(&mut self) -> u64 {
-        self.epochs += 1;
-        // splitmix64 of seed + counter, kept below 2^53 so JavaScript reads it exactly.
-        let mut z = self.seed.wrapping_add(self.epochs.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) & ((1 << 53) - 1)
+    /// A new stream epoch: the wall clock in ms times 1024, and above every earlier one, so
+    /// a member's epochs only grow (also across restarts, as far as its clock does) and an old
+    /// stream replayed by the server is recognised as old. Below 2^53, so JavaScript reads it
+    /// exactly, until the year 2248.
+    fn new_epoch(&mut self, now: Instant) -> u64 {
+        let ms = self.clock.map_or(0, |(at, unix_ms)| unix_ms + u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(0));
+        self.last_epoch = (ms << 10).max(self.last_epoch + 1) & ((1 << 53) - 1);
+        self.last_epoch
     }
 
     // ---- commands -----------------------------------------------------------------------
 
     /// Registers a room being created or joined (the request is `request`).
-    pub(crate) fn entering(&mut self, id: &str, request: RequestId) -> Result<(), RoomError> {
+    pub(crate) fn entering(&mut self, now: Instant, id: &str, request: RequestId) -> Result<(), RoomError> {
         if self.rooms.contains_key(id) {
             return Err(RoomError::AlreadyJoined(id.to_owned()));
         }
-        let epoch = self.new_epoch();
+        let epoch = self.new_epoch(now);
         self.rooms.insert(
             id.to_owned(),
             Room {
@@ -767,7 +769,7 @@ impl Rooms {
     /// members now are `peers`.
     pub(crate) fn on_rejoined(&mut self, now: Instant, details: RoomDetails, peers: Vec<PeerInfo>) {
         let id = details.room_id.clone();
-        let epoch = self.new_epoch();
+        let epoch = self.new_epoch(now);
         let Some(room) = self.rooms.get_mut(&id) else { return };
         // The others saw this node leave (its session ended) and come back: to them it is a
         // new member, with new streams both ways. Start ours afresh (a new epoch) and send
@@ -898,6 +900,10 @@ impl Rooms {
             };
             match item {
                 Item::Data { epoch, seq, data, .. } => {
+                    if m.inn.epoch.is_some_and(|e| epoch < e) {
+                        debug!(room = %id, from = %from.short(), "data of an older stream ignored");
+                        continue;
+                    }
                     if m.inn.epoch != Some(epoch) {
                         if m.inn.epoch.is_some() {
                             debug!(room = %id, from = %from.short(), "member started a new stream");
@@ -945,6 +951,9 @@ impl Rooms {
                     }
                     m.presence_tokens = (tokens - 1.0, now);
                     let expires = now + Duration::from_millis(ttl_ms);
+                    if m.presence.as_ref().is_some_and(|p| epoch < p.epoch) {
+                        continue;
+                    }
                     let fresh = match &m.presence {
                         Some(p) => p.epoch != epoch || version > p.version,
                         None => true,
@@ -1275,4 +1284,94 @@ fn deliver(events: &mut VecDeque<RoomEvent>, room: &str, from: Fingerprint, data
         RoomData::Binary(b) => Payload::Binary(b),
     };
     events.push_back(RoomEvent::Data { room: room.to_owned(), from, data, path });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PeerInfo;
+
+    /// A transport with no connections and a relay that takes everything.
+    #[derive(Default)]
+    struct Relay {
+        sent: Vec<(Fingerprint, String)>,
+    }
+
+    impl Transport for Relay {
+        fn direct_open(&self, _: &Fingerprint) -> bool {
+            false
+        }
+        fn send_direct(&mut self, peer: Fingerprint, _: &str, _: bool) -> Result<(), SendError> {
+            Err(SendError::UnknownPeer(peer))
+        }
+        fn relay_ready(&self) -> bool {
+            true
+        }
+        fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool {
+            self.sent.push((to, body.to_owned()));
+            true
+        }
+        fn has_connection(&self, _: &Fingerprint) -> bool {
+            true
+        }
+        fn connect(&mut self, _: Fingerprint) {}
+        fn close_peer(&mut self, _: Fingerprint) {}
+    }
+
+    fn peer(b: u8) -> PeerInfo {
+        PeerInfo { fingerprint: Fingerprint::from_bytes([b; 32]), alias: format!("p{b}"), meta: None, app_type: None, app_version: None }
+    }
+
+    fn data(epoch: u64, seq: u64, text: &str) -> Item {
+        Item::Data { room: "r".into(), epoch, seq, data: RoomData::Text(text.into()) }
+    }
+
+    fn delivered(rooms: &mut Rooms) -> Vec<String> {
+        std::iter::from_fn(|| rooms.poll_event())
+            .filter_map(|e| match e {
+                RoomEvent::Data { data: Payload::Text(t), .. } => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streams_deliver_once_in_order_and_ignore_older_epochs() {
+        let now = Instant::now();
+        let me = Fingerprint::from_bytes([1; 32]);
+        let other = peer(2);
+        let mut rooms = Rooms::new(RoomsConfig::default(), me, now, 1_700_000_000_000);
+        let mut t = Relay::default();
+        rooms.entering(now, "r", RequestId(1)).unwrap();
+        let details = RoomDetails { room_id: "r".into(), owner: other.fingerprint, max_size: 4, metadata: None };
+        rooms.on_entered(now, details, vec![other.clone()], &mut t);
+        let from = other.fingerprint;
+        // Out of order, duplicated: delivered once, in order.
+        rooms.handle_items(now, from, vec![data(100, 2, "b"), data(100, 1, "a"), data(100, 2, "b"), data(100, 3, "c")], RoomPath::Relay);
+        assert_eq!(delivered(&mut rooms), ["a", "b", "c"]);
+        // A newer stream (the member came back) starts over; the old one replayed is ignored.
+        rooms.handle_items(now, from, vec![data(200, 1, "new")], RoomPath::Relay);
+        rooms.handle_items(now, from, vec![data(100, 4, "replayed"), data(100, 1, "replayed")], RoomPath::Relay);
+        rooms.handle_items(now, from, vec![data(200, 2, "next")], RoomPath::Relay);
+        assert_eq!(delivered(&mut rooms), ["new", "next"]);
+        // What we acknowledge is the newer stream's.
+        rooms.flush(now, &mut t);
+        let (to, body) = t.sent.last().expect("an acknowledgement went out");
+        assert_eq!(*to, from);
+        assert!(body.contains(r#"{"t":"a","r":"r","e":200,"s":2}"#), "{body}");
+    }
+
+    #[test]
+    fn epochs_only_grow() {
+        let now = Instant::now();
+        let mut rooms = Rooms::new(RoomsConfig::default(), Fingerprint::from_bytes([1; 32]), now, 1_700_000_000_000);
+        let a = rooms.new_epoch(now);
+        let b = rooms.new_epoch(now);
+        let c = rooms.new_epoch(now + Duration::from_secs(1));
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert!(c < 1 << 53);
+        // A later start (a restart) is above them all.
+        let mut later = Rooms::new(RoomsConfig::default(), Fingerprint::from_bytes([1; 32]), now, 1_700_000_002_000);
+        assert!(later.new_epoch(now) > c);
+    }
 }
