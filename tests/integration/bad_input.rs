@@ -60,7 +60,8 @@ fn every_bad_input_gets_its_documented_answer_and_nobody_else_is_affected() {
         (s.outbound_bytes == 0).then_some(s)
     });
 
-    let rows: Vec<(&str, bool, Box<dyn Fn(&mut RawClient)>, Expect)> = vec![
+    type Row = (&'static str, bool, Box<dyn Fn(&mut RawClient)>, Expect);
+    let rows: Vec<Row> = vec![
         ("request before registering", false, Box::new(|r| r.send(r#"{"type":"join","id":5,"namespace":"x"}"#)), Expect::Error(ErrorCode::NotRegistered, Some(5))),
         ("non-JSON", true, Box::new(|r| r.send("hello there")), Expect::Error(ErrorCode::BadJson, None)),
         ("unknown type", true, Box::new(|r| r.send(r#"{"type":"teleport","id":6}"#)), Expect::Error(ErrorCode::UnknownType, Some(6))),

@@ -1,5 +1,8 @@
 //! Sans-IO tests of the client core, against the real server core, on virtual time.
 
+// A test changes one or two settings of the defaults it names; that reads best as assignments.
+#![allow(clippy::field_reassign_with_default)]
+
 use super::*;
 use crate::server::{ConnId, Server, ServerConfig, ServerTransmit};
 use serde_json::json;

@@ -1,5 +1,8 @@
 //! Sans-IO tests of the server core on virtual time: no sockets, no threads.
 
+// A test changes one or two settings of the defaults it names; that reads best as assignments.
+#![allow(clippy::field_reassign_with_default)]
+
 use super::*;
 use crate::identity::Identity;
 use crate::protocol::{ClientMessage, ServerMessage, decode_server, register_context};

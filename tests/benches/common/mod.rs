@@ -31,10 +31,10 @@ pub fn raise_nofile() -> u64 {
         if lim.rlim_cur < lim.rlim_max {
             let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
+                return want.rlim_cur;
             }
         }
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 
@@ -149,10 +149,10 @@ pub fn spawn_server(name: &'static str, program: &std::path::Path, args: &[&str]
         let mut lines = BufReader::new(stdout).lines();
         let mut tx = Some(tx);
         while let Some(Ok(line)) = lines.next() {
-            if let Some(addr) = line.trim().strip_prefix("listening on ws://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_owned());
-                }
+            if let Some(addr) = line.trim().strip_prefix("listening on ws://")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.to_owned());
             }
             // Keep draining so the child never blocks on a full pipe.
         }
