@@ -87,7 +87,7 @@ impl Fingerprint {
     }
 
     /// Builds a fingerprint from raw bytes (for tests and tools; it proves nothing).
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Fingerprint(bytes)
     }
 

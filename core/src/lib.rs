@@ -158,6 +158,7 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod stun;
+pub mod transfer;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};

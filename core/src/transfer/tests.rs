@@ -1,0 +1,335 @@
+//! Two [`Transfers`] joined by an in-memory channel with a send window, in the shape of
+//! quinn-proto's `Pair`.
+
+use super::*;
+
+const A: Fingerprint = Fingerprint::from_bytes([1; 32]);
+const B: Fingerprint = Fingerprint::from_bytes([2; 32]);
+
+/// One direction of a reliable ordered channel with a window of `window` bytes in flight.
+#[derive(Default)]
+struct Pipe {
+    frames: VecDeque<Frame>,
+    in_flight: usize,
+    window: usize,
+    /// Chunk payload bytes that entered the pipe.
+    chunk_bytes: u64,
+    /// Corrupt the payload of the n-th chunk frame.
+    corrupt: Option<u64>,
+    chunks_seen: u64,
+}
+
+#[derive(Clone)]
+enum Frame {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl TransferTransport for Pipe {
+    fn send_text(&mut self, _: Fingerprint, text: &str) -> Result<(), SendError> {
+        self.frames.push_back(Frame::Text(text.to_owned()));
+        Ok(())
+    }
+    fn send_binary(&mut self, _: Fingerprint, frame: &[u8]) -> Result<(), SendError> {
+        if self.in_flight > 0 && self.in_flight + frame.len() > self.window {
+            return Err(SendError::WouldBlock { buffered: self.in_flight });
+        }
+        self.in_flight += frame.len();
+        self.chunk_bytes += (frame.len() - wire::CHUNK_HEADER) as u64;
+        let mut frame = frame.to_vec();
+        if self.corrupt == Some(self.chunks_seen) {
+            *frame.last_mut().unwrap() ^= 0xff;
+        }
+        self.chunks_seen += 1;
+        self.frames.push_back(Frame::Binary(frame));
+        Ok(())
+    }
+}
+
+struct Side {
+    t: Transfers,
+    /// What this side sends, by transfer id.
+    sources: BTreeMap<u64, Vec<u8>>,
+    /// What it received, by transfer id.
+    sinks: BTreeMap<u64, Vec<u8>>,
+    events: Vec<TransferEvent>,
+    auto_accept: bool,
+    /// Most reads outstanding at once, per transfer (the memory bound).
+    max_outstanding: usize,
+    outstanding: BTreeMap<u64, usize>,
+}
+
+impl Side {
+    fn new() -> Self {
+        let config = TransferConfig { chunk_size: 4096, ..TransferConfig::default() };
+        Side { t: Transfers::new(config), sources: BTreeMap::new(), sinks: BTreeMap::new(), events: Vec::new(), auto_accept: true, max_outstanding: 0, outstanding: BTreeMap::new() }
+    }
+}
+
+struct Pair {
+    now: Instant,
+    a: Side,
+    b: Side,
+    ab: Pipe,
+    ba: Pipe,
+}
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+impl Pair {
+    fn new() -> Self {
+        Pair { now: Instant::now(), a: Side::new(), b: Side::new(), ab: Pipe { window: 64 * 1024, ..Pipe::default() }, ba: Pipe { window: 64 * 1024, ..Pipe::default() } }
+    }
+
+    fn send(&mut self, data: Vec<u8>) -> u64 {
+        let id = self.a.t.offer(B, "f.bin", data.len() as u64, "application/octet-stream", TransferKind::File, sha(&data)).unwrap();
+        self.a.sources.insert(id, data);
+        id
+    }
+
+    /// Runs until nothing moves; `lose` drops every frame in flight from a to b once, when
+    /// `b` holds at least that many bytes (a connection loss).
+    fn run(&mut self, lose_at: Option<usize>) {
+        self.run_until(lose_at, usize::MAX);
+    }
+
+    /// Like [`Pair::run`], but returns once `b` holds `pause_at` bytes.
+    fn run_until(&mut self, mut lose_at: Option<usize>, pause_at: usize) {
+        for _ in 0..1_000_000 {
+            if self.b.sinks.values().map(Vec::len).sum::<usize>() >= pause_at {
+                return;
+            }
+            self.now += Duration::from_millis(1);
+            let mut moved = false;
+            for (side, peer, out) in [(&mut self.a, B, &mut self.ab), (&mut self.b, A, &mut self.ba)] {
+                side.t.flush(self.now, out);
+                while let Some(e) = side.t.poll_event() {
+                    moved = true;
+                    match &e {
+                        TransferEvent::Offered { offer, .. } if side.auto_accept => side.t.accept(peer, offer.id).unwrap(),
+                        TransferEvent::Read { id, offset, len, .. } => {
+                            let n = side.outstanding.entry(*id).or_default();
+                            *n += 1;
+                            side.max_outstanding = side.max_outstanding.max(*n);
+                            let src = &side.sources[id];
+                            let data = src[*offset as usize..*offset as usize + len].to_vec();
+                            side.t.provide(peer, *id, *offset, data).unwrap();
+                            *side.outstanding.get_mut(id).unwrap() -= 1;
+                        }
+                        TransferEvent::Write { id, offset, data, .. } => {
+                            let sink = side.sinks.entry(*id).or_default();
+                            assert_eq!(sink.len() as u64, *offset, "writes are in order");
+                            sink.extend_from_slice(data);
+                        }
+                        _ => {}
+                    }
+                    side.events.push(e);
+                }
+            }
+            if let Some(at) = lose_at {
+                if self.b.sinks.values().map(Vec::len).sum::<usize>() >= at {
+                    self.ab.frames.clear();
+                    self.ab.in_flight = 0;
+                    self.ba.frames.clear();
+                    self.ba.in_flight = 0;
+                    self.a.t.handle_reconnected(B);
+                    self.b.t.handle_reconnected(A);
+                    lose_at = None;
+                    moved = true;
+                }
+            }
+            // Deliver one frame each way (the channel is slow relative to the app).
+            moved |= deliver(self.now, &mut self.ab, &mut self.b, A, &mut self.a, B);
+            moved |= deliver(self.now, &mut self.ba, &mut self.a, B, &mut self.b, A);
+            if !moved {
+                return;
+            }
+        }
+        panic!("did not settle");
+    }
+
+    fn completed(side: &Side, id: u64, direction: Direction) -> bool {
+        side.events.contains(&TransferEvent::Completed { peer: if direction == Direction::Send { B } else { A }, id, direction })
+    }
+
+    fn failure(side: &Side, id: u64) -> Option<TransferError> {
+        side.events.iter().find_map(|e| match e {
+            TransferEvent::Failed { id: i, error, .. } if *i == id => Some(error.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// Hands the next frame in `pipe` (from `from` to `to`) over; the sender hears the window
+/// has room. Returns whether there was one.
+fn deliver(now: Instant, pipe: &mut Pipe, to: &mut Side, from: Fingerprint, sender: &mut Side, to_fp: Fingerprint) -> bool {
+    let Some(frame) = pipe.frames.pop_front() else { return false };
+    match frame {
+        Frame::Text(t) => to.t.handle_text(now, from, &t),
+        Frame::Binary(b) => {
+            pipe.in_flight -= b.len();
+            to.t.handle_binary(now, from, &b);
+            sender.t.handle_writable(to_fp);
+        }
+    }
+    true
+}
+
+fn content(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[test]
+fn a_file_arrives_identical_and_verified_with_bounded_read_ahead() {
+    let mut p = Pair::new();
+    let data = content(1_000_000 + 123);
+    let id = p.send(data.clone());
+    p.run(None);
+    assert_eq!(p.b.sinks[&id], data);
+    assert!(Pair::completed(&p.a, id, Direction::Send) && Pair::completed(&p.b, id, Direction::Receive));
+    assert_eq!(p.ab.chunk_bytes, data.len() as u64, "nothing sent twice");
+    assert!(p.a.max_outstanding <= 4);
+    let progress: Vec<&Progress> = p.b.events.iter().filter_map(|e| match e {
+        TransferEvent::Progress { progress, .. } => Some(progress),
+        _ => None,
+    }).collect();
+    assert!(!progress.is_empty() && progress.len() < 250, "{} progress events for 245 chunks", progress.len());
+    assert_eq!(progress.last().unwrap().percent, 100.0);
+}
+
+#[test]
+fn an_empty_file_completes() {
+    let mut p = Pair::new();
+    let id = p.send(Vec::new());
+    p.run(None);
+    assert!(Pair::completed(&p.a, id, Direction::Send) && Pair::completed(&p.b, id, Direction::Receive));
+    assert!(p.b.sinks.get(&id).is_none_or(Vec::is_empty));
+}
+
+#[test]
+fn reject_and_cancel_end_both_sides_without_completion() {
+    let mut p = Pair::new();
+    p.b.auto_accept = false;
+    let id = p.send(content(10_000));
+    p.run(None);
+    p.b.t.reject(A, id, "no thanks").unwrap();
+    p.run(None);
+    assert_eq!(Pair::failure(&p.a, id), Some(TransferError::Rejected("no thanks".into())));
+
+    // Cancelled midway by the sender, then by the receiver: the other side hears it and
+    // nothing is reported complete.
+    for by_sender in [true, false] {
+        let mut p = Pair::new();
+        let id = p.send(content(2_000_000));
+        p.run_until(None, 1_000_000);
+        if by_sender {
+            p.a.t.cancel(B, id, "changed my mind").unwrap();
+        } else {
+            p.b.t.cancel(A, id, "changed my mind").unwrap();
+        }
+        p.run(None);
+        for side in [&p.a, &p.b] {
+            assert_eq!(Pair::failure(side, id), Some(TransferError::Cancelled("changed my mind".into())));
+            assert!(!side.events.iter().any(|e| matches!(e, TransferEvent::Completed { .. })));
+        }
+        assert!(p.b.sinks[&id].len() < 2_000_000);
+        assert!(p.ab.chunk_bytes < 2_000_000, "the sender stopped");
+        assert_eq!(p.a.t.cancel(B, id, "again"), Err(TransferError::Unknown(id)));
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_and_a_wrong_hash_are_detected() {
+    let mut p = Pair::new();
+    p.ab.corrupt = Some(3);
+    let id = p.send(content(100_000));
+    p.run(None);
+    assert_eq!(Pair::failure(&p.b, id), Some(TransferError::CorruptChunk(3)));
+    assert_eq!(Pair::failure(&p.a, id), Some(TransferError::HashMismatch));
+    assert!(!Pair::completed(&p.b, id, Direction::Receive));
+
+    let mut p = Pair::new();
+    let data = content(50_000);
+    let id = p.a.t.offer(B, "f", data.len() as u64, "x/y", TransferKind::File, sha(b"something else")).unwrap();
+    p.a.sources.insert(id, data);
+    p.run(None);
+    assert_eq!(Pair::failure(&p.b, id), Some(TransferError::HashMismatch));
+    assert_eq!(Pair::failure(&p.a, id), Some(TransferError::HashMismatch));
+}
+
+#[test]
+fn after_a_loss_it_resumes_without_resending_what_arrived() {
+    let mut p = Pair::new();
+    let data = content(2_000_000);
+    let id = p.send(data.clone());
+    p.run(Some(1_000_000));
+    assert!(p.b.sinks[&id] == data, "complete and identical after the resume ({} of {} bytes)", p.b.sinks[&id].len(), data.len());
+    assert!(Pair::completed(&p.a, id, Direction::Send) && Pair::completed(&p.b, id, Direction::Receive));
+    // Only what was in flight when the connection died went twice: at most a window.
+    let resent = p.ab.chunk_bytes - data.len() as u64;
+    assert!(resent <= 64 * 1024, "{resent} bytes sent twice");
+}
+
+#[test]
+fn transfers_take_turns() {
+    let mut p = Pair::new();
+    let ids: Vec<u64> = (0..3).map(|_| p.send(content(200_000))).collect();
+    p.run(None);
+    // When the first one completes, each of the others is within 20% of it.
+    let mut bytes: BTreeMap<u64, u64> = BTreeMap::new();
+    for e in &p.b.events {
+        match e {
+            TransferEvent::Write { id, data, .. } => *bytes.entry(*id).or_default() += data.len() as u64,
+            TransferEvent::Completed { .. } => break,
+            _ => {}
+        }
+    }
+    let most = *bytes.values().max().unwrap();
+    assert!(bytes.len() == 3 && bytes.values().all(|b| *b * 10 >= most * 8), "unfair: {bytes:?}");
+    for id in ids {
+        assert!(Pair::completed(&p.b, id, Direction::Receive));
+    }
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_others_continue() {
+    let mut p = Pair::new();
+    let data = content(40_000);
+    let id = p.send(data.clone());
+    // A chunk for an unknown transfer, an absurd offer, garbage: reported, dropped.
+    p.b.t.handle_binary(p.now, A, &wire::encode_chunk(999, 0, b"x"));
+    let absurd = Control::Offer(Offer { id: 50, name: "x".into(), size: u64::MAX, mime: "a/b".into(), kind: TransferKind::File, chunk: 4096, chunks: 1, sha256: "00".repeat(32) });
+    p.b.t.handle_text(p.now, A, &absurd.encode());
+    p.b.t.handle_text(p.now, A, "{not json");
+    p.b.t.handle_binary(p.now, A, b"\x01short");
+    p.run(None);
+    // A duplicate offer id while the first is under way.
+    let dup = Control::Offer(Offer { id, name: "y".into(), size: 10, mime: "a/b".into(), kind: TransferKind::File, chunk: 4096, chunks: 1, sha256: "00".repeat(32) });
+    p.b.t.handle_text(p.now, A, &dup.encode());
+    let errors: Vec<TransferError> = std::iter::from_fn(|| p.b.t.poll_event())
+        .chain(p.b.events.drain(..))
+        .filter_map(|e| match e {
+            TransferEvent::BadMessage { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert!(errors.contains(&TransferError::Unknown(999)), "{errors:?}");
+    assert!(errors.iter().any(|e| matches!(e, TransferError::Wire(TransferWireError::BadOffer(_)))), "{errors:?}");
+    assert!(errors.iter().filter(|e| matches!(e, TransferError::Wire(TransferWireError::Malformed(_)))).count() == 2, "{errors:?}");
+    assert_eq!(p.b.sinks[&id], data, "the real transfer was not disturbed");
+    // A chunk past the end of a live transfer fails that transfer only.
+    let mut q = Pair::new();
+    q.b.auto_accept = true;
+    let a = q.send(content(100_000));
+    let b = q.send(content(100_000));
+    q.run_until(None, 50_000);
+    q.b.t.handle_binary(q.now, A, &wire::encode_chunk(a, 10_000, &[0; 4096]));
+    q.run(None);
+    assert_eq!(Pair::failure(&q.b, a), Some(TransferError::BadChunk(10_000)));
+    assert!(Pair::completed(&q.b, b, Direction::Receive), "the other transfer went on");
+    // Commands on unknown transfers.
+    assert_eq!(q.a.t.provide(B, 12345, 0, vec![]), Err(TransferError::Unknown(12345)));
+    assert_eq!(q.b.t.accept(A, 12345), Err(TransferError::Unknown(12345)));
+}
