@@ -37,8 +37,9 @@ use crate::identity::{Fingerprint, Identity};
 use crate::peer::signal::{RejectReason, Signal, SignalError};
 use crate::peer::{
     ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, INTERNAL_CHANNEL, Payload, Peer, PeerConfig, PeerError,
-    PeerOutput, PeerState, SendError, crypto,
+    PeerOutput, PeerState, SendError, TRANSFER_CHANNEL, crypto,
 };
+use crate::transfer::{FileInfo, TransferConfig, TransferError, TransferEvent, TransferTransport, Transfers};
 use crate::client::{RequestId, Response};
 use crate::room::{self, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
@@ -126,6 +127,8 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Managed rooms ([`crate::room`]).
     pub rooms: RoomsConfig,
+    /// File, JSON and image transfers ([`crate::transfer`]).
+    pub transfers: TransferConfig,
 }
 
 impl NodeConfig {
@@ -143,6 +146,7 @@ impl NodeConfig {
             accept_incoming: true,
             max_peers: 256,
             rooms: RoomsConfig::default(),
+            transfers: TransferConfig::default(),
         }
     }
 
@@ -181,6 +185,9 @@ pub enum NodeError {
     /// A room command was refused (nothing was sent).
     #[error(transparent)]
     Room(#[from] RoomError),
+    /// A transfer command was refused.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     /// The DTLS certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -279,6 +286,8 @@ pub enum NodeEvent {
     },
     /// Something happened in a managed room.
     Room(RoomEvent),
+    /// Something happened to a file, JSON or image transfer.
+    Transfer(TransferEvent),
 }
 
 /// Input for the rooms, gathered while they are not at hand and handed over in
@@ -336,6 +345,12 @@ pub struct Node {
     room_inputs: VecDeque<RoomInput>,
     /// A room command or input since the last [`Node::flush_rooms`].
     rooms_dirty: bool,
+    transfers: Transfers,
+    /// A transfer command or input since the last [`Node::flush_transfers`].
+    transfers_dirty: bool,
+    /// Peers whose transfer channel was open before: when it opens again, the connection was
+    /// replaced and transfers resume.
+    transfer_seen: std::collections::BTreeSet<Fingerprint>,
 }
 
 impl Node {
@@ -347,6 +362,7 @@ impl Node {
         let client = Client::new(config.client.clone(), identity.clone(), rng.next_u64(), now)?;
         let cert = crypto::generate_certificate(&mut rng, unix_ms).map_err(NodeError::Certificate)?;
         let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), now, unix_ms);
+        let config_transfers = config.transfers.clone();
         Ok(Node {
             config,
             client,
@@ -363,6 +379,9 @@ impl Node {
             rooms,
             room_inputs: VecDeque::new(),
             rooms_dirty: false,
+            transfers: Transfers::new(config_transfers),
+            transfers_dirty: false,
+            transfer_seen: std::collections::BTreeSet::new(),
         })
     }
 
@@ -521,7 +540,7 @@ impl Node {
             return Ok(());
         };
         self.with_peer(fp, |peer, ctx| peer.handle_input(input, ctx));
-        if self.rooms_dirty {
+        if self.rooms_dirty || self.transfers_dirty {
             self.flush_rooms();
         }
         Ok(())
@@ -729,6 +748,7 @@ impl Node {
     /// Takes what the rooms need from a connection's output: everything on the internal
     /// channel (consumed), and state changes (also passed on).
     fn room_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
+        let output = self.transfer_output(fp, output)?;
         let input = match &output {
             PeerOutput::ChannelOpen(c) if c == INTERNAL_CHANNEL => {
                 let up = self.peers.get(&fp).is_some_and(|p| p.state() == PeerState::Connected);
@@ -765,6 +785,51 @@ impl Node {
         (!internal).then_some(output)
     }
 
+    /// Takes everything on the transfer channel to the transfers.
+    fn transfer_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
+        let now = self.now;
+        match output {
+            PeerOutput::Data { channel, data } if channel == TRANSFER_CHANNEL => {
+                match data {
+                    Payload::Text(t) => self.transfers.handle_text(now, fp, &t),
+                    Payload::Binary(b) => self.transfers.handle_binary(now, fp, &b),
+                }
+                self.transfers_dirty = true;
+                None
+            }
+            PeerOutput::BufferedAmountLow(channel) if channel == TRANSFER_CHANNEL => {
+                self.transfers.handle_writable(fp);
+                self.transfers_dirty = true;
+                None
+            }
+            PeerOutput::ChannelOpen(channel) if channel == TRANSFER_CHANNEL => {
+                if !self.transfer_seen.insert(fp) {
+                    // A new connection replaced one that had transfers going.
+                    self.transfers.handle_reconnected(fp);
+                }
+                self.transfers.handle_writable(fp);
+                self.transfers_dirty = true;
+                None
+            }
+            PeerOutput::ChannelClosed(channel) if channel == TRANSFER_CHANNEL => None,
+            other => Some(other),
+        }
+    }
+
+    /// Lets the transfers send what they can and moves their events out.
+    fn flush_transfers(&mut self) {
+        if !self.transfers_dirty {
+            return;
+        }
+        self.transfers_dirty = false;
+        let mut transfers = std::mem::replace(&mut self.transfers, Transfers::new(TransferConfig::default()));
+        transfers.flush(self.now, self);
+        while let Some(e) = transfers.poll_event() {
+            self.events.push_back(NodeEvent::Transfer(e));
+        }
+        self.transfers = transfers;
+    }
+
     fn is_room_event(&self, event: &ClientEvent) -> bool {
         match event {
             ClientEvent::RoomPeerJoined { room_id, .. }
@@ -780,6 +845,7 @@ impl Node {
     /// Hands gathered input to the rooms, lets them send, and moves their events out; again
     /// while sending produced more input.
     fn flush_rooms(&mut self) {
+        self.flush_transfers();
         if !self.rooms_dirty && self.room_inputs.is_empty() {
             return;
         }
@@ -1120,6 +1186,77 @@ impl Node {
     /// Returns the rooms this node is in.
     pub fn rooms(&self) -> impl Iterator<Item = &str> {
         self.rooms.ids()
+    }
+}
+
+/// File, JSON and image transfers (see [`crate::transfer`]). Events arrive as
+/// [`NodeEvent::Transfer`]; the application reads and writes the bytes
+/// ([`TransferEvent::Read`] / [`Node::provide_chunk`], [`TransferEvent::Write`]).
+impl Node {
+    /// Offers `file` to `peer` (connected or not yet: the offer goes when the connection is
+    /// up). Returns the transfer id.
+    pub fn send_file(&mut self, now: Instant, peer: Fingerprint, file: FileInfo) -> Result<u64, NodeError> {
+        self.begin(now)?;
+        let id = self.transfers.offer(peer, file)?;
+        self.transfers_dirty = true;
+        self.flush_transfers();
+        Ok(id)
+    }
+
+    /// Hands over the bytes a [`TransferEvent::Read`] asked for.
+    pub fn provide_chunk(&mut self, now: Instant, peer: Fingerprint, id: u64, offset: u64, data: Vec<u8>) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.transfers.provide(peer, id, offset, data)?;
+        self.transfers_dirty = true;
+        self.flush_transfers();
+        Ok(())
+    }
+
+    /// Accepts an offered transfer.
+    pub fn accept_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.transfers.accept(peer, id)?;
+        self.transfers_dirty = true;
+        self.flush_transfers();
+        Ok(())
+    }
+
+    /// Declines an offered transfer.
+    pub fn reject_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64, reason: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.transfers.reject(peer, id, reason)?;
+        self.transfers_dirty = true;
+        self.flush_transfers();
+        Ok(())
+    }
+
+    /// Stops a transfer in either direction.
+    pub fn cancel_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64, reason: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.transfers.cancel(peer, id, reason)?;
+        self.transfers_dirty = true;
+        self.flush_transfers();
+        Ok(())
+    }
+}
+
+impl TransferTransport for Node {
+    fn send_text(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError> {
+        if !self.peers.get(&peer).is_some_and(|p| p.channel_open(TRANSFER_CHANNEL)) {
+            return Err(SendError::ChannelNotOpen(TRANSFER_CHANNEL.into()));
+        }
+        let mut result = Err(SendError::UnknownPeer(peer));
+        self.with_peer(peer, |p, ctx| result = p.send_with(TRANSFER_CHANNEL, false, text.as_bytes(), false, ctx));
+        result
+    }
+
+    fn send_binary(&mut self, peer: Fingerprint, frame: &[u8]) -> Result<(), SendError> {
+        if !self.peers.get(&peer).is_some_and(|p| p.channel_open(TRANSFER_CHANNEL)) {
+            return Err(SendError::ChannelNotOpen(TRANSFER_CHANNEL.into()));
+        }
+        let mut result = Err(SendError::UnknownPeer(peer));
+        self.with_peer(peer, |p, ctx| result = p.send(TRANSFER_CHANNEL, true, frame, ctx));
+        result
     }
 }
 

@@ -17,3 +17,4 @@ mod outage_recovery;
 mod partition;
 mod reflexive;
 mod rooms;
+mod transfer;

@@ -53,6 +53,17 @@ const DEFAULT_STREAM: u16 = 0;
 pub const INTERNAL_CHANNEL: &str = "peerlink";
 /// SCTP stream id of [`INTERNAL_CHANNEL`].
 const INTERNAL_STREAM: u16 = 2;
+/// The label of peerlink's transfer channel (pre-negotiated as SCTP stream 4, reliable and
+/// ordered), which carries file, JSON and image transfers ([`crate::transfer`]); like
+/// [`INTERNAL_CHANNEL`], hidden from applications.
+pub const TRANSFER_CHANNEL: &str = "peerlink-transfer";
+/// SCTP stream id of [`TRANSFER_CHANNEL`].
+const TRANSFER_STREAM: u16 = 4;
+
+/// Whether `label` is one of peerlink's own channels.
+pub(crate) fn is_internal(label: &str) -> bool {
+    label == INTERNAL_CHANNEL || label == TRANSFER_CHANNEL
+}
 /// Most channels one connection may have open.
 pub const MAX_CHANNELS: usize = 1024;
 /// Longest channel label.
@@ -435,9 +446,11 @@ impl Peer {
         let mut api = peer.rtc.sdp_api();
         let id = api.add_channel_with_config(ChannelOptions::new(DEFAULT_CHANNEL).to_str0m(Some(DEFAULT_STREAM)));
         let internal = api.add_channel_with_config(ChannelOptions::new(INTERNAL_CHANNEL).to_str0m(Some(INTERNAL_STREAM)));
+        let transfer = api.add_channel_with_config(ChannelOptions::new(TRANSFER_CHANNEL).to_str0m(Some(TRANSFER_STREAM)));
         let applied = api.apply();
         peer.channels.push((id, Chan::new(DEFAULT_CHANNEL)));
         peer.channels.push((internal, Chan::new(INTERNAL_CHANNEL)));
+        peer.channels.push((transfer, Chan::new(TRANSFER_CHANNEL)));
         let Some((offer, pending)) = applied else {
             return Err(PeerError::Transport("str0m made no offer".into()));
         };
@@ -467,6 +480,8 @@ impl Peer {
         peer.channels.push((id, Chan::new(DEFAULT_CHANNEL)));
         let internal = peer.rtc.direct_api().create_data_channel(ChannelOptions::new(INTERNAL_CHANNEL).to_str0m(Some(INTERNAL_STREAM)));
         peer.channels.push((internal, Chan::new(INTERNAL_CHANNEL)));
+        let transfer = peer.rtc.direct_api().create_data_channel(ChannelOptions::new(TRANSFER_CHANNEL).to_str0m(Some(TRANSFER_STREAM)));
+        peer.channels.push((transfer, Chan::new(TRANSFER_CHANNEL)));
         peer.drain(ctx);
         info!(remote = %remote.short(), %session, "answering");
         Ok(peer)
@@ -596,7 +611,7 @@ impl Peer {
 
     /// Labels of the open channels, in creation order.
     pub(crate) fn open_channels(&self) -> impl Iterator<Item = &str> {
-        self.channels.iter().filter(|(_, c)| c.open && c.label != INTERNAL_CHANNEL).map(|(_, c)| c.label.as_str())
+        self.channels.iter().filter(|(_, c)| c.open && !is_internal(&c.label)).map(|(_, c)| c.label.as_str())
     }
 
     /// Whether the channel called `label` is open.
@@ -852,8 +867,8 @@ impl Peer {
         if options.label.is_empty() || options.label.len() > MAX_LABEL_LEN {
             return Err(ChannelError::Invalid(format!("a label is 1 to {MAX_LABEL_LEN} bytes")));
         }
-        if options.label == INTERNAL_CHANNEL {
-            return Err(ChannelError::Invalid(format!("`{INTERNAL_CHANNEL}` is peerlink's own channel")));
+        if is_internal(&options.label) {
+            return Err(ChannelError::Invalid(format!("`{}` is peerlink's own channel", options.label)));
         }
         if self.channel_id(&options.label).is_some() {
             return Err(ChannelError::Exists(options.label.clone()));
@@ -1070,7 +1085,7 @@ impl Peer {
                     self.rtc.direct_api().close_data_channel(id);
                     return;
                 }
-                if self.chan(id).is_none() && label == INTERNAL_CHANNEL {
+                if self.chan(id).is_none() && is_internal(&label) {
                     // Only the pre-negotiated stream carries that label.
                     warn!(remote = %self.remote.short(), "remote opened a channel with the internal label: closing it");
                     self.rtc.direct_api().close_data_channel(id);

@@ -7,8 +7,11 @@
 //! so a transfer of any size (sizes are `u64`) holds at most
 //! [`TransferConfig::read_ahead`] chunks in memory per transfer.
 //!
-//! Work in progress (issue 5): this module has the protocol and both sides' state machines,
-//! tested pairwise in memory; wiring into [`Node`](crate::Node) and the adapters comes next.
+//! Work in progress (issue 5): the protocol and both sides' state machines, tested pairwise in
+//! memory, run inside [`Node`](crate::Node) on each connection's pre-negotiated
+//! [`TRANSFER_CHANNEL`](crate::peer::TRANSFER_CHANNEL) ([`Node::send_file`](crate::Node::send_file)
+//! and friends, events as [`NodeEvent::Transfer`](crate::NodeEvent::Transfer)); file-backed
+//! sources and sinks in the adapters, JSON and image helpers, examples and benchmarks come next.
 //!
 //! # Flow
 //!
@@ -61,6 +64,35 @@ impl Default for TransferConfig {
             progress_interval: Duration::from_millis(250),
             max_transfers: 64,
         }
+    }
+}
+
+/// What a sender offers: the content's name, size, type and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The file name (no path).
+    pub name: String,
+    /// Total bytes.
+    pub size: u64,
+    /// MIME type.
+    pub mime: String,
+    /// The kind of content.
+    pub kind: TransferKind,
+    /// SHA-256 of all of it.
+    pub sha256: [u8; 32],
+}
+
+impl FileInfo {
+    /// A file of `size` bytes hashing to `sha256`, as `application/octet-stream`.
+    pub fn new(name: impl Into<String>, size: u64, sha256: [u8; 32]) -> Self {
+        FileInfo { name: name.into(), size, mime: "application/octet-stream".into(), kind: TransferKind::File, sha256 }
+    }
+
+    /// With this MIME type and kind.
+    pub fn typed(mut self, mime: impl Into<String>, kind: TransferKind) -> Self {
+        self.mime = mime.into();
+        self.kind = kind;
+        self
     }
 }
 
@@ -318,20 +350,19 @@ impl Transfers {
 
     // ---- sender --------------------------------------------------------------------------
 
-    /// Offers `size` bytes called `name` to `peer`; `sha256` is the hash of all of them.
-    /// Returns the transfer id.
-    pub fn offer(&mut self, peer: Fingerprint, name: &str, size: u64, mime: &str, kind: TransferKind, sha256: [u8; 32]) -> Result<u64, TransferError> {
+    /// Offers `file` to `peer`. Returns the transfer id.
+    pub fn offer(&mut self, peer: Fingerprint, file: FileInfo) -> Result<u64, TransferError> {
         let id = self.next_id;
         let chunk = self.config.chunk_size;
         let offer = Offer {
             id,
-            name: name.to_owned(),
-            size,
-            mime: mime.to_owned(),
-            kind,
+            chunks: file.size.div_ceil(u64::from(chunk)),
+            sha256: hex(&file.sha256),
+            name: file.name,
+            size: file.size,
+            mime: file.mime,
+            kind: file.kind,
             chunk,
-            chunks: size.div_ceil(u64::from(chunk)),
-            sha256: hex(&sha256),
         };
         offer.validate(self.config.max_size)?;
         let p = self.peers.entry(peer).or_default();

@@ -84,7 +84,7 @@ impl Pair {
     }
 
     fn send(&mut self, data: Vec<u8>) -> u64 {
-        let id = self.a.t.offer(B, "f.bin", data.len() as u64, "application/octet-stream", TransferKind::File, sha(&data)).unwrap();
+        let id = self.a.t.offer(B, FileInfo::new("f.bin", data.len() as u64, sha(&data))).unwrap();
         self.a.sources.insert(id, data);
         id
     }
@@ -252,7 +252,7 @@ fn a_corrupt_chunk_and_a_wrong_hash_are_detected() {
 
     let mut p = Pair::new();
     let data = content(50_000);
-    let id = p.a.t.offer(B, "f", data.len() as u64, "x/y", TransferKind::File, sha(b"something else")).unwrap();
+    let id = p.a.t.offer(B, FileInfo::new("f", data.len() as u64, sha(b"something else")).typed("x/y", TransferKind::File)).unwrap();
     p.a.sources.insert(id, data);
     p.run(None);
     assert_eq!(Pair::failure(&p.b, id), Some(TransferError::HashMismatch));
