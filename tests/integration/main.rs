@@ -2,6 +2,7 @@
 //! One scenario per file.
 
 mod bad_input;
+mod file_transfer;
 mod group_room;
 mod impersonation;
 mod matchmaking;

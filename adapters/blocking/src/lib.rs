@@ -141,7 +141,10 @@ use tungstenite::{Message, WebSocket};
 pub use peerlink;
 pub use peerlink::node::UdpBind;
 
+mod transfer;
 mod udp;
+
+pub use transfer::image_mime;
 
 /// Most events that may wait in a [`PollClient`]'s queue. Past it [`PollClient::poll`] refuses
 /// to do more work and returns [`Error::Client`]`(`[`ClientError::NotDrained`]`)` until the
@@ -337,6 +340,8 @@ pub struct PollNode {
     recv_buffers: udp::RecvBuffers,
     /// Scratch space for joining a run of datagrams into one GSO send.
     send_buffer: Vec<u8>,
+    /// Sources and sinks of transfers.
+    store: transfer::Store,
     conn: Conn,
     events: VecDeque<NodeEvent>,
     extra_root_certs: Vec<CertificateDer<'static>>,
@@ -417,6 +422,7 @@ impl PollNode {
             outbox: Vec::new(),
             recv_buffers: udp::RecvBuffers::default(),
             send_buffer: Vec::new(),
+            store: transfer::Store::default(),
             conn: Conn::None,
             events: VecDeque::new(),
             extra_root_certs: options.extra_root_certs,
@@ -519,6 +525,122 @@ impl PollNode {
     /// Returns a view of the connection to `peer`.
     pub fn get_peer(&self, peer: &Fingerprint) -> Option<PeerView> {
         self.core.get_peer(peer)
+    }
+
+    // ---- transfers ------------------------------------------------------------------------
+
+    /// Offers the file at `path` to `peer` (see [`peerlink::transfer`]): it is hashed first
+    /// (streaming), images get their MIME type from their first bytes, and its chunks are read
+    /// from disk as they are sent. Returns the transfer id; progress and the outcome arrive as
+    /// [`NodeEvent::Transfer`].
+    pub fn send_file(&mut self, peer: Fingerprint, path: &std::path::Path) -> Result<u64, Error> {
+        let (info, file) = transfer::describe_file(path)?;
+        let now = Instant::now();
+        let id = self.core.send_file(now, peer, info)?;
+        self.store.sources.insert((peer, id), transfer::Source::File(file));
+        self.poll(now)?;
+        Ok(id)
+    }
+
+    /// Offers bytes from memory (a JSON value's text for a JSON transfer, with
+    /// `TransferKind::Json`).
+    pub fn send_bytes(&mut self, peer: Fingerprint, name: &str, mime: &str, kind: peerlink::transfer::TransferKind, data: Vec<u8>) -> Result<u64, Error> {
+        use sha2::Digest;
+        let info = peerlink::transfer::FileInfo::new(name, data.len() as u64, sha2::Sha256::digest(&data).into()).typed(mime, kind);
+        let now = Instant::now();
+        let id = self.core.send_file(now, peer, info)?;
+        self.store.sources.insert((peer, id), transfer::Source::Memory(data));
+        self.poll(now)?;
+        Ok(id)
+    }
+
+    /// Accepts an offered transfer into the file at `path`: it is written as `PATH.part` and
+    /// renamed to `path` once verified; on failure or cancellation the part file is removed.
+    pub fn accept_to_file(&mut self, peer: Fingerprint, id: u64, path: &std::path::Path) -> Result<(), Error> {
+        let sink = transfer::Sink::file(path)?;
+        let now = Instant::now();
+        self.core.accept_transfer(now, peer, id)?;
+        self.store.sinks.insert((peer, id), sink);
+        self.poll(now)
+    }
+
+    /// Accepts an offered transfer into memory; once it completed, take it with
+    /// [`PollNode::take_received`].
+    pub fn accept_to_memory(&mut self, peer: Fingerprint, id: u64) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.accept_transfer(now, peer, id)?;
+        self.store.sinks.insert((peer, id), transfer::Sink::Memory(Vec::new()));
+        self.poll(now)
+    }
+
+    /// Declines an offered transfer.
+    pub fn reject_transfer(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.reject_transfer(now, peer, id, reason)?;
+        self.poll(now)
+    }
+
+    /// Stops a transfer in either direction (a partial file is removed).
+    pub fn cancel_transfer(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.cancel_transfer(now, peer, id, reason)?;
+        self.poll(now)
+    }
+
+    /// The content of a completed transfer accepted into memory.
+    pub fn take_received(&mut self, peer: Fingerprint, id: u64) -> Option<Vec<u8>> {
+        self.store.received.remove(&(peer, id))
+    }
+
+    /// Serves the transfer events that are about bytes (reads from sources, writes to sinks)
+    /// and tidies up on outcomes; returns what the application should see.
+    fn transfer_event(&mut self, now: Instant, e: NodeEvent) -> Option<NodeEvent> {
+        use peerlink::transfer::{Direction, TransferEvent};
+        let NodeEvent::Transfer(t) = e else { return Some(e) };
+        match t {
+            TransferEvent::Read { peer, id, offset, len } if self.store.sources.contains_key(&(peer, id)) => {
+                let read = self.store.sources.get_mut(&(peer, id)).expect("checked").read_at(offset, len);
+                let result = match read {
+                    Ok(data) => self.core.provide_chunk(now, peer, id, offset, data),
+                    Err(e) => self.core.cancel_transfer(now, peer, id, &format!("read failed: {e}")),
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "transfer read not served");
+                }
+                None
+            }
+            TransferEvent::Write { peer, id, offset, data } if self.store.sinks.contains_key(&(peer, id)) => {
+                if let Err(e) = self.store.sinks.get_mut(&(peer, id)).expect("checked").write_at(offset, &data) {
+                    let _ = self.core.cancel_transfer(now, peer, id, &format!("write failed: {e}"));
+                }
+                None
+            }
+            TransferEvent::Completed { peer, id, direction } => {
+                if direction == Direction::Send {
+                    self.store.sources.remove(&(peer, id));
+                } else if let Some(sink) = self.store.sinks.remove(&(peer, id)) {
+                    match sink.finish() {
+                        Ok(Some(bytes)) => {
+                            self.store.received.insert((peer, id), bytes);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let error = peerlink::transfer::TransferError::Cancelled(format!("could not store: {e}"));
+                            return Some(NodeEvent::Transfer(TransferEvent::Failed { peer, id, direction, error }));
+                        }
+                    }
+                }
+                Some(NodeEvent::Transfer(TransferEvent::Completed { peer, id, direction }))
+            }
+            TransferEvent::Failed { peer, id, direction, error } => {
+                self.store.sources.remove(&(peer, id));
+                if let Some(sink) = self.store.sinks.remove(&(peer, id)) {
+                    sink.discard();
+                }
+                Some(NodeEvent::Transfer(TransferEvent::Failed { peer, id, direction, error }))
+            }
+            other => Some(NodeEvent::Transfer(other)),
+        }
     }
 
     /// Returns a view of a room this node is in (see [`Node::room`]).
@@ -673,7 +795,9 @@ impl PollNode {
             }
             while let Some(e) = self.core.poll_event() {
                 busy = true;
-                self.events.push_back(e);
+                if let Some(e) = self.transfer_event(now, e) {
+                    self.events.push_back(e);
+                }
             }
             if !busy {
                 self.flush_datagrams();
