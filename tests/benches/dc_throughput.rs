@@ -22,6 +22,11 @@
 //! (low threshold at half of the max buffered amount, lower only for messages bigger than
 //! half of it) before writing more.
 //!
+//! **File transfer.** A third series moves the same bytes as one `peerlink::transfer` file
+//! transfer over the same kind of connection (16 KiB chunks, CRC-32 per chunk, SHA-256 of the
+//! whole), compared with peerlink's raw channel in the same rounds (issue 5's goal: at least
+//! 0.9x).
+//!
 //! **Fairness.** The baseline and peerlink run in alternation (run 1 of each, then run 2 of
 //! each, ...), so a machine whose speed drifts (a shared VM) slows both alike; the result
 //! line gives the ratio of the medians and the ratio within each round. Unless BENCH_PIN=0,
@@ -853,6 +858,85 @@ fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
     (sender, receiver)
 }
 
+/// The same bytes as a file transfer (`peerlink::transfer`) on top of the same connection:
+/// the sender answers the core's reads from the generated content (16 KiB chunks, the same
+/// messages as the channel runs), the receiver checks every chunk's stamp and the core checks
+/// CRC-32 per chunk and the SHA-256 of the whole (hashed untimed beforehand by the sender).
+fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoint, ReceiverEndpoint) {
+    use peerlink::NodeEvent;
+    use peerlink::transfer::{FileInfo, TransferEvent};
+    use sha2::Digest;
+    let (fp_tx, fp_rx) = mpsc::channel();
+    let (url2, peer2) = (url.clone(), peer.clone());
+    let receiver: ReceiverEndpoint = Box::new(move |transfer: Transfer| {
+        let mut node = peerlink_node(&url2, &peer2)?;
+        fp_tx.send(node.fingerprint()).map_err(|_| "sender gone")?;
+        let (mut bytes, mut cpu_start) = (0u64, None);
+        loop {
+            if transfer.should_stop()? {
+                return Err(format!("stopped after {bytes} bytes").into());
+            }
+            let Some(event) = node.next_event(Duration::from_millis(5))? else { continue };
+            let NodeEvent::Transfer(event) = event else { continue };
+            match event {
+                TransferEvent::Offered { peer, offer } => {
+                    cpu_start = thread_cpu_time();
+                    node.node().accept_transfer(Instant::now(), peer, offer.id)?;
+                }
+                TransferEvent::Write { offset, data, .. } => {
+                    transfer.check(offset / transfer.msg_size as u64, &data)?;
+                    bytes += data.len() as u64;
+                }
+                TransferEvent::Completed { .. } if bytes == transfer.total_bytes => {
+                    return Ok(ReceiverReport { last_byte: Instant::now(), bytes, cpu: cpu_since(cpu_start) });
+                }
+                TransferEvent::Failed { error, .. } => return Err(format!("receiver: {error}").into()),
+                _ => {}
+            }
+        }
+    });
+    let sender: SenderEndpoint = Box::new(move |transfer: Transfer| {
+        let mut node = peerlink_node(&url, &peer)?;
+        let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
+        node.connect_to_peer(target)?;
+        loop {
+            match node.next_event(Duration::from_secs(10))? {
+                Some(NodeEvent::ChannelOpen { channel, .. }) if channel == "default" => break,
+                Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
+                Some(_) => {}
+                None => return Err("connection timed out".into()),
+            }
+        }
+        let mut msg = vec![0xA5; transfer.msg_size];
+        let mut hasher = sha2::Sha256::new();
+        for seq in 0..transfer.message_count() {
+            hasher.update(transfer.fill(seq, &mut msg));
+        }
+        let info = FileInfo::new("bench.bin", transfer.total_bytes, hasher.finalize().into());
+        let (mut first_write, mut cpu_start) = (None, None);
+        node.node().send_file(Instant::now(), target, info)?;
+        while !transfer.should_stop()? {
+            let Some(event) = node.next_event(Duration::from_millis(5))? else { continue };
+            let NodeEvent::Transfer(event) = event else { continue };
+            match event {
+                TransferEvent::Read { peer, id, offset, .. } => {
+                    if first_write.is_none() {
+                        first_write = Some(Instant::now());
+                        cpu_start = thread_cpu_time();
+                    }
+                    let data = transfer.fill(offset / transfer.msg_size as u64, &mut msg).to_vec();
+                    node.node().provide_chunk(Instant::now(), peer, id, offset, data)?;
+                }
+                TransferEvent::Failed { error, .. } => return Err(format!("sender: {error}").into()),
+                _ => {}
+            }
+        }
+        let first_write = first_write.ok_or("stopped before the first read")?;
+        Ok(SenderReport { first_write, cpu: cpu_since(cpu_start) })
+    });
+    (sender, receiver)
+}
+
 // ----------------------------------------------------------------------------------------
 // The simulator at 50 ms RTT
 // ----------------------------------------------------------------------------------------
@@ -949,6 +1033,7 @@ fn main() -> ExitCode {
         vec![
             (baseline.label(), Box::new(|| Ok(baseline.endpoints()))),
             ("peerlink (defaults)".to_owned(), Box::new(|| Ok(peerlink_endpoints(url.clone(), peer.clone())))),
+            ("peerlink file transfer".to_owned(), Box::new(|| Ok(transfer_endpoints(url.clone(), peer.clone())))),
         ],
     );
     if let (Some(base), Some(ours)) = (all[0].median(), all[1].median()) {
@@ -971,6 +1056,16 @@ fn main() -> ExitCode {
             rounds.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "),
             per_round.map_or("n/a".to_owned(), |r| format!("{r:.2}")),
             if ours / base >= 1.5 { "MET" } else { "MISSED" }
+        );
+    }
+    if let (Some(channel), Some(file)) = (all[1].median(), all[2].median()) {
+        let paired = all[1].failures == 0 && all[2].failures == 0;
+        let rounds: Vec<String> = all[1].runs.iter().zip(&all[2].runs).filter(|_| paired).map(|(c, f)| format!("{:.2}", f.mb_per_s() / c.mb_per_s())).collect();
+        println!(
+            "dc_throughput: RESULT file transfer median {file:.1} MB/s vs peerlink's raw channel {channel:.1} MB/s: ratio {:.2}; per round {} (goal >= 0.9: {})",
+            file / channel,
+            rounds.join(", "),
+            if file / channel >= 0.9 { "MET" } else { "MISSED" }
         );
     }
     // A long path, in the simulator: the adaptive window against a fixed one the size of
