@@ -913,24 +913,29 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
             hasher.update(transfer.fill(seq, &mut msg));
         }
         let info = FileInfo::new("bench.bin", transfer.total_bytes, hasher.finalize().into());
-        let (mut first_write, mut cpu_start) = (None, None);
-        node.node().send_file(Instant::now(), target, info)?;
+        // The adapter reads through this as chunks go (no round trip through the event queue).
+        let first_write = Arc::new(std::sync::Mutex::new(None));
+        let (fw, t) = (first_write.clone(), transfer.clone());
+        let mut cpu_start = None;
+        let cpu_mark = Arc::new(std::sync::Mutex::new(None));
+        let cm = cpu_mark.clone();
+        node.send_from(target, info, move |offset, _len| {
+            let mut fw = fw.lock().expect("lock");
+            if fw.is_none() {
+                *fw = Some(Instant::now());
+                *cm.lock().expect("lock") = thread_cpu_time();
+            }
+            Ok(t.fill(offset / t.msg_size as u64, &mut msg).to_vec())
+        })?;
         while !transfer.should_stop()? {
-            let Some(event) = node.next_event(Duration::from_millis(5))? else { continue };
-            let NodeEvent::Transfer(event) = event else { continue };
-            match event {
-                TransferEvent::Read { peer, id, offset, .. } => {
-                    if first_write.is_none() {
-                        first_write = Some(Instant::now());
-                        cpu_start = thread_cpu_time();
-                    }
-                    let data = transfer.fill(offset / transfer.msg_size as u64, &mut msg).to_vec();
-                    node.node().provide_chunk(Instant::now(), peer, id, offset, data)?;
-                }
-                TransferEvent::Failed { error, .. } => return Err(format!("sender: {error}").into()),
-                _ => {}
+            if cpu_start.is_none() {
+                cpu_start = *cpu_mark.lock().expect("lock");
+            }
+            if let Some(NodeEvent::Transfer(TransferEvent::Failed { error, .. })) = node.next_event(Duration::from_millis(5))? {
+                return Err(format!("sender: {error}").into());
             }
         }
+        let first_write = *first_write.lock().expect("lock");
         let first_write = first_write.ok_or("stopped before the first read")?;
         Ok(SenderReport { first_write, cpu: cpu_since(cpu_start) })
     });

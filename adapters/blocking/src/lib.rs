@@ -554,6 +554,17 @@ impl PollNode {
         Ok(id)
     }
 
+    /// Offers `info` to `peer`, reading its bytes with `read(offset, len)` as they are sent
+    /// (a generated source, a database blob, ...). `info.sha256` must be the hash of all of
+    /// them: the receiver checks it.
+    pub fn send_from(&mut self, peer: Fingerprint, info: peerlink::transfer::FileInfo, read: impl FnMut(u64, usize) -> io::Result<Vec<u8>> + Send + 'static) -> Result<u64, Error> {
+        let now = Instant::now();
+        let id = self.core.send_file(now, peer, info)?;
+        self.store.sources.insert((peer, id), transfer::Source::Reader(Box::new(read)));
+        self.poll(now)?;
+        Ok(id)
+    }
+
     /// Accepts an offered transfer into the file at `path`: it is written as `PATH.part` and
     /// renamed to `path` once verified; on failure or cancellation the part file is removed.
     pub fn accept_to_file(&mut self, peer: Fingerprint, id: u64, path: &std::path::Path) -> Result<(), Error> {

@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 pub(crate) enum Source {
     File(File),
     Memory(Vec<u8>),
+    /// The application's own reader: `(offset, len)` to bytes.
+    Reader(Box<dyn FnMut(u64, usize) -> io::Result<Vec<u8>> + Send>),
 }
 
 impl Source {
@@ -29,6 +31,13 @@ impl Source {
             Source::Memory(m) => {
                 let start = usize::try_from(offset).map_err(io::Error::other)?;
                 m.get(start..start + len).map(<[u8]>::to_vec).ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past the end"))
+            }
+            Source::Reader(read) => {
+                let data = read(offset, len)?;
+                if data.len() != len {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("the reader gave {} bytes of {len}", data.len())));
+                }
+                Ok(data)
             }
         }
     }

@@ -47,7 +47,8 @@ pub struct TransferConfig {
     pub chunk_size: u32,
     /// Largest transfer accepted. Default 1 TiB.
     pub max_size: u64,
-    /// Chunks asked for ahead of sending, per transfer (the memory bound). Default 4.
+    /// Chunks asked for ahead of sending, per transfer (the memory bound: 256 KiB at the
+    /// default chunk size). Default 16.
     pub read_ahead: usize,
     /// Least time between two progress events of a transfer. Default 250 ms.
     pub progress_interval: Duration,
@@ -60,7 +61,7 @@ impl Default for TransferConfig {
         TransferConfig {
             chunk_size: 16 * 1024,
             max_size: 1 << 40,
-            read_ahead: 4,
+            read_ahead: 16,
             progress_interval: Duration::from_millis(250),
             max_transfers: 64,
         }

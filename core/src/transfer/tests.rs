@@ -275,7 +275,7 @@ fn after_a_loss_it_resumes_without_resending_what_arrived() {
 #[test]
 fn transfers_take_turns() {
     let mut p = Pair::new();
-    let ids: Vec<u64> = (0..3).map(|_| p.send(content(200_000))).collect();
+    let ids: Vec<u64> = (0..3).map(|_| p.send(content(2_000_000))).collect();
     p.run(None);
     // When the first one completes, each of the others is within 20% of it.
     let mut bytes: BTreeMap<u64, u64> = BTreeMap::new();
