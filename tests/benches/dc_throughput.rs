@@ -776,6 +776,23 @@ fn peerlink_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_bloc
     Ok(node)
 }
 
+/// A sending `PollNode` connected to the receiver whose fingerprint arrives on `fp_rx`, its
+/// default channel open (setup, untimed).
+fn peerlink_sender(url: &str, peer: &peerlink::PeerConfig, fp_rx: &mpsc::Receiver<peerlink::Fingerprint>) -> Result<(peerlink_blocking::PollNode, peerlink::Fingerprint), Error> {
+    use peerlink::NodeEvent;
+    let mut node = peerlink_node(url, peer)?;
+    let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
+    node.connect_to_peer(target)?;
+    loop {
+        match node.next_event(Duration::from_secs(10))? {
+            Some(NodeEvent::ChannelOpen { channel, .. }) if channel == "default" => return Ok((node, target)),
+            Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
+            Some(_) => {}
+            None => return Err("connection timed out".into()),
+        }
+    }
+}
+
 /// peerlink's sender and receiver: two `PollNode`s (the blocking adapter, one thread each),
 /// negotiating through the real signaling server at `url` (untimed), then the transfer on the
 /// default channel.
@@ -809,17 +826,7 @@ fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
         }
     });
     let sender: SenderEndpoint = Box::new(move |transfer: Transfer| {
-        let mut node = peerlink_node(&url, &peer)?;
-        let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
-        node.connect_to_peer(target)?;
-        loop {
-            match node.next_event(Duration::from_secs(10))? {
-                Some(NodeEvent::ChannelOpen { channel, .. }) if channel == "default" => break,
-                Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
-                Some(_) => {}
-                None => return Err("connection timed out".into()),
-            }
-        }
+        let (mut node, target) = peerlink_sender(&url, &peer, &fp_rx)?;
         let mut msg = vec![0xA5; transfer.msg_size];
         let mut seq = 0;
         let (mut first_write, mut cpu_start) = (None, None);
@@ -896,17 +903,7 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
         }
     });
     let sender: SenderEndpoint = Box::new(move |transfer: Transfer| {
-        let mut node = peerlink_node(&url, &peer)?;
-        let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
-        node.connect_to_peer(target)?;
-        loop {
-            match node.next_event(Duration::from_secs(10))? {
-                Some(NodeEvent::ChannelOpen { channel, .. }) if channel == "default" => break,
-                Some(NodeEvent::PeerError { error, .. }) => return Err(format!("sender: {error}").into()),
-                Some(_) => {}
-                None => return Err("connection timed out".into()),
-            }
-        }
+        let (mut node, target) = peerlink_sender(&url, &peer, &fp_rx)?;
         let mut msg = vec![0xA5; transfer.msg_size];
         let mut hasher = sha2::Sha256::new();
         for seq in 0..transfer.message_count() {
