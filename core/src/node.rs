@@ -457,7 +457,7 @@ impl Node {
         self.begin(now)?;
         self.client.handle_connected(now)?;
         self.pump_client();
-        self.flush_rooms();
+        self.flush_layers();
         Ok(())
     }
 
@@ -466,7 +466,7 @@ impl Node {
         self.begin(now)?;
         self.client.handle_disconnected(now, code)?;
         self.pump_client();
-        self.flush_rooms();
+        self.flush_layers();
         Ok(())
     }
 
@@ -475,7 +475,7 @@ impl Node {
         self.begin(now)?;
         self.client.handle_text(now, text)?;
         self.pump_client();
-        self.flush_rooms();
+        self.flush_layers();
         Ok(())
     }
 
@@ -541,7 +541,7 @@ impl Node {
         };
         self.with_peer(fp, |peer, ctx| peer.handle_input(input, ctx));
         if self.rooms_dirty || self.transfers_dirty {
-            self.flush_rooms();
+            self.flush_layers();
         }
         Ok(())
     }
@@ -560,7 +560,7 @@ impl Node {
         }
         self.stun_timers(now);
         self.rooms_dirty = true;
-        self.flush_rooms();
+        self.flush_layers();
         Ok(())
     }
 
@@ -816,6 +816,13 @@ impl Node {
         }
     }
 
+    /// After an input: the layers over the connections (rooms, transfers) act on what it
+    /// changed.
+    fn flush_layers(&mut self) {
+        self.flush_rooms();
+        self.flush_transfers();
+    }
+
     /// Lets the transfers send what they can and moves their events out.
     fn flush_transfers(&mut self) {
         if !self.transfers_dirty {
@@ -845,7 +852,6 @@ impl Node {
     /// Hands gathered input to the rooms, lets them send, and moves their events out; again
     /// while sending produced more input.
     fn flush_rooms(&mut self) {
-        self.flush_transfers();
         if !self.rooms_dirty && self.room_inputs.is_empty() {
             return;
         }
@@ -1196,47 +1202,36 @@ impl Node {
     /// Offers `file` to `peer` (connected or not yet: the offer goes when the connection is
     /// up). Returns the transfer id.
     pub fn send_file(&mut self, now: Instant, peer: Fingerprint, file: FileInfo) -> Result<u64, NodeError> {
-        self.begin(now)?;
-        let id = self.transfers.offer(peer, file)?;
-        self.transfers_dirty = true;
-        self.flush_transfers();
-        Ok(id)
+        self.transfer_command(now, |t| t.offer(peer, file))
     }
 
     /// Hands over the bytes a [`TransferEvent::Read`] asked for.
     pub fn provide_chunk(&mut self, now: Instant, peer: Fingerprint, id: u64, offset: u64, data: Vec<u8>) -> Result<(), NodeError> {
-        self.begin(now)?;
-        self.transfers.provide(peer, id, offset, data)?;
-        self.transfers_dirty = true;
-        self.flush_transfers();
-        Ok(())
+        self.transfer_command(now, |t| t.provide(peer, id, offset, data))
     }
 
     /// Accepts an offered transfer.
     pub fn accept_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64) -> Result<(), NodeError> {
-        self.begin(now)?;
-        self.transfers.accept(peer, id)?;
-        self.transfers_dirty = true;
-        self.flush_transfers();
-        Ok(())
+        self.transfer_command(now, |t| t.accept(peer, id))
     }
 
     /// Declines an offered transfer.
     pub fn reject_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64, reason: &str) -> Result<(), NodeError> {
-        self.begin(now)?;
-        self.transfers.reject(peer, id, reason)?;
-        self.transfers_dirty = true;
-        self.flush_transfers();
-        Ok(())
+        self.transfer_command(now, |t| t.reject(peer, id, reason))
     }
 
     /// Stops a transfer in either direction.
     pub fn cancel_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64, reason: &str) -> Result<(), NodeError> {
+        self.transfer_command(now, |t| t.cancel(peer, id, reason))
+    }
+
+    /// Runs a transfer command, then lets the transfers act on it.
+    fn transfer_command<T>(&mut self, now: Instant, f: impl FnOnce(&mut Transfers) -> Result<T, TransferError>) -> Result<T, NodeError> {
         self.begin(now)?;
-        self.transfers.cancel(peer, id, reason)?;
+        let result = f(&mut self.transfers)?;
         self.transfers_dirty = true;
         self.flush_transfers();
-        Ok(())
+        Ok(result)
     }
 }
 

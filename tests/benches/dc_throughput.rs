@@ -55,6 +55,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::channel::ChannelId;
 use str0m::net::{DatagramRecv, Protocol, Receive};
@@ -287,13 +289,13 @@ pub fn measure_run(plan: &Plan, sender: SenderEndpoint, receiver: ReceiverEndpoi
     let t = transfer.clone();
     let receiver = spawn("dc-receiver").spawn(move || {
         let _stop = StopOnDrop(t.stop.clone());
-        pin_thread(1);
+        common::pin_thread(1);
         receiver(t)
     })?;
     let t = transfer.clone();
     let sender = spawn("dc-sender").spawn(move || {
         let _stop = StopOnDrop(t.stop.clone());
-        pin_thread(0);
+        common::pin_thread(0);
         sender(t)
     })?;
 
@@ -330,7 +332,7 @@ pub struct Series {
 impl Series {
     /// Median MB/s over the successful runs.
     pub fn median(&self) -> Option<f64> {
-        median(self.runs.iter().map(RunStats::mb_per_s).collect())
+        common::median(self.runs.iter().map(RunStats::mb_per_s).collect())
     }
 
     /// Best MB/s over the successful runs.
@@ -340,24 +342,15 @@ impl Series {
 
     /// Median [`RunStats::mb_per_cpu_s`] of the sender.
     pub fn sender_mb_per_cpu_s(&self) -> Option<f64> {
-        median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.sender_cpu)).collect())
+        common::median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.sender_cpu)).collect())
     }
 
     /// Median [`RunStats::mb_per_cpu_s`] of the receiver.
     pub fn receiver_mb_per_cpu_s(&self) -> Option<f64> {
-        median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.receiver_cpu)).collect())
+        common::median(self.runs.iter().filter_map(|r| r.mb_per_cpu_s(r.receiver_cpu)).collect())
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
 
 /// Formats an optional figure with one decimal.
 fn fmt1(v: Option<f64>) -> String {
@@ -421,23 +414,6 @@ fn print_summary(series: &Series) {
     }
 }
 
-/// Unless BENCH_PIN=0 (or the machine has fewer than 2 CPUs): pins the calling thread to
-/// `cpu`, so that sender and receiver each have a core of their own in every configuration
-/// alike and the scheduler does not stack them on one.
-fn pin_thread(cpu: usize) {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 || std::env::var("BENCH_PIN").is_ok_and(|v| v == "0") {
-        return;
-    }
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % cpus, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
-        }
-    }
-}
 
 /// The system-wide count of UDP datagrams dropped for a full receive buffer
 /// (`RcvbufErrors` in /proc/net/snmp), where available.
@@ -1050,7 +1026,7 @@ fn main() -> ExitCode {
             .filter(|_| paired)
             .map(|(b, o)| o.mb_per_s() / b.mb_per_s())
             .collect();
-        let per_round = median(rounds.clone());
+        let per_round = common::median(rounds.clone());
         println!(
             "dc_throughput: RESULT peerlink median {ours:.1} MB/s vs raw str0m (defaults) {base:.1} MB/s: ratio {:.2}; \
              per round {} (median {}) (goal >= 1.5: {})",

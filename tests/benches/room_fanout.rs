@@ -71,6 +71,8 @@
 //! default limit; else frames/s per connection, burst twice that), BENCH_FANOUT_TIMEOUT_S (60,
 //! per run), BENCH_FANOUT_GRACE_MS (300), BENCH_PIN (1).
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -161,7 +163,6 @@ struct Plan {
     /// Messages a member sends per turn at most, before the next member's turn.
     per_turn: usize,
     pin: bool,
-    cpus: usize,
 }
 
 impl Plan {
@@ -198,7 +199,6 @@ impl Plan {
             Ok(v) => Some(v.trim().parse().map_err(|e| format!("BENCH_FANOUT_SERVER_RATE={v:?}: {e}"))?),
             Err(_) => None,
         };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let plan = Plan {
             members,
             msg_size,
@@ -216,8 +216,7 @@ impl Plan {
                 0 => usize::MAX,
                 n => n as usize,
             },
-            pin: cpus >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0"),
-            cpus,
+            pin: common::pinned(),
         };
         if plan.members < 2 || plan.msg_size < HEADER + 1 || plan.runs == 0 || plan.threads == 0 || plan.relay_rate == 0 {
             return Err("need BENCH_FANOUT_MEMBERS >= 2, BENCH_FANOUT_MSG > 12, RUNS, THREADS and RELAY_RATE > 0".into());
@@ -233,19 +232,6 @@ impl Plan {
 // Small helpers: pinning, CPU time, base64
 // ----------------------------------------------------------------------------------------
 
-fn pin_thread(plan: &Plan, cpu: usize) {
-    if !plan.pin {
-        return;
-    }
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % plan.cpus, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
-        }
-    }
-}
 
 /// CPU time (user + system) of the calling thread (`RUSAGE_THREAD`) or the whole process.
 fn cpu_time(who: libc::c_int) -> Duration {
@@ -884,7 +870,7 @@ fn run_once(url: &str, plan: &Plan, kind: Kind, run: usize) -> Result<RunStats, 
                 .map(|(t, chunk)| {
                     let shared = &shared;
                     scope.spawn(move || {
-                        pin_thread(plan, 1 + t);
+                        common::pin_thread(1 + t);
                         let r = drive(chunk, shared, plan);
                         if r.is_err() {
                             shared.abort.store(true, Ordering::Relaxed);
@@ -989,15 +975,6 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "n/a".into())
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
 
 fn main() -> ExitCode {
     let wall = Instant::now();
@@ -1015,7 +992,7 @@ fn main() -> ExitCode {
         }
     };
     // The server's thread inherits CPU 0; the members' thread (this one) then moves to CPU 1.
-    pin_thread(&plan, 0);
+    common::pin_thread(0);
     let mut options = peerlink_server::ServerOptions::local();
     if let Some(rate) = plan.server_rate {
         options.config.rate_limit = peerlink::server::RateLimit { per_second: rate, burst: rate.saturating_mul(2) };
@@ -1028,7 +1005,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    pin_thread(&plan, 1);
+    common::pin_thread(1);
     let url = server.url();
     println!(
         "room_fanout: {} members, {}-byte messages to the whole room, sending for {:.1} s{} per run, {} run(s) per configuration, \
@@ -1112,8 +1089,8 @@ fn main() -> ExitCode {
     let series = |k: Kind| results.iter().find(|(kind, _)| *kind == k).map(|(_, s)| s);
     for (kind, runs) in &results {
         let ok: Vec<&RunStats> = runs.iter().flatten().collect();
-        if let Some(m) = median(ok.iter().map(|s| s.rate()).collect()) {
-            let cpu = median(ok.iter().map(|s| s.delivered as f64 / s.node_cpu.as_secs_f64()).collect()).unwrap_or(0.0);
+        if let Some(m) = common::median(ok.iter().map(|s| s.rate()).collect()) {
+            let cpu = common::median(ok.iter().map(|s| s.delivered as f64 / s.node_cpu.as_secs_f64()).collect()).unwrap_or(0.0);
             println!(
                 "room_fanout: {}: median {m:.0} msgs/s over {} run(s) ({:.0} deliveries per CPU-second of the members' thread(s))",
                 kind.label(),
@@ -1124,7 +1101,7 @@ fn main() -> ExitCode {
     }
     let compare = |name: &str, base: Kind, ours: Kind| {
         let (Some(b), Some(o)) = (series(base), series(ours)) else { return };
-        let rates = |s: &Vec<Option<RunStats>>| median(s.iter().flatten().map(RunStats::rate).collect());
+        let rates = |s: &Vec<Option<RunStats>>| common::median(s.iter().flatten().map(RunStats::rate).collect());
         let (Some(bm), Some(om)) = (rates(b), rates(o)) else {
             println!("room_fanout: RESULT {name}: n/a (failed runs)");
             return;

@@ -29,6 +29,8 @@
 //! Env: BENCH_JOIN_SIZES (2,5,10), BENCH_JOIN_REPS (20), BENCH_JOIN_WARMUP (2),
 //! BENCH_JOIN_TIMEOUT_S (30, per repetition), BENCH_PIN (1).
 
+mod common;
+
 use std::cell::{Cell, RefCell};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -55,7 +57,6 @@ struct Plan {
     warmup: usize,
     timeout: Duration,
     pin: bool,
-    cpus: usize,
 }
 
 impl Plan {
@@ -65,14 +66,12 @@ impl Plan {
             .split(',')
             .map(|s| s.trim().parse::<usize>().map_err(|e| format!("BENCH_JOIN_SIZES: {s:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let plan = Plan {
             sizes,
             reps: env_u64("BENCH_JOIN_REPS", 20)? as usize,
             warmup: env_u64("BENCH_JOIN_WARMUP", 2)? as usize,
             timeout: Duration::from_secs(env_u64("BENCH_JOIN_TIMEOUT_S", 30)?),
-            pin: cpus >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0"),
-            cpus,
+            pin: common::pinned(),
         };
         if plan.sizes.iter().any(|&n| n < 2) || plan.reps == 0 {
             return Err("sizes must be >= 2 and BENCH_JOIN_REPS > 0".into());
@@ -81,19 +80,6 @@ impl Plan {
     }
 }
 
-fn pin_thread(plan: &Plan, cpu: usize) {
-    if !plan.pin {
-        return;
-    }
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % plan.cpus, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
-        }
-    }
-}
 
 /// Polls every node once and hands their events to `on`; returns whether there was any.
 fn pump(nodes: &mut [PollNode], on: &mut impl FnMut(&mut PollNode, usize, NodeEvent) -> Result<(), Error>) -> Result<bool, Error> {
@@ -286,7 +272,7 @@ fn main() -> ExitCode {
         }
     };
     // The server's thread inherits CPU 0; the members' thread (this one) then moves to CPU 1.
-    pin_thread(&plan, 0);
+    common::pin_thread(0);
     let server = match peerlink_server::spawn(peerlink_server::ServerOptions::local()) {
         Ok(server) => server,
         Err(e) => {
@@ -294,7 +280,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    pin_thread(&plan, 1);
+    common::pin_thread(1);
     let url = server.url();
     println!(
         "room_join: sizes {:?}, {} timed repetitions each (+{} warm-up), fresh nodes every repetition, UDP on 127.0.0.1, real server \

@@ -461,6 +461,8 @@ struct Room {
     epoch: u64,
     members: BTreeMap<Fingerprint, Member>,
     presence: LocalPresence,
+    /// The room id as a JSON string, for every data item.
+    id_json: Arc<str>,
 }
 
 /// Every managed room of a node.
@@ -627,6 +629,7 @@ impl Rooms {
                 epoch,
                 members: BTreeMap::new(),
                 presence: LocalPresence { state: None, version: 0, dirty: false, last_sent: None },
+                id_json: serde_json::to_string(id).expect("a string serializes").into(),
             },
         );
         self.pending.insert(request, Pending::Enter(id.to_owned()));
@@ -1118,7 +1121,7 @@ impl Rooms {
             }
             let mut relay_window = RELAY_WINDOW_BYTES.saturating_sub(m.out.relay_inflight);
             let (direct_budget, relay_budget) = (&mut direct_budget, &mut relay_budget);
-            let room_json: Arc<str> = serde_json::to_string(id.as_str()).expect("a string serializes").into();
+            let room_json = &room.id_json;
             for msg in m.out.unacked.iter().filter(|x| !x.sent) {
                 let by_relay = !direct || msg.force_relay;
                 let len = wire::data_item_len(room_json.len(), msg.fragment.len());

@@ -46,9 +46,41 @@ pub fn pinned() -> bool {
     // process's affinity) says 1.
     static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PINNED.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cpus >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0")
+        cpus() >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0")
     })
+}
+
+/// The machine's CPUs, counted before anything was pinned.
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Pins the calling thread to `cpu` (modulo the CPUs) when [`pinned`]: the two ends of a
+/// benchmark each get a core of their own, alike in every configuration.
+pub fn pin_thread(cpu: usize) {
+    if !pinned() {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % cpus(), &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("BENCH_PIN: sched_setaffinity failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// The median of `v` (`None` when empty).
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// Pins this process (threads created from now on) to CPU 1 when [`pinned`].
