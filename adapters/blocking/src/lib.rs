@@ -584,6 +584,19 @@ impl PollNode {
         self.poll(now)
     }
 
+    /// Accepts an offered transfer into the application's own writer: `write(offset, bytes)`
+    /// is called for each chunk in order, once it passed its check (a hashing sink, a
+    /// database, a socket...). The whole is verified against the offer's SHA-256 before
+    /// [`TransferEvent::Completed`](peerlink::transfer::TransferEvent::Completed); on
+    /// [`TransferEvent::Failed`](peerlink::transfer::TransferEvent::Failed) the application
+    /// must drop what it wrote. An error from `write` cancels the transfer.
+    pub fn accept_with(&mut self, peer: Fingerprint, id: u64, write: impl FnMut(u64, &[u8]) -> io::Result<()> + Send + 'static) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.accept_transfer(now, peer, id)?;
+        self.store.sinks.insert((peer, id), transfer::Sink::Writer(Box::new(write)));
+        self.poll(now)
+    }
+
     /// Declines an offered transfer.
     pub fn reject_transfer(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
         let now = Instant::now();

@@ -48,6 +48,8 @@ impl Source {
 pub(crate) enum Sink {
     File { file: File, part: PathBuf, path: PathBuf },
     Memory(Vec<u8>),
+    /// The application's own writer: `(offset, bytes)`, in order, each checked already.
+    Writer(Box<dyn FnMut(u64, &[u8]) -> io::Result<()> + Send>),
 }
 
 impl Sink {
@@ -73,6 +75,7 @@ impl Sink {
                 m[start..start + data.len()].copy_from_slice(data);
                 Ok(())
             }
+            Sink::Writer(write) => write(offset, data),
         }
     }
 
@@ -86,6 +89,7 @@ impl Sink {
                 Ok(None)
             }
             Sink::Memory(m) => Ok(Some(m)),
+            Sink::Writer(_) => Ok(None),
         }
     }
 
