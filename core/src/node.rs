@@ -39,7 +39,8 @@ use crate::peer::{
     ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, INTERNAL_CHANNEL, Payload, Peer, PeerConfig, PeerError,
     PeerOutput, PeerState, SendError, TRANSFER_CHANNEL, crypto,
 };
-use crate::transfer::{FileInfo, TransferConfig, TransferError, TransferEvent, TransferTransport, Transfers};
+use sha2::{Digest, Sha256};
+use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, TransferError, TransferEvent, TransferKind, TransferTransport, Transfers};
 use crate::client::{RequestId, Response};
 use crate::room::{self, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
@@ -432,7 +433,8 @@ impl Node {
         // A room deadline already past (it waits on input, e.g. the relay coming back) must
         // not make the loop spin: it counts from now on.
         let rooms = self.rooms.poll_timeout().map(|t| t.max(self.now));
-        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).min()
+        let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now));
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).min()
     }
 
     fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
@@ -560,6 +562,10 @@ impl Node {
         }
         self.stun_timers(now);
         self.rooms_dirty = true;
+        if self.transfers.poll_timeout().is_some_and(|t| t <= now) {
+            self.transfers.handle_timeout(now);
+            self.transfers_dirty = true;
+        }
         self.flush_layers();
         Ok(())
     }
@@ -1196,13 +1202,54 @@ impl Node {
 }
 
 /// File, JSON and image transfers (see [`crate::transfer`]). Events arrive as
-/// [`NodeEvent::Transfer`]; the application reads and writes the bytes
+/// [`NodeEvent::Transfer`]. The bytes come from a [`ChunkSource`] and go to a [`ChunkSink`]
+/// (or memory), or the application reads and writes them itself
 /// ([`TransferEvent::Read`] / [`Node::provide_chunk`], [`TransferEvent::Write`]).
 impl Node {
     /// Offers `file` to `peer` (connected or not yet: the offer goes when the connection is
-    /// up). Returns the transfer id.
+    /// up); its bytes are asked for with [`TransferEvent::Read`]. Returns the transfer id.
     pub fn send_file(&mut self, now: Instant, peer: Fingerprint, file: FileInfo) -> Result<u64, NodeError> {
         self.transfer_command(now, |t| t.offer(peer, file))
+    }
+
+    /// Offers `file` to `peer`, its bytes read from `source` as the channel takes them.
+    /// `file.sha256` must be the hash of all of them: the receiver checks it.
+    pub fn send_from(&mut self, now: Instant, peer: Fingerprint, file: FileInfo, source: Box<dyn ChunkSource>) -> Result<u64, NodeError> {
+        self.transfer_command(now, |t| t.offer_from(peer, file, source))
+    }
+
+    /// Offers bytes from memory as a file named `name`; images are recognised by their first
+    /// bytes ([`crate::transfer::image_mime`]) and offered as [`TransferKind::Image`] (the
+    /// reference's `ImageTransfer`).
+    pub fn send_bytes(&mut self, now: Instant, peer: Fingerprint, name: &str, data: Vec<u8>) -> Result<u64, NodeError> {
+        let info = FileInfo::new(name, data.len() as u64, Sha256::digest(&data).into());
+        let info = match crate::transfer::image_mime(&data) {
+            Some(mime) => info.typed(mime, TransferKind::Image),
+            None => info,
+        };
+        self.send_from(now, peer, info, Box::new(data))
+    }
+
+    /// Sends a JSON value (the reference's `JSONTransfer`), chunked like a file: any size,
+    /// with backpressure. Up to the receiver's
+    /// [`TransferConfig::auto_accept_json`](crate::transfer::TransferConfig::auto_accept_json)
+    /// it is taken without asking and arrives as [`TransferEvent::Json`].
+    pub fn send_json<T: serde::Serialize + ?Sized>(&mut self, now: Instant, peer: Fingerprint, value: &T) -> Result<u64, NodeError> {
+        let data = serde_json::to_vec(value).map_err(|e| NodeError::Transfer(TransferError::BadJson(e.to_string())))?;
+        let info = FileInfo::new("value.json", data.len() as u64, Sha256::digest(&data).into()).typed("application/json", TransferKind::Json);
+        self.send_from(now, peer, info, Box::new(data))
+    }
+
+    /// Accepts an offered transfer into `sink`: written as chunks arrive, committed once the
+    /// whole verified, aborted on failure.
+    pub fn accept_into(&mut self, now: Instant, peer: Fingerprint, id: u64, sink: Box<dyn ChunkSink>) -> Result<(), NodeError> {
+        self.transfer_command(now, |t| t.accept_into(peer, id, sink))
+    }
+
+    /// Accepts an offered transfer into memory; it arrives whole as
+    /// [`TransferEvent::Received`].
+    pub fn accept_to_memory(&mut self, now: Instant, peer: Fingerprint, id: u64) -> Result<(), NodeError> {
+        self.transfer_command(now, |t| t.accept_to_memory(peer, id))
     }
 
     /// Hands over the bytes a [`TransferEvent::Read`] asked for.
@@ -1210,7 +1257,7 @@ impl Node {
         self.transfer_command(now, |t| t.provide(peer, id, offset, data))
     }
 
-    /// Accepts an offered transfer.
+    /// Accepts an offered transfer; its bytes arrive as [`TransferEvent::Write`].
     pub fn accept_transfer(&mut self, now: Instant, peer: Fingerprint, id: u64) -> Result<(), NodeError> {
         self.transfer_command(now, |t| t.accept(peer, id))
     }

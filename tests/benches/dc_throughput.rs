@@ -842,36 +842,47 @@ fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
 }
 
 /// The same bytes as a file transfer (`peerlink::transfer`) on top of the same connection:
-/// the sender answers the core's reads from the generated content (16 KiB chunks, the same
-/// messages as the channel runs), the receiver checks every chunk's stamp and the core checks
-/// CRC-32 per chunk and the SHA-256 of the whole (hashed untimed beforehand by the sender).
+/// the core reads each chunk from a generated source straight into its frame (16 KiB chunks,
+/// the same content as the channel runs' messages) and writes each arriving chunk to a sink
+/// that checks its stamp; the core checks CRC-32 per chunk and the SHA-256 of the whole
+/// (hashed untimed beforehand by the sender).
 fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoint, ReceiverEndpoint) {
     use peerlink::NodeEvent;
-    use peerlink::transfer::{FileInfo, TransferEvent};
+    use peerlink::transfer::{FileInfo, SinkFn, SourceFn, TransferEvent};
     use sha2::Digest;
     let (fp_tx, fp_rx) = mpsc::channel();
     let (url2, peer2) = (url.clone(), peer.clone());
     let receiver: ReceiverEndpoint = Box::new(move |transfer: Transfer| {
         let mut node = peerlink_node(&url2, &peer2)?;
         fp_tx.send(node.fingerprint()).map_err(|_| "sender gone")?;
-        let (mut bytes, mut cpu_start) = (0u64, None);
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let mut cpu_start = None;
         loop {
+            let bytes_now = bytes.load(Ordering::Relaxed);
+            if let Some(e) = failed.lock().expect("lock").take() {
+                return Err(e.into());
+            }
             if transfer.should_stop()? {
-                return Err(format!("stopped after {bytes} bytes").into());
+                return Err(format!("stopped after {bytes_now} bytes").into());
             }
             let Some(event) = node.next_event(Duration::from_millis(5))? else { continue };
             let NodeEvent::Transfer(event) = event else { continue };
             match event {
                 TransferEvent::Offered { peer, offer } => {
                     cpu_start = thread_cpu_time();
-                    node.node().accept_transfer(Instant::now(), peer, offer.id)?;
+                    let (t, b, f) = (transfer.clone(), bytes.clone(), failed.clone());
+                    let sink = SinkFn(move |offset: u64, data: &[u8]| {
+                        if let Err(e) = t.check(offset / t.msg_size as u64, data) {
+                            *f.lock().expect("lock") = Some(e.to_string());
+                        }
+                        b.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        Ok(())
+                    });
+                    node.accept_into(peer, offer.id, sink)?;
                 }
-                TransferEvent::Write { offset, data, .. } => {
-                    transfer.check(offset / transfer.msg_size as u64, &data)?;
-                    bytes += data.len() as u64;
-                }
-                TransferEvent::Completed { .. } if bytes == transfer.total_bytes => {
-                    return Ok(ReceiverReport { last_byte: Instant::now(), bytes, cpu: cpu_since(cpu_start) });
+                TransferEvent::Completed { .. } if bytes_now == transfer.total_bytes => {
+                    return Ok(ReceiverReport { last_byte: Instant::now(), bytes: bytes_now, cpu: cpu_since(cpu_start) });
                 }
                 TransferEvent::Failed { error, .. } => return Err(format!("receiver: {error}").into()),
                 _ => {}
@@ -892,14 +903,18 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
         let mut cpu_start = None;
         let cpu_mark = Arc::new(std::sync::Mutex::new(None));
         let cm = cpu_mark.clone();
-        node.send_from(target, info, move |offset, _len| {
+        let source = SourceFn(move |offset: u64, buf: &mut [u8]| {
             let mut fw = fw.lock().expect("lock");
             if fw.is_none() {
                 *fw = Some(Instant::now());
                 *cm.lock().expect("lock") = thread_cpu_time();
             }
-            Ok(t.fill(offset / t.msg_size as u64, &mut msg).to_vec())
-        })?;
+            // The generated content, written straight into the outgoing frame.
+            buf.fill(0xA5);
+            t.fill(offset / t.msg_size as u64, buf);
+            Ok(())
+        });
+        node.send_from(target, info, source)?;
         while !transfer.should_stop()? {
             if cpu_start.is_none() {
                 cpu_start = *cpu_mark.lock().expect("lock");

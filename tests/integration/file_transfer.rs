@@ -1,11 +1,12 @@
 //! File transfer on real sockets (the real server, UDP on 127.0.0.1, str0m, the blocking
 //! adapter's file-backed sources and sinks): a 64 MiB and a 0-byte file arrive byte-identical;
-//! a rejected offer and a transfer cancelled midway leave no file reported as complete.
+//! a rejected offer and a transfer cancelled midway (by either side) leave no file reported as
+//! complete; a JSON value and an image from memory arrive whole.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use peerlink::transfer::{Direction, TransferError, TransferEvent};
+use peerlink::transfer::{Direction, TransferError, TransferEvent, TransferKind};
 use peerlink::{NodeConfig, NodeEvent};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 use peerlink_tests::{client_config, start_server};
@@ -15,7 +16,8 @@ struct Two {
     b: PollNode,
     ea: Vec<TransferEvent>,
     eb: Vec<TransferEvent>,
-    /// What b does with an offer: accept into this directory, or reject.
+    /// What b does with an offer: accept into this directory (images into memory), or
+    /// reject.
     accept_into: Option<PathBuf>,
 }
 
@@ -36,6 +38,7 @@ impl Two {
                 if let NodeEvent::Transfer(e) = e {
                     if let TransferEvent::Offered { offer, .. } = &e {
                         match &self.accept_into {
+                            Some(_) if offer.kind == TransferKind::Image => self.b.accept_to_memory(fa, offer.id).unwrap(),
                             Some(dir) => self.b.accept_to_file(fa, offer.id, &dir.join(&offer.name)).unwrap(),
                             None => self.b.reject_transfer(fa, offer.id, "not now").unwrap(),
                         }
@@ -124,6 +127,26 @@ fn files_arrive_identical_and_rejects_and_cancels_leave_nothing_complete() {
     let id = t.a.send_file(fb, &small).unwrap();
     t.pump_until("after the cancel", Duration::from_secs(10), |t| Two::outcome(&t.eb, id).is_some());
     assert_eq!(Two::outcome(&t.eb, id), Some(Ok(Direction::Receive)));
+
+    // Cancelled by the sender midway: the same.
+    let id = t.a.send_file(fb, &mid).unwrap();
+    t.pump_until("halfway again", Duration::from_secs(120), |t| Two::received(&t.eb, id) >= 8 * 1024 * 1024);
+    t.a.cancel_transfer(fb, id, "changed my mind").unwrap();
+    t.pump_until("cancelled by the sender", Duration::from_secs(10), |t| Two::outcome(&t.ea, id).is_some() && Two::outcome(&t.eb, id).is_some());
+    assert_eq!(Two::outcome(&t.eb, id), Some(Err(TransferError::Cancelled("changed my mind".into()))));
+    assert!(!out_b.join("mid.bin").exists() && !out_b.join("mid.bin.part").exists());
+
+    // A JSON value (taken without asking) and an image from memory (offered as one).
+    let value = serde_json::json!({"scores": (0..50_000).collect::<Vec<u32>>(), "name": "big"});
+    let id_json = t.a.send_json(fb, &value).unwrap();
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend((0..200_000u32).map(|i| (i % 251) as u8));
+    let id_png = t.a.send_bytes(fb, "pic.png", png.clone()).unwrap();
+    t.pump_until("json and image", Duration::from_secs(30), |t| [id_json, id_png].iter().all(|id| Two::outcome(&t.eb, *id).is_some()));
+    assert!(t.eb.contains(&TransferEvent::Json { peer: fa, id: id_json, value }));
+    assert!(t.eb.iter().any(|e| matches!(e, TransferEvent::Offered { offer, .. } if offer.id == id_png && offer.kind == TransferKind::Image && offer.mime == "image/png")));
+    assert!(t.eb.contains(&TransferEvent::Received { peer: fa, id: id_png, data: png }));
+    assert!(!t.eb.iter().any(|e| matches!(e, TransferEvent::Offered { offer, .. } if offer.id == id_json)), "JSON is not asked about");
 
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

@@ -141,10 +141,8 @@ use tungstenite::{Message, WebSocket};
 pub use peerlink;
 pub use peerlink::node::UdpBind;
 
-mod transfer;
+pub mod files;
 mod udp;
-
-pub use transfer::image_mime;
 
 /// Most events that may wait in a [`PollClient`]'s queue. Past it [`PollClient::poll`] refuses
 /// to do more work and returns [`Error::Client`]`(`[`ClientError::NotDrained`]`)` until the
@@ -340,8 +338,6 @@ pub struct PollNode {
     recv_buffers: udp::RecvBuffers,
     /// Scratch space for joining a run of datagrams into one GSO send.
     send_buffer: Vec<u8>,
-    /// Sources and sinks of transfers.
-    store: transfer::Store,
     conn: Conn,
     events: VecDeque<NodeEvent>,
     extra_root_certs: Vec<CertificateDer<'static>>,
@@ -422,7 +418,6 @@ impl PollNode {
             outbox: Vec::new(),
             recv_buffers: udp::RecvBuffers::default(),
             send_buffer: Vec::new(),
-            store: transfer::Store::default(),
             conn: Conn::None,
             events: VecDeque::new(),
             extra_root_certs: options.extra_root_certs,
@@ -531,36 +526,37 @@ impl PollNode {
 
     /// Offers the file at `path` to `peer` (see [`peerlink::transfer`]): it is hashed first
     /// (streaming), images get their MIME type from their first bytes, and its chunks are read
-    /// from disk as they are sent. Returns the transfer id; progress and the outcome arrive as
-    /// [`NodeEvent::Transfer`].
+    /// from disk as the channel takes them. Returns the transfer id; progress and the outcome
+    /// arrive as [`NodeEvent::Transfer`].
     pub fn send_file(&mut self, peer: Fingerprint, path: &std::path::Path) -> Result<u64, Error> {
-        let (info, file) = transfer::describe_file(path)?;
+        let (info, source) = files::describe_file(path)?;
+        self.send_from(peer, info, source)
+    }
+
+    /// Offers bytes from memory as a file named `name` (an image, recognised by its first
+    /// bytes, is offered as one).
+    pub fn send_bytes(&mut self, peer: Fingerprint, name: &str, data: Vec<u8>) -> Result<u64, Error> {
         let now = Instant::now();
-        let id = self.core.send_file(now, peer, info)?;
-        self.store.sources.insert((peer, id), transfer::Source::File(file));
+        let id = self.core.send_bytes(now, peer, name, data)?;
         self.poll(now)?;
         Ok(id)
     }
 
-    /// Offers bytes from memory (a JSON value's text for a JSON transfer, with
-    /// `TransferKind::Json`).
-    pub fn send_bytes(&mut self, peer: Fingerprint, name: &str, mime: &str, kind: peerlink::transfer::TransferKind, data: Vec<u8>) -> Result<u64, Error> {
-        use sha2::Digest;
-        let info = peerlink::transfer::FileInfo::new(name, data.len() as u64, sha2::Sha256::digest(&data).into()).typed(mime, kind);
+    /// Sends a JSON value, chunked (the reference's `JSONTransfer`); it arrives as
+    /// [`TransferEvent::Json`](peerlink::transfer::TransferEvent::Json).
+    pub fn send_json<T: Serialize + ?Sized>(&mut self, peer: Fingerprint, value: &T) -> Result<u64, Error> {
         let now = Instant::now();
-        let id = self.core.send_file(now, peer, info)?;
-        self.store.sources.insert((peer, id), transfer::Source::Memory(data));
+        let id = self.core.send_json(now, peer, value)?;
         self.poll(now)?;
         Ok(id)
     }
 
-    /// Offers `info` to `peer`, reading its bytes with `read(offset, len)` as they are sent
-    /// (a generated source, a database blob, ...). `info.sha256` must be the hash of all of
-    /// them: the receiver checks it.
-    pub fn send_from(&mut self, peer: Fingerprint, info: peerlink::transfer::FileInfo, read: impl FnMut(u64, usize) -> io::Result<Vec<u8>> + Send + 'static) -> Result<u64, Error> {
+    /// Offers `info` to `peer`, its bytes read from `source` as they are sent (a generated
+    /// source, a database blob: see [`peerlink::transfer::SourceFn`]). `info.sha256` must be
+    /// the hash of all of them: the receiver checks it.
+    pub fn send_from(&mut self, peer: Fingerprint, info: peerlink::transfer::FileInfo, source: impl peerlink::transfer::ChunkSource + 'static) -> Result<u64, Error> {
         let now = Instant::now();
-        let id = self.core.send_file(now, peer, info)?;
-        self.store.sources.insert((peer, id), transfer::Source::Reader(Box::new(read)));
+        let id = self.core.send_from(now, peer, info, Box::new(source))?;
         self.poll(now)?;
         Ok(id)
     }
@@ -568,32 +564,26 @@ impl PollNode {
     /// Accepts an offered transfer into the file at `path`: it is written as `PATH.part` and
     /// renamed to `path` once verified; on failure or cancellation the part file is removed.
     pub fn accept_to_file(&mut self, peer: Fingerprint, id: u64, path: &std::path::Path) -> Result<(), Error> {
-        let sink = transfer::Sink::file(path)?;
-        let now = Instant::now();
-        self.core.accept_transfer(now, peer, id)?;
-        self.store.sinks.insert((peer, id), sink);
-        self.poll(now)
+        let sink = files::PartFileSink::create(path)?;
+        self.accept_into(peer, id, sink)
     }
 
-    /// Accepts an offered transfer into memory; once it completed, take it with
-    /// [`PollNode::take_received`].
+    /// Accepts an offered transfer into memory; it arrives whole as
+    /// [`TransferEvent::Received`](peerlink::transfer::TransferEvent::Received).
     pub fn accept_to_memory(&mut self, peer: Fingerprint, id: u64) -> Result<(), Error> {
         let now = Instant::now();
-        self.core.accept_transfer(now, peer, id)?;
-        self.store.sinks.insert((peer, id), transfer::Sink::Memory(Vec::new()));
+        self.core.accept_to_memory(now, peer, id)?;
         self.poll(now)
     }
 
-    /// Accepts an offered transfer into the application's own writer: `write(offset, bytes)`
-    /// is called for each chunk in order, once it passed its check (a hashing sink, a
-    /// database, a socket...). The whole is verified against the offer's SHA-256 before
-    /// [`TransferEvent::Completed`](peerlink::transfer::TransferEvent::Completed); on
-    /// [`TransferEvent::Failed`](peerlink::transfer::TransferEvent::Failed) the application
-    /// must drop what it wrote. An error from `write` cancels the transfer.
-    pub fn accept_with(&mut self, peer: Fingerprint, id: u64, write: impl FnMut(u64, &[u8]) -> io::Result<()> + Send + 'static) -> Result<(), Error> {
+    /// Accepts an offered transfer into the application's own sink (a hashing sink, a
+    /// database: see [`peerlink::transfer::SinkFn`]): chunks are written to it in order,
+    /// each checked; the whole is verified before it is committed and before
+    /// [`TransferEvent::Completed`](peerlink::transfer::TransferEvent::Completed). A write
+    /// error cancels the transfer.
+    pub fn accept_into(&mut self, peer: Fingerprint, id: u64, sink: impl peerlink::transfer::ChunkSink + 'static) -> Result<(), Error> {
         let now = Instant::now();
-        self.core.accept_transfer(now, peer, id)?;
-        self.store.sinks.insert((peer, id), transfer::Sink::Writer(Box::new(write)));
+        self.core.accept_into(now, peer, id, Box::new(sink))?;
         self.poll(now)
     }
 
@@ -609,62 +599,6 @@ impl PollNode {
         let now = Instant::now();
         self.core.cancel_transfer(now, peer, id, reason)?;
         self.poll(now)
-    }
-
-    /// The content of a completed transfer accepted into memory.
-    pub fn take_received(&mut self, peer: Fingerprint, id: u64) -> Option<Vec<u8>> {
-        self.store.received.remove(&(peer, id))
-    }
-
-    /// Serves the transfer events that are about bytes (reads from sources, writes to sinks)
-    /// and tidies up on outcomes; returns what the application should see.
-    fn transfer_event(&mut self, now: Instant, e: NodeEvent) -> Option<NodeEvent> {
-        use peerlink::transfer::{Direction, TransferEvent};
-        let NodeEvent::Transfer(t) = e else { return Some(e) };
-        match t {
-            TransferEvent::Read { peer, id, offset, len } if self.store.sources.contains_key(&(peer, id)) => {
-                let read = self.store.sources.get_mut(&(peer, id)).expect("checked").read_at(offset, len);
-                let result = match read {
-                    Ok(data) => self.core.provide_chunk(now, peer, id, offset, data),
-                    Err(e) => self.core.cancel_transfer(now, peer, id, &format!("read failed: {e}")),
-                };
-                if let Err(e) = result {
-                    debug!(error = %e, "transfer read not served");
-                }
-                None
-            }
-            TransferEvent::Write { peer, id, offset, data } if self.store.sinks.contains_key(&(peer, id)) => {
-                if let Err(e) = self.store.sinks.get_mut(&(peer, id)).expect("checked").write_at(offset, &data) {
-                    let _ = self.core.cancel_transfer(now, peer, id, &format!("write failed: {e}"));
-                }
-                None
-            }
-            TransferEvent::Completed { peer, id, direction } => {
-                if direction == Direction::Send {
-                    self.store.sources.remove(&(peer, id));
-                } else if let Some(sink) = self.store.sinks.remove(&(peer, id)) {
-                    match sink.finish() {
-                        Ok(Some(bytes)) => {
-                            self.store.received.insert((peer, id), bytes);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let error = peerlink::transfer::TransferError::Cancelled(format!("could not store: {e}"));
-                            return Some(NodeEvent::Transfer(TransferEvent::Failed { peer, id, direction, error }));
-                        }
-                    }
-                }
-                Some(NodeEvent::Transfer(TransferEvent::Completed { peer, id, direction }))
-            }
-            TransferEvent::Failed { peer, id, direction, error } => {
-                self.store.sources.remove(&(peer, id));
-                if let Some(sink) = self.store.sinks.remove(&(peer, id)) {
-                    sink.discard();
-                }
-                Some(NodeEvent::Transfer(TransferEvent::Failed { peer, id, direction, error }))
-            }
-            other => Some(NodeEvent::Transfer(other)),
-        }
     }
 
     /// Returns a view of a room this node is in (see [`Node::room`]).
@@ -819,9 +753,7 @@ impl PollNode {
             }
             while let Some(e) = self.core.poll_event() {
                 busy = true;
-                if let Some(e) = self.transfer_event(now, e) {
-                    self.events.push_back(e);
-                }
+                self.events.push_back(e);
             }
             if !busy {
                 self.flush_datagrams();

@@ -7,11 +7,21 @@
 //! so a transfer of any size (sizes are `u64`) holds at most
 //! [`TransferConfig::read_ahead`] chunks in memory per transfer.
 //!
-//! Work in progress (issue 5): the protocol and both sides' state machines, tested pairwise in
-//! memory, run inside [`Node`](crate::Node) on each connection's pre-negotiated
+//! Or the application hands over a [`ChunkSource`] ([`Transfers::offer_from`]) and a
+//! [`ChunkSink`] ([`Transfers::accept_into`], [`Transfers::accept_to_memory`]): then chunks are
+//! read straight into the frames that go out, only when the channel has room, and written
+//! straight from the frames that come in (one chunk in memory per transfer, no events per
+//! chunk). The adapters implement them over files.
+//!
+//! [`Transfers`] runs inside [`Node`](crate::Node) on each connection's pre-negotiated
 //! [`TRANSFER_CHANNEL`](crate::peer::TRANSFER_CHANNEL) ([`Node::send_file`](crate::Node::send_file)
-//! and friends, events as [`NodeEvent::Transfer`](crate::NodeEvent::Transfer)); file-backed
-//! sources and sinks in the adapters, JSON and image helpers, examples and benchmarks come next.
+//! and friends, events as [`NodeEvent::Transfer`](crate::NodeEvent::Transfer)).
+//!
+//! **JSON** ([`TransferKind::Json`], the reference's `JSONTransfer`): a serialized value, sent
+//! from memory; up to [`TransferConfig::auto_accept_json`] bytes it is accepted without asking
+//! and arrives parsed as [`TransferEvent::Json`]. **Images** ([`TransferKind::Image`], the
+//! reference's `ImageTransfer`): files whose first bytes say they are images
+//! ([`image_mime`]); they are offered like files, with their MIME type.
 //!
 //! # Flow
 //!
@@ -27,6 +37,7 @@
 //!    ([`Transfers::handle_reconnected`]) the receiver says where it stands and the sender goes
 //!    on from there.
 
+mod io;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -37,6 +48,7 @@ use tracing::debug;
 
 use crate::identity::Fingerprint;
 use crate::peer::SendError;
+pub use io::{ChunkSink, ChunkSource, SinkFn, SourceFn, image_mime};
 pub use wire::{Control, Offer, TransferKind, TransferWireError};
 
 /// How transfers behave. Every field has a default; see each.
@@ -54,6 +66,16 @@ pub struct TransferConfig {
     pub progress_interval: Duration,
     /// Most transfers per peer at once (both directions). Default 64.
     pub max_transfers: usize,
+    /// Largest transfer received into memory ([`Transfers::accept_to_memory`], JSON).
+    /// Default 256 MiB.
+    pub max_memory: u64,
+    /// JSON transfers up to this size are accepted without asking and arrive as
+    /// [`TransferEvent::Json`]; bigger ones are offered like files. 0 asks for every one.
+    /// Default 16 MiB.
+    pub auto_accept_json: u64,
+    /// A transfer under way (accepted, not finished) with nothing sent or received for this
+    /// long fails with [`TransferError::TimedOut`]: the peer did not come back. Default 120 s.
+    pub idle_timeout: Duration,
 }
 
 impl Default for TransferConfig {
@@ -64,6 +86,9 @@ impl Default for TransferConfig {
             read_ahead: 16,
             progress_interval: Duration::from_millis(250),
             max_transfers: 64,
+            max_memory: 256 << 20,
+            auto_accept_json: 16 << 20,
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -164,6 +189,23 @@ pub enum TransferError {
     /// nobody asked for).
     #[error("not now: {0}")]
     WrongState(&'static str),
+    /// Reading the source or writing the sink failed; the transfer was cancelled.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Too big to receive into memory ([`TransferConfig::max_memory`]).
+    #[error("{size} bytes is over the in-memory limit of {limit}")]
+    TooLarge {
+        /// The offered size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A JSON transfer arrived intact but is not JSON.
+    #[error("not JSON: {0}")]
+    BadJson(String),
+    /// Nothing moved for [`TransferConfig::idle_timeout`]: the peer is gone.
+    #[error("no progress for {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Something that happened; drain with [`Transfers::poll_event`].
@@ -210,6 +252,26 @@ pub enum TransferEvent {
         /// How far.
         progress: Progress,
     },
+    /// Receiver: the content of a transfer accepted into memory, verified. `Completed`
+    /// follows.
+    Received {
+        /// The sender.
+        peer: Fingerprint,
+        /// The transfer.
+        id: u64,
+        /// All of it.
+        data: Vec<u8>,
+    },
+    /// Receiver: a JSON transfer (the reference's `JSONTransfer`), verified and parsed.
+    /// `Completed` follows.
+    Json {
+        /// The sender.
+        peer: Fingerprint,
+        /// The transfer.
+        id: u64,
+        /// The value.
+        value: serde_json::Value,
+    },
     /// Done and verified by the receiver.
     Completed {
         /// The other side.
@@ -249,6 +311,7 @@ pub trait TransferTransport {
 
 enum OutState {
     Offered,
+    /// `ready` holds encoded chunk frames by index.
     Sending { next_read: u64, next_send: u64, requested: BTreeSet<u64>, ready: BTreeMap<u64, Vec<u8>> },
     /// Every chunk sent; waiting for `verified`.
     Sent,
@@ -261,6 +324,10 @@ struct Outgoing {
     offer: Offer,
     state: OutState,
     meter: Meter,
+    /// Where the bytes come from; `None`: from [`TransferEvent::Read`] answers.
+    source: Option<Box<dyn ChunkSource>>,
+    /// When a chunk or control of this transfer last moved.
+    active: Option<Instant>,
 }
 
 enum InState {
@@ -272,6 +339,27 @@ struct Incoming {
     offer: Offer,
     state: InState,
     meter: Meter,
+    sink: Sink,
+    /// When a chunk or control of this transfer last moved.
+    active: Option<Instant>,
+}
+
+/// Where a receiver's bytes go.
+enum Sink {
+    /// Out as [`TransferEvent::Write`].
+    Events,
+    /// Into the application's sink.
+    Custom(Box<dyn ChunkSink>),
+    /// Into memory, out as [`TransferEvent::Received`] (or [`TransferEvent::Json`]).
+    Memory { data: Vec<u8>, json: bool },
+}
+
+impl Sink {
+    fn abort(&mut self) {
+        if let Sink::Custom(s) = self {
+            s.abort();
+        }
+    }
 }
 
 /// Progress bookkeeping.
@@ -319,6 +407,24 @@ struct PeerTransfers {
     verified: VecDeque<u64>,
 }
 
+impl PeerTransfers {
+    /// Sends the control messages waiting, in order, until the channel refuses one.
+    fn send_controls(&mut self, peer: Fingerprint, t: &mut dyn TransferTransport) {
+        while let Some(c) = self.control.front() {
+            match t.send_text(peer, &c.encode()) {
+                Ok(()) => {
+                    self.control.pop_front();
+                }
+                Err(SendError::WouldBlock { .. }) => break,
+                Err(e) => {
+                    debug!(peer = %peer.short(), error = %e, "transfer control not sent");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Verified transfer ids remembered per peer.
 const RECENTLY_VERIFIED: usize = 64;
 
@@ -351,8 +457,19 @@ impl Transfers {
 
     // ---- sender --------------------------------------------------------------------------
 
-    /// Offers `file` to `peer`. Returns the transfer id.
+    /// Offers `file` to `peer`; its bytes are asked for with [`TransferEvent::Read`]. Returns
+    /// the transfer id.
     pub fn offer(&mut self, peer: Fingerprint, file: FileInfo) -> Result<u64, TransferError> {
+        self.offer_inner(peer, file, None)
+    }
+
+    /// Offers `file` to `peer`, its bytes read from `source` as the channel takes them (no
+    /// [`TransferEvent::Read`]). Returns the transfer id.
+    pub fn offer_from(&mut self, peer: Fingerprint, file: FileInfo, source: Box<dyn ChunkSource>) -> Result<u64, TransferError> {
+        self.offer_inner(peer, file, Some(source))
+    }
+
+    fn offer_inner(&mut self, peer: Fingerprint, file: FileInfo, source: Option<Box<dyn ChunkSource>>) -> Result<u64, TransferError> {
         let id = self.next_id;
         let chunk = self.config.chunk_size;
         let offer = Offer {
@@ -372,7 +489,7 @@ impl Transfers {
         }
         self.next_id += 1;
         p.control.push_back(Control::Offer(offer.clone()));
-        p.out.insert(id, Outgoing { offer, state: OutState::Offered, meter: Meter::new() });
+        p.out.insert(id, Outgoing { offer, state: OutState::Offered, meter: Meter::new(), source, active: None });
         Ok(id)
     }
 
@@ -396,7 +513,7 @@ impl Transfers {
             return Err(TransferError::BadChunk(index));
         }
         if index >= *next_send && !ready.contains_key(&index) {
-            ready.insert(index, data);
+            ready.insert(index, wire::encode_chunk(id, index, &data));
         }
         Ok(())
     }
@@ -405,12 +522,36 @@ impl Transfers {
 
     /// Accepts an offered transfer; its chunks arrive as [`TransferEvent::Write`].
     pub fn accept(&mut self, peer: Fingerprint, id: u64) -> Result<(), TransferError> {
+        self.accept_inner(peer, id, Sink::Events)
+    }
+
+    /// Accepts an offered transfer into `sink`: chunks are written to it as they arrive,
+    /// committed once the whole verified, aborted on failure.
+    pub fn accept_into(&mut self, peer: Fingerprint, id: u64, sink: Box<dyn ChunkSink>) -> Result<(), TransferError> {
+        self.accept_inner(peer, id, Sink::Custom(sink))
+    }
+
+    /// Accepts an offered transfer into memory (at most [`TransferConfig::max_memory`]
+    /// bytes); it arrives whole as [`TransferEvent::Received`] (or [`TransferEvent::Json`]
+    /// for JSON).
+    pub fn accept_to_memory(&mut self, peer: Fingerprint, id: u64) -> Result<(), TransferError> {
+        let limit = self.config.max_memory;
+        let t = self.peers.get(&peer).and_then(|p| p.inc.get(&id)).ok_or(TransferError::Unknown(id))?;
+        if t.offer.size > limit {
+            return Err(TransferError::TooLarge { size: t.offer.size, limit });
+        }
+        let json = t.offer.kind == TransferKind::Json;
+        self.accept_inner(peer, id, Sink::Memory { data: Vec::new(), json })
+    }
+
+    fn accept_inner(&mut self, peer: Fingerprint, id: u64, sink: Sink) -> Result<(), TransferError> {
         let p = self.peers.get_mut(&peer).ok_or(TransferError::Unknown(id))?;
         let t = p.inc.get_mut(&id).ok_or(TransferError::Unknown(id))?;
         if !matches!(t.state, InState::Offered) {
             return Err(TransferError::WrongState("already accepted"));
         }
         t.state = InState::Receiving { next: 0, hasher: Box::new(Sha256::new()) };
+        t.sink = sink;
         p.control.push_back(Control::Accept { id, from: 0 });
         Ok(())
     }
@@ -418,7 +559,12 @@ impl Transfers {
     /// Refuses an offered transfer.
     pub fn reject(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), TransferError> {
         let p = self.peers.get_mut(&peer).ok_or(TransferError::Unknown(id))?;
-        p.inc.remove(&id).ok_or(TransferError::Unknown(id))?;
+        match p.inc.get(&id) {
+            None => return Err(TransferError::Unknown(id)),
+            Some(t) if !matches!(t.state, InState::Offered) => return Err(TransferError::WrongState("accepted already: cancel it")),
+            Some(_) => {}
+        }
+        p.inc.remove(&id);
         p.control.push_back(Control::Reject { id, reason: reason.to_owned() });
         Ok(())
     }
@@ -426,16 +572,28 @@ impl Transfers {
     /// Stops a transfer in either direction; the other side hears `cancel`.
     pub fn cancel(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), TransferError> {
         let p = self.peers.get_mut(&peer).ok_or(TransferError::Unknown(id))?;
+        if !p.out.contains_key(&id) && !p.inc.contains_key(&id) {
+            return Err(TransferError::Unknown(id));
+        }
+        self.end(peer, id, TransferError::Cancelled(reason.to_owned()), Some(Control::Cancel { id, reason: reason.to_owned() }));
+        Ok(())
+    }
+
+    /// Ends transfer `id` with `peer` (either direction) as failed: aborts its sink, tells
+    /// the peer `tell` and reports `error`.
+    fn end(&mut self, peer: Fingerprint, id: u64, error: TransferError, tell: Option<Control>) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
         let direction = if p.out.remove(&id).is_some() {
             Direction::Send
-        } else if p.inc.remove(&id).is_some() {
+        } else if let Some(mut t) = p.inc.remove(&id) {
+            t.sink.abort();
             Direction::Receive
         } else {
-            return Err(TransferError::Unknown(id));
+            return;
         };
-        p.control.push_back(Control::Cancel { id, reason: reason.to_owned() });
-        self.events.push_back(TransferEvent::Failed { peer, id, direction, error: TransferError::Cancelled(reason.to_owned()) });
-        Ok(())
+        debug!(peer = %peer.short(), id, %error, "transfer failed");
+        p.control.extend(tell);
+        self.events.push_back(TransferEvent::Failed { peer, id, direction, error });
     }
 
     // ---- network ----------------------------------------------------------------------------
@@ -456,6 +614,7 @@ impl Transfers {
     fn on_control(&mut self, now: Instant, peer: Fingerprint, c: Control) {
         let max_transfers = self.config.max_transfers;
         let max_size = self.config.max_size;
+        let auto_json = self.config.auto_accept_json.min(self.config.max_memory);
         let p = self.peers.entry(peer).or_default();
         match c {
             Control::Offer(offer) => {
@@ -473,56 +632,61 @@ impl Transfers {
                     p.control.push_back(Control::Reject { id: offer.id, reason: "too many transfers".into() });
                     return;
                 }
-                p.inc.insert(offer.id, Incoming { offer: offer.clone(), state: InState::Offered, meter: Meter::new() });
-                self.events.push_back(TransferEvent::Offered { peer, offer });
+                let id = offer.id;
+                let json = offer.kind == TransferKind::Json && offer.size <= auto_json;
+                p.inc.insert(id, Incoming { offer: offer.clone(), state: InState::Offered, meter: Meter::new(), sink: Sink::Events, active: None });
+                if json {
+                    // A JSON value is taken as it comes (the reference's JSONTransfer).
+                    let accepted = self.accept_inner(peer, id, Sink::Memory { data: Vec::new(), json: true });
+                    debug_assert!(accepted.is_ok());
+                } else {
+                    self.events.push_back(TransferEvent::Offered { peer, offer });
+                }
             }
             Control::Accept { id, from } => {
                 let Some(t) = p.out.get_mut(&id) else { return self.bad(peer, TransferError::Unknown(id)) };
                 if from > t.offer.chunks {
                     return self.bad(peer, TransferError::BadChunk(from));
                 }
-                // A first accept, or a resume: go on from `from`, keeping what was read ahead.
-                // Reads still outstanding stay so (their answers are taken if still useful);
-                // what was read ahead is dropped and read again in order.
+                // A first accept, or a resume: go on from `from`. Reads still outstanding
+                // stay so (their answers are taken if still useful); what was read ahead is
+                // dropped and read again in order.
                 let requested = match std::mem::replace(&mut t.state, OutState::Offered) {
                     OutState::Sending { requested, .. } | OutState::Resuming { requested } => requested,
                     _ => BTreeSet::new(),
                 };
-                let ready = BTreeMap::new();
                 t.meter.done = from * u64::from(t.offer.chunk);
-                // Reads start over at `from`; chunks already asked for or at hand are skipped.
-                t.state = OutState::Sending { next_read: from, next_send: from, requested, ready };
-            }
-            Control::Reject { id, reason } => {
-                if p.out.remove(&id).is_some() {
-                    self.events.push_back(TransferEvent::Failed { peer, id, direction: Direction::Send, error: TransferError::Rejected(reason) });
+                t.active = Some(now);
+                t.state = OutState::Sending { next_read: from, next_send: from, requested, ready: BTreeMap::new() };
+                if from == t.offer.chunks {
+                    t.state = OutState::Sent;
                 }
             }
-            Control::Cancel { id, reason } => {
-                let direction = if p.out.remove(&id).is_some() {
-                    Direction::Send
-                } else if p.inc.remove(&id).is_some() {
-                    Direction::Receive
-                } else {
-                    return;
-                };
-                self.events.push_back(TransferEvent::Failed { peer, id, direction, error: TransferError::Cancelled(reason) });
-            }
+            Control::Reject { id, reason } => match p.out.get(&id) {
+                Some(t) if matches!(t.state, OutState::Offered) => self.end(peer, id, TransferError::Rejected(reason), None),
+                Some(_) => self.bad(peer, TransferError::WrongState("reject after accept")),
+                // Crossed with this side's cancel.
+                None => {}
+            },
+            Control::Cancel { id, reason } => self.end(peer, id, TransferError::Cancelled(reason), None),
             Control::Verified { id } => {
-                if let Some(t) = p.out.remove(&id) {
-                    let total = t.offer.size;
-                    let mut meter = t.meter;
-                    meter.done = total;
-                    if let Some(progress) = meter.tick(now, total, Duration::ZERO, true) {
-                        self.events.push_back(TransferEvent::Progress { peer, id, direction: Direction::Send, progress });
-                    }
-                    self.events.push_back(TransferEvent::Completed { peer, id, direction: Direction::Send });
+                let Some(t) = p.out.get_mut(&id) else { return };
+                if !matches!(t.state, OutState::Sent | OutState::Resuming { .. }) {
+                    return self.bad(peer, TransferError::WrongState("verified before every chunk was sent"));
                 }
+                let t = p.out.remove(&id).expect("present");
+                let total = t.offer.size;
+                let mut meter = t.meter;
+                meter.done = total;
+                if let Some(progress) = meter.tick(now, total, Duration::ZERO, true) {
+                    self.events.push_back(TransferEvent::Progress { peer, id, direction: Direction::Send, progress });
+                }
+                self.events.push_back(TransferEvent::Completed { peer, id, direction: Direction::Send });
             }
             Control::Corrupt { id, reason } => {
-                if p.out.remove(&id).is_some() {
+                if p.out.contains_key(&id) {
                     debug!(%reason, "receiver found the transfer corrupt");
-                    self.events.push_back(TransferEvent::Failed { peer, id, direction: Direction::Send, error: TransferError::HashMismatch });
+                    self.end(peer, id, TransferError::HashMismatch, None);
                 }
             }
         }
@@ -535,9 +699,8 @@ impl Transfers {
             Err(e) => return self.bad(peer, e.into()),
         };
         let interval = self.config.progress_interval;
-        let Some(p) = self.peers.get_mut(&peer) else { return self.bad(peer, TransferError::Unknown(chunk.id)) };
-        let Some(t) = p.inc.get_mut(&chunk.id) else { return self.bad(peer, TransferError::Unknown(chunk.id)) };
         let id = chunk.id;
+        let Some(t) = self.peers.get_mut(&peer).and_then(|p| p.inc.get_mut(&id)) else { return self.bad(peer, TransferError::Unknown(id)) };
         let InState::Receiving { next, hasher } = &mut t.state else {
             return self.bad(peer, TransferError::WrongState("chunk before accept"));
         };
@@ -545,27 +708,39 @@ impl Transfers {
             // Sent again after a resume: already here.
             return;
         }
-        let fail = |p: &mut PeerTransfers, events: &mut VecDeque<TransferEvent>, error: TransferError| {
-            p.inc.remove(&id);
-            p.control.push_back(Control::Corrupt { id, reason: error.to_string() });
-            events.push_back(TransferEvent::Failed { peer, id, direction: Direction::Receive, error });
+        let error = if chunk.index >= t.offer.chunks || chunk.payload.len() != t.offer.chunk_len(chunk.index) {
+            Some(TransferError::BadChunk(chunk.index))
+        } else if chunk.index > *next {
+            Some(TransferError::OutOfOrder { expected: *next, got: chunk.index })
+        } else if !chunk.crc_ok {
+            Some(TransferError::CorruptChunk(chunk.index))
+        } else {
+            None
         };
-        if chunk.index >= t.offer.chunks || chunk.payload.len() != t.offer.chunk_len(chunk.index) {
-            let e = TransferError::BadChunk(chunk.index);
-            return fail(p, &mut self.events, e);
+        if let Some(error) = error {
+            let reason = error.to_string();
+            return self.end(peer, id, error, Some(Control::Corrupt { id, reason }));
         }
-        if chunk.index > *next {
-            let e = TransferError::OutOfOrder { expected: *next, got: chunk.index };
-            return fail(p, &mut self.events, e);
-        }
-        if !chunk.crc_ok {
-            return fail(p, &mut self.events, TransferError::CorruptChunk(chunk.index));
+        let offset = chunk.index * u64::from(t.offer.chunk);
+        let stored = match &mut t.sink {
+            Sink::Events => {
+                self.events.push_back(TransferEvent::Write { peer, id, offset, data: chunk.payload.to_vec() });
+                Ok(())
+            }
+            Sink::Custom(sink) => sink.write_at(offset, chunk.payload),
+            Sink::Memory { data, .. } => {
+                data.extend_from_slice(chunk.payload);
+                Ok(())
+            }
+        };
+        if let Err(e) = stored {
+            let reason = format!("the receiver could not store it: {e}");
+            return self.end(peer, id, TransferError::Storage(e.to_string()), Some(Control::Cancel { id, reason }));
         }
         hasher.update(chunk.payload);
-        let offset = chunk.index * u64::from(t.offer.chunk);
         *next += 1;
+        t.active = Some(now);
         t.meter.done += chunk.payload.len() as u64;
-        self.events.push_back(TransferEvent::Write { peer, id, offset, data: chunk.payload.to_vec() });
         let last = *next == t.offer.chunks;
         if let Some(progress) = t.meter.tick(now, t.offer.size, interval, last) {
             self.events.push_back(TransferEvent::Progress { peer, id, direction: Direction::Receive, progress });
@@ -577,19 +752,38 @@ impl Transfers {
 
     fn finish_incoming(&mut self, peer: Fingerprint, id: u64) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let Some(t) = p.inc.remove(&id) else { return };
-        let InState::Receiving { hasher, .. } = t.state else { return };
-        let got = hex(&hasher.finalize());
-        if got == t.offer.sha256 {
-            p.control.push_back(Control::Verified { id });
-            if p.verified.len() >= RECENTLY_VERIFIED {
-                p.verified.pop_front();
+        let Some(t) = p.inc.get_mut(&id) else { return };
+        let InState::Receiving { hasher, .. } = &mut t.state else { return };
+        let got = hex(&std::mem::take(hasher.as_mut()).finalize());
+        if got != t.offer.sha256 {
+            return self.end(peer, id, TransferError::HashMismatch, Some(Control::Corrupt { id, reason: "sha256 mismatch".into() }));
+        }
+        let mut t = p.inc.remove(&id).expect("present");
+        let outcome = match &mut t.sink {
+            Sink::Events => Ok(None),
+            Sink::Custom(sink) => sink.commit().map(|()| None).map_err(|e| TransferError::Storage(e.to_string())),
+            Sink::Memory { data, json: false } => Ok(Some(TransferEvent::Received { peer, id, data: std::mem::take(data) })),
+            Sink::Memory { data, json: true } => match serde_json::from_slice(data) {
+                Ok(value) => Ok(Some(TransferEvent::Json { peer, id, value })),
+                Err(e) => Err(TransferError::BadJson(e.to_string())),
+            },
+        };
+        match outcome {
+            Ok(event) => {
+                p.control.push_back(Control::Verified { id });
+                if p.verified.len() >= RECENTLY_VERIFIED {
+                    p.verified.pop_front();
+                }
+                p.verified.push_back(id);
+                self.events.extend(event);
+                self.events.push_back(TransferEvent::Completed { peer, id, direction: Direction::Receive });
             }
-            p.verified.push_back(id);
-            self.events.push_back(TransferEvent::Completed { peer, id, direction: Direction::Receive });
-        } else {
-            p.control.push_back(Control::Corrupt { id, reason: "sha256 mismatch".into() });
-            self.events.push_back(TransferEvent::Failed { peer, id, direction: Direction::Receive, error: TransferError::HashMismatch });
+            Err(error) => {
+                // Put it back so `end` aborts the sink and reports it.
+                p.inc.insert(id, t);
+                let reason = error.to_string();
+                self.end(peer, id, error, Some(Control::Cancel { id, reason }));
+            }
         }
     }
 
@@ -639,44 +833,77 @@ impl Transfers {
         }
     }
 
+    // ---- time --------------------------------------------------------------------------------
+
+    /// When a transfer under way would time out ([`TransferConfig::idle_timeout`]), if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = self.config.idle_timeout;
+        let out = self.peers.values().flat_map(|p| p.out.values().map(|t| t.active));
+        let inc = self.peers.values().flat_map(|p| p.inc.values().map(|t| t.active));
+        out.chain(inc).flatten().min().map(|at| at + idle)
+    }
+
+    /// Fails the transfers under way that moved nothing for [`TransferConfig::idle_timeout`].
+    /// Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        let stale = |active: Option<Instant>| active.is_some_and(|at| now >= at + idle);
+        let mut due = Vec::new();
+        for (peer, p) in &self.peers {
+            due.extend(p.out.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id)));
+            due.extend(p.inc.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id)));
+        }
+        for (peer, id) in due {
+            let reason = format!("no progress for {idle:?}");
+            self.end(peer, id, TransferError::TimedOut(idle), Some(Control::Cancel { id, reason }));
+        }
+    }
+
     // ---- output ------------------------------------------------------------------------------
 
     /// Sends what can go now: control messages, then chunks, one per transfer in turn, until
-    /// the channel refuses; asks for more chunks up to the read-ahead. Call after every input.
+    /// the channel refuses; asks for more chunks up to the read-ahead (transfers without a
+    /// source). Call after every input.
     pub fn flush(&mut self, now: Instant, t: &mut dyn TransferTransport) {
         let peers: Vec<Fingerprint> = self.peers.keys().copied().collect();
         for peer in peers {
             self.zero_length(peer);
             let (read_ahead, interval) = (self.config.read_ahead, self.config.progress_interval);
             let Some(p) = self.peers.get_mut(&peer) else { continue };
-            while let Some(c) = p.control.front() {
-                match t.send_text(peer, &c.encode()) {
-                    Ok(()) => {
-                        p.control.pop_front();
-                    }
-                    Err(SendError::WouldBlock { .. }) => break,
-                    Err(e) => {
-                        debug!(peer = %peer.short(), error = %e, "transfer control not sent");
-                        break;
-                    }
-                }
-            }
+            p.send_controls(peer, t);
             // Chunks, in turn.
+            let mut unreadable = Vec::new();
             let mut progressed = true;
+            let mut ids = Vec::new();
             while progressed && !p.blocked {
                 progressed = false;
-                let ids: Vec<u64> = p.out.range(p.last_served + 1..).chain(p.out.range(..=p.last_served)).map(|(id, _)| *id).collect();
-                for id in ids {
+                ids.clear();
+                ids.extend(p.out.range(p.last_served + 1..).chain(p.out.range(..=p.last_served)).map(|(id, _)| *id));
+                for &id in &ids {
                     let out = p.out.get_mut(&id).expect("listed");
                     let OutState::Sending { next_send, ready, .. } = &mut out.state else { continue };
-                    let Some(data) = ready.get(next_send) else { continue };
-                    let frame = wire::encode_chunk(id, *next_send, data);
-                    match t.send_binary(peer, &frame) {
+                    let index = *next_send;
+                    if !ready.contains_key(&index) {
+                        // Read from the source straight into the frame, now that it can go.
+                        let Some(source) = out.source.as_mut() else { continue };
+                        let offset = index * u64::from(out.offer.chunk);
+                        match wire::chunk_frame(id, index, out.offer.chunk_len(index), |buf| source.read_at(offset, buf)) {
+                            Ok(frame) => {
+                                ready.insert(index, frame);
+                            }
+                            Err(e) => {
+                                unreadable.push((id, e));
+                                continue;
+                            }
+                        }
+                    }
+                    match t.send_binary(peer, &ready[&index]) {
                         Ok(()) => {
-                            let len = data.len() as u64;
-                            ready.remove(next_send);
+                            let len = out.offer.chunk_len(index) as u64;
+                            ready.remove(&index);
                             *next_send += 1;
                             out.meter.done += len;
+                            out.active = Some(now);
                             p.last_served = id;
                             progressed = true;
                             if *next_send == out.offer.chunks {
@@ -697,10 +924,16 @@ impl Transfers {
                         }
                     }
                 }
+                for (id, _) in &unreadable {
+                    p.out.remove(id);
+                }
             }
-            // Reads ahead.
+            // Reads ahead, for transfers the application serves.
             for (id, out) in &mut p.out {
                 let OutState::Sending { next_read, next_send, requested, .. } = &mut out.state else { continue };
+                if out.source.is_some() {
+                    continue;
+                }
                 // At most `read_ahead` chunks from the next one to send on.
                 while *next_read < out.offer.chunks && *next_read < *next_send + read_ahead as u64 {
                     let index = *next_read;
@@ -712,6 +945,14 @@ impl Transfers {
                     let offset = index * u64::from(out.offer.chunk);
                     self.events.push_back(TransferEvent::Read { peer, id: *id, offset, len: out.offer.chunk_len(index) });
                 }
+            }
+            if !unreadable.is_empty() {
+                for (id, e) in unreadable {
+                    let reason = format!("the sender could not read it: {e}");
+                    p.control.push_back(Control::Cancel { id, reason });
+                    self.events.push_back(TransferEvent::Failed { peer, id, direction: Direction::Send, error: TransferError::Storage(e.to_string()) });
+                }
+                p.send_controls(peer, t);
             }
         }
     }

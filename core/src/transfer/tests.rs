@@ -59,12 +59,24 @@ struct Side {
     /// Reads asked for and not answered yet: answered on the next step, as an application
     /// reading a disk would.
     reads: Vec<(u64, u64, usize)>,
+    /// How offers are accepted when `auto_accept`.
+    accept: AcceptInto,
+}
+
+/// Where an auto-accepted transfer goes.
+enum AcceptInto {
+    /// Write events.
+    Events,
+    /// Memory (a `Received` event).
+    Memory,
+    /// A sink made by the function.
+    Sink(Box<dyn FnMut() -> Box<dyn ChunkSink>>),
 }
 
 impl Side {
     fn new() -> Self {
         let config = TransferConfig { chunk_size: 4096, ..TransferConfig::default() };
-        Side { t: Transfers::new(config), sources: BTreeMap::new(), sinks: BTreeMap::new(), events: Vec::new(), auto_accept: true, max_outstanding: 0, reads: Vec::new() }
+        Side { t: Transfers::new(config), sources: BTreeMap::new(), sinks: BTreeMap::new(), events: Vec::new(), auto_accept: true, max_outstanding: 0, reads: Vec::new(), accept: AcceptInto::Events }
     }
 }
 
@@ -74,6 +86,8 @@ struct Pair {
     b: Side,
     ab: Pipe,
     ba: Pipe,
+    /// The receiver's sink, when it has one.
+    recorder: Option<Recorder>,
 }
 
 fn sha(data: &[u8]) -> [u8; 32] {
@@ -82,7 +96,7 @@ fn sha(data: &[u8]) -> [u8; 32] {
 
 impl Pair {
     fn new() -> Self {
-        Pair { now: Instant::now(), a: Side::new(), b: Side::new(), ab: Pipe { window: 64 * 1024, ..Pipe::default() }, ba: Pipe { window: 64 * 1024, ..Pipe::default() } }
+        Pair { now: Instant::now(), a: Side::new(), b: Side::new(), ab: Pipe { window: 64 * 1024, ..Pipe::default() }, ba: Pipe { window: 64 * 1024, ..Pipe::default() }, recorder: None }
     }
 
     fn send(&mut self, data: Vec<u8>) -> u64 {
@@ -100,7 +114,7 @@ impl Pair {
     /// Like [`Pair::run`], but returns once `b` holds `pause_at` bytes.
     fn run_until(&mut self, mut lose_at: Option<usize>, pause_at: usize) {
         for _ in 0..1_000_000 {
-            if self.b.sinks.values().map(Vec::len).sum::<usize>() >= pause_at {
+            if self.held() >= pause_at {
                 return;
             }
             self.now += Duration::from_millis(1);
@@ -119,7 +133,11 @@ impl Pair {
                 while let Some(e) = side.t.poll_event() {
                     moved = true;
                     match &e {
-                        TransferEvent::Offered { offer, .. } if side.auto_accept => side.t.accept(peer, offer.id).unwrap(),
+                        TransferEvent::Offered { offer, .. } if side.auto_accept => match &mut side.accept {
+                            AcceptInto::Events => side.t.accept(peer, offer.id).unwrap(),
+                            AcceptInto::Memory => side.t.accept_to_memory(peer, offer.id).unwrap(),
+                            AcceptInto::Sink(make) => side.t.accept_into(peer, offer.id, make()).unwrap(),
+                        },
                         TransferEvent::Read { id, offset, len, .. } => {
                             side.reads.push((*id, *offset, *len));
                             let n = side.reads.iter().filter(|(i, _, _)| i == id).count();
@@ -136,7 +154,7 @@ impl Pair {
                 }
             }
             if let Some(at) = lose_at {
-                if self.b.sinks.values().map(Vec::len).sum::<usize>() >= at {
+                if self.held() >= at {
                     self.ab.frames.clear();
                     self.ab.in_flight = 0;
                     self.ba.frames.clear();
@@ -155,6 +173,11 @@ impl Pair {
             }
         }
         panic!("did not settle");
+    }
+
+    /// Bytes the receiver holds.
+    fn held(&self) -> usize {
+        self.b.sinks.values().map(Vec::len).sum::<usize>() + self.recorder.as_ref().map_or(0, |r| r.0.lock().unwrap().data.len())
     }
 
     fn completed(side: &Side, id: u64, direction: Direction) -> bool {
@@ -340,4 +363,176 @@ fn bad_input_gets_typed_errors_and_others_continue() {
     // Commands on unknown transfers.
     assert_eq!(q.a.t.provide(B, 12345, 0, vec![]), Err(TransferError::Unknown(12345)));
     assert_eq!(q.b.t.accept(A, 12345), Err(TransferError::Unknown(12345)));
+}
+
+/// A sink that records what happens to it.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Recorded>>);
+
+#[derive(Default)]
+struct Recorded {
+    data: Vec<u8>,
+    committed: bool,
+    aborted: bool,
+    /// Fail the write at this offset.
+    fail_at: Option<u64>,
+}
+
+impl ChunkSink for Recorder {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut r = self.0.lock().unwrap();
+        if r.fail_at.is_some_and(|at| offset >= at) {
+            return Err(std::io::Error::other("disk full"));
+        }
+        assert_eq!(r.data.len() as u64, offset, "in order");
+        r.data.extend_from_slice(data);
+        Ok(())
+    }
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap().committed = true;
+        Ok(())
+    }
+    fn abort(&mut self) {
+        self.0.lock().unwrap().aborted = true;
+    }
+}
+
+fn recording(p: &mut Pair) -> Recorder {
+    let rec = Recorder::default();
+    let r = rec.clone();
+    p.b.accept = AcceptInto::Sink(Box::new(move || Box::new(r.clone())));
+    p.recorder = Some(rec.clone());
+    rec
+}
+
+#[test]
+fn sources_and_sinks_move_the_bytes_without_events_per_chunk() {
+    let mut p = Pair::new();
+    let rec = recording(&mut p);
+    let data = content(300_000 + 7);
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", data.len() as u64, sha(&data)), Box::new(data.clone())).unwrap();
+    p.run(None);
+    let r = rec.0.lock().unwrap();
+    assert!(r.data == data && r.committed && !r.aborted);
+    assert!(Pair::completed(&p.a, id, Direction::Send) && Pair::completed(&p.b, id, Direction::Receive));
+    let per_chunk = |s: &Side| s.events.iter().filter(|e| matches!(e, TransferEvent::Read { .. } | TransferEvent::Write { .. })).count();
+    assert_eq!((per_chunk(&p.a), per_chunk(&p.b)), (0, 0));
+    assert_eq!(p.ab.chunk_bytes, data.len() as u64, "nothing sent twice");
+}
+
+#[test]
+fn a_resumed_transfer_reads_its_source_again_from_where_the_receiver_stands() {
+    let mut p = Pair::new();
+    let rec = recording(&mut p);
+    let data = content(500_000);
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", data.len() as u64, sha(&data)), Box::new(data.clone())).unwrap();
+    p.run_until(None, data.len() / 2);
+    let sent_before = p.ab.chunk_bytes;
+    let held = rec.0.lock().unwrap().data.len() as u64;
+    // The connection drops what was in flight; both sides learn it came back.
+    p.ab.frames.clear();
+    p.ab.in_flight = 0;
+    p.ba.frames.clear();
+    p.a.t.handle_reconnected(B);
+    p.b.t.handle_reconnected(A);
+    p.run(None);
+    let r = rec.0.lock().unwrap();
+    assert!(r.data == data && r.committed, "{} of {} bytes", r.data.len(), data.len());
+    assert!(Pair::completed(&p.a, id, Direction::Send));
+    assert_eq!(p.ab.chunk_bytes - sent_before, data.len() as u64 - held, "only what the receiver lacked was sent again");
+}
+
+#[test]
+fn memory_and_json_transfers_arrive_whole() {
+    let mut p = Pair::new();
+    p.b.accept = AcceptInto::Memory;
+    let data = content(50_000);
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", data.len() as u64, sha(&data)), Box::new(data.clone())).unwrap();
+    // JSON is taken without asking, even by a side that asks for everything else.
+    p.b.auto_accept = false;
+    let value = serde_json::json!({"big": "x".repeat(40_000), "n": [1, 2, 3]});
+    let text = serde_json::to_vec(&value).unwrap();
+    let json_info = FileInfo::new("v.json", text.len() as u64, sha(&text)).typed("application/json", TransferKind::Json);
+    let json_id = p.a.t.offer_from(B, json_info, Box::new(text)).unwrap();
+    p.run(None);
+    assert!(p.b.events.contains(&TransferEvent::Json { peer: A, id: json_id, value }));
+    assert!(Pair::completed(&p.a, json_id, Direction::Send));
+    // The file waits for an answer; into memory it arrives as one event.
+    assert!(p.b.events.iter().any(|e| matches!(e, TransferEvent::Offered { offer, .. } if offer.id == id)));
+    p.b.t.accept_to_memory(A, id).unwrap();
+    p.run(None);
+    assert!(p.b.events.contains(&TransferEvent::Received { peer: A, id, data }));
+    assert!(Pair::completed(&p.b, id, Direction::Receive));
+}
+
+#[test]
+fn bad_json_too_much_for_memory_and_storage_failures_get_typed_errors() {
+    // Not JSON: every chunk verifies, the parse fails, both sides hear it.
+    let mut p = Pair::new();
+    let junk = b"{not json".to_vec();
+    let info = FileInfo::new("v.json", junk.len() as u64, sha(&junk)).typed("application/json", TransferKind::Json);
+    let id = p.a.t.offer_from(B, info, Box::new(junk)).unwrap();
+    p.run(None);
+    assert!(matches!(Pair::failure(&p.b, id), Some(TransferError::BadJson(_))));
+    assert!(matches!(Pair::failure(&p.a, id), Some(TransferError::Cancelled(_))));
+
+    // Over the in-memory limit: refused, and the offer still stands.
+    let mut p = Pair::new();
+    p.b.auto_accept = false;
+    p.b.t.config.max_memory = 10_000;
+    let data = content(10_001);
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", data.len() as u64, sha(&data)), Box::new(data.clone())).unwrap();
+    p.run(None);
+    assert_eq!(p.b.t.accept_to_memory(A, id), Err(TransferError::TooLarge { size: 10_001, limit: 10_000 }));
+    p.b.t.accept(A, id).unwrap();
+    p.run(None);
+    assert_eq!(p.b.sinks[&id], data);
+
+    // The sink fails midway: the receiver reports Storage and aborts it, the sender hears a
+    // cancel; nothing is committed.
+    let mut p = Pair::new();
+    let rec = recording(&mut p);
+    rec.0.lock().unwrap().fail_at = Some(100_000);
+    let data = content(300_000);
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", data.len() as u64, sha(&data)), Box::new(data)).unwrap();
+    p.run(None);
+    assert_eq!(Pair::failure(&p.b, id), Some(TransferError::Storage("disk full".into())));
+    assert!(matches!(Pair::failure(&p.a, id), Some(TransferError::Cancelled(_))));
+    let r = rec.0.lock().unwrap();
+    assert!(r.aborted && !r.committed);
+
+    // The source fails midway: the sender reports Storage, the receiver hears a cancel.
+    let mut p = Pair::new();
+    let size = 300_000u64;
+    let source = SourceFn(move |offset: u64, buf: &mut [u8]| if offset >= 100_000 { Err(std::io::Error::other("bad sector")) } else { buf.fill(1); Ok(()) });
+    let id = p.a.t.offer_from(B, FileInfo::new("f.bin", size, [0; 32]), Box::new(source)).unwrap();
+    p.run(None);
+    assert_eq!(Pair::failure(&p.a, id), Some(TransferError::Storage("bad sector".into())));
+    assert!(matches!(Pair::failure(&p.b, id), Some(TransferError::Cancelled(_))));
+    assert!(!Pair::completed(&p.b, id, Direction::Receive));
+}
+
+#[test]
+fn a_transfer_whose_peer_never_returns_times_out() {
+    let mut p = Pair::new();
+    let data = content(200_000);
+    let id = p.send(data);
+    // Until about half arrived, then nothing moves any more.
+    p.run_until(None, 100_000);
+    let idle = p.a.t.config.idle_timeout;
+    let deadline = p.a.t.poll_timeout().expect("a transfer under way has a deadline");
+    assert!(deadline > p.now && deadline <= p.now + idle);
+    // Early: nothing happens (a spurious timeout does nothing).
+    p.a.t.handle_timeout(deadline - Duration::from_millis(1));
+    assert!(p.a.t.poll_event().is_none());
+    assert_eq!(p.a.t.poll_timeout(), Some(deadline));
+    p.a.t.handle_timeout(deadline);
+    assert_eq!(p.a.t.poll_event(), Some(TransferEvent::Failed { peer: B, id, direction: Direction::Send, error: TransferError::TimedOut(idle) }));
+    assert_eq!(p.a.t.poll_timeout(), None);
+    // An offer nobody answered yet does not time out: a person may be deciding.
+    let mut q = Pair::new();
+    q.b.auto_accept = false;
+    q.send(content(10));
+    q.run(None);
+    assert_eq!((q.a.t.poll_timeout(), q.b.t.poll_timeout()), (None, None));
 }

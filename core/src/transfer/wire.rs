@@ -150,13 +150,24 @@ impl Control {
 
 /// A chunk frame: `magic, id, index, crc32 (of the payload), payload`, integers big-endian.
 pub fn encode_chunk(id: u64, index: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHUNK_HEADER + payload.len());
-    out.push(CHUNK_MAGIC);
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(&index.to_be_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
+    chunk_frame(id, index, payload.len(), |buf| {
+        buf.copy_from_slice(payload);
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .unwrap_or_else(|never| match never {})
+}
+
+/// A chunk frame of a `len`-byte payload that `fill` writes in place (read straight from a
+/// source into the frame that is sent: no copy in between).
+pub fn chunk_frame<E>(id: u64, index: u64, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<Vec<u8>, E> {
+    let mut out = vec![0; CHUNK_HEADER + len];
+    fill(&mut out[CHUNK_HEADER..])?;
+    let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
+    out[0] = CHUNK_MAGIC;
+    out[1..9].copy_from_slice(&id.to_be_bytes());
+    out[9..17].copy_from_slice(&index.to_be_bytes());
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
 }
 
 /// A decoded chunk frame, borrowing its payload.
