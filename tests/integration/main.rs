@@ -1,6 +1,7 @@
 //! Integration scenarios: the real server on 127.0.0.1, real WebSockets, both client adapters.
 //! One scenario per file.
 
+mod async_transfer;
 mod bad_input;
 mod file_transfer;
 mod group_room;

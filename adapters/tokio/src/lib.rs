@@ -117,6 +117,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use peerlink::node::{NodeTransmit, PeerView};
+use peerlink::transfer::{ChunkSink, ChunkSource, FileInfo, TransferError};
 use peerlink::{ChannelOptions, Datagram, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView};
 use rand::TryRngCore;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -247,6 +248,7 @@ enum Command {
     BufferedAmount { peer: Fingerprint, channel: Option<String>, done: oneshot::Sender<Option<usize>> },
     Room { room: String, op: RoomOp, done: Done<()> },
     RoomView { room: String, done: oneshot::Sender<Option<RoomView>> },
+    Core(CoreCall),
 }
 
 struct Shared {
@@ -792,6 +794,89 @@ impl Node {
     }
 }
 
+/// File, JSON and image transfers (see [`peerlink::transfer`]); progress and outcomes arrive
+/// on [`NodeEvents`] as [`NodeEvent::Transfer`]. Files are read and written on the driver, one
+/// chunk (16 KiB) at a time by position, only as the channel takes them.
+impl Node {
+    /// Runs `f` on the core node on the driver and returns its result.
+    async fn core_call<T: Send + 'static>(&self, f: impl FnOnce(&mut peerlink::Node, Instant) -> Result<T, NodeError> + Send + 'static) -> Result<T, Error> {
+        self.call(|done| Command::Core(CoreCall(Box::new(move |node, now| {
+            let _ = done.send(f(node, now).map_err(Error::from));
+        }))))
+        .await
+    }
+
+    /// Offers the file at `path` to `peer`: it is hashed first (streaming, off the
+    /// executor), images get their MIME type from their first bytes. Returns the transfer id.
+    pub async fn send_file(&self, peer: Fingerprint, path: impl Into<std::path::PathBuf>) -> Result<u64, Error> {
+        let path = path.into();
+        let (info, source) = tokio::task::spawn_blocking(move || peerlink_blocking::files::describe_file(&path)).await.map_err(|e| Error::Io(io::Error::other(e)))??;
+        self.send_from(peer, info, source).await
+    }
+
+    /// Offers `info` to `peer`, its bytes read from `source` as the channel takes them.
+    /// `info.sha256` must be the hash of all of them: the receiver checks it.
+    pub async fn send_from(&self, peer: Fingerprint, info: FileInfo, source: impl ChunkSource + 'static) -> Result<u64, Error> {
+        let source: Box<dyn ChunkSource> = Box::new(source);
+        self.core_call(move |node, now| node.send_from(now, peer, info, source)).await
+    }
+
+    /// Offers bytes from memory as a file named `name` (an image, recognised by its first
+    /// bytes, is offered as one: the reference's `ImageTransfer`).
+    pub async fn send_bytes(&self, peer: Fingerprint, name: &str, data: Vec<u8>) -> Result<u64, Error> {
+        let name = name.to_owned();
+        self.core_call(move |node, now| node.send_bytes(now, peer, &name, data)).await
+    }
+
+    /// Sends a JSON value, chunked (the reference's `JSONTransfer`); it arrives as
+    /// [`TransferEvent::Json`](peerlink::transfer::TransferEvent::Json).
+    pub async fn send_json<T: Serialize + ?Sized>(&self, peer: Fingerprint, value: &T) -> Result<u64, Error> {
+        let value = serde_json::value::to_raw_value(value).map_err(|e| Error::Node(NodeError::Transfer(TransferError::BadJson(e.to_string()))))?;
+        self.core_call(move |node, now| node.send_json(now, peer, &value)).await
+    }
+
+    /// Accepts an offered transfer into the file at `path`: written as `PATH.part`, renamed
+    /// once verified, removed on failure or cancellation.
+    pub async fn accept_to_file(&self, peer: Fingerprint, id: u64, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        let sink = peerlink_blocking::files::PartFileSink::create(path.as_ref())?;
+        self.accept_into(peer, id, sink).await
+    }
+
+    /// Accepts an offered transfer into memory; it arrives whole as
+    /// [`TransferEvent::Received`](peerlink::transfer::TransferEvent::Received).
+    pub async fn accept_to_memory(&self, peer: Fingerprint, id: u64) -> Result<(), Error> {
+        self.core_call(move |node, now| node.accept_to_memory(now, peer, id)).await
+    }
+
+    /// Accepts an offered transfer into the application's own sink: chunks are written in
+    /// order, each checked; the whole is verified before it is committed.
+    pub async fn accept_into(&self, peer: Fingerprint, id: u64, sink: impl ChunkSink + 'static) -> Result<(), Error> {
+        let sink: Box<dyn ChunkSink> = Box::new(sink);
+        self.core_call(move |node, now| node.accept_into(now, peer, id, sink)).await
+    }
+
+    /// Declines an offered transfer.
+    pub async fn reject_transfer(&self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
+        let reason = reason.to_owned();
+        self.core_call(move |node, now| node.reject_transfer(now, peer, id, &reason)).await
+    }
+
+    /// Stops a transfer in either direction (a partial file is removed).
+    pub async fn cancel_transfer(&self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
+        let reason = reason.to_owned();
+        self.core_call(move |node, now| node.cancel_transfer(now, peer, id, &reason)).await
+    }
+}
+
+/// A call on the core node, run on the driver.
+struct CoreCall(Box<dyn FnOnce(&mut peerlink::Node, Instant) + Send>);
+
+impl std::fmt::Debug for CoreCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CoreCall")
+    }
+}
+
 /// A handle on a managed room of a [`Node`] (the reference's `DirectRoom` / `GroupRoom`).
 /// Cheap to clone. Its events arrive on [`NodeEvents`] as [`NodeEvent::Room`].
 #[derive(Clone, Debug)]
@@ -1214,6 +1299,7 @@ impl Driver {
         let now = Instant::now();
         let node = &mut self.core;
         match command {
+            Command::Core(CoreCall(call)) => call(node, now),
             Command::ConnectToPeer { peer, done } => {
                 let _ = done.send(node.connect_to_peer(now, peer).map_err(Error::from));
             }
