@@ -291,6 +291,13 @@ pub enum NodeEvent {
     Transfer(TransferEvent),
 }
 
+/// What a connection said to the transfers.
+enum TransferInput {
+    Data(Fingerprint, Payload),
+    Writable(Fingerprint),
+    Reconnected(Fingerprint),
+}
+
 /// Input for the rooms, gathered while they are not at hand and handed over in
 /// [`Node::flush_rooms`].
 enum RoomInput {
@@ -347,6 +354,9 @@ pub struct Node {
     /// A room command or input since the last [`Node::flush_rooms`].
     rooms_dirty: bool,
     transfers: Transfers,
+    /// What the connections said to the transfers, applied at the next flush (so that what a
+    /// send during a flush drains is not lost: the transfers are out of `self` then).
+    transfer_inputs: VecDeque<TransferInput>,
     /// A transfer command or input since the last [`Node::flush_transfers`].
     transfers_dirty: bool,
     /// Peers whose transfer channel was open before: when it opens again, the connection was
@@ -381,6 +391,7 @@ impl Node {
             room_inputs: VecDeque::new(),
             rooms_dirty: false,
             transfers: Transfers::new(config_transfers),
+            transfer_inputs: VecDeque::new(),
             transfers_dirty: false,
             transfer_seen: std::collections::BTreeSet::new(),
         })
@@ -791,29 +802,25 @@ impl Node {
         (!internal).then_some(output)
     }
 
-    /// Takes everything on the transfer channel to the transfers.
+    /// Takes everything on the transfer channel to the transfers (queued for the next flush).
     fn transfer_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
-        let now = self.now;
         match output {
             PeerOutput::Data { channel, data } if channel == TRANSFER_CHANNEL => {
-                match data {
-                    Payload::Text(t) => self.transfers.handle_text(now, fp, &t),
-                    Payload::Binary(b) => self.transfers.handle_binary(now, fp, &b),
-                }
+                self.transfer_inputs.push_back(TransferInput::Data(fp, data));
                 self.transfers_dirty = true;
                 None
             }
             PeerOutput::BufferedAmountLow(channel) if channel == TRANSFER_CHANNEL => {
-                self.transfers.handle_writable(fp);
+                self.transfer_inputs.push_back(TransferInput::Writable(fp));
                 self.transfers_dirty = true;
                 None
             }
             PeerOutput::ChannelOpen(channel) if channel == TRANSFER_CHANNEL => {
                 if !self.transfer_seen.insert(fp) {
                     // A new connection replaced one that had transfers going.
-                    self.transfers.handle_reconnected(fp);
+                    self.transfer_inputs.push_back(TransferInput::Reconnected(fp));
                 }
-                self.transfers.handle_writable(fp);
+                self.transfer_inputs.push_back(TransferInput::Writable(fp));
                 self.transfers_dirty = true;
                 None
             }
@@ -829,16 +836,31 @@ impl Node {
         self.flush_transfers();
     }
 
-    /// Lets the transfers send what they can and moves their events out.
+    /// Applies what the connections said to the transfers, lets them send what they can and
+    /// moves their events out; again while their sends drained more input (a few rounds).
     fn flush_transfers(&mut self) {
         if !self.transfers_dirty {
             return;
         }
-        self.transfers_dirty = false;
+        let now = self.now;
         let mut transfers = std::mem::replace(&mut self.transfers, Transfers::new(TransferConfig::default()));
-        transfers.flush(self.now, self);
-        while let Some(e) = transfers.poll_event() {
-            self.events.push_back(NodeEvent::Transfer(e));
+        for _ in 0..8 {
+            self.transfers_dirty = false;
+            while let Some(input) = self.transfer_inputs.pop_front() {
+                match input {
+                    TransferInput::Data(fp, Payload::Text(t)) => transfers.handle_text(now, fp, &t),
+                    TransferInput::Data(fp, Payload::Binary(b)) => transfers.handle_binary(now, fp, &b),
+                    TransferInput::Writable(fp) => transfers.handle_writable(fp),
+                    TransferInput::Reconnected(fp) => transfers.handle_reconnected(fp),
+                }
+            }
+            transfers.flush(now, self);
+            while let Some(e) = transfers.poll_event() {
+                self.events.push_back(NodeEvent::Transfer(e));
+            }
+            if self.transfer_inputs.is_empty() {
+                break;
+            }
         }
         self.transfers = transfers;
     }
