@@ -28,12 +28,14 @@ pub struct PartFileSink {
 }
 
 impl PartFileSink {
-    /// Creates `path` + `.part` (truncating one left over).
+    /// Creates `path` + `.part`. It must not exist yet (`AlreadyExists` otherwise: a part file
+    /// left over, another transfer into the same place, or a link planted there), so a
+    /// receiver never writes through a symlink or into another transfer's file.
     pub fn create(path: &Path) -> io::Result<PartFileSink> {
         let mut part = path.as_os_str().to_owned();
         part.push(".part");
         let part = PathBuf::from(part);
-        let file = File::create(&part)?;
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&part)?;
         Ok(PartFileSink { file: Some(file), part, path: path.to_owned() })
     }
 
@@ -155,8 +157,18 @@ mod tests {
         sink.abort();
         assert!(!path.exists() && !dir.join("gone.bin.part").exists());
         let sink = PartFileSink::create(&path).unwrap();
+        assert_eq!(PartFileSink::create(&path).err().map(|e| e.kind()), Some(io::ErrorKind::AlreadyExists), "one transfer per place");
         drop(sink);
         assert!(!dir.join("gone.bin.part").exists(), "dropped uncommitted: removed");
+        #[cfg(unix)]
+        {
+            // A link planted at the part file's place is not followed.
+            let target = dir.join("precious");
+            std::fs::write(&target, b"keep").unwrap();
+            std::os::unix::fs::symlink(&target, dir.join("trap.bin.part")).unwrap();
+            assert_eq!(PartFileSink::create(&dir.join("trap.bin")).err().map(|e| e.kind()), Some(io::ErrorKind::AlreadyExists));
+            assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -431,7 +431,10 @@ impl EventLoop {
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get_mut(&id) else { return Step::Keep };
             let State::Open(ws) = &mut conn.state else {
-                // The core closed it while handling an earlier frame.
+                // The core closed it while handling an earlier frame. What the peer sent
+                // after (its close frame, EOF) may already be buffered and no readiness event
+                // will come for it: read it as a closing connection next turn.
+                self.again.push(id);
                 return Step::Keep;
             };
             let result = ws.read();

@@ -267,3 +267,20 @@ fn slow_consumer_is_closed_with_4001_and_the_sender_keeps_going() {
     }
     assert_eq!((stats.connections, stats.outbound_bytes), (1, 0), "{stats:?}");
 }
+
+#[test]
+fn a_goodbye_and_a_close_in_one_read_end_the_connection_without_waiting_for_the_close_timeout() {
+    let server = spawn(ServerOptions::local()).unwrap();
+    let mut a = connect_registered(&server.url(), 1);
+    // Both frames go out in one write: the server reads them in one turn, and the core closes
+    // the connection on the first.
+    a.write(Message::text(serde_json::to_string(&serde_json::json!({"type": "bye"})).unwrap())).unwrap();
+    a.write(Message::Close(None)).unwrap();
+    a.flush().unwrap();
+    let start = std::time::Instant::now();
+    // The server answers the close and ends the socket. The close timeout is 2 s; before the
+    // fix nothing more was read from the socket and it sat until the timeout dropped it.
+    while a.read().is_ok() {}
+    assert!(start.elapsed() < Duration::from_millis(1500), "the connection waited {:?} for the close timeout", start.elapsed());
+    server.shutdown();
+}

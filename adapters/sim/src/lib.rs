@@ -575,7 +575,8 @@ impl Sim {
                 busy = true;
                 let at = self.now - self.start;
                 trace!(node = %self.nodes[id.0].name, ?at, event = ?e, "event");
-                (at.as_nanos(), id.0, format!("{e:?}")).hash(&mut self.hasher);
+                (at.as_nanos(), id.0).hash(&mut self.hasher);
+                hash_event(&e, &mut self.hasher);
                 self.nodes[id.0].events.push((at, e));
             }
             if !busy {
@@ -690,5 +691,18 @@ impl Sim {
             let destination = self.nodes[to.0].addr;
             self.schedule(at, Delivery::Datagram { to, source, destination, contents: contents.clone() });
         }
+    }
+}
+
+/// Feeds `e` to the trace hash: bulk bytes (messages, transfer chunks) as bytes, everything
+/// else by its `Debug` text (formatting a 16 KiB payload as a list of numbers cost more than
+/// the rest of the simulation).
+fn hash_event(e: &NodeEvent, hasher: &mut impl Hasher) {
+    use peerlink::transfer::TransferEvent;
+    match e {
+        NodeEvent::Data { peer, channel, data: peerlink::Payload::Binary(b) } => (0u8, peer.to_string(), channel, b).hash(hasher),
+        NodeEvent::Transfer(TransferEvent::Write { peer, id, offset, data }) => (1u8, peer.to_string(), id, offset, data).hash(hasher),
+        NodeEvent::Transfer(TransferEvent::Received { peer, id, data }) => (2u8, peer.to_string(), id, data).hash(hasher),
+        e => format!("{e:?}").hash(hasher),
     }
 }

@@ -76,8 +76,9 @@ impl Offer {
         if self.chunks != self.size.div_ceil(u64::from(self.chunk)) {
             return bad(format!("{} chunks of {} do not make {} bytes", self.chunks, self.chunk, self.size));
         }
-        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN || self.name.contains(['/', '\\', '\0']) {
-            return bad("the name must be 1 to 255 bytes without a path".into());
+        let path_like = self.name.contains(['/', '\\']) || self.name == "." || self.name == "..";
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN || path_like || self.name.chars().any(char::is_control) {
+            return bad("the name must be 1 to 255 bytes, not `.` or `..`, without a path or control characters".into());
         }
         if self.mime.len() > MAX_MIME_LEN || self.mime.chars().any(char::is_control) {
             return bad("bad MIME type".into());
@@ -246,6 +247,10 @@ mod tests {
                 o.chunks = u64::MAX.div_ceil(16_384)
             },
             |o| o.name = "../etc/passwd".into(),
+            |o| o.name = "..".into(),
+            |o| o.name = ".".into(),
+            |o| o.name = "a\u{1b}[2Jb".into(),
+            |o| o.name = "C:\\\\x".into(),
             |o| o.name = String::new(),
             |o| o.sha256 = "xyz".into(),
             |o| o.mime = "a\nb".into(),
