@@ -35,8 +35,6 @@ mod common;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const CHUNK: usize = 16 * 1024;
-
 /// The generated content: 8-byte words from a multiplicative hash of their position. Offsets
 /// are chunk-aligned, so a chunk is generated without looking at its neighbours.
 fn generate(offset: u64, buf: &mut [u8]) {
