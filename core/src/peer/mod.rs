@@ -85,7 +85,12 @@ pub struct PeerConfig {
     /// How often a working path is checked (str0m's maximum STUN retransmission timeout).
     /// Default 1 s.
     pub keepalive_interval: Duration,
-    /// DTLS version: 1.3 when both sides speak it, else 1.2 (`Auto`). Default `Auto`.
+    /// DTLS version. Default `Dtls12`: every WebRTC stack speaks it. `Auto` (1.3 when both
+    /// sides speak it, one round trip less to connect) is not the default because dimpl 0.7's
+    /// DTLS 1.3 loses connections: when the ACK of the client's last handshake flight is lost,
+    /// the client resends the flight under new record numbers, the server repeats its old ACK,
+    /// and the client retries with backoff until it gives up and fails the connection, about
+    /// 34 minutes later (found by the simulator's lossy transfer scenarios).
     pub dtls_version: DtlsVersion,
     /// Carry the SCTP INIT in the SDP (SNAP) and skip SCTP's own 2-round-trip handshake when
     /// the remote agrees. Default `true`.
@@ -117,7 +122,7 @@ impl Default for PeerConfig {
             failed_timeout: Duration::from_secs(60),
             auto_ice_restart: true,
             keepalive_interval: Duration::from_secs(1),
-            dtls_version: DtlsVersion::Auto,
+            dtls_version: DtlsVersion::Dtls12,
             snap: true,
             max_buffered_amount: 4 * 1024 * 1024,
             min_send_window: 64 * 1024,
