@@ -253,3 +253,27 @@ impl RawClient {
         }
     }
 }
+
+/// Generated transfer content, any size, nothing stored: 8-byte words from a multiplicative
+/// hash of their position. `offset` must be a multiple of 8 (chunk offsets are).
+pub fn generate(offset: u64, buf: &mut [u8]) {
+    for (i, word) in buf.chunks_mut(8).enumerate() {
+        let v = (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes();
+        word.copy_from_slice(&v[..word.len()]);
+    }
+}
+
+/// The SHA-256 of `size` bytes of [`generate`]d content.
+pub fn generated_sha256(size: u64) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    let mut offset = 0;
+    while offset < size {
+        let n = (size - offset).min(buf.len() as u64) as usize;
+        generate(offset, &mut buf[..n]);
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    hasher.finalize().into()
+}

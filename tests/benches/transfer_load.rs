@@ -35,28 +35,7 @@ mod common;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// The generated content: 8-byte words from a multiplicative hash of their position. Offsets
-/// are chunk-aligned, so a chunk is generated without looking at its neighbours.
-fn generate(offset: u64, buf: &mut [u8]) {
-    for (i, word) in buf.chunks_mut(8).enumerate() {
-        let v = (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes();
-        word.copy_from_slice(&v[..word.len()]);
-    }
-}
-
-/// The SHA-256 of `size` bytes of generated content.
-fn generated_sha(size: u64) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    let mut offset = 0;
-    while offset < size {
-        let n = (size - offset).min(buf.len() as u64) as usize;
-        generate(offset, &mut buf[..n]);
-        hasher.update(&buf[..n]);
-        offset += n as u64;
-    }
-    hasher.finalize().into()
-}
+use peerlink_tests::{generate, generated_sha256 as generated_sha};
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()

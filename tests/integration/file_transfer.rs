@@ -151,3 +151,68 @@ fn files_arrive_identical_and_rejects_and_cancels_leave_nothing_complete() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// 4 GiB from a generated source to a hashing sink (nothing on disk), on real sockets. Slow in
+/// a debug build: it runs with the benchmarks, in release:
+/// `cargo test --release -p peerlink-tests --test integration -- --ignored four_gib`
+/// (`cargo bench -p peerlink-tests --bench transfer_load` measures the same transfer's memory,
+/// sender and receiver in processes of their own).
+#[test]
+#[ignore = "4 GiB: run in release with the benchmarks"]
+fn four_gib_streamed_from_a_generated_source_to_a_hashing_sink() {
+    use std::sync::{Arc, Mutex};
+
+    use peerlink::transfer::{FileInfo, SinkFn, SourceFn};
+    use sha2::Digest;
+
+    let size = 4u64 << 30;
+    let sha = peerlink_tests::generated_sha256(size);
+    let server = start_server(peerlink::ServerConfig::default());
+    let url = server.url();
+    let mut t = Two { a: node(&url, "a"), b: node(&url, "b"), ea: Vec::new(), eb: Vec::new(), accept_into: None };
+    t.pump_until("registered", Duration::from_secs(10), |t| t.a.is_registered() && t.b.is_registered());
+    let fb = t.b.fingerprint();
+    t.a.connect_to_peer(fb).unwrap();
+    let source = SourceFn(|offset: u64, buf: &mut [u8]| {
+        peerlink_tests::generate(offset, buf);
+        Ok(())
+    });
+    let id = t.a.send_from(fb, FileInfo::new("huge.bin", size, sha), source).unwrap();
+    // The receiver's own hash of what it was handed, besides the core's check.
+    let hashed = Arc::new(Mutex::new((sha2::Sha256::new(), 0u64)));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut accepted = false;
+    while Two::outcome(&t.eb, id).is_none() || Two::outcome(&t.ea, id).is_none() {
+        assert!(Instant::now() < deadline, "4 GiB timed out");
+        t.a.poll(Instant::now()).unwrap();
+        while let Some(e) = t.a.poll_event() {
+            if let NodeEvent::Transfer(e) = e {
+                t.ea.push(e);
+            }
+        }
+        t.b.poll(Instant::now()).unwrap();
+        while let Some(e) = t.b.poll_event() {
+            let NodeEvent::Transfer(e) = e else { continue };
+            if let TransferEvent::Offered { peer, offer } = &e {
+                assert!(!accepted && offer.size == size);
+                accepted = true;
+                let h = hashed.clone();
+                let sink = SinkFn(move |_: u64, data: &[u8]| {
+                    let mut h = h.lock().unwrap();
+                    h.0.update(data);
+                    h.1 += data.len() as u64;
+                    Ok(())
+                });
+                t.b.accept_into(*peer, offer.id, sink).unwrap();
+            }
+            if !matches!(e, TransferEvent::Progress { .. }) {
+                t.eb.push(e);
+            }
+        }
+    }
+    assert_eq!(Two::outcome(&t.ea, id), Some(Ok(Direction::Send)));
+    assert_eq!(Two::outcome(&t.eb, id), Some(Ok(Direction::Receive)));
+    let (hasher, bytes) = std::mem::take(&mut *hashed.lock().unwrap());
+    assert_eq!(bytes, size);
+    assert_eq!(<[u8; 32]>::from(hasher.finalize()), sha);
+}
