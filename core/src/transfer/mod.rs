@@ -379,7 +379,8 @@ impl Meter {
         if !force && elapsed < interval {
             return None;
         }
-        let rate = if elapsed.is_zero() { 0.0 } else { (self.done - then) as f64 / elapsed.as_secs_f64() };
+        // `done` goes back when a receiver resumes from a chunk before the last one sent.
+        let rate = if elapsed.is_zero() { 0.0 } else { self.done.saturating_sub(then) as f64 / elapsed.as_secs_f64() };
         self.last = Some((now, self.done));
         let left = total - self.done.min(total);
         Some(Progress {
@@ -506,12 +507,14 @@ impl Transfers {
         let OutState::Sending { requested, ready, next_send, .. } = &mut t.state else {
             return Err(TransferError::WrongState("no read is outstanding"));
         };
-        if offset % chunk != 0 || !requested.remove(&index) {
+        if offset % chunk != 0 || !requested.contains(&index) {
             return Err(TransferError::WrongState("these bytes were not asked for"));
         }
+        // Refused bytes leave the read outstanding: the right ones are still taken.
         if data.len() != t.offer.chunk_len(index) {
             return Err(TransferError::BadChunk(index));
         }
+        requested.remove(&index);
         if index >= *next_send && !ready.contains_key(&index) {
             ready.insert(index, wire::encode_chunk(id, index, &data));
         }
@@ -575,22 +578,24 @@ impl Transfers {
         if !p.out.contains_key(&id) && !p.inc.contains_key(&id) {
             return Err(TransferError::Unknown(id));
         }
-        self.end(peer, id, TransferError::Cancelled(reason.to_owned()), Some(Control::Cancel { id, reason: reason.to_owned() }));
+        self.end(peer, id, None, TransferError::Cancelled(reason.to_owned()), Some(Control::Cancel { id, reason: reason.to_owned() }));
         Ok(())
     }
 
-    /// Ends transfer `id` with `peer` (either direction) as failed: aborts its sink, tells
-    /// the peer `tell` and reports `error`.
-    fn end(&mut self, peer: Fingerprint, id: u64, error: TransferError, tell: Option<Control>) {
+    /// Ends transfer `id` with `peer` as failed: aborts its sink, tells the peer `tell` and
+    /// reports `error`. Ids are the sender's, so one transfer each way may have `id`:
+    /// `direction` says which; `None` (a cancel, which names only the id) the sending one
+    /// if there is one.
+    fn end(&mut self, peer: Fingerprint, id: u64, direction: Option<Direction>, error: TransferError, tell: Option<Control>) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let direction = if p.out.remove(&id).is_some() {
-            Direction::Send
-        } else if let Some(mut t) = p.inc.remove(&id) {
-            t.sink.abort();
-            Direction::Receive
-        } else {
-            return;
+        let direction = direction.unwrap_or(if p.out.contains_key(&id) { Direction::Send } else { Direction::Receive });
+        let found = match direction {
+            Direction::Send => p.out.remove(&id).is_some(),
+            Direction::Receive => p.inc.remove(&id).map(|mut t| t.sink.abort()).is_some(),
         };
+        if !found {
+            return;
+        }
         debug!(peer = %peer.short(), id, %error, "transfer failed");
         p.control.extend(tell);
         self.events.push_back(TransferEvent::Failed { peer, id, direction, error });
@@ -615,6 +620,7 @@ impl Transfers {
         let max_transfers = self.config.max_transfers;
         let max_size = self.config.max_size;
         let auto_json = self.config.auto_accept_json.min(self.config.max_memory);
+        let read_ahead = self.config.read_ahead as u64;
         let p = self.peers.entry(peer).or_default();
         match c {
             Control::Offer(offer) => {
@@ -649,12 +655,15 @@ impl Transfers {
                     return self.bad(peer, TransferError::BadChunk(from));
                 }
                 // A first accept, or a resume: go on from `from`. Reads still outstanding
-                // stay so (their answers are taken if still useful); what was read ahead is
-                // dropped and read again in order.
-                let requested = match std::mem::replace(&mut t.state, OutState::Offered) {
+                // within the read-ahead from there stay so (their answers are taken); others
+                // are dropped, or accepts from here and there would have this side read and
+                // hold more than `read_ahead` chunks. What was read ahead is dropped and read
+                // again in order.
+                let mut requested = match std::mem::replace(&mut t.state, OutState::Offered) {
                     OutState::Sending { requested, .. } | OutState::Resuming { requested } => requested,
                     _ => BTreeSet::new(),
                 };
+                requested.retain(|i| (from..from.saturating_add(read_ahead)).contains(i));
                 t.meter.done = from * u64::from(t.offer.chunk);
                 t.active = Some(now);
                 t.state = OutState::Sending { next_read: from, next_send: from, requested, ready: BTreeMap::new() };
@@ -663,12 +672,12 @@ impl Transfers {
                 }
             }
             Control::Reject { id, reason } => match p.out.get(&id) {
-                Some(t) if matches!(t.state, OutState::Offered) => self.end(peer, id, TransferError::Rejected(reason), None),
+                Some(t) if matches!(t.state, OutState::Offered) => self.end(peer, id, Some(Direction::Send), TransferError::Rejected(reason), None),
                 Some(_) => self.bad(peer, TransferError::WrongState("reject after accept")),
                 // Crossed with this side's cancel.
                 None => {}
             },
-            Control::Cancel { id, reason } => self.end(peer, id, TransferError::Cancelled(reason), None),
+            Control::Cancel { id, reason } => self.end(peer, id, None, TransferError::Cancelled(reason), None),
             Control::Verified { id } => {
                 let Some(t) = p.out.get_mut(&id) else { return };
                 if !matches!(t.state, OutState::Sent | OutState::Resuming { .. }) {
@@ -686,7 +695,7 @@ impl Transfers {
             Control::Corrupt { id, reason } => {
                 if p.out.contains_key(&id) {
                     debug!(%reason, "receiver found the transfer corrupt");
-                    self.end(peer, id, TransferError::HashMismatch, None);
+                    self.end(peer, id, Some(Direction::Send), TransferError::HashMismatch, None);
                 }
             }
         }
@@ -719,7 +728,7 @@ impl Transfers {
         };
         if let Some(error) = error {
             let reason = error.to_string();
-            return self.end(peer, id, error, Some(Control::Corrupt { id, reason }));
+            return self.end(peer, id, Some(Direction::Receive), error, Some(Control::Corrupt { id, reason }));
         }
         let offset = chunk.index * u64::from(t.offer.chunk);
         let stored = match &mut t.sink {
@@ -735,7 +744,7 @@ impl Transfers {
         };
         if let Err(e) = stored {
             let reason = format!("the receiver could not store it: {e}");
-            return self.end(peer, id, TransferError::Storage(e.to_string()), Some(Control::Cancel { id, reason }));
+            return self.end(peer, id, Some(Direction::Receive), TransferError::Storage(e.to_string()), Some(Control::Cancel { id, reason }));
         }
         hasher.update(chunk.payload);
         *next += 1;
@@ -755,8 +764,9 @@ impl Transfers {
         let Some(t) = p.inc.get_mut(&id) else { return };
         let InState::Receiving { hasher, .. } = &mut t.state else { return };
         let got = hex(&std::mem::take(hasher.as_mut()).finalize());
-        if got != t.offer.sha256 {
-            return self.end(peer, id, TransferError::HashMismatch, Some(Control::Corrupt { id, reason: "sha256 mismatch".into() }));
+        // `validate` takes hex digits in either case.
+        if !got.eq_ignore_ascii_case(&t.offer.sha256) {
+            return self.end(peer, id, Some(Direction::Receive), TransferError::HashMismatch, Some(Control::Corrupt { id, reason: "sha256 mismatch".into() }));
         }
         let mut t = p.inc.remove(&id).expect("present");
         let outcome = match &mut t.sink {
@@ -782,7 +792,7 @@ impl Transfers {
                 // Put it back so `end` aborts the sink and reports it.
                 p.inc.insert(id, t);
                 let reason = error.to_string();
-                self.end(peer, id, error, Some(Control::Cancel { id, reason }));
+                self.end(peer, id, Some(Direction::Receive), error, Some(Control::Cancel { id, reason }));
             }
         }
     }
@@ -850,12 +860,12 @@ impl Transfers {
         let stale = |active: Option<Instant>| active.is_some_and(|at| now >= at + idle);
         let mut due = Vec::new();
         for (peer, p) in &self.peers {
-            due.extend(p.out.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id)));
-            due.extend(p.inc.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id)));
+            due.extend(p.out.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id, Direction::Send)));
+            due.extend(p.inc.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id, Direction::Receive)));
         }
-        for (peer, id) in due {
+        for (peer, id, direction) in due {
             let reason = format!("no progress for {idle:?}");
-            self.end(peer, id, TransferError::TimedOut(idle), Some(Control::Cancel { id, reason }));
+            self.end(peer, id, Some(direction), TransferError::TimedOut(idle), Some(Control::Cancel { id, reason }));
         }
     }
 
@@ -930,15 +940,17 @@ impl Transfers {
             }
             // Reads ahead, for transfers the application serves.
             for (id, out) in &mut p.out {
-                let OutState::Sending { next_read, next_send, requested, .. } = &mut out.state else { continue };
+                let OutState::Sending { next_read, next_send, requested, ready } = &mut out.state else { continue };
                 if out.source.is_some() {
                     continue;
                 }
+                // Reads kept over an accept may have been answered and sent since: not again.
+                *next_read = (*next_read).max(*next_send);
                 // At most `read_ahead` chunks from the next one to send on.
                 while *next_read < out.offer.chunks && *next_read < *next_send + read_ahead as u64 {
                     let index = *next_read;
                     *next_read += 1;
-                    if requested.contains(&index) {
+                    if requested.contains(&index) || ready.contains_key(&index) {
                         continue;
                     }
                     requested.insert(index);

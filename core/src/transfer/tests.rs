@@ -536,3 +536,183 @@ fn a_transfer_whose_peer_never_returns_times_out() {
     q.run(None);
     assert_eq!((q.a.t.poll_timeout(), q.b.t.poll_timeout()), (None, None));
 }
+
+/// A receiver that resumes from a chunk before the sender's last progress report moves the
+/// sender's byte count back; the next rate must not underflow. Found by the `xfer` fuzz
+/// target: it panicked in debug builds and reported an absurd rate in release builds.
+#[test]
+fn a_resume_from_before_the_last_progress_report_keeps_the_rate_sane() {
+    let mut now = Instant::now();
+    let mut t = Transfers::new(TransferConfig { chunk_size: 1024, read_ahead: 4, ..TransferConfig::default() });
+    let data = content(8 * 1024);
+    let id = t.offer(B, FileInfo::new("f.bin", data.len() as u64, sha(&data))).unwrap();
+    t.handle_text(now, B, &Control::Accept { id, from: 0 }.encode());
+    let mut pipe = Pipe { window: usize::MAX, ..Pipe::default() };
+    let mut progress = Vec::new();
+    let mut step = |t: &mut Transfers, now: Instant| {
+        t.flush(now, &mut pipe);
+        while let Some(e) = t.poll_event() {
+            match e {
+                TransferEvent::Read { offset, len, .. } => t.provide(B, id, offset, data[offset as usize..][..len].to_vec()).unwrap(),
+                TransferEvent::Progress { progress: p, .. } => progress.push(p),
+                _ => {}
+            }
+        }
+    };
+    // All eight chunks go out over a second, with a progress report after the fifth.
+    for _ in 0..4 {
+        step(&mut t, now);
+        now += Duration::from_millis(300);
+    }
+    // The connection is replaced; the receiver holds the first two chunks only.
+    t.handle_reconnected(B);
+    t.handle_text(now, B, &Control::Accept { id, from: 2 }.encode());
+    for _ in 0..4 {
+        now += Duration::from_millis(300);
+        step(&mut t, now);
+    }
+    t.handle_text(now, B, &Control::Verified { id }.encode());
+    assert!(std::iter::from_fn(|| t.poll_event()).any(|e| matches!(e, TransferEvent::Completed { .. })));
+    assert!(progress.len() >= 2, "{progress:?}");
+    assert!(progress.iter().all(|p| p.bytes <= p.total && p.bytes_per_sec < 1e9), "{progress:?}");
+}
+
+/// An offer's SHA-256 in upper-case hex passes `validate`, so it must also match: the
+/// receiver compared it with its own lower-case hex and failed every such transfer at the
+/// end. Found by the `xfer` fuzz target.
+#[test]
+fn an_upper_case_hash_verifies() {
+    let data = content(3000);
+    let sha256 = hex(&sha(&data)).to_uppercase();
+    let offer = Offer { id: 1, name: "f.bin".into(), size: 3000, mime: "x/y".into(), kind: TransferKind::File, chunk: 1024, chunks: 3, sha256 };
+    assert_eq!(offer.validate(u64::MAX), Ok(()));
+    let now = Instant::now();
+    let mut t = Transfers::new(TransferConfig::default());
+    t.handle_text(now, A, &Control::Offer(offer).encode());
+    t.accept(A, 1).unwrap();
+    for (index, chunk) in data.chunks(1024).enumerate() {
+        t.handle_binary(now, A, &wire::encode_chunk(1, index as u64, chunk));
+    }
+    let events: Vec<TransferEvent> = std::iter::from_fn(|| t.poll_event()).collect();
+    assert!(events.contains(&TransferEvent::Completed { peer: A, id: 1, direction: Direction::Receive }), "{events:?}");
+}
+
+/// Both sides number their offers from 1, so transfer 1 to a peer and transfer 1 from it
+/// coexist: a failure of the incoming one (here a wrong hash, then an idle timeout) must end
+/// that one, not the outgoing one. Found by the `xfer` fuzz target.
+#[test]
+fn a_failure_ends_the_transfer_in_its_own_direction() {
+    let t0 = Instant::now();
+    let mut t = Transfers::new(TransferConfig { chunk_size: 1024, ..TransferConfig::default() });
+    let incoming = |id, sha256| Offer { id, name: "in.bin".into(), size: 2048, mime: "x/y".into(), kind: TransferKind::File, chunk: 1024, chunks: 2, sha256 };
+    let drain = |t: &mut Transfers| std::iter::from_fn(|| t.poll_event()).collect::<Vec<_>>();
+    let failures = |events: &[TransferEvent]| events.iter().filter(|e| matches!(e, TransferEvent::Failed { .. })).cloned().collect::<Vec<_>>();
+    let failed = |events: &[TransferEvent], id, direction| events.iter().any(|e| matches!(e, TransferEvent::Failed { id: i, direction: d, .. } if *i == id && *d == direction));
+
+    // A wrong hash.
+    let data = content(2048);
+    let out = t.offer(B, FileInfo::new("out.bin", 2048, sha(&data))).unwrap();
+    t.handle_text(t0, B, &Control::Offer(incoming(out, hex(&sha(b"other")))).encode());
+    t.accept(B, out).unwrap();
+    for (index, chunk) in data.chunks(1024).enumerate() {
+        t.handle_binary(t0, B, &wire::encode_chunk(out, index as u64, chunk));
+    }
+    let events = drain(&mut t);
+    assert!(failed(&events, out, Direction::Receive) && !failed(&events, out, Direction::Send), "{:?}", failures(&events));
+    t.handle_text(t0, B, &Control::Accept { id: out, from: 2 }.encode());
+    t.handle_text(t0, B, &Control::Verified { id: out }.encode());
+    assert!(drain(&mut t).contains(&TransferEvent::Completed { peer: B, id: out, direction: Direction::Send }), "the outgoing transfer went on");
+
+    // An idle incoming transfer next to an outgoing one that moved lately.
+    let out = t.offer(B, FileInfo::new("out.bin", 2048, sha(&data))).unwrap();
+    t.handle_text(t0, B, &Control::Offer(incoming(out, hex(&sha(&data)))).encode());
+    t.accept(B, out).unwrap();
+    t.handle_binary(t0, B, &wire::encode_chunk(out, 0, &data[..1024]));
+    let idle = TransferConfig::default().idle_timeout;
+    t.handle_text(t0 + idle / 2, B, &Control::Accept { id: out, from: 0 }.encode());
+    drain(&mut t);
+    t.handle_timeout(t0 + idle);
+    let events = drain(&mut t);
+    assert!(failed(&events, out, Direction::Receive) && !failed(&events, out, Direction::Send), "{:?}", failures(&events));
+}
+
+/// Accepts from here and there (a receiver resuming, or a misbehaving one) must not pile up
+/// reads: at most `read_ahead` are outstanding, and nothing answered outside the window is
+/// held. Found by the `xfer` fuzz target.
+#[test]
+fn accepts_from_elsewhere_keep_reads_within_the_read_ahead() {
+    let now = Instant::now();
+    let mut t = Transfers::new(TransferConfig { chunk_size: 1024, read_ahead: 4, ..TransferConfig::default() });
+    let data = content(100 * 1024);
+    let id = t.offer(B, FileInfo::new("f.bin", data.len() as u64, sha(&data))).unwrap();
+    let mut pipe = Pipe { window: usize::MAX, ..Pipe::default() };
+    for from in [0, 50, 20, 90, 2] {
+        t.handle_text(now, B, &Control::Accept { id, from }.encode());
+        t.flush(now, &mut pipe);
+        let reads: Vec<u64> = std::iter::from_fn(|| t.poll_event())
+            .filter_map(|e| match e {
+                TransferEvent::Read { offset, .. } => Some(offset / 1024),
+                _ => None,
+            })
+            .collect();
+        // Nothing outstanding from earlier windows is kept: the whole window is asked for.
+        assert_eq!(reads, (from..from + 4).collect::<Vec<_>>(), "after an accept from {from}");
+    }
+    // Answers to reads of earlier windows are refused; the window's are taken and sent.
+    assert!(t.provide(B, id, 90 * 1024, data[90 * 1024..91 * 1024].to_vec()).is_err());
+    for i in 2..6 {
+        t.provide(B, id, i * 1024, data[i as usize * 1024..][..1024].to_vec()).unwrap();
+    }
+    pipe.frames.clear();
+    t.flush(now, &mut pipe);
+    assert_eq!(pipe.frames.len(), 4);
+}
+
+/// Reads kept over a repeated accept may be answered and their chunks sent before the next
+/// flush asks for more: those chunks must not be asked for again. Found by the `xfer` fuzz
+/// target.
+#[test]
+fn chunks_sent_after_an_accept_are_not_read_again() {
+    let now = Instant::now();
+    let mut t = Transfers::new(TransferConfig { chunk_size: 1024, read_ahead: 2, ..TransferConfig::default() });
+    let data = content(4000);
+    let id = t.offer(B, FileInfo::new("f.bin", data.len() as u64, sha(&data))).unwrap();
+    let mut pipe = Pipe { window: usize::MAX, ..Pipe::default() };
+    let reads = |t: &mut Transfers| -> Vec<u64> {
+        std::iter::from_fn(|| t.poll_event())
+            .filter_map(|e| match e {
+                TransferEvent::Read { offset, .. } => Some(offset / 1024),
+                _ => None,
+            })
+            .collect()
+    };
+    t.handle_text(now, B, &Control::Accept { id, from: 1 }.encode());
+    t.flush(now, &mut pipe);
+    assert_eq!(reads(&mut t), [1, 2]);
+    // The same accept again (a resume from where it stood), then both answers.
+    t.handle_text(now, B, &Control::Accept { id, from: 1 }.encode());
+    for i in [1, 2] {
+        t.provide(B, id, i * 1024, data[i as usize * 1024..][..1024].to_vec()).unwrap();
+    }
+    t.flush(now, &mut pipe);
+    assert_eq!(pipe.chunks_seen, 2, "chunks 1 and 2 went");
+    assert_eq!(reads(&mut t), [3], "only the last chunk is left to read");
+}
+
+/// Bytes of the wrong length are refused without using up the read: the right ones are
+/// still taken and sent (the transfer stalled). Found by the `xfer` fuzz target.
+#[test]
+fn a_refused_answer_leaves_the_read_outstanding() {
+    let now = Instant::now();
+    let mut t = Transfers::new(TransferConfig { chunk_size: 1024, ..TransferConfig::default() });
+    let data = content(3);
+    let id = t.offer(B, FileInfo::new("f.bin", 3, sha(&data))).unwrap();
+    t.handle_text(now, B, &Control::Accept { id, from: 0 }.encode());
+    let mut pipe = Pipe { window: usize::MAX, ..Pipe::default() };
+    t.flush(now, &mut pipe);
+    assert!(matches!(t.poll_event(), Some(TransferEvent::Read { offset: 0, len: 3, .. })));
+    assert_eq!(t.provide(B, id, 0, Vec::new()), Err(TransferError::BadChunk(0)));
+    assert_eq!(t.provide(B, id, 0, data.clone()), Ok(()));
+    t.flush(now, &mut pipe);
+    assert_eq!(pipe.chunks_seen, 1);
+}
