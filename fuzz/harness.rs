@@ -19,7 +19,9 @@
 //!
 //! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
 //! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
-//! depend on, so its corpus is replayed by the `peerlink-tests` crate instead.
+//! depend on, so its corpus is replayed by the `peerlink-tests` crate instead. So does the
+//! `xfer` target (the `xfer/1` transfers against a reference model), replayed there too; both
+//! decode their steps by hand (`bytes.rs`), as that crate does not depend on `arbitrary`.
 
 #![allow(dead_code)]
 

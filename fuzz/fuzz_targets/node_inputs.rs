@@ -41,6 +41,11 @@ use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde_json::value::RawValue;
 
+#[path = "../bytes.rs"]
+#[allow(clippy::duplicate_mod, reason = "a crate root of its own in the fuzz build; the replay test includes both targets")]
+mod bytes;
+use bytes::{Reader, Writer};
+
 #[cfg(not(test))]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = node_inputs(data);
@@ -142,55 +147,14 @@ const MAX_EDITS: usize = 16;
 const MAX_DATAGRAM: usize = 1500;
 const MAX_TEXT: usize = 2048;
 
-/// Reads fields from the fuzzer's bytes; past the end every field reads as zero.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn u8(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
-        self.0 = rest;
-        first
-    }
-
-    fn bool(&mut self) -> bool {
-        self.u8() & 1 == 1
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    /// A `u16` length (capped at `max`), then that many bytes (fewer at the end).
-    fn blob(&mut self, max: usize) -> Vec<u8> {
-        let n = usize::from(self.u16()).min(max).min(self.0.len());
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        taken.to_vec()
-    }
-
+impl Reader<'_> {
     fn edits(&mut self) -> Vec<Edit> {
         let n = usize::from(self.u8()) % (MAX_EDITS + 1);
         (0..n).map(|_| Edit { pos: self.u16(), op: self.u8(), byte: self.u8() }).collect()
     }
 }
 
-/// The inverse of [`Reader`], for [`encode_steps`].
-struct Writer(Vec<u8>);
-
 impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    fn blob(&mut self, v: &[u8]) {
-        self.u16(v.len() as u16);
-        self.0.extend_from_slice(v);
-    }
-
     fn edits(&mut self, edits: &[Edit]) {
         self.u8(edits.len() as u8);
         for e in edits {
@@ -333,7 +297,7 @@ impl Payload {
 pub fn decode_steps(data: &[u8]) -> Vec<Step> {
     let mut r = Reader(data);
     let mut steps = Vec::new();
-    while steps.len() < MAX_STEPS && !r.0.is_empty() {
+    while steps.len() < MAX_STEPS && !r.is_empty() {
         steps.push(Step::decode(&mut r));
     }
     steps
