@@ -296,6 +296,7 @@ enum TransferInput {
     Data(Fingerprint, Payload),
     Writable(Fingerprint),
     Reconnected(Fingerprint),
+    Lost(Fingerprint),
 }
 
 /// Input for the rooms, gathered while they are not at hand and handed over in
@@ -372,6 +373,8 @@ impl Node {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let client = Client::new(config.client.clone(), identity.clone(), rng.next_u64(), now)?;
         let cert = crypto::generate_certificate(&mut rng, unix_ms).map_err(NodeError::Certificate)?;
+        // Transfer ids start at random (below 2^62, room to count up), so two peers' rarely meet.
+        let first_transfer_id = rng.next_u64() >> 2;
         let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), now, unix_ms);
         let config_transfers = config.transfers.clone();
         Ok(Node {
@@ -390,7 +393,7 @@ impl Node {
             rooms,
             room_inputs: VecDeque::new(),
             rooms_dirty: false,
-            transfers: Transfers::new(config_transfers),
+            transfers: Transfers::new(config_transfers).with_first_id(first_transfer_id),
             transfer_inputs: VecDeque::new(),
             transfers_dirty: false,
             transfer_seen: std::collections::BTreeSet::new(),
@@ -824,7 +827,17 @@ impl Node {
                 self.transfers_dirty = true;
                 None
             }
-            PeerOutput::ChannelClosed(channel) if channel == TRANSFER_CHANNEL => None,
+            PeerOutput::ChannelClosed(channel) if channel == TRANSFER_CHANNEL => {
+                self.transfer_inputs.push_back(TransferInput::Lost(fp));
+                self.transfers_dirty = true;
+                None
+            }
+            PeerOutput::State(state @ (PeerState::Failed | PeerState::Closed)) => {
+                // The connection is gone (its channels may not say so one by one).
+                self.transfer_inputs.push_back(TransferInput::Lost(fp));
+                self.transfers_dirty = true;
+                Some(PeerOutput::State(state))
+            }
             other => Some(other),
         }
     }
@@ -852,6 +865,7 @@ impl Node {
                     TransferInput::Data(fp, Payload::Binary(b)) => transfers.handle_binary(now, fp, &b),
                     TransferInput::Writable(fp) => transfers.handle_writable(fp),
                     TransferInput::Reconnected(fp) => transfers.handle_reconnected(fp),
+                    TransferInput::Lost(fp) => transfers.handle_disconnected(now, fp),
                 }
             }
             transfers.flush(now, self);

@@ -30,8 +30,8 @@
 //!   the next deadline is later than now.
 //!
 //! At the end, with the channel writable and every read answered, every accepted transfer
-//! within reach sends its last chunk, every `verified` owed goes out, and once the idle
-//! timeout passes every transfer that moved has timed out.
+//! within reach sends its last chunk, every `verified` owed goes out, and once every peer is
+//! lost for the reconnect timeout every transfer under way has timed out.
 //!
 //! This file is also the harness: `tests/sim/fuzz_replay.rs` includes it as a module to
 //! replay `fuzz/corpus/xfer/` under `cargo test` (`cfg(test)` tells the two apart). Like
@@ -137,6 +137,8 @@ pub enum Step {
     Provide { peer: u8, id: u64, offset: u64, len: u64, fill: u8 },
     Writable { peer: u8 },
     Reconnected { peer: u8 },
+    /// `handle_disconnected(now)`: the connection to the peer is lost.
+    Disconnected { peer: u8 },
     /// `flush` through a transport that takes `texts` texts and `chunks` frames, then refuses
     /// with `WouldBlock` (or `ChannelNotOpen` if `error`).
     Flush { texts: u8, chunks: u8, error: bool },
@@ -238,6 +240,7 @@ impl Step {
             13 => Step::Writable { peer: r.u8() },
             14 => Step::Reconnected { peer: r.u8() },
             15 => Step::Flush { texts: r.u8(), chunks: r.u8(), error: r.bool() },
+            17 => Step::Disconnected { peer: r.u8() },
             _ => Step::Timeout,
         }
     }
@@ -339,6 +342,10 @@ impl Step {
                 w.bool(*error);
             }
             Step::Timeout => w.u8(16),
+            Step::Disconnected { peer } => {
+                w.u8(17);
+                w.u8(*peer);
+            }
         }
     }
 }
@@ -661,6 +668,11 @@ impl Harness {
             Step::Reconnected { peer: p } => self.reconnected(peer(p)),
             Step::Flush { texts, chunks, error } => self.flush(usize::from(*texts), usize::from(*chunks), *error),
             Step::Timeout => self.timeout(),
+            Step::Disconnected { peer: p } => {
+                self.t.handle_disconnected(self.now, PEERS[peer(p)]);
+                let events = self.drain(Cause::Command);
+                assert!(events.is_empty(), "disconnected: {events:?}");
+            }
         }
     }
 
@@ -860,6 +872,9 @@ impl Harness {
                     let same = live == offer;
                     let duplicate = bad(&|e| *e == TransferError::DuplicateId(offer.id));
                     assert!(if same { events.is_empty() } else { duplicate }, "offer of {} again (same: {same}): {events:?}", offer.id);
+                } else if out.is_some() {
+                    // The id of this side's own transfer to the peer: refused (and rejected).
+                    assert!(bad(&|e| *e == TransferError::DuplicateId(offer.id)), "offer reusing this side's id {}: {events:?}", offer.id);
                 } else if count >= self.config.max_transfers {
                     assert!(events.is_empty(), "offer over max_transfers: {events:?}");
                 } else if offer.kind == TransferKind::Json && offer.size <= auto_json {
@@ -993,10 +1008,16 @@ impl Harness {
         let name = local_name(name);
         let file = FileInfo::new(name.clone(), size, [0x5a; 32]);
         let valid_name = !name.is_empty() && name.len() <= wire::MAX_NAME_LEN && !name.contains(['/', '\\', '\0']);
+        // The next id no transfer with the peer has, either way (counting on from it only if
+        // the offer is made).
+        let mut id = self.next_id;
+        while self.out.contains_key(&(p, id)) || self.inc.contains_key(&(p, id)) {
+            id += 1;
+        }
         let result = if source == 0 {
             self.t.offer(PEERS[p], file)
         } else {
-            let content = local_content(self.next_id, size);
+            let content = local_content(id, size);
             let chunk = u64::from(self.config.chunk_size);
             let fail_from = (source >= 2).then(|| u64::from(source - 2) * chunk);
             let read = move |offset: u64, buf: &mut [u8]| {
@@ -1013,10 +1034,10 @@ impl Harness {
         } else if self.count(p) >= self.config.max_transfers {
             assert_eq!(result, Err(TransferError::TooMany), "offer over max_transfers");
         } else {
-            assert_eq!(result, Ok(self.next_id), "offer of {size} bytes");
+            assert_eq!(result, Ok(id), "offer of {size} bytes");
             let chunk = self.config.chunk_size;
             let offer = Offer {
-                id: self.next_id,
+                id,
                 name,
                 size,
                 mime: "application/octet-stream".into(),
@@ -1026,8 +1047,8 @@ impl Harness {
                 sha256: "5a".repeat(32),
             };
             let out = Out { offer, phase: Phase::Offered, reads: BTreeSet::new(), answered: BTreeSet::new(), source: source != 0, tainted: false };
-            self.out.insert((p, self.next_id), out);
-            self.next_id += 1;
+            self.out.insert((p, id), out);
+            self.next_id = id + 1;
         }
         let events = self.drain(Cause::Command);
         assert!(events.is_empty(), "offer: {events:?}");
@@ -1253,8 +1274,11 @@ impl Harness {
         for key in &self.completed_receive {
             assert!(self.verified_sent.contains(key), "transfer {} verified here, but `verified` never went out", key.1);
         }
-        // Every transfer that moved times out once nothing moves.
-        self.now += self.config.idle_timeout + Duration::from_secs(1);
+        // Every transfer under way times out once its peer is gone for long enough.
+        for peer in PEERS {
+            self.t.handle_disconnected(self.now, peer);
+        }
+        self.now += self.config.reconnect_timeout + Duration::from_secs(1);
         self.timeout();
         for ((_, id), t) in &self.out {
             assert_eq!(t.phase, Phase::Offered, "sending {id} ({:?}) did not time out", t.phase);

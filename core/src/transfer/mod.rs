@@ -73,9 +73,11 @@ pub struct TransferConfig {
     /// [`TransferEvent::Json`]; bigger ones are offered like files. 0 asks for every one.
     /// Default 16 MiB.
     pub auto_accept_json: u64,
-    /// A transfer under way (accepted, not finished) with nothing sent or received for this
-    /// long fails with [`TransferError::TimedOut`]: the peer did not come back. Default 120 s.
-    pub idle_timeout: Duration,
+    /// How long transfers under way (accepted, not finished) with a peer wait for its lost
+    /// connection to come back ([`Transfers::handle_disconnected`] until
+    /// [`Transfers::handle_reconnected`]) before they fail with [`TransferError::TimedOut`].
+    /// A slow or stalled but connected peer is not timed out. Default 120 s.
+    pub reconnect_timeout: Duration,
 }
 
 impl Default for TransferConfig {
@@ -88,7 +90,7 @@ impl Default for TransferConfig {
             max_transfers: 64,
             max_memory: 256 << 20,
             auto_accept_json: 16 << 20,
-            idle_timeout: Duration::from_secs(120),
+            reconnect_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -203,8 +205,8 @@ pub enum TransferError {
     /// A JSON transfer arrived intact but is not JSON.
     #[error("not JSON: {0}")]
     BadJson(String),
-    /// Nothing moved for [`TransferConfig::idle_timeout`]: the peer is gone.
-    #[error("no progress for {0:?}")]
+    /// The connection to the peer stayed lost for [`TransferConfig::reconnect_timeout`].
+    #[error("the peer did not come back within {0:?}")]
     TimedOut(Duration),
 }
 
@@ -326,8 +328,6 @@ struct Outgoing {
     meter: Meter,
     /// Where the bytes come from; `None`: from [`TransferEvent::Read`] answers.
     source: Option<Box<dyn ChunkSource>>,
-    /// When a chunk or control of this transfer last moved.
-    active: Option<Instant>,
 }
 
 enum InState {
@@ -340,8 +340,6 @@ struct Incoming {
     state: InState,
     meter: Meter,
     sink: Sink,
-    /// When a chunk or control of this transfer last moved.
-    active: Option<Instant>,
 }
 
 /// Where a receiver's bytes go.
@@ -406,6 +404,15 @@ struct PeerTransfers {
     /// Transfers this side verified lately, to say so again after a reconnect (the first
     /// `verified` may have been lost with the connection).
     verified: VecDeque<u64>,
+    /// Since when the connection to the peer is lost, if it is.
+    down_since: Option<Instant>,
+}
+
+impl PeerTransfers {
+    /// Whether a transfer is under way: accepted and not finished.
+    fn under_way(&self) -> bool {
+        self.out.values().any(|t| !matches!(t.state, OutState::Offered)) || self.inc.values().any(|t| matches!(t.state, InState::Receiving { .. }))
+    }
 }
 
 impl PeerTransfers {
@@ -442,9 +449,16 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Transfers {
-    /// No transfers yet.
+    /// No transfers yet; this side's transfer ids count from 1.
     pub fn new(config: TransferConfig) -> Self {
         Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new() }
+    }
+
+    /// This side's transfer ids count from `first` (a random start, so that two peers'
+    /// ids rarely meet; when they would, the next free one is taken).
+    pub fn with_first_id(mut self, first: u64) -> Self {
+        self.next_id = first.max(1);
+        self
     }
 
     /// Returns the next event, or `None`.
@@ -471,7 +485,13 @@ impl Transfers {
     }
 
     fn offer_inner(&mut self, peer: Fingerprint, file: FileInfo, source: Option<Box<dyn ChunkSource>>) -> Result<u64, TransferError> {
-        let id = self.next_id;
+        // An id no transfer with this peer has, either way: every message names one transfer.
+        let mut id = self.next_id;
+        if let Some(p) = self.peers.get(&peer) {
+            while p.out.contains_key(&id) || p.inc.contains_key(&id) {
+                id = id.wrapping_add(1).max(1);
+            }
+        }
         let chunk = self.config.chunk_size;
         let offer = Offer {
             id,
@@ -488,9 +508,9 @@ impl Transfers {
         if Self::count(p) >= self.config.max_transfers {
             return Err(TransferError::TooMany);
         }
-        self.next_id += 1;
+        self.next_id = id.wrapping_add(1).max(1);
         p.control.push_back(Control::Offer(offer.clone()));
-        p.out.insert(id, Outgoing { offer, state: OutState::Offered, meter: Meter::new(), source, active: None });
+        p.out.insert(id, Outgoing { offer, state: OutState::Offered, meter: Meter::new(), source });
         Ok(id)
     }
 
@@ -634,13 +654,19 @@ impl Transfers {
                     }
                     return self.bad(peer, TransferError::DuplicateId(offer.id));
                 }
+                if p.out.contains_key(&offer.id) {
+                    // This side's own transfer to the peer has that id: refused, so that every
+                    // message names one transfer.
+                    p.control.push_back(Control::Reject { id: offer.id, reason: "transfer id in use".into() });
+                    return self.bad(peer, TransferError::DuplicateId(offer.id));
+                }
                 if Self::count(p) >= max_transfers {
                     p.control.push_back(Control::Reject { id: offer.id, reason: "too many transfers".into() });
                     return;
                 }
                 let id = offer.id;
                 let json = offer.kind == TransferKind::Json && offer.size <= auto_json;
-                p.inc.insert(id, Incoming { offer: offer.clone(), state: InState::Offered, meter: Meter::new(), sink: Sink::Events, active: None });
+                p.inc.insert(id, Incoming { offer: offer.clone(), state: InState::Offered, meter: Meter::new(), sink: Sink::Events });
                 if json {
                     // A JSON value is taken as it comes (the reference's JSONTransfer).
                     let accepted = self.accept_inner(peer, id, Sink::Memory { data: Vec::new(), json: true });
@@ -665,7 +691,6 @@ impl Transfers {
                 };
                 requested.retain(|i| (from..from.saturating_add(read_ahead)).contains(i));
                 t.meter.done = from * u64::from(t.offer.chunk);
-                t.active = Some(now);
                 t.state = OutState::Sending { next_read: from, next_send: from, requested, ready: BTreeMap::new() };
                 if from == t.offer.chunks {
                     t.state = OutState::Sent;
@@ -748,7 +773,6 @@ impl Transfers {
         }
         hasher.update(chunk.payload);
         *next += 1;
-        t.active = Some(now);
         t.meter.done += chunk.payload.len() as u64;
         let last = *next == t.offer.chunks;
         if let Some(progress) = t.meter.tick(now, t.offer.size, interval, last) {
@@ -798,9 +822,11 @@ impl Transfers {
     }
 
     /// The channel to `peer` has room again (its buffered amount fell to the low-water mark).
+    /// Also when its channel opens: the peer is connected.
     pub fn handle_writable(&mut self, peer: Fingerprint) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.blocked = false;
+            p.down_since = None;
         }
     }
 
@@ -810,6 +836,7 @@ impl Transfers {
     pub fn handle_reconnected(&mut self, peer: Fingerprint) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         p.blocked = false;
+        p.down_since = None;
         for t in p.out.values_mut() {
             t.state = match std::mem::replace(&mut t.state, OutState::Offered) {
                 OutState::Sending { requested, .. } | OutState::Resuming { requested } => OutState::Resuming { requested },
@@ -845,27 +872,37 @@ impl Transfers {
 
     // ---- time --------------------------------------------------------------------------------
 
-    /// When a transfer under way would time out ([`TransferConfig::idle_timeout`]), if any.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let idle = self.config.idle_timeout;
-        let out = self.peers.values().flat_map(|p| p.out.values().map(|t| t.active));
-        let inc = self.peers.values().flat_map(|p| p.inc.values().map(|t| t.active));
-        out.chain(inc).flatten().min().map(|at| at + idle)
+    /// The connection to `peer` is lost (closed or failed): its transfers under way wait
+    /// [`TransferConfig::reconnect_timeout`] for [`Transfers::handle_reconnected`].
+    pub fn handle_disconnected(&mut self, now: Instant, peer: Fingerprint) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.down_since.get_or_insert(now);
+        }
     }
 
-    /// Fails the transfers under way that moved nothing for [`TransferConfig::idle_timeout`].
-    /// Calling it early does nothing.
+    /// When transfers with a peer whose connection is lost would time out, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let wait = self.config.reconnect_timeout;
+        self.peers.values().filter(|p| p.under_way()).filter_map(|p| p.down_since).min().map(|at| at + wait)
+    }
+
+    /// Fails the transfers under way with peers whose connection stayed lost for
+    /// [`TransferConfig::reconnect_timeout`]. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let idle = self.config.idle_timeout;
-        let stale = |active: Option<Instant>| active.is_some_and(|at| now >= at + idle);
+        let wait = self.config.reconnect_timeout;
         let mut due = Vec::new();
-        for (peer, p) in &self.peers {
-            due.extend(p.out.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id, Direction::Send)));
-            due.extend(p.inc.iter().filter(|(_, t)| stale(t.active)).map(|(id, _)| (*peer, *id, Direction::Receive)));
+        for (peer, p) in &mut self.peers {
+            if !p.down_since.is_some_and(|at| now >= at + wait) {
+                continue;
+            }
+            p.down_since = None;
+            due.extend(p.out.iter().filter(|(_, t)| !matches!(t.state, OutState::Offered)).map(|(id, _)| (*peer, *id, Direction::Send)));
+            due.extend(p.inc.iter().filter(|(_, t)| matches!(t.state, InState::Receiving { .. })).map(|(id, _)| (*peer, *id, Direction::Receive)));
         }
         for (peer, id, direction) in due {
-            let reason = format!("no progress for {idle:?}");
-            self.end(peer, id, Some(direction), TransferError::TimedOut(idle), Some(Control::Cancel { id, reason }));
+            // Said in case the peer comes back after all.
+            let reason = format!("the connection did not come back within {wait:?}");
+            self.end(peer, id, Some(direction), TransferError::TimedOut(wait), Some(Control::Cancel { id, reason }));
         }
     }
 
@@ -913,7 +950,6 @@ impl Transfers {
                             ready.remove(&index);
                             *next_send += 1;
                             out.meter.done += len;
-                            out.active = Some(now);
                             p.last_served = id;
                             progressed = true;
                             if *next_send == out.offer.chunks {
