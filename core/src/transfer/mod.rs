@@ -442,6 +442,9 @@ pub struct Transfers {
     peers: BTreeMap<Fingerprint, PeerTransfers>,
     next_id: u64,
     events: VecDeque<TransferEvent>,
+    /// The buffer of the frame sent last, to read the next one into (the channel copies what
+    /// it is given: one allocation serves every chunk).
+    spare: Vec<u8>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -451,7 +454,7 @@ fn hex(bytes: &[u8]) -> String {
 impl Transfers {
     /// No transfers yet; this side's transfer ids count from 1.
     pub fn new(config: TransferConfig) -> Self {
-        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new() }
+        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new(), spare: Vec::new() }
     }
 
     /// This side's transfer ids count from `first` (a random start, so that two peers'
@@ -892,7 +895,7 @@ impl Transfers {
         let wait = self.config.reconnect_timeout;
         let mut due = Vec::new();
         for (peer, p) in &mut self.peers {
-            if !p.down_since.is_some_and(|at| now >= at + wait) {
+            if p.down_since.is_none_or(|at| now < at + wait) {
                 continue;
             }
             p.down_since = None;
@@ -930,13 +933,14 @@ impl Transfers {
                     let out = p.out.get_mut(&id).expect("listed");
                     let OutState::Sending { next_send, ready, .. } = &mut out.state else { continue };
                     let index = *next_send;
-                    if !ready.contains_key(&index) {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = ready.entry(index) {
                         // Read from the source straight into the frame, now that it can go.
                         let Some(source) = out.source.as_mut() else { continue };
                         let offset = index * u64::from(out.offer.chunk);
-                        match wire::chunk_frame(id, index, out.offer.chunk_len(index), |buf| source.read_at(offset, buf)) {
+                        let buf = std::mem::take(&mut self.spare);
+                        match wire::chunk_frame_in(buf, id, index, out.offer.chunk_len(index), |buf| source.read_at(offset, buf)) {
                             Ok(frame) => {
-                                ready.insert(index, frame);
+                                slot.insert(frame);
                             }
                             Err(e) => {
                                 unreadable.push((id, e));
@@ -947,7 +951,9 @@ impl Transfers {
                     match t.send_binary(peer, &ready[&index]) {
                         Ok(()) => {
                             let len = out.offer.chunk_len(index) as u64;
-                            ready.remove(&index);
+                            if let Some(frame) = ready.remove(&index) {
+                                self.spare = frame;
+                            }
                             *next_send += 1;
                             out.meter.done += len;
                             p.last_served = id;

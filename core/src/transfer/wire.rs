@@ -161,7 +161,13 @@ pub fn encode_chunk(id: u64, index: u64, payload: &[u8]) -> Vec<u8> {
 /// A chunk frame of a `len`-byte payload that `fill` writes in place (read straight from a
 /// source into the frame that is sent: no copy in between).
 pub fn chunk_frame<E>(id: u64, index: u64, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<Vec<u8>, E> {
-    let mut out = vec![0; CHUNK_HEADER + len];
+    chunk_frame_in(Vec::new(), id, index, len, fill)
+}
+
+/// [`chunk_frame`] in the buffer `out` (its old contents are overwritten, its allocation
+/// reused).
+pub fn chunk_frame_in<E>(mut out: Vec<u8>, id: u64, index: u64, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<Vec<u8>, E> {
+    out.resize(CHUNK_HEADER + len, 0);
     fill(&mut out[CHUNK_HEADER..])?;
     let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
     out[0] = CHUNK_MAGIC;
