@@ -872,9 +872,12 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
                 TransferEvent::Offered { peer, offer } => {
                     cpu_start = thread_cpu_time();
                     let (t, b, f) = (transfer.clone(), bytes.clone(), failed.clone());
+                    // A chunk holds whole messages (the chunk size is a multiple of theirs).
                     let sink = SinkFn(move |offset: u64, data: &[u8]| {
-                        if let Err(e) = t.check(offset / t.msg_size as u64, data) {
-                            *f.lock().expect("lock") = Some(e.to_string());
+                        for (i, msg) in data.chunks(t.msg_size).enumerate() {
+                            if let Err(e) = t.check(offset / t.msg_size as u64 + i as u64, msg) {
+                                *f.lock().expect("lock") = Some(e.to_string());
+                            }
                         }
                         b.fetch_add(data.len() as u64, Ordering::Relaxed);
                         Ok(())
@@ -909,9 +912,11 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
                 *fw = Some(Instant::now());
                 *cm.lock().expect("lock") = thread_cpu_time();
             }
-            // The generated content, written straight into the outgoing frame.
+            // The generated content, written straight into the outgoing frame: whole messages.
             buf.fill(0xA5);
-            t.fill(offset / t.msg_size as u64, buf);
+            for (i, msg) in buf.chunks_mut(t.msg_size).enumerate() {
+                t.fill(offset / t.msg_size as u64 + i as u64, msg);
+            }
             Ok(())
         });
         node.send_from(target, info, source)?;
