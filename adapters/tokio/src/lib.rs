@@ -869,7 +869,10 @@ impl Node {
 }
 
 /// A call on the core node, run on the driver.
-struct CoreCall(Box<dyn FnOnce(&mut peerlink::Node, Instant) + Send>);
+type CallOnNode = dyn FnOnce(&mut peerlink::Node, Instant) + Send;
+
+/// A [`CallOnNode`] in a command.
+struct CoreCall(Box<CallOnNode>);
 
 impl std::fmt::Debug for CoreCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
