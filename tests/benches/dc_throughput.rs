@@ -871,7 +871,7 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
             match event {
                 TransferEvent::Offered { peer, offer } => {
                     cpu_start = thread_cpu_time();
-                    let (t, b, f) = (transfer.clone(), bytes.clone(), failed.clone());
+                    let (b, f) = (bytes.clone(), failed.clone());
                     // Chunks do not line up with messages: the core's SHA-256 of the whole
                     // checks the content; the sink checks the count and the order.
                     let next = std::sync::atomic::AtomicU64::new(0);
@@ -879,7 +879,6 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
                         if next.swap(offset + data.len() as u64, Ordering::Relaxed) != offset {
                             *f.lock().expect("lock") = Some(format!("chunk at {offset} out of order"));
                         }
-                        let _ = &t;
                         b.fetch_add(data.len() as u64, Ordering::Relaxed);
                         Ok(())
                     });
