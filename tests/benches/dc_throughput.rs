@@ -918,7 +918,7 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
             let msg = t.msg_size as u64;
             let mut start = offset.div_ceil(msg) * msg;
             // A stamp cut by the chunk's start.
-            if offset % msg != 0 && offset % msg < 8 {
+            if !offset.is_multiple_of(msg) && offset % msg < 8 {
                 let stamp = (offset / msg).to_le_bytes();
                 let from = (offset % msg) as usize;
                 let n = (8 - from).min(buf.len());
