@@ -447,7 +447,8 @@ impl Node {
         // A room deadline already past (it waits on input, e.g. the relay coming back) must
         // not make the loop spin: it counts from now on.
         let rooms = self.rooms.poll_timeout().map(|t| t.max(self.now));
-        let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now));
+        // Transfers that stopped at their flush budget go on at once.
+        let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).min()
     }
 
@@ -578,6 +579,9 @@ impl Node {
         self.rooms_dirty = true;
         if self.transfers.poll_timeout().is_some_and(|t| t <= now) {
             self.transfers.handle_timeout(now);
+            self.transfers_dirty = true;
+        }
+        if self.transfers.wants_flush() {
             self.transfers_dirty = true;
         }
         self.flush_layers();

@@ -1176,7 +1176,16 @@ impl Harness {
 
     fn flush(&mut self, texts: usize, chunks: usize, error: bool) {
         let mut wire = Wire::new(texts, chunks, error);
+        // A flush sends a bounded number of chunks and says when it has more; a Node flushes
+        // again at once, as here.
         self.t.flush(self.now, &mut wire);
+        for _ in 0..100_000 {
+            if !self.t.wants_flush() {
+                break;
+            }
+            self.t.flush(self.now, &mut wire);
+        }
+        assert!(!self.t.wants_flush(), "flush keeps wanting more");
         for peer in &wire.attempts {
             let p = peer_index(peer);
             assert!(!self.blocked[p], "a chunk to {p} after the channel refused one, before it was writable again");

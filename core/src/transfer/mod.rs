@@ -445,7 +445,13 @@ pub struct Transfers {
     /// The buffer of the frame sent last, to read the next one into (the channel copies what
     /// it is given: one allocation serves every chunk).
     spare: Vec<u8>,
+    /// A flush stopped at its budget with chunks still ready to go.
+    more: Option<Instant>,
 }
+
+/// Most chunks one [`Transfers::flush`] sends (bounded work per call, smoltcp style): the
+/// connection's packets go out, and its acknowledgements come in, between bursts.
+const CHUNKS_PER_FLUSH: usize = 2;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -454,7 +460,7 @@ fn hex(bytes: &[u8]) -> String {
 impl Transfers {
     /// No transfers yet; this side's transfer ids count from 1.
     pub fn new(config: TransferConfig) -> Self {
-        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new(), spare: Vec::new() }
+        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new(), spare: Vec::new(), more: None }
     }
 
     /// This side's transfer ids count from `first` (a random start, so that two peers'
@@ -889,6 +895,12 @@ impl Transfers {
         self.peers.values().filter(|p| p.under_way()).filter_map(|p| p.down_since).min().map(|at| at + wait)
     }
 
+    /// Whether the last [`Transfers::flush`] stopped at its budget with chunks still ready to
+    /// go: flush again soon (a [`Node`](crate::Node) does so at once, from `handle_timeout`).
+    pub fn wants_flush(&self) -> bool {
+        self.more.is_some()
+    }
+
     /// Fails the transfers under way with peers whose connection stayed lost for
     /// [`TransferConfig::reconnect_timeout`]. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -916,6 +928,7 @@ impl Transfers {
     /// source). Call after every input.
     pub fn flush(&mut self, now: Instant, t: &mut dyn TransferTransport) {
         let peers: Vec<Fingerprint> = self.peers.keys().copied().collect();
+        self.more = None;
         for peer in peers {
             self.zero_length(peer);
             let (read_ahead, interval) = (self.config.read_ahead, self.config.progress_interval);
@@ -925,7 +938,12 @@ impl Transfers {
             let mut unreadable = Vec::new();
             let mut progressed = true;
             let mut ids = Vec::new();
+            let mut budget = CHUNKS_PER_FLUSH;
             while progressed && !p.blocked {
+                if budget == 0 {
+                    self.more = Some(now);
+                    break;
+                }
                 progressed = false;
                 ids.clear();
                 ids.extend(p.out.range(p.last_served + 1..).chain(p.out.range(..=p.last_served)).map(|(id, _)| *id));
@@ -963,6 +981,10 @@ impl Transfers {
                             }
                             if let Some(progress) = out.meter.tick(now, out.offer.size, interval, false) {
                                 self.events.push_back(TransferEvent::Progress { peer, id, direction: Direction::Send, progress });
+                            }
+                            budget -= 1;
+                            if budget == 0 {
+                                break;
                             }
                         }
                         Err(SendError::WouldBlock { .. }) => {
