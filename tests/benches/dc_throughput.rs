@@ -736,27 +736,11 @@ impl ReceiverState<'_> {
 // peerlink endpoints
 // ----------------------------------------------------------------------------------------
 
-/// A peerlink node on the blocking adapter, bound to 127.0.0.1, registered with `url`.
-fn peerlink_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_blocking::PollNode, Error> {
-    let mut config = peerlink::NodeConfig::new(url);
-    config.peer = peer.clone();
-    let options = peerlink_blocking::PollOptions { udp: peerlink_blocking::UdpBind::Loopback, ..Default::default() };
-    let mut node = peerlink_blocking::PollNode::new(config, options)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.is_registered() {
-        if Instant::now() >= deadline {
-            return Err("not registered".into());
-        }
-        node.next_event(Duration::from_millis(20))?;
-    }
-    Ok(node)
-}
-
 /// A sending `PollNode` connected to the receiver whose fingerprint arrives on `fp_rx`, its
 /// default channel open (setup, untimed).
 fn peerlink_sender(url: &str, peer: &peerlink::PeerConfig, fp_rx: &mpsc::Receiver<peerlink::Fingerprint>) -> Result<(peerlink_blocking::PollNode, peerlink::Fingerprint), Error> {
     use peerlink::NodeEvent;
-    let mut node = peerlink_node(url, peer)?;
+    let mut node = common::registered_node(url, peer)?;
     let target = fp_rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("receiver fingerprint: {e}"))?;
     node.connect_to_peer(target)?;
     loop {
@@ -777,7 +761,7 @@ fn peerlink_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
     let (fp_tx, fp_rx) = mpsc::channel();
     let (url2, peer2) = (url.clone(), peer.clone());
     let receiver: ReceiverEndpoint = Box::new(move |transfer: Transfer| {
-        let mut node = peerlink_node(&url2, &peer2)?;
+        let mut node = common::registered_node(&url2, &peer2)?;
         fp_tx.send(node.fingerprint()).map_err(|_| "sender gone")?;
         let (mut bytes, mut seq, mut cpu_start) = (0u64, 0u64, None);
         loop {
@@ -853,7 +837,7 @@ fn transfer_endpoints(url: String, peer: peerlink::PeerConfig) -> (SenderEndpoin
     let (fp_tx, fp_rx) = mpsc::channel();
     let (url2, peer2) = (url.clone(), peer.clone());
     let receiver: ReceiverEndpoint = Box::new(move |transfer: Transfer| {
-        let mut node = peerlink_node(&url2, &peer2)?;
+        let mut node = common::registered_node(&url2, &peer2)?;
         fp_tx.send(node.fingerprint()).map_err(|_| "sender gone")?;
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use peerlink::transfer::{Direction, FileInfo, SinkFn, SourceFn, TransferEvent};
 use peerlink::{Fingerprint, NodeEvent};
-use peerlink_blocking::{PollNode, PollOptions, UdpBind};
+use peerlink_blocking::PollNode;
 use sha2::{Digest, Sha256};
 
 mod common;
@@ -44,24 +44,12 @@ fn hex(b: &[u8]) -> String {
 
 /// Peak and current resident set of this process, KiB (`VmHWM`, `VmRSS`).
 fn rss_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let pid = std::process::id();
+    (common::vm_hwm(pid) / 1024, common::vm_rss(pid) / 1024)
 }
 
 fn node(url: &str) -> Result<PollNode, Error> {
-    let options = PollOptions { udp: UdpBind::Loopback, ..Default::default() };
-    let mut node = PollNode::new(peerlink::NodeConfig::new(url), options)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.is_registered() {
-        if Instant::now() >= deadline {
-            return Err("not registered".into());
-        }
-        node.next_event(Duration::from_millis(20))?;
-    }
-    Ok(node)
+    common::registered_node(url, &peerlink::PeerConfig::default())
 }
 
 /// Connects `node` to `target` and waits for the connection.

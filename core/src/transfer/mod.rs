@@ -447,6 +447,9 @@ pub struct Transfers {
     spare: Vec<u8>,
     /// A flush stopped at its budget with chunks still ready to go.
     more: Option<Instant>,
+    /// [`Transfers::flush`]'s lists, kept for their allocations.
+    scratch_peers: Vec<Fingerprint>,
+    scratch_ids: Vec<u64>,
 }
 
 /// Most chunks one [`Transfers::flush`] sends (bounded work per call, smoltcp style): the
@@ -460,7 +463,7 @@ fn hex(bytes: &[u8]) -> String {
 impl Transfers {
     /// No transfers yet; this side's transfer ids count from 1.
     pub fn new(config: TransferConfig) -> Self {
-        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new(), spare: Vec::new(), more: None }
+        Transfers { config, peers: BTreeMap::new(), next_id: 1, events: VecDeque::new(), spare: Vec::new(), more: None, scratch_peers: Vec::new(), scratch_ids: Vec::new() }
     }
 
     /// This side's transfer ids count from `first` (a random start, so that two peers'
@@ -927,9 +930,13 @@ impl Transfers {
     /// the channel refuses; asks for more chunks up to the read-ahead (transfers without a
     /// source). Call after every input.
     pub fn flush(&mut self, now: Instant, t: &mut dyn TransferTransport) {
-        let peers: Vec<Fingerprint> = self.peers.keys().copied().collect();
+        // Scratch lists kept between flushes (a flush runs every couple of chunks).
+        let mut peers = std::mem::take(&mut self.scratch_peers);
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        peers.clear();
+        peers.extend(self.peers.keys().copied());
         self.more = None;
-        for peer in peers {
+        for &peer in &peers {
             self.zero_length(peer);
             let (read_ahead, interval) = (self.config.read_ahead, self.config.progress_interval);
             let Some(p) = self.peers.get_mut(&peer) else { continue };
@@ -937,7 +944,6 @@ impl Transfers {
             // Chunks, in turn.
             let mut unreadable = Vec::new();
             let mut progressed = true;
-            let mut ids = Vec::new();
             let mut budget = CHUNKS_PER_FLUSH;
             while progressed && !p.blocked {
                 if budget == 0 {
@@ -1031,6 +1037,8 @@ impl Transfers {
                 p.send_controls(peer, t);
             }
         }
+        self.scratch_peers = peers;
+        self.scratch_ids = ids;
     }
 }
 

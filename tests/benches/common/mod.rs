@@ -100,10 +100,36 @@ pub fn pin_generator() {
 
 /// VmRSS of a process, in bytes.
 pub fn vm_rss(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:") * 1024
+}
+
+/// VmHWM (peak resident set) of a process, in bytes.
+pub fn vm_hwm(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:") * 1024
+}
+
+/// A `kB` field of /proc/PID/status.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
-    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value");
-    kb * 1024
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} line"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad {field} value"))
+}
+
+/// A blocking-adapter node with UDP on loopback and `peer`'s settings, registered with the
+/// signaling server at `url` (up to 10 s).
+pub fn registered_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_blocking::PollNode, Box<dyn std::error::Error + Send + Sync>> {
+    let mut config = peerlink::NodeConfig::new(url);
+    config.peer = peer.clone();
+    let options = peerlink_blocking::PollOptions { udp: peerlink_blocking::UdpBind::Loopback, ..Default::default() };
+    let mut node = peerlink_blocking::PollNode::new(config, options)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.is_registered() {
+        if Instant::now() >= deadline {
+            return Err("not registered".into());
+        }
+        node.next_event(Duration::from_millis(20))?;
+    }
+    Ok(node)
 }
 
 /// CPU time (user + system) a process has used so far, in seconds (from /proc/PID/stat).
