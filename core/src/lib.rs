@@ -158,6 +158,7 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod stun;
+pub mod sync;
 pub mod transfer;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
