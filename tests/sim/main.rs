@@ -17,4 +17,5 @@ mod outage_recovery;
 mod partition;
 mod reflexive;
 mod rooms;
+mod state_convergence;
 mod transfer;
