@@ -10,19 +10,22 @@
 //!   often.
 //! - **Operational** ([`StateMode::Operational`]): every write also carries a version
 //!   vector (per node, how many writes to this key it made), so a replica can tell a write
-//!   that follows another from a truly concurrent one. A write that follows replaces; two
-//!   concurrent ones are combined by the application's [`MergeFn`], and a
-//!   [`StateEvent::Conflict`] says so. Replicas converge if the merge function is
-//!   - **deterministic** (a function of its arguments only: no clock, no randomness, no
-//!     local state),
-//!   - **commutative**: `merge(k, a, b) == merge(k, b, a)`,
-//!   - **associative**: `merge(k, merge(k, a, b), c) == merge(k, a, merge(k, b, c))`,
-//!   - **idempotent**: `merge(k, a, a) == a`
+//!   that follows another from a truly concurrent one. A write that follows replaces what it
+//!   saw; concurrent writes are all kept (as "siblings", a multi-value register) and what
+//!   reads see is the application's [`MergeFn`] folded over them, in the same order on every
+//!   replica (sorted by writer and count). A [`StateEvent::Conflict`] reports each remote
+//!   write that arrives concurrent with the local value. The next local write replaces the
+//!   siblings with its value (typically the merged one).
 //!
-//!   (a join of a semilattice: set union with a sorted result, maximum, a per-field maximum
-//!   of an object). A merge that keeps the order of its inputs, as the reference's
-//!   `[...new Set([...local, ...remote])]` does, is not commutative: sort the result.
-//!   `None` stands for a deleted key on either side and as a result.
+//!   Replicas that know the same writes hold the same siblings, so they converge whatever
+//!   the merge function does, provided it is **deterministic** (a function of its arguments
+//!   only: no clock, no randomness, no local state). For the value not to depend on which
+//!   writer's fingerprint sorts first, it should also be **commutative**
+//!   (`merge(k, a, b) == merge(k, b, a)`), **associative** and **idempotent**
+//!   (`merge(k, a, a) == a`): a join of a semilattice, such as set union with a sorted
+//!   result, maximum, or a per-field maximum of an object. A merge that keeps the order of
+//!   its inputs, as the reference's `[...new Set([...local, ...remote])]` does, depends on
+//!   that order: sort the result. `None` stands for a deleted key, as input and as a result.
 //!
 //! All members of a room must use the same mode.
 //!
@@ -209,10 +212,24 @@ pub struct StateStats {
     pub entries_received: u64,
 }
 
-struct Entry {
+/// One of the concurrent writes an operational entry holds.
+#[derive(Clone, PartialEq)]
+struct Sibling {
+    node: Fingerprint,
+    counter: u64,
     value: Option<Value>,
     json: Option<Box<str>>,
+}
+
+struct Entry {
+    /// What reads see: the value, or in operational mode the merge of the siblings.
+    value: Option<Value>,
+    /// `value` as JSON (last-writer-wins mode; what is sent).
+    json: Option<Box<str>>,
     version: Version,
+    /// Operational mode: the writes not known to be superseded (at least one), sorted by
+    /// (node, counter). Empty in last-writer-wins mode.
+    siblings: Vec<Sibling>,
     key_hash: u64,
     hash: u64,
     dirty: bool,
@@ -253,7 +270,7 @@ fn key_hash(key: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key.as_bytes())
 }
 
-fn entry_hash(key: &str, v: &Version, lww: bool) -> u64 {
+fn entry_hash(key: &str, v: &Version, siblings: &[Sibling], lww: bool) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(&(key.len() as u64).to_le_bytes());
     h.update(key.as_bytes());
@@ -265,6 +282,10 @@ fn entry_hash(key: &str, v: &Version, lww: bool) -> u64 {
         for (fp, n) in &v.vv {
             h.update(fp.as_bytes());
             h.update(&n.to_le_bytes());
+        }
+        for s in siblings {
+            h.update(s.node.as_bytes());
+            h.update(&s.counter.to_le_bytes());
         }
     }
     h.digest()
@@ -283,6 +304,11 @@ fn check_key(key: &str) -> Result<(), SyncError> {
         return Err(SyncError::BadKey { len: key.len(), max: MAX_KEY_LEN });
     }
     Ok(())
+}
+
+/// Whether the write `(node, counter)` is among those `vv` counts.
+fn covered(node: Fingerprint, counter: u64, vv: &[(Fingerprint, u64)]) -> bool {
+    vv.binary_search_by(|(f, _)| f.cmp(&node)).is_ok_and(|i| vv[i].1 >= counter)
 }
 
 /// `a` joined with `b`, pointwise maximum.
@@ -414,19 +440,26 @@ impl StateSync {
             return Err(SyncError::TooManyKeys(self.config.max_keys));
         }
         let ts = self.hlc.now(unix_ms);
-        let vv = match (&self.config.mode, existing) {
-            (StateMode::Lww, _) => Vec::new(),
+        let (vv, siblings) = match (&self.config.mode, existing) {
+            (StateMode::Lww, _) => (Vec::new(), Vec::new()),
             (StateMode::Operational(_), e) => {
+                // A local write supersedes every write this replica knows of for the key.
                 let mut vv = e.map(|e| e.version.vv.clone()).unwrap_or_default();
-                match vv.binary_search_by(|(f, _)| f.cmp(&self.me)) {
-                    Ok(i) => vv[i].1 += 1,
-                    Err(i) => vv.insert(i, (self.me, 1)),
-                }
-                vv
+                let counter = match vv.binary_search_by(|(f, _)| f.cmp(&self.me)) {
+                    Ok(i) => {
+                        vv[i].1 += 1;
+                        vv[i].1
+                    }
+                    Err(i) => {
+                        vv.insert(i, (self.me, 1));
+                        1
+                    }
+                };
+                (vv, vec![Sibling { node: self.me, counter, value: value.clone(), json: json.clone() }])
             }
         };
         let event = StateEvent::Changed { key: key.to_owned(), value: value.clone(), origin: self.me };
-        self.store(key, value, json, Version { ts, vv }, true);
+        self.store(key, value, json, Version { ts, vv }, siblings, true);
         self.events.push_back(event);
         if self.flush_at.is_none() {
             self.flush_at = Some(now + self.config.batch_delay);
@@ -435,9 +468,9 @@ impl StateSync {
     }
 
     /// Puts an entry in the map and the digest.
-    fn store(&mut self, key: &str, value: Option<Value>, json: Option<Box<str>>, version: Version, local: bool) {
+    fn store(&mut self, key: &str, value: Option<Value>, json: Option<Box<str>>, version: Version, siblings: Vec<Sibling>, local: bool) {
         let lww = self.lww();
-        let hash = entry_hash(key, &version, lww);
+        let hash = entry_hash(key, &version, &siblings, lww);
         match self.entries.get_mut(key) {
             Some(e) => {
                 let cell = &mut self.top[bucket(e.key_hash)];
@@ -446,6 +479,7 @@ impl StateSync {
                 e.value = value;
                 e.json = json;
                 e.version = version;
+                e.siblings = siblings;
                 if local && !e.dirty {
                     e.dirty = true;
                     self.dirty.push(key.into());
@@ -460,7 +494,7 @@ impl StateSync {
                 if local {
                     self.dirty.push(k.clone());
                 }
-                self.entries.insert(k, Entry { value, json, version, key_hash: kh, hash, dirty: local });
+                self.entries.insert(k, Entry { value, json, version, siblings, key_hash: kh, hash, dirty: local });
             }
         }
     }
@@ -591,7 +625,7 @@ impl StateSync {
             let Some(e) = self.entries.get_mut(k) else { continue };
             e.dirty = false;
             let e = &self.entries[k];
-            if let Some(msg) = batch.push(k, &e.version, e.json.as_deref()) {
+            if let Some(msg) = batch.push(k, e) {
                 self.stats.entries_sent += msg.1 * self.members.len() as u64;
                 self.send(None, msg.0);
             }
@@ -660,34 +694,55 @@ impl StateSync {
     fn on_entries(&mut self, unix_ms: u64, from: Fingerprint, entries: Vec<wire::WireEntry>) {
         // Check everything first: a message is applied whole or not at all.
         let lww = self.lww();
+        let parse = |key: &str, j: &str| serde_json::from_str::<Value>(j).map_err(|err| SyncWireError::Malformed(format!("value of {key:?} is not JSON: {err}")));
         let mut parsed = Vec::with_capacity(entries.len());
         for e in entries {
             if let Err(error) = check_key(&e.key) {
                 return self.bad(from, error.into());
             }
-            if !lww && e.version.vv.is_empty() {
-                return self.bad(from, SyncWireError::Malformed("operational entry without a version vector".into()));
+            if !lww && (e.version.vv.is_empty() || e.siblings.is_empty()) {
+                return self.bad(from, SyncWireError::Malformed("operational entry without a version vector or siblings".into()));
+            }
+            if lww && !e.siblings.is_empty() {
+                return self.bad(from, SyncWireError::Malformed("siblings in last-writer-wins mode".into()));
             }
             let value = match &e.json {
                 None => None,
-                Some(j) => match serde_json::from_str::<Value>(j) {
+                Some(j) => match parse(&e.key, j) {
                     Ok(v) => Some(v),
-                    Err(err) => return self.bad(from, SyncWireError::Malformed(format!("value of {:?} is not JSON: {err}", e.key))),
+                    Err(error) => return self.bad(from, error),
                 },
             };
-            parsed.push((e, value));
+            let mut siblings = Vec::with_capacity(e.siblings.len());
+            for sib in &e.siblings {
+                // A sibling the version vector does not cover is not a write it knows.
+                if !covered(sib.node, sib.counter, &e.version.vv) {
+                    return self.bad(from, SyncWireError::Malformed("a sibling outside the version vector".into()));
+                }
+                let value = match &sib.json {
+                    None => None,
+                    Some(j) => match parse(&e.key, j) {
+                        Ok(v) => Some(v),
+                        Err(error) => return self.bad(from, error),
+                    },
+                };
+                siblings.push(Sibling { node: sib.node, counter: sib.counter, value, json: sib.json.as_deref().map(Into::into) });
+            }
+            parsed.push((e.key, e.version, e.json, value, siblings));
         }
         self.stats.entries_received += parsed.len() as u64;
         let horizon = self.horizon();
-        for (mut e, value) in parsed {
-            if let Err(error) = self.hlc.observe(unix_ms, &e.version.ts) {
-                self.events.push_back(StateEvent::ClockSkew { from, key: e.key, error });
+        for (key, mut version, json, value, siblings) in parsed {
+            if let Err(error) = self.hlc.observe(unix_ms, &version.ts) {
+                self.events.push_back(StateEvent::ClockSkew { from, key, error });
                 continue;
             }
             if lww {
-                e.version.vv.clear();
+                version.vv.clear();
+                self.apply_lww(from, key, version, json.map(String::into_boxed_str), value, horizon);
+            } else {
+                self.apply_operational(from, key, version, siblings, horizon);
             }
-            self.apply(from, e.key, e.version, e.json.map(String::into_boxed_str), value, horizon);
         }
     }
 
@@ -707,46 +762,83 @@ impl StateSync {
         }
     }
 
-    fn apply(&mut self, from: Fingerprint, key: String, version: Version, json: Option<Box<str>>, value: Option<Value>, horizon: u64) {
+    fn apply_lww(&mut self, from: Fingerprint, key: String, version: Version, json: Option<Box<str>>, value: Option<Value>, horizon: u64) {
+        let changed = match self.entries.get(key.as_str()) {
+            None => {
+                if value.is_none() && version.ts.ms < horizon {
+                    // A tombstone this old was (or would have been) collected here.
+                    return;
+                }
+                if self.entries.len() >= self.config.max_keys {
+                    return self.bad(from, SyncWireError::BadEntry(SyncError::TooManyKeys(self.config.max_keys)));
+                }
+                value.is_some()
+            }
+            Some(local) if version.ts > local.version.ts => local.value != value,
+            Some(_) => return,
+        };
+        let origin = version.ts.node;
+        self.store(&key, value.clone(), json, version, Vec::new(), false);
+        if changed {
+            self.events.push_back(StateEvent::Changed { key, value, origin });
+        }
+    }
+
+    /// Operational mode: joins the remote entry into the local one. The siblings kept are
+    /// the local ones the remote version vector does not cover (the remote side has not seen
+    /// them) or that it still holds, and the same the other way round; what reads see is
+    /// the merge of them all. Replicas that know the same writes hold the same siblings.
+    fn apply_operational(&mut self, from: Fingerprint, key: String, version: Version, remote: Vec<Sibling>, horizon: u64) {
+        let StateMode::Operational(merge) = self.config.mode.clone() else { unreachable!("operational mode") };
+        let fold = |sibs: &[Sibling]| -> Option<Value> {
+            let mut it = sibs.iter();
+            let first = it.next().and_then(|s| s.value.clone());
+            it.fold(first, |acc, s| merge(&key, acc.as_ref(), s.value.as_ref()))
+        };
         let Some(local) = self.entries.get(key.as_str()) else {
+            let value = fold(&remote);
             if value.is_none() && version.ts.ms < horizon {
-                // A tombstone this old was (or would have been) collected here.
                 return;
             }
             if self.entries.len() >= self.config.max_keys {
                 return self.bad(from, SyncWireError::BadEntry(SyncError::TooManyKeys(self.config.max_keys)));
             }
             let origin = version.ts.node;
-            let changed = value.is_some();
-            self.store(&key, value.clone(), json, version, false);
-            if changed {
+            self.store(&key, value.clone(), None, version, remote, false);
+            if value.is_some() {
                 self.events.push_back(StateEvent::Changed { key, value, origin });
             }
             return;
         };
-        match self.order(&local.version, &version) {
-            Order::RemoteOlderOrSame => {}
-            Order::RemoteNewer => {
-                let origin = version.ts.node;
-                let changed = local.value != value;
-                self.store(&key, value.clone(), json, version, false);
-                if changed {
-                    self.events.push_back(StateEvent::Changed { key, value, origin });
-                }
+        if dominated(&version.vv, &local.version.vv) {
+            return;
+        }
+        let mut siblings: Vec<Sibling> = local
+            .siblings
+            .iter()
+            .filter(|s| !covered(s.node, s.counter, &version.vv) || remote.iter().any(|r| (r.node, r.counter) == (s.node, s.counter)))
+            .cloned()
+            .collect();
+        for r in &remote {
+            let known_here = covered(r.node, r.counter, &local.version.vv);
+            let held_here = local.siblings.iter().any(|s| (s.node, s.counter) == (r.node, r.counter));
+            if (!known_here || held_here) && !siblings.iter().any(|s| (s.node, s.counter) == (r.node, r.counter)) {
+                siblings.push(r.clone());
             }
-            Order::Concurrent => {
-                let StateMode::Operational(merge) = &self.config.mode else { unreachable!("LWW versions are totally ordered") };
-                let merged = merge(&key, local.value.as_ref(), value.as_ref());
-                let merged_json = merged.as_ref().map(|v| serde_json::to_string(v).expect("a Value serializes").into_boxed_str());
-                let vv = join(&local.version.vv, &version.vv);
-                let ts = local.version.ts.max(version.ts);
-                let before = local.value.clone();
-                self.store(&key, merged.clone(), merged_json, Version { ts, vv }, false);
-                self.events.push_back(StateEvent::Conflict { key: key.clone(), local: before.clone(), remote: value, merged: merged.clone(), from });
-                if before != merged {
-                    self.events.push_back(StateEvent::Changed { key, value: merged, origin: from });
-                }
-            }
+        }
+        siblings.sort_by(|a, b| (a.node, a.counter).cmp(&(b.node, b.counter)));
+        let before = local.value.clone();
+        let concurrent = siblings.len() > 1 && siblings != local.siblings;
+        let merged = fold(&siblings);
+        let vv = join(&local.version.vv, &version.vv);
+        let ts = local.version.ts.max(version.ts);
+        let origin = version.ts.node;
+        self.store(&key, merged.clone(), None, Version { ts, vv }, siblings, false);
+        if concurrent {
+            self.events.push_back(StateEvent::Conflict { key: key.clone(), local: before.clone(), remote: fold(&remote), merged: merged.clone(), from });
+        }
+        if before != merged {
+            self.events.push_back(StateEvent::Changed { key, value: merged, origin });
         }
     }
 
@@ -760,7 +852,7 @@ impl StateSync {
         let mut out = Vec::new();
         for k in keys {
             let Some(e) = self.entries.get(k) else { continue };
-            if let Some(msg) = batch.push(k, &e.version, e.json.as_deref()) {
+            if let Some(msg) = batch.push(k, e) {
                 out.push(msg);
             }
         }
@@ -966,8 +1058,9 @@ impl Batch {
     }
 
     /// Adds an entry; returns a full message (and its entry count) when one is ready.
-    fn push(&mut self, key: &str, version: &Version, json: Option<&str>) -> Option<(Vec<u8>, u64)> {
-        wire::put_entry(&mut self.body, &mut self.nodes, key, version, json);
+    fn push(&mut self, key: &str, e: &Entry) -> Option<(Vec<u8>, u64)> {
+        let siblings = e.siblings.iter().map(|s| (&s.node, s.counter, s.json.as_deref()));
+        wire::put_entry(&mut self.body, &mut self.nodes, key, &e.version, e.json.as_deref(), siblings);
         self.count += 1;
         (self.body.len() >= self.max || self.count >= wire::MAX_ITEMS as u64).then(|| self.take())
     }

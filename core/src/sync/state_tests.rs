@@ -339,7 +339,7 @@ fn states(ws: &[(usize, u8, Option<u8>, u64)]) -> Vec<Vec<u8>> {
 fn dump(s: &StateSync) -> Vec<u8> {
     let mut batch = Batch::new(usize::MAX);
     for (k, e) in &s.entries {
-        let _ = batch.push(k, &e.version, e.json.as_deref());
+        let _ = batch.push(k, e);
     }
     batch.finish().map(|m| m.0).unwrap_or_else(|| wire::with_nodes(wire::Type::Entries, &NodeTable::default(), &[0]))
 }

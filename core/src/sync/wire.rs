@@ -55,7 +55,21 @@ pub struct WireEntry {
     pub key: String,
     /// Its version.
     pub version: Version,
-    /// Its value as JSON text, `None` for a tombstone.
+    /// Its value as JSON text, `None` for a tombstone (last-writer-wins mode).
+    pub json: Option<String>,
+    /// Operational mode: the concurrent writes it holds (each a value or a tombstone), at
+    /// least one; empty in last-writer-wins mode.
+    pub siblings: Vec<WireSibling>,
+}
+
+/// One of the concurrent writes an operational entry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireSibling {
+    /// The writer.
+    pub node: Fingerprint,
+    /// Its count of writes to the key with this one (the write's "dot").
+    pub counter: u64,
+    /// The value as JSON text, `None` for a delete.
     pub json: Option<String>,
 }
 
@@ -159,10 +173,25 @@ pub fn with_nodes(t: Type, nodes: &NodeTable, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Appends one entry to an `Entries` body.
-pub fn put_entry(out: &mut Vec<u8>, nodes: &mut NodeTable, key: &str, version: &Version, json: Option<&str>) {
+/// Appends one entry to an `Entries` body: with `siblings` (operational mode) if there are
+/// any, else with `json`.
+pub fn put_entry<'a>(out: &mut Vec<u8>, nodes: &mut NodeTable, key: &str, version: &Version, json: Option<&str>, siblings: impl ExactSizeIterator<Item = (&'a Fingerprint, u64, Option<&'a str>)>) {
     put_str(out, key);
     put_version(out, nodes, version);
+    if siblings.len() > 0 {
+        out.push(2);
+        put_varint(out, siblings.len() as u64);
+        for (node, counter, json) in siblings {
+            put_varint(out, nodes.index(node));
+            put_varint(out, counter);
+            put_value(out, json);
+        }
+        return;
+    }
+    put_value(out, json);
+}
+
+fn put_value(out: &mut Vec<u8>, json: Option<&str>) {
     match json {
         None => out.push(0),
         Some(j) => {
@@ -297,6 +326,11 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.bytes(n as usize)?).map_err(|_| malformed("string not UTF-8"))
     }
 
+    /// Returns how many bytes are left.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     /// Fails unless everything was read.
     pub fn finish(&self) -> Result<(), SyncWireError> {
         if self.pos != self.buf.len() {
@@ -359,12 +393,33 @@ pub fn decode(buf: &[u8], max_key: usize, max_json: usize) -> Result<Message, Sy
             for _ in 0..n {
                 let key = r.str(max_key)?.to_owned();
                 let version = r.version(&nodes)?;
-                let json = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.str(max_json)?.to_owned()),
+                let (json, siblings) = match r.u8()? {
+                    0 => (None, Vec::new()),
+                    1 => (Some(r.str(max_json)?.to_owned()), Vec::new()),
+                    2 => {
+                        let k = r.count(MAX_NODES, 3)?;
+                        if k == 0 {
+                            return Err(malformed("an entry with no siblings"));
+                        }
+                        let mut siblings: Vec<WireSibling> = Vec::with_capacity(k);
+                        for _ in 0..k {
+                            let node = r.node(&nodes)?;
+                            let counter = r.varint()?;
+                            let json = match r.u8()? {
+                                0 => None,
+                                1 => Some(r.str(max_json)?.to_owned()),
+                                _ => return Err(malformed("unknown value tag")),
+                            };
+                            if counter == 0 || siblings.last().is_some_and(|l| (l.node, l.counter) >= (node, counter)) {
+                                return Err(malformed("siblings not sorted, or a zero counter"));
+                            }
+                            siblings.push(WireSibling { node, counter, json });
+                        }
+                        (None, siblings)
+                    }
                     _ => return Err(malformed("unknown value tag")),
                 };
-                entries.push(WireEntry { key, version, json });
+                entries.push(WireEntry { key, version, json, siblings });
             }
             Message::Entries(entries)
         }
