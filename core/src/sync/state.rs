@@ -77,6 +77,13 @@ use crate::identity::Fingerprint;
 pub const MAX_KEY_LEN: usize = 1024;
 /// Least time between two digests to the same member (unless it asks again after this).
 const DIGEST_SPACING: Duration = Duration::from_secs(1);
+/// Least time between starting exchanges with two members: a replica that meets several at
+/// once (it joined) catches up from the first before the others compare with it, so that
+/// it does not receive everything once per member.
+const EXCHANGE_STAGGER: Duration = Duration::from_secs(1);
+/// How long a request for the entries under a prefix stands: the same prefix is not asked
+/// of another member meanwhile.
+const WANT_HOLD: Duration = Duration::from_secs(5);
 
 /// A merge function for operational mode: `(key, local, remote) -> merged`, `None` meaning
 /// deleted. See the [module docs](self) for what it must satisfy.
@@ -257,6 +264,12 @@ pub struct StateSync {
     top: Box<[Cell; BUCKETS]>,
     dirty: Vec<Box<str>>,
     members: BTreeMap<Fingerprint, Member>,
+    /// Exchanges waiting for their turn ([`EXCHANGE_STAGGER`]).
+    staggered: BTreeMap<Fingerprint, Instant>,
+    /// When the latest exchange started or is due to.
+    last_exchange: Option<Instant>,
+    /// Prefixes asked for lately, and when.
+    wanted: HashMap<Prefix, Instant>,
     messages: VecDeque<SyncMessage>,
     events: VecDeque<StateEvent>,
     flush_at: Option<Instant>,
@@ -338,6 +351,9 @@ impl StateSync {
             top: Box::new([Cell::default(); BUCKETS]),
             dirty: Vec::new(),
             members: BTreeMap::new(),
+            staggered: BTreeMap::new(),
+            last_exchange: None,
+            wanted: HashMap::new(),
             messages: VecDeque::new(),
             events: VecDeque::new(),
             flush_at: None,
@@ -522,6 +538,7 @@ impl StateSync {
     /// A member left (or its connection is gone for good).
     pub fn handle_member_down(&mut self, peer: Fingerprint) {
         self.members.remove(&peer);
+        self.staggered.remove(&peer);
     }
 
     /// Something sent to `peer` was dropped: run the exchange with it again.
@@ -538,6 +555,17 @@ impl StateSync {
     }
 
     fn start_exchange(&mut self, now: Instant, peer: Fingerprint) {
+        let due = match self.last_exchange {
+            Some(t) if now < t + EXCHANGE_STAGGER => t + EXCHANGE_STAGGER,
+            _ => now,
+        };
+        self.last_exchange = Some(due);
+        if due > now {
+            trace!(peer = %peer.short(), "exchange staggered");
+            self.staggered.insert(peer, due);
+            return;
+        }
+        self.staggered.remove(&peer);
         if self.me < peer {
             self.send_digest(now, peer);
         } else {
@@ -584,7 +612,7 @@ impl StateSync {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ae = self.members.iter().filter(|(fp, _)| self.me < **fp).filter_map(|(_, m)| m.next_anti_entropy);
-        self.flush_at.into_iter().chain(self.gc_at).chain(ae).min()
+        self.flush_at.into_iter().chain(self.gc_at).chain(ae).chain(self.staggered.values().copied()).min()
     }
 
     /// Sends what is due: the batch of local changes, digests to members, and collects old
@@ -593,6 +621,18 @@ impl StateSync {
         self.unix_ms = self.unix_ms.max(unix_ms);
         if self.flush_at.is_some_and(|t| now >= t) {
             self.flush();
+        }
+        let due: Vec<Fingerprint> = self.staggered.iter().filter(|(_, t)| now >= **t).map(|(p, _)| *p).collect();
+        for peer in due {
+            self.staggered.remove(&peer);
+            if self.members.contains_key(&peer) {
+                self.last_exchange = Some(now);
+                if self.me < peer {
+                    self.send_digest(now, peer);
+                } else {
+                    self.send(Some(peer), wire::hello());
+                }
+            }
         }
         if let Some(interval) = self.config.anti_entropy_interval {
             let due: Vec<Fingerprint> =
@@ -671,8 +711,8 @@ impl StateSync {
         };
         match msg {
             Message::Entries(entries) => self.on_entries(unix_ms, from, entries),
-            Message::Digest(cells) => self.on_digest(from, &cells),
-            Message::SubDigest(parts) => self.on_sub_digest(from, &parts),
+            Message::Digest(cells) => self.on_digest(now, from, &cells),
+            Message::SubDigest(parts) => self.on_sub_digest(now, from, &parts),
             Message::Summaries(leaves) => self.on_summaries(from, leaves),
             Message::WantPrefixes(prefixes) => {
                 let entries = self.collect(|kh| prefixes.iter().any(|p| matches(p, kh)));
@@ -863,18 +903,33 @@ impl StateSync {
         }
     }
 
-    fn on_digest(&mut self, from: Fingerprint, theirs: &[Cell; BUCKETS]) {
+    /// Adds `p` to `want` unless it was asked for lately (of anyone).
+    fn want(&mut self, now: Instant, want: &mut Vec<Prefix>, p: Prefix) {
+        if self.wanted.len() > 4 * BUCKETS * BUCKETS {
+            self.wanted.retain(|_, t| now < *t + WANT_HOLD);
+        }
+        match self.wanted.get(&p) {
+            Some(t) if now < *t + WANT_HOLD => {}
+            _ => {
+                self.wanted.insert(p, now);
+                want.push(p);
+            }
+        }
+    }
+
+    fn on_digest(&mut self, now: Instant, from: Fingerprint, theirs: &[Cell; BUCKETS]) {
         let mut send_buckets = HashSet::new();
         let mut want = Vec::new();
         let mut dig = Vec::new();
-        for (b, (mine, theirs)) in self.top.iter().zip(theirs.iter()).enumerate() {
+        let top = self.top.clone();
+        for (b, (mine, theirs)) in top.iter().zip(theirs.iter()).enumerate() {
             if mine == theirs {
                 continue;
             }
             if theirs.count == 0 {
                 send_buckets.insert(b);
             } else if mine.count == 0 {
-                want.push(Prefix { depth: 1, prefix: b as u16 });
+                self.want(now, &mut want, Prefix { depth: 1, prefix: b as u16 });
             } else {
                 dig.push(b);
             }
@@ -915,7 +970,7 @@ impl StateSync {
         out
     }
 
-    fn on_sub_digest(&mut self, from: Fingerprint, parts: &[(u8, Box<[Cell; BUCKETS]>)]) {
+    fn on_sub_digest(&mut self, now: Instant, from: Fingerprint, parts: &[(u8, Box<[Cell; BUCKETS]>)]) {
         let buckets: Vec<usize> = parts.iter().map(|(b, _)| *b as usize).collect();
         let mine = self.sub_cells(&buckets);
         let mut send_leaves = HashSet::new();
@@ -931,7 +986,7 @@ impl StateSync {
                 if t.count == 0 {
                     send_leaves.insert(leaf);
                 } else if m.count == 0 {
-                    want.push(Prefix { depth: 2, prefix: leaf });
+                    self.want(now, &mut want, Prefix { depth: 2, prefix: leaf });
                 } else {
                     summarize.insert(leaf);
                 }

@@ -373,3 +373,54 @@ proptest! {
         prop_assert_eq!(snapshot(&merged(&[a, b, c, a, b])), snapshot(&merged(&[c, b, a])));
     }
 }
+
+#[test]
+fn a_replica_meeting_two_members_at_once_receives_each_key_about_once() {
+    for joiner_fp in [1u8, 3] {
+        // Fingerprints decide who starts each exchange: the joiner first, then last.
+        let mut nodes: Vec<StateSync> = [2u8, 4, joiner_fp].iter().map(|b| StateSync::new(StateConfig::lww(), fp(*b))).collect();
+        let fps = [fp(2), fp(4), fp(joiner_fp)];
+        let mut m = Mesh { nodes: Vec::new(), events: vec![vec![]; 3] };
+        for i in 0..3000 {
+            nodes[0].set(t0(), MS, &format!("key-{i}"), json!(i)).unwrap();
+        }
+        nodes[0].flush();
+        while nodes[0].poll_message().is_some() {}
+        m.nodes = nodes;
+        // Mesh addresses node i as fp(i + 1): map by hand instead.
+        let deliver = |m: &mut Mesh, now: Instant| loop {
+            let mut sent = Vec::new();
+            for i in 0..3 {
+                m.nodes[i].handle_timeout(now, MS);
+                while let Some(msg) = m.nodes[i].poll_message() {
+                    sent.push((i, msg));
+                }
+            }
+            if sent.is_empty() {
+                break;
+            }
+            for (i, msg) in sent {
+                for j in 0..3 {
+                    if j != i && msg.to.is_none_or(|to| to == fps[j]) {
+                        m.nodes[j].handle_message(now, MS, fps[i], &msg.bytes);
+                    }
+                }
+            }
+        };
+        m.nodes[0].handle_member_up(t0(), fps[1]);
+        m.nodes[1].handle_member_up(t0(), fps[0]);
+        deliver(&mut m, t0());
+        assert_eq!(m.nodes[1].digest(), m.nodes[0].digest());
+        // The joiner meets both at once.
+        for (a, b) in [(0, 2), (1, 2)] {
+            m.nodes[a].handle_member_up(t0(), fps[b]);
+            m.nodes[b].handle_member_up(t0(), fps[a]);
+        }
+        for s in 0..8 {
+            deliver(&mut m, t0() + Duration::from_millis(500 * s));
+        }
+        assert_eq!(m.nodes[2].digest(), m.nodes[0].digest(), "joiner {joiner_fp}");
+        let got = m.nodes[2].stats().entries_received;
+        assert!((3000..3100).contains(&got), "joiner {joiner_fp}: {got} entries for 3000 keys");
+    }
+}
