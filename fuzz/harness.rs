@@ -660,7 +660,7 @@ fn check_room_encoding(items: &[Item]) {
             let size = match data {
                 RoomData::Json(j) => j.len(),
                 RoomData::Text(t) => serde_json::to_string(t).expect("a string serializes").len(),
-                RoomData::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b).len(),
+                RoomData::Binary(b) | RoomData::Sync(b) => base64::engine::general_purpose::STANDARD.encode(b).len(),
             };
             assert_eq!(data.wire_len(), size, "wire_len of {data:?}");
         }

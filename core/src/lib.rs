@@ -168,3 +168,6 @@ pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerSta
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
 pub use room::{RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
 pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};
+pub use sync::{StateConfig, StateEvent, StateSync, SyncError, SyncEvent};
+/// The yrs crate our documents are made of (its `Doc`, `Text`, `Map`, `Array`, `Transact`).
+pub use yrs;

@@ -44,6 +44,8 @@ use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, Transfer
 use crate::client::{RequestId, Response};
 use crate::room::{self, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
+use crate::sync::host::{SyncEvent, Syncs};
+use crate::sync::{CrdtConfig, CrdtSync, StateConfig, StateSync, SyncError};
 
 /// Most events or transmits that may wait undrained before `handle_*` refuses more input.
 pub const MAX_PENDING_OUTPUTS: usize = 65_536;
@@ -189,6 +191,9 @@ pub enum NodeError {
     /// A transfer command was refused.
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    /// A state or document sync command was refused (nothing changed).
+    #[error(transparent)]
+    Sync(#[from] SyncError),
     /// The DTLS certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -289,6 +294,8 @@ pub enum NodeEvent {
     Room(RoomEvent),
     /// Something happened to a file, JSON or image transfer.
     Transfer(TransferEvent),
+    /// Something happened to a room's shared state or documents.
+    Sync(SyncEvent),
 }
 
 /// What a connection said to the transfers.
@@ -363,6 +370,8 @@ pub struct Node {
     /// Peers whose transfer channel was open before: when it opens again, the connection was
     /// replaced and transfers resume.
     transfer_seen: std::collections::BTreeSet<Fingerprint>,
+    /// Key-value and document sync per room, over room messages.
+    syncs: Syncs,
 }
 
 impl Node {
@@ -377,6 +386,10 @@ impl Node {
         let first_transfer_id = rng.next_u64() >> 2;
         let rooms = Rooms::new(config.rooms.clone(), identity.fingerprint(), now, unix_ms);
         let config_transfers = config.transfers.clone();
+        // Derived, not drawn: drawing would move every later random choice.
+        let sync_seed = first_transfer_id.rotate_left(17) ^ 0x5359_4e43;
+        let fragment = config.rooms.max_message_size.min(room::MAX_ROOM_MESSAGE);
+        let syncs = Syncs::new(identity.fingerprint(), sync_seed, now, unix_ms, fragment);
         Ok(Node {
             config,
             client,
@@ -397,6 +410,7 @@ impl Node {
             transfer_inputs: VecDeque::new(),
             transfers_dirty: false,
             transfer_seen: std::collections::BTreeSet::new(),
+            syncs,
         })
     }
 
@@ -449,7 +463,8 @@ impl Node {
         let rooms = self.rooms.poll_timeout().map(|t| t.max(self.now));
         // Transfers that stopped at their flush budget go on at once.
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
-        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).min()
+        let syncs = self.syncs.poll_timeout(self.now);
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).min()
     }
 
     fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
@@ -583,6 +598,9 @@ impl Node {
         }
         if self.transfers.wants_flush() {
             self.transfers_dirty = true;
+        }
+        if self.syncs.poll_timeout(now).is_some_and(|t| t <= now) {
+            self.syncs.handle_timeout(now);
         }
         self.flush_layers();
         Ok(())
@@ -850,7 +868,32 @@ impl Node {
     /// changed.
     fn flush_layers(&mut self) {
         self.flush_rooms();
+        self.flush_syncs();
         self.flush_transfers();
+    }
+
+    /// Hands received sync frames to the rooms' sync machines and their messages to the
+    /// rooms; again (a few rounds) while that made the rooms deliver more.
+    fn flush_syncs(&mut self) {
+        if self.syncs.is_empty() {
+            self.rooms.sync_inbox.clear();
+            return;
+        }
+        for _ in 0..4 {
+            let now = self.now;
+            while let Some(frame) = self.rooms.sync_inbox.pop_front() {
+                self.syncs.handle_frame(now, frame);
+            }
+            let sent = self.syncs.pump(now, &mut self.rooms);
+            while let Some(e) = self.syncs.poll_event() {
+                self.events.push_back(NodeEvent::Sync(e));
+            }
+            if !sent && self.rooms.sync_inbox.is_empty() {
+                break;
+            }
+            self.rooms_dirty = true;
+            self.flush_rooms();
+        }
     }
 
     /// Applies what the connections said to the transfers, lets them send what they can and
@@ -916,9 +959,20 @@ impl Node {
                     RoomInput::Client(event) => self.room_client_event(&mut rooms, event),
                 }
             }
-            rooms.flush(now, self);
-            while let Some(e) = rooms.poll_event() {
-                self.events.push_back(NodeEvent::Room(e));
+            // Sync frames that waited for room go out at once (one more pass, a few at most).
+            for _ in 0..4 {
+                rooms.flush(now, self);
+                let mut again = false;
+                while let Some(e) = rooms.poll_event() {
+                    self.syncs.on_room_event(now, &e);
+                    if let RoomEvent::Writable { room } = &e {
+                        again |= self.syncs.writable(room, &mut rooms);
+                    }
+                    self.events.push_back(NodeEvent::Room(e));
+                }
+                if !again {
+                    break;
+                }
             }
             if self.room_inputs.is_empty() {
                 break;
@@ -1212,6 +1266,9 @@ impl Node {
 
     fn room_send_via(&mut self, now: Instant, room: &str, to: Option<Fingerprint>, data: RoomData, relay: bool) -> Result<(), NodeError> {
         self.begin(now)?;
+        if matches!(data, RoomData::Sync(_)) {
+            return Err(RoomError::Serialize("sync frames are the sync layer's: use the state and document methods".into()).into());
+        }
         self.rooms.send(room, to, data, relay)?;
         self.rooms_dirty = true;
         self.flush_rooms();
@@ -1381,6 +1438,111 @@ impl Transport for Node {
 
     fn close_peer(&mut self, peer: Fingerprint) {
         self.with_peer(peer, |p, ctx| p.close(ctx));
+    }
+}
+
+/// Shared state over rooms (see [`crate::sync`]): a key-value map ordered by hybrid logical
+/// clocks, and yrs documents. Events arrive as [`NodeEvent::Sync`]. Wall-clock time for the
+/// clocks is the `unix_ms` given to [`Node::new`] plus the time since, so it never steps
+/// back.
+impl Node {
+    fn members_of(&self, room: &str) -> Vec<Fingerprint> {
+        self.rooms.view(room).map(|v| v.members.iter().map(|m| m.info.fingerprint).collect()).unwrap_or_default()
+    }
+
+    /// Starts key-value sync in `room` (the reference's `new StateSync(..).start()`). The
+    /// room may be joined before or after; every member (and every later one) takes part
+    /// in the digest exchange. Starting twice keeps the first.
+    pub fn sync_state(&mut self, now: Instant, room: &str, config: StateConfig) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let members = self.members_of(room);
+        if !self.syncs.start_state(self.now, room, config, &members) {
+            debug!(%room, "state sync already started");
+        }
+        self.flush_syncs();
+        Ok(())
+    }
+
+    /// Returns the key-value state of `room` (`get`, `get_all`, ...), if synced.
+    pub fn state(&self, room: &str) -> Option<&StateSync> {
+        self.syncs.state(room)
+    }
+
+    fn state_mut(&mut self, room: &str) -> Result<&mut StateSync, NodeError> {
+        self.syncs.state_mut(room).ok_or_else(|| SyncError::NotSynced(room.to_owned()).into())
+    }
+
+    /// Sets `key` to `value` in `room`'s state; members hear of it within
+    /// [`StateConfig::batch_delay`].
+    pub fn state_set<T: Serialize + ?Sized>(&mut self, now: Instant, room: &str, key: &str, value: &T) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let value = serde_json::to_value(value).map_err(|e| SyncError::Serialize(e.to_string()))?;
+        let (now, unix_ms) = (self.now, self.syncs.unix_ms(self.now));
+        self.state_mut(room)?.set(now, unix_ms, key, value)?;
+        self.flush_syncs();
+        Ok(())
+    }
+
+    /// Deletes `key` from `room`'s state. Returns whether it was there.
+    pub fn state_delete(&mut self, now: Instant, room: &str, key: &str) -> Result<bool, NodeError> {
+        self.begin(now)?;
+        let (now, unix_ms) = (self.now, self.syncs.unix_ms(self.now));
+        let live = self.state_mut(room)?.delete(now, unix_ms, key)?;
+        self.flush_syncs();
+        Ok(live)
+    }
+
+    /// Starts document sync in `room` (the reference's `new CRDTSync(..).start()`); open
+    /// documents with [`Node::crdt_edit`] or through [`Node::crdt_mut`].
+    pub fn sync_crdt(&mut self, now: Instant, room: &str, config: CrdtConfig) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let members = self.members_of(room);
+        if !self.syncs.start_crdt(self.now, room, config, &members) {
+            debug!(%room, "document sync already started");
+        }
+        self.flush_syncs();
+        Ok(())
+    }
+
+    /// Returns `room`'s documents, if synced.
+    pub fn crdt(&self, room: &str) -> Option<&CrdtSync> {
+        self.syncs.crdt(room)
+    }
+
+    /// Returns `room`'s documents for opening and editing. Edits made through yrs
+    /// transactions are sent at the node's next turn: [`Node::poll_timeout`] returns the
+    /// current time while some wait, so the adapter's next `handle_timeout` sends them.
+    pub fn crdt_mut(&mut self, room: &str) -> Option<&mut CrdtSync> {
+        self.syncs.crdt_mut(room)
+    }
+
+    /// Opens document `doc` of `room` (creating it) and runs `edit` on it; the changes go
+    /// out at once.
+    pub fn crdt_edit<R>(&mut self, now: Instant, room: &str, doc: &str, edit: impl FnOnce(&yrs::Doc) -> R) -> Result<R, NodeError> {
+        self.begin(now)?;
+        let now = self.now;
+        let crdt = self.syncs.crdt_mut(room).ok_or_else(|| SyncError::NotSynced(room.to_owned()))?;
+        let out = edit(crdt.open(now, doc)?);
+        crdt.flush(now);
+        self.flush_syncs();
+        Ok(out)
+    }
+
+    /// Sets this node's awareness state (cursor, selection, name) for document `doc` of
+    /// `room`; `None` clears it.
+    pub fn set_awareness(&mut self, now: Instant, room: &str, doc: &str, state: Option<serde_json::Value>) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let now = self.now;
+        let crdt = self.syncs.crdt_mut(room).ok_or_else(|| SyncError::NotSynced(room.to_owned()))?;
+        crdt.set_awareness(now, doc, state)?;
+        self.flush_syncs();
+        Ok(())
+    }
+
+    /// Stops state and document sync in `room` and drops them (the reference's
+    /// `destroy`). Leaving the room does this too. Returns whether anything was synced.
+    pub fn stop_sync(&mut self, room: &str) -> bool {
+        self.syncs.stop(room)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use peerlink::{NodeConfig, NodeEvent, PeerState};
+use peerlink::{NodeConfig, NodeEvent, PeerState, RoomEvent, RoomOptions};
 use peerlink_sim::{NodeId, Sim};
 
 pub fn config() -> NodeConfig {
@@ -70,4 +70,23 @@ pub fn connect(sim: &mut Sim, a: NodeId, b: NodeId, max: Duration) {
     let fp = sim.fingerprint(b);
     sim.with_node(a, |n, now| n.connect_to_peer(now, fp)).unwrap();
     assert!(sim.run_until(max, |sim| connected(sim, a, b)), "{} and {} did not connect: {:?} / {:?}", sim.name(a), sim.name(b), states(sim, a, b), states(sim, b, a));
+}
+
+/// `n` registered nodes with `config`; the first creates `room`, the rest join it.
+pub fn room_world(room: &str, seed: u64, n: usize, config: NodeConfig) -> (Sim, Vec<NodeId>) {
+    init_tracing();
+    let mut sim = Sim::new(seed);
+    let nodes: Vec<NodeId> = (0..n).map(|i| sim.add_node(format!("n{i}"), config.clone())).collect();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| nodes.iter().all(|n| sim.node(*n).client().is_registered())));
+    sim.with_node(nodes[0], |node, now| node.create_room(now, room, RoomOptions::group(8))).unwrap();
+    assert!(sim.run_until(Duration::from_secs(2), |sim| joined(sim, nodes[0])));
+    for &n in &nodes[1..] {
+        sim.with_node(n, |node, now| node.join_room(now, room)).unwrap();
+        assert!(sim.run_until(Duration::from_secs(2), |sim| joined(sim, n)));
+    }
+    (sim, nodes)
+}
+
+pub fn joined(sim: &Sim, n: NodeId) -> bool {
+    sim.events(n).iter().any(|(_, e)| matches!(e, NodeEvent::Room(RoomEvent::Joined { .. })))
 }

@@ -18,4 +18,5 @@ mod partition;
 mod reflexive;
 mod rooms;
 mod state_convergence;
+mod sync_rooms;
 mod transfer;

@@ -18,25 +18,6 @@ fn room_config() -> NodeConfig {
     c
 }
 
-/// `n` registered nodes with `config`; the first creates [`ROOM`], the rest join it.
-fn room_world(seed: u64, n: usize, config: NodeConfig) -> (Sim, Vec<NodeId>) {
-    init_tracing();
-    let mut sim = Sim::new(seed);
-    let nodes: Vec<NodeId> = (0..n).map(|i| sim.add_node(format!("n{i}"), config.clone())).collect();
-    assert!(sim.run_until(Duration::from_secs(5), |sim| nodes.iter().all(|n| sim.node(*n).client().is_registered())));
-    sim.with_node(nodes[0], |node, now| node.create_room(now, ROOM, RoomOptions::group(8))).unwrap();
-    assert!(sim.run_until(Duration::from_secs(2), |sim| joined(sim, nodes[0])));
-    for &n in &nodes[1..] {
-        sim.with_node(n, |node, now| node.join_room(now, ROOM)).unwrap();
-        assert!(sim.run_until(Duration::from_secs(2), |sim| joined(sim, n)));
-    }
-    (sim, nodes)
-}
-
-fn joined(sim: &Sim, n: NodeId) -> bool {
-    sim.events(n).iter().any(|(_, e)| matches!(e, NodeEvent::Room(RoomEvent::Joined { .. })))
-}
-
 fn room_events(sim: &Sim, n: NodeId) -> Vec<RoomEvent> {
     sim.events(n)
         .iter()
@@ -99,7 +80,7 @@ fn chatter(sim: &mut Sim, nodes: &[NodeId], sent: &mut BTreeMap<NodeId, Vec<Stri
 #[test]
 fn relay_fallback_and_back_delivers_exactly_once_in_order_over_100_seeds() {
     for seed in 0..100 {
-        let (mut sim, nodes) = room_world(seed, 3, room_config());
+        let (mut sim, nodes) = room_world(ROOM, seed, 3, room_config());
         let (a, b) = (nodes[0], nodes[1]);
         // UDP between a and b is blocked from the start: their messages take the relay.
         sim.partition(a, b);
@@ -134,7 +115,7 @@ fn relay_fallback_and_back_delivers_exactly_once_in_order_over_100_seeds() {
 
 #[test]
 fn a_signaling_outage_loses_nothing() {
-    let (mut sim, nodes) = room_world(7, 3, room_config());
+    let (mut sim, nodes) = room_world(ROOM, 7, 3, room_config());
     let a = nodes[0];
     // a reaches the others only through the server, which it loses for 10 s while everyone
     // keeps sending.
@@ -160,7 +141,7 @@ fn a_signaling_outage_loses_nothing() {
 fn presence_is_rate_limited_and_expires() {
     let mut config = room_config();
     config.rooms.presence_ttl = Duration::from_secs(3);
-    let (mut sim, nodes) = room_world(11, 3, config);
+    let (mut sim, nodes) = room_world(ROOM, 11, 3, config);
     let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
     sim.run_for(Duration::from_secs(2));
     // 100 updates in one second: b hears about 10 of them (one per 100 ms), the last one last.
@@ -203,7 +184,7 @@ fn presence_is_rate_limited_and_expires() {
 
 #[test]
 fn bad_room_input_gets_typed_errors_and_affects_nobody_else() {
-    let (mut sim, nodes) = room_world(5, 3, room_config());
+    let (mut sim, nodes) = room_world(ROOM, 5, 3, room_config());
     let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
     let stranger = sim.add_node("stranger", room_config());
     sim.run_for(Duration::from_secs(3));
@@ -254,7 +235,7 @@ fn bad_room_input_gets_typed_errors_and_affects_nobody_else() {
 
 #[test]
 fn a_server_that_forges_the_sender_of_a_room_batch_is_caught() {
-    let (mut sim, nodes) = room_world(9, 3, room_config());
+    let (mut sim, nodes) = room_world(ROOM, 9, 3, room_config());
     let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
     let (fb, fc) = (sim.fingerprint(b), sim.fingerprint(c));
     // Every path is blocked so room messages take the relay; the server then rewrites each
@@ -318,7 +299,7 @@ fn a_full_room_refuses_and_kick_and_close_reach_everyone() {
 
 #[test]
 fn a_lost_session_rejoins_and_the_room_reforms() {
-    let (mut sim, nodes) = room_world(13, 3, room_config());
+    let (mut sim, nodes) = room_world(ROOM, 13, 3, room_config());
     let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
     let fa = sim.fingerprint(a);
     // a only reaches the others through the server, which it loses for longer than the
@@ -376,7 +357,7 @@ fn a_lost_session_rejoins_and_the_room_reforms() {
 
 #[test]
 fn a_burst_through_the_relay_is_paced_backpressured_and_complete() {
-    let (mut sim, nodes) = room_world(17, 3, room_config());
+    let (mut sim, nodes) = room_world(ROOM, 17, 3, room_config());
     let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
     for (x, y) in [(a, b), (a, c), (b, c)] {
         sim.partition(x, y);

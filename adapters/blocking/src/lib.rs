@@ -522,6 +522,59 @@ impl PollNode {
         self.core.get_peer(peer)
     }
 
+    // ---- shared state --------------------------------------------------------------------
+
+    /// Starts key-value sync in `room` (see [`peerlink::sync::state`]); changes arrive as
+    /// [`NodeEvent::Sync`](peerlink::NodeEvent::Sync).
+    pub fn sync_state(&mut self, room: &str, config: peerlink::sync::StateConfig) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.sync_state(now, room, config)?;
+        self.poll(now)
+    }
+
+    /// Returns `room`'s key-value state (`get`, `get_all`, ...), if synced.
+    pub fn state(&self, room: &str) -> Option<&peerlink::sync::StateSync> {
+        self.core.state(room)
+    }
+
+    /// Sets `key` in `room`'s state.
+    pub fn state_set<T: Serialize + ?Sized>(&mut self, room: &str, key: &str, value: &T) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.state_set(now, room, key, value)?;
+        self.poll(now)
+    }
+
+    /// Deletes `key` from `room`'s state; returns whether it was there.
+    pub fn state_delete(&mut self, room: &str, key: &str) -> Result<bool, Error> {
+        let now = Instant::now();
+        let live = self.core.state_delete(now, room, key)?;
+        self.poll(now)?;
+        Ok(live)
+    }
+
+    /// Starts document sync in `room` (see [`peerlink::sync::crdt`]).
+    pub fn sync_crdt(&mut self, room: &str, config: peerlink::sync::CrdtConfig) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.sync_crdt(now, room, config)?;
+        self.poll(now)
+    }
+
+    /// Opens document `doc` of `room` and runs `edit` on it (a yrs transaction inside);
+    /// the changes go out at once.
+    pub fn crdt_edit<R>(&mut self, room: &str, doc: &str, edit: impl FnOnce(&peerlink::yrs::Doc) -> R) -> Result<R, Error> {
+        let now = Instant::now();
+        let out = self.core.crdt_edit(now, room, doc, edit)?;
+        self.poll(now)?;
+        Ok(out)
+    }
+
+    /// Sets this node's awareness state for document `doc` of `room` (`None` clears it).
+    pub fn set_awareness(&mut self, room: &str, doc: &str, state: Option<serde_json::Value>) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.set_awareness(now, room, doc, state)?;
+        self.poll(now)
+    }
+
     // ---- transfers ------------------------------------------------------------------------
 
     /// Offers the file at `path` to `peer` (see [`peerlink::transfer`]): it is hashed first

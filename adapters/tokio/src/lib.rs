@@ -794,6 +794,66 @@ impl Node {
     }
 }
 
+/// Shared state over rooms (see [`peerlink::sync`]): changes, conflicts and document
+/// updates arrive on [`NodeEvents`] as [`NodeEvent::Sync`](peerlink::NodeEvent::Sync).
+impl Node {
+    /// Runs `f` on the core node on the driver (a read, or any command) and returns its
+    /// result; what it sends goes out right after.
+    pub async fn with_core<T: Send + 'static>(&self, f: impl FnOnce(&mut peerlink::Node, Instant) -> Result<T, NodeError> + Send + 'static) -> Result<T, Error> {
+        self.core_call(f).await
+    }
+
+    /// Starts key-value sync in `room`.
+    pub async fn sync_state(&self, room: &str, config: peerlink::sync::StateConfig) -> Result<(), Error> {
+        let room = room.to_owned();
+        self.core_call(move |node, now| node.sync_state(now, &room, config)).await
+    }
+
+    /// Sets `key` in `room`'s state.
+    pub async fn state_set<T: Serialize + ?Sized>(&self, room: &str, key: &str, value: &T) -> Result<(), Error> {
+        let value = serde_json::to_value(value).map_err(|e| Error::Node(NodeError::Sync(peerlink::sync::SyncError::Serialize(e.to_string()))))?;
+        let (room, key) = (room.to_owned(), key.to_owned());
+        self.core_call(move |node, now| node.state_set(now, &room, &key, &value)).await
+    }
+
+    /// Deletes `key` from `room`'s state; returns whether it was there.
+    pub async fn state_delete(&self, room: &str, key: &str) -> Result<bool, Error> {
+        let (room, key) = (room.to_owned(), key.to_owned());
+        self.core_call(move |node, now| node.state_delete(now, &room, &key)).await
+    }
+
+    /// Returns the value of `key` in `room`'s state (`None`: absent, deleted, or not synced).
+    pub async fn state_get(&self, room: &str, key: &str) -> Result<Option<serde_json::Value>, Error> {
+        let (room, key) = (room.to_owned(), key.to_owned());
+        self.core_call(move |node, _| Ok(node.state(&room).and_then(|s| s.get(&key).cloned()))).await
+    }
+
+    /// Returns every live entry of `room`'s state (the reference's `getAll`).
+    pub async fn state_all(&self, room: &str) -> Result<std::collections::BTreeMap<String, serde_json::Value>, Error> {
+        let room = room.to_owned();
+        self.core_call(move |node, _| Ok(node.state(&room).map(|s| s.get_all().into_iter().map(|(k, v)| (k.to_owned(), v.clone())).collect()).unwrap_or_default())).await
+    }
+
+    /// Starts document sync in `room`.
+    pub async fn sync_crdt(&self, room: &str, config: peerlink::sync::CrdtConfig) -> Result<(), Error> {
+        let room = room.to_owned();
+        self.core_call(move |node, now| node.sync_crdt(now, &room, config)).await
+    }
+
+    /// Opens document `doc` of `room` and runs `edit` on it on the driver (reads too); the
+    /// changes go out at once.
+    pub async fn crdt_edit<R: Send + 'static>(&self, room: &str, doc: &str, edit: impl FnOnce(&peerlink::yrs::Doc) -> R + Send + 'static) -> Result<R, Error> {
+        let (room, doc) = (room.to_owned(), doc.to_owned());
+        self.core_call(move |node, now| node.crdt_edit(now, &room, &doc, edit)).await
+    }
+
+    /// Sets this node's awareness state for document `doc` of `room` (`None` clears it).
+    pub async fn set_awareness(&self, room: &str, doc: &str, state: Option<serde_json::Value>) -> Result<(), Error> {
+        let (room, doc) = (room.to_owned(), doc.to_owned());
+        self.core_call(move |node, now| node.set_awareness(now, &room, &doc, state)).await
+    }
+}
+
 /// File, JSON and image transfers (see [`peerlink::transfer`]); progress and outcomes arrive
 /// on [`NodeEvents`] as [`NodeEvent::Transfer`]. Files are read and written on the driver, one
 /// chunk (16 KiB) at a time by position, only as the channel takes them.

@@ -50,6 +50,13 @@ use crate::protocol::{PeerInfo, RawJson};
 pub use wire::{RoomData, WireError};
 use wire::Item;
 
+/// A sync frame a member sent in a room (see [`crate::sync`]).
+pub(crate) struct SyncFrame {
+    pub(crate) room: String,
+    pub(crate) from: Fingerprint,
+    pub(crate) bytes: Vec<u8>,
+}
+
 /// Most out-of-order messages held per stream.
 pub const MAX_REORDER: usize = 1024;
 /// Most members a room is tracked with (the server's largest room size).
@@ -468,6 +475,8 @@ struct Room {
 /// Every managed room of a node.
 pub(crate) struct Rooms {
     config: RoomsConfig,
+    /// Sync frames received, in order, for the node's sync layer.
+    pub(crate) sync_inbox: VecDeque<SyncFrame>,
     me: Fingerprint,
     rooms: BTreeMap<String, Room>,
     pub(crate) pending: HashMap<RequestId, Pending>,
@@ -546,6 +555,7 @@ impl Rooms {
 
     fn with_clock(config: RoomsConfig, me: Fingerprint, clock: Option<(Instant, u64)>) -> Self {
         Rooms {
+            sync_inbox: VecDeque::new(),
             relay_tokens: f64::from(config.relay_burst),
             config,
             me,
@@ -923,10 +933,10 @@ impl Rooms {
                         }
                         continue;
                     }
-                    deliver(&mut self.events, &id, from, data, path);
+                    deliver(&mut self.events, &mut self.sync_inbox, &id, from, data, path);
                     m.inn.next += 1;
                     while let Some(data) = m.inn.buffer.remove(&m.inn.next) {
-                        deliver(&mut self.events, &id, from, data, path);
+                        deliver(&mut self.events, &mut self.sync_inbox, &id, from, data, path);
                         m.inn.next += 1;
                     }
                 }
@@ -1281,10 +1291,11 @@ impl Rooms {
     }
 }
 
-fn deliver(events: &mut VecDeque<RoomEvent>, room: &str, from: Fingerprint, data: RoomData, path: RoomPath) {
+fn deliver(events: &mut VecDeque<RoomEvent>, sync: &mut VecDeque<SyncFrame>, room: &str, from: Fingerprint, data: RoomData, path: RoomPath) {
     let data = match data {
         RoomData::Json(s) | RoomData::Text(s) => Payload::Text(s),
         RoomData::Binary(b) => Payload::Binary(b),
+        RoomData::Sync(bytes) => return sync.push_back(SyncFrame { room: room.to_owned(), from, bytes }),
     };
     events.push_back(RoomEvent::Data { room: room.to_owned(), from, data, path });
 }

@@ -54,6 +54,9 @@ pub enum RoomData {
     Text(String),
     /// Bytes (base64 on the wire).
     Binary(Vec<u8>),
+    /// A state or document sync frame ([`crate::sync`]; base64 on the wire). The node's
+    /// sync layer sends these; [`Node::room_send`](crate::Node::room_send) refuses them.
+    Sync(Vec<u8>),
 }
 
 impl RoomData {
@@ -68,7 +71,7 @@ impl RoomData {
         match self {
             RoomData::Json(s) => s.len(),
             RoomData::Text(s) => json_str_len(s),
-            RoomData::Binary(b) => b.len().div_ceil(3) * 4,
+            RoomData::Binary(b) | RoomData::Sync(b) => b.len().div_ceil(3) * 4,
         }
     }
 }
@@ -130,7 +133,7 @@ impl Item {
         // {"t":"p","r":R,"e":N,"v":N,"ttl":N,"st":S}.
         let room = json_str_len(self.room());
         match self {
-            Item::Data { data: data @ RoomData::Binary(_), .. } => 69 + room + data.wire_len() + 2,
+            Item::Data { data: data @ (RoomData::Binary(_) | RoomData::Sync(_)), .. } => 69 + room + data.wire_len() + 2,
             Item::Data { data, .. } => 69 + room + data.wire_len(),
             Item::Ack { .. } => 64 + room,
             Item::Presence { state, .. } => 97 + room + state.as_ref().map_or(4, String::len),
@@ -145,6 +148,7 @@ pub(crate) fn data_fragment(data: &RoomData) -> String {
         RoomData::Json(j) => format!(r#""j":{j}"#),
         RoomData::Text(t) => format!(r#""x":{}"#, serde_json::to_string(t).expect("a string serializes")),
         RoomData::Binary(b) => format!(r#""b":"{}""#, B64.encode(b)),
+        RoomData::Sync(b) => format!(r#""y":"{}""#, B64.encode(b)),
     }
 }
 
@@ -177,6 +181,8 @@ struct WireItem<'a> {
     x: Option<String>,
     #[serde(default, borrow)]
     b: Option<&'a str>,
+    #[serde(default, borrow)]
+    y: Option<&'a str>,
     #[serde(default)]
     v: Option<u64>,
     #[serde(default)]
@@ -205,11 +211,12 @@ fn decode_item(raw: &RawValue) -> Result<Item, WireError> {
     Ok(match w.t {
         "d" => {
             let seq = w.s.filter(|s| *s > 0).ok_or_else(|| malformed("data without a sequence number"))?;
-            let data = match (w.j, w.x, w.b) {
-                (Some(j), None, None) => RoomData::Json(j.get().to_owned()),
-                (None, Some(x), None) => RoomData::Text(x),
-                (None, None, Some(b)) => RoomData::Binary(B64.decode(b).map_err(malformed)?),
-                _ => return Err(malformed("data needs exactly one of j, x, b")),
+            let data = match (w.j, w.x, w.b, w.y) {
+                (Some(j), None, None, None) => RoomData::Json(j.get().to_owned()),
+                (None, Some(x), None, None) => RoomData::Text(x),
+                (None, None, Some(b), None) => RoomData::Binary(B64.decode(b).map_err(malformed)?),
+                (None, None, None, Some(y)) => RoomData::Sync(B64.decode(y).map_err(malformed)?),
+                _ => return Err(malformed("data needs exactly one of j, x, b, y")),
             };
             Item::Data { room, epoch, seq, data }
         }

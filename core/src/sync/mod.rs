@@ -15,14 +15,16 @@
 //! never; replicas converge once the members have met again (every `handle_member_up`
 //! starts a digest exchange that repairs whatever was lost).
 
-// CRDT-PENDING pub mod crdt;
+pub mod crdt;
 pub mod hlc;
+pub(crate) mod host;
 pub mod state;
 #[doc(hidden)]
 pub mod wire;
 
-// CRDT-PENDING pub use crdt::{CrdtConfig, CrdtEvent, CrdtSync};
+pub use crdt::{CrdtConfig, CrdtEvent, CrdtSync};
 pub use hlc::{Hlc, HlcError, Timestamp};
+pub use host::{KIND_CRDT, KIND_STATE, MAX_QUEUED_BYTES, SyncEvent};
 pub use state::{MergeFn, StateConfig, StateEvent, StateMode, StateStats, StateSync};
 
 use crate::identity::Fingerprint;
