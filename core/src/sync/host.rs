@@ -524,3 +524,157 @@ fn drain(room: &str, queues: &mut BTreeMap<Fingerprint, Queue>, sink: &mut dyn F
     }
     sent
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::state::StateEvent;
+    use serde_json::json;
+
+    fn fp(b: u8) -> Fingerprint {
+        Fingerprint::from_bytes([b; 32])
+    }
+
+    /// A room that takes `room` frames until `capacity` is used up, then says `WouldBlock`.
+    #[derive(Default)]
+    struct Sink {
+        frames: Vec<(Option<Fingerprint>, Vec<u8>)>,
+        capacity: Option<usize>,
+    }
+
+    impl FrameSink for Sink {
+        fn send_frame(&mut self, _room: &str, to: Option<Fingerprint>, data: RoomData) -> Result<(), RoomError> {
+            if let Some(c) = &mut self.capacity {
+                if *c == 0 {
+                    return Err(RoomError::WouldBlock { peer: to.unwrap_or(fp(0)) });
+                }
+                *c -= 1;
+            }
+            let RoomData::Sync(bytes) = data else { panic!("not a sync frame") };
+            self.frames.push((to, bytes));
+            Ok(())
+        }
+    }
+
+    fn pair(fragment: usize) -> (Syncs, Syncs, Instant) {
+        let now = Instant::now();
+        let mut a = Syncs::new(fp(1), 1, now, 1_700_000_000_000, fragment * 4 / 3 + 64);
+        let mut b = Syncs::new(fp(2), 2, now, 1_700_000_000_000, fragment * 4 / 3 + 64);
+        a.start_state(now, "r", StateConfig::lww(), &[fp(2)]);
+        b.start_state(now, "r", StateConfig::lww(), &[fp(1)]);
+        (a, b, now)
+    }
+
+    fn deliver(sink: &mut Sink, from: Fingerprint, to: &mut Syncs, now: Instant) {
+        for (_, bytes) in sink.frames.drain(..) {
+            to.handle_frame(now, SyncFrame { room: "r".into(), from, bytes });
+        }
+    }
+
+    fn bad_frames(s: &mut Syncs) -> Vec<SyncWireError> {
+        std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                SyncEvent::BadFrame { error, .. } => Some(error),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_messages_travel_in_fragments_and_arrive_whole() {
+        let (mut a, mut b, now) = pair(1024);
+        let mut sink = Sink::default();
+        a.pump(now, &mut sink);
+        b.pump(now, &mut Sink::default());
+        sink.frames.clear();
+        let big = "x".repeat(20_000);
+        a.state_mut("r").unwrap().set(now, 1_700_000_000_000, "big", json!(big)).unwrap();
+        a.state_mut("r").unwrap().flush();
+        a.pump(now, &mut sink);
+        assert!(sink.frames.len() >= 20, "{} frames", sink.frames.len());
+        assert!(sink.frames.iter().all(|(_, f)| f.len() <= 1024 + 32));
+        deliver(&mut sink, fp(1), &mut b, now);
+        assert_eq!(b.state("r").unwrap().get("big"), Some(&json!(big)));
+        assert!(bad_frames(&mut b).is_empty());
+    }
+
+    #[test]
+    fn bad_frames_are_reported_and_change_nothing() {
+        let (mut a, mut b, now) = pair(1024);
+        let mut sink = Sink::default();
+        a.state_mut("r").unwrap().set(now, 1_700_000_000_000, "big", json!("y".repeat(5000))).unwrap();
+        a.state_mut("r").unwrap().flush();
+        a.pump(now, &mut sink);
+        let frames: Vec<Vec<u8>> = sink.frames.drain(..).map(|(_, f)| f).filter(|f| f[1] == 1).collect();
+        assert!(frames.len() >= 4);
+        let digest = b.state("r").unwrap().digest();
+        let frame = |bytes: Vec<u8>| SyncFrame { room: "r".into(), from: fp(1), bytes };
+        // A fragment out of sequence (the second one first), then a gap.
+        b.handle_frame(now, frame(frames[1].clone()));
+        b.handle_frame(now, frame(frames[0].clone()));
+        b.handle_frame(now, frame(frames[2].clone()));
+        // An unknown kind, an unknown flag, an empty frame.
+        b.handle_frame(now, frame(vec![9, 0, 1, 2]));
+        b.handle_frame(now, frame(vec![KIND_STATE, 7]));
+        b.handle_frame(now, frame(vec![]));
+        // A message announced larger than the limit.
+        let mut huge = vec![KIND_STATE, 1];
+        put_varint(&mut huge, 99);
+        put_varint(&mut huge, 1 << 40);
+        put_varint(&mut huge, 0);
+        b.handle_frame(now, frame(huge));
+        let errors = bad_frames(&mut b);
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert!(matches!(errors[0], SyncWireError::Malformed(_)), "never started: {:?}", errors[0]);
+        assert!(matches!(errors[1], SyncWireError::Malformed(_)), "gap: {:?}", errors[1]);
+        assert!(matches!(errors[5], SyncWireError::TooLarge { size, .. } if size == 1 << 40));
+        assert_eq!(b.state("r").unwrap().digest(), digest, "state unchanged");
+        // The whole sequence still goes through afterwards.
+        for f in frames {
+            b.handle_frame(now, frame(f));
+        }
+        assert_eq!(b.state("r").unwrap().get("big"), Some(&json!("y".repeat(5000))));
+    }
+
+    #[test]
+    fn a_full_room_queues_and_an_overflow_resyncs() {
+        let (mut a, mut b, now) = pair(1024);
+        a.pump(now, &mut Sink::default());
+        b.pump(now, &mut Sink::default());
+        // The room takes two frames, then refuses: the rest waits in the member's queue.
+        let mut sink = Sink { capacity: Some(2), ..Default::default() };
+        for i in 0..50 {
+            a.state_mut("r").unwrap().set(now, 1_700_000_000_000, &format!("k{i}"), json!("z".repeat(900))).unwrap();
+        }
+        a.state_mut("r").unwrap().flush();
+        a.pump(now, &mut sink);
+        assert_eq!(sink.frames.len(), 2);
+        let queued = a.rooms["r"].queues[&fp(2)].frames.len();
+        assert!(queued > 10, "{queued} queued");
+        // Room again: the queue drains in order, and b gets everything.
+        sink.capacity = None;
+        assert!(a.writable("r", &mut sink));
+        assert!(a.rooms["r"].queues[&fp(2)].frames.is_empty());
+        deliver(&mut sink, fp(1), &mut b, now);
+        assert_eq!(b.state("r").unwrap().len(), 50);
+        // An overflow empties the queue and runs the exchange again once it drains.
+        let q = a.rooms.get_mut("r").unwrap().queues.entry(fp(2)).or_default();
+        q.overflowed = true;
+        a.pump(now, &mut sink);
+        // (Exchanges with members are at least a second apart.)
+        let later = now + std::time::Duration::from_secs(2);
+        a.handle_timeout(later);
+        a.pump(later, &mut sink);
+        let digest_sent = sink.frames.iter().any(|(to, f)| *to == Some(fp(2)) && f[0] == KIND_STATE && f.get(3) == Some(&2));
+        assert!(digest_sent, "the exchange runs again: {:?}", sink.frames.iter().map(|(_, f)| &f[..4.min(f.len())]).collect::<Vec<_>>());
+        assert!(std::iter::from_fn(|| b.poll_event()).all(|e| !matches!(e, SyncEvent::BadFrame { .. } | SyncEvent::State { event: StateEvent::BadMessage { .. }, .. })));
+    }
+
+    #[test]
+    fn derived_wall_clock_follows_now() {
+        let now = Instant::now();
+        let s = Syncs::new(fp(1), 1, now, 1_000, 16 * 1024);
+        assert_eq!(s.unix_ms(now), 1_000);
+        assert_eq!(s.unix_ms(now + std::time::Duration::from_millis(2500)), 3_500);
+    }
+}
