@@ -5,6 +5,7 @@ mod harness;
 
 mod bad_input;
 mod channels;
+mod crdt_convergence;
 mod determinism;
 mod full_mesh;
 mod fuzz_replay;
