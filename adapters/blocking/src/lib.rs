@@ -559,6 +559,11 @@ impl PollNode {
         self.poll(now)
     }
 
+    /// Returns `room`'s documents (`doc(name)`, awareness), if synced.
+    pub fn crdt(&self, room: &str) -> Option<&peerlink::sync::CrdtSync> {
+        self.core.crdt(room)
+    }
+
     /// Opens document `doc` of `room` and runs `edit` on it (a yrs transaction inside);
     /// the changes go out at once.
     pub fn crdt_edit<R>(&mut self, room: &str, doc: &str, edit: impl FnOnce(&peerlink::yrs::Doc) -> R) -> Result<R, Error> {
