@@ -4,7 +4,9 @@
 //! state machines, verified [`identity`]s, the wire [`protocol`], and direct WebRTC
 //! connections between peers ([`peer`], on str0m's ICE, DTLS and SCTP) gathered in a [`node`]:
 //! one [`Node`] per local participant owns the signaling client and every connection, and runs
-//! managed [`room`]s over them (full-mesh direct paths with relay fallback, presence). Runtime
+//! managed [`room`]s over them (full-mesh direct paths with relay fallback, presence), file /
+//! JSON / image [`transfer`]s, and shared state over rooms ([`sync`]: a key-value map ordered by
+//! hybrid logical clocks, and yrs documents). Runtime
 //! adapters (`peerlink-smol`, `peerlink-tokio`, `peerlink-blocking`, `peerlink-server`, and the
 //! deterministic simulator `peerlink-sim`) own the sockets and timers.
 //!
