@@ -14,4 +14,5 @@ mod relay_and_broadcast;
 mod resume;
 mod rooms;
 mod stun_server;
+mod sync;
 mod tls;
