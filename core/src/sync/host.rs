@@ -224,10 +224,8 @@ impl Syncs {
                     }
                 }
             }
-            RoomEvent::Closed { room } | RoomEvent::Kicked { room } => {
-                if self.rooms.remove(room).is_some() {
-                    debug!(%room, "left the room: its sync state is dropped");
-                }
+            RoomEvent::Closed { room } | RoomEvent::Kicked { room } if self.rooms.remove(room).is_some() => {
+                debug!(%room, "left the room: its sync state is dropped");
             }
             _ => {}
         }

@@ -866,7 +866,7 @@ impl StateSync {
                 siblings.push(r.clone());
             }
         }
-        siblings.sort_by(|a, b| (a.node, a.counter).cmp(&(b.node, b.counter)));
+        siblings.sort_by_key(|s| (s.node, s.counter));
         let before = local.value.clone();
         let concurrent = siblings.len() > 1 && siblings != local.siblings;
         let merged = fold(&siblings);
