@@ -547,6 +547,12 @@ impl CrdtSync {
         }
         let (name, body) = decode(bytes)?;
         let Some(state) = self.docs.get_mut(name) else {
+            if matches!(body, Body::Step1(_)) {
+                // A member has a document this replica has not opened: nothing to answer
+                // (opening it later runs the handshake). Not an error.
+                debug!(from = %from.short(), doc = name, "handshake for a document not open here: ignored");
+                return Ok(());
+            }
             return Err(SyncWireError::UnknownDocument(name.to_owned()));
         };
         match body {

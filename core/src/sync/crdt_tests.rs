@@ -730,3 +730,14 @@ fn crdt_sync_is_send() {
     fn send<T: Send>() {}
     send::<CrdtSync>();
 }
+
+#[test]
+fn a_handshake_for_a_document_not_open_here_is_not_an_error() {
+    let mut net = Net::new(2);
+    net.connect_all();
+    let now = net.now;
+    net.nodes[0].open(now, "only-here").unwrap();
+    net.pump();
+    assert!(bad_messages(&net.take_events(1)).is_empty());
+    assert!(net.nodes[1].doc("only-here").is_none());
+}

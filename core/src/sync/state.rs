@@ -179,7 +179,8 @@ pub enum StateEvent {
         key: String,
         /// The value here before.
         local: Option<Value>,
-        /// The remote value.
+        /// The remote value, as the sender holds it (the sender's own write, or already its
+        /// merge of several).
         remote: Option<Value>,
         /// What the merge function made of them (now the value here).
         merged: Option<Value>,
@@ -270,6 +271,8 @@ pub struct StateSync {
     last_exchange: Option<Instant>,
     /// Prefixes asked for lately, and when.
     wanted: HashMap<Prefix, Instant>,
+    /// Prefixes whose entries were sent whole to a member lately, and when.
+    pushed: HashMap<(Fingerprint, Prefix), Instant>,
     messages: VecDeque<SyncMessage>,
     events: VecDeque<StateEvent>,
     flush_at: Option<Instant>,
@@ -354,6 +357,7 @@ impl StateSync {
             staggered: BTreeMap::new(),
             last_exchange: None,
             wanted: HashMap::new(),
+            pushed: HashMap::new(),
             messages: VecDeque::new(),
             events: VecDeque::new(),
             flush_at: None,
@@ -532,6 +536,7 @@ impl StateSync {
         }
         let next = self.config.anti_entropy_interval.map(|i| now + i);
         self.members.insert(peer, Member { last_digest: None, next_anti_entropy: next });
+        self.pushed.retain(|(p, _), _| *p != peer);
         self.start_exchange(now, peer);
     }
 
@@ -539,6 +544,7 @@ impl StateSync {
     pub fn handle_member_down(&mut self, peer: Fingerprint) {
         self.members.remove(&peer);
         self.staggered.remove(&peer);
+        self.pushed.retain(|(p, _), _| *p != peer);
     }
 
     /// Something sent to `peer` was dropped: run the exchange with it again.
@@ -723,10 +729,13 @@ impl StateSync {
                 self.send_entries(from, &keys);
             }
             Message::Hello => {
-                if !self.members.contains_key(&from) {
-                    return;
+                if let Some(m) = self.members.get_mut(&from) {
+                    // Always answered: a digest sent before may have been dropped by a
+                    // member that was not syncing yet (the `pushed` and `wanted` holds keep
+                    // a second round from sending the same entries again).
+                    m.last_digest = None;
+                    self.send_digest(now, from);
                 }
-                self.send_digest(now, from);
             }
         }
     }
@@ -903,6 +912,20 @@ impl StateSync {
         }
     }
 
+    /// Whether the entries under `p` should go to `peer`: not if they went lately.
+    fn push(&mut self, now: Instant, peer: Fingerprint, p: Prefix) -> bool {
+        if self.pushed.len() > 4 * BUCKETS * BUCKETS {
+            self.pushed.retain(|_, t| now < *t + WANT_HOLD);
+        }
+        match self.pushed.get(&(peer, p)) {
+            Some(t) if now < *t + WANT_HOLD => false,
+            _ => {
+                self.pushed.insert((peer, p), now);
+                true
+            }
+        }
+    }
+
     /// Adds `p` to `want` unless it was asked for lately (of anyone).
     fn want(&mut self, now: Instant, want: &mut Vec<Prefix>, p: Prefix) {
         if self.wanted.len() > 4 * BUCKETS * BUCKETS {
@@ -927,7 +950,9 @@ impl StateSync {
                 continue;
             }
             if theirs.count == 0 {
-                send_buckets.insert(b);
+                if self.push(now, from, Prefix { depth: 1, prefix: b as u16 }) {
+                    send_buckets.insert(b);
+                }
             } else if mine.count == 0 {
                 self.want(now, &mut want, Prefix { depth: 1, prefix: b as u16 });
             } else {
@@ -984,7 +1009,9 @@ impl StateSync {
                 }
                 let leaf = (u16::from(*b) << 8) | s as u16;
                 if t.count == 0 {
-                    send_leaves.insert(leaf);
+                    if self.push(now, from, Prefix { depth: 2, prefix: leaf }) {
+                        send_leaves.insert(leaf);
+                    }
                 } else if m.count == 0 {
                     self.want(now, &mut want, Prefix { depth: 2, prefix: leaf });
                 } else {
