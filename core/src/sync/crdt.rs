@@ -91,8 +91,16 @@ pub const MAX_DOC_NAME: usize = 128;
 /// Most messages, and most events, that wait undrained; beyond that the oldest is dropped.
 pub const MAX_PENDING: usize = 4096;
 
-/// The transaction origin of remote updates: the capture callback skips them.
-const REMOTE_ORIGIN: &str = "peerlink-crdt-remote";
+/// The transaction origin of remote updates: the capture callback skips them, and an
+/// application's own yrs observers can tell a remote change from a local one with
+/// [`is_remote`].
+pub const REMOTE_ORIGIN: &str = "peerlink-crdt-remote";
+
+/// Whether `txn` applies a member's update (rather than a local edit): for the application's
+/// own yrs observers (`observe_update_v1`, a text's `observe`, ...).
+pub fn is_remote(txn: &yrs::TransactionMut<'_>) -> bool {
+    txn.origin().is_some_and(|origin| origin.as_ref() == REMOTE_ORIGIN.as_bytes())
+}
 /// The key of our update observer on every document.
 const OBSERVER_KEY: &str = "peerlink-crdt";
 /// yrs client ids are 53-bit (they must survive a JavaScript number).
@@ -120,6 +128,10 @@ pub struct CrdtConfig {
     pub awareness_refresh: Duration,
     /// Largest awareness state, in bytes of JSON (ours and theirs). Default 4 KiB.
     pub max_awareness_size: usize,
+    /// How text positions count: bytes of UTF-8 (yrs's default, and ours) or UTF-16 code
+    /// units (what Yjs in JavaScript counts; choose it to share positions, such as cursors,
+    /// with JavaScript clients). Every replica of a document should use the same.
+    pub offset_kind: yrs::OffsetKind,
 }
 
 impl Default for CrdtConfig {
@@ -130,6 +142,7 @@ impl Default for CrdtConfig {
             awareness_timeout: Duration::from_secs(30),
             awareness_refresh: Duration::from_secs(15),
             max_awareness_size: 4 * 1024,
+            offset_kind: yrs::OffsetKind::Bytes,
         }
     }
 }
@@ -434,13 +447,14 @@ impl CrdtSync {
         let guid = yrs::uuid_v4_from(self.rng.next_u64() as u128 | ((self.rng.next_u64() as u128) << 64));
         let doc = Doc::with_options(yrs::Options {
             cleanup_formatting: true,
+            offset_kind: self.config.offset_kind,
             ..yrs::Options::with_guid_and_client_id(guid, ClientID::new(client))
         });
         let captured = Arc::new(Mutex::new(Captured::default()));
         let sink = Arc::clone(&captured);
         let limit = self.config.max_update_size;
         doc.observe_update_v1(OBSERVER_KEY, move |txn: &TransactionMut, event: &UpdateEvent| {
-            let remote = txn.origin().is_some_and(|origin| origin.as_ref() == REMOTE_ORIGIN.as_bytes());
+            let remote = is_remote(txn);
             let mut captured = lock(&sink);
             if remote {
                 captured.remote_changed = true;
@@ -640,6 +654,11 @@ impl CrdtSync {
             self.send(None, bytes, None);
         }
         Ok(())
+    }
+
+    /// Returns this replica's own awareness state for a document, as last set.
+    pub fn local_awareness(&self, doc: &str) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.docs.get(doc)?.local.as_ref()?.json).ok()
     }
 
     /// Returns the members' live awareness states for a document.

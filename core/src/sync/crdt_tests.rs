@@ -741,3 +741,30 @@ fn a_handshake_for_a_document_not_open_here_is_not_an_error() {
     assert!(bad_messages(&net.take_events(1)).is_empty());
     assert!(net.nodes[1].doc("only-here").is_none());
 }
+
+#[test]
+fn applications_can_tell_remote_changes_and_read_their_own_awareness() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut net = Net::new(2);
+    net.connect_all();
+    let now = net.now;
+    net.nodes[0].open(now, "d").unwrap();
+    net.nodes[1].open(now, "d").unwrap();
+    net.pump();
+    let (local, remote) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (l, r) = (local.clone(), remote.clone());
+    net.nodes[1]
+        .doc("d")
+        .unwrap()
+        .observe_update_v1("app", move |txn, _| {
+            if crate::sync::crdt::is_remote(txn) { &r } else { &l }.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    insert_text(&mut net.nodes[0], now, "d", 0, "from 0");
+    net.pump();
+    insert_text(&mut net.nodes[1], now, "d", 0, "from 1");
+    assert_eq!((local.load(Ordering::SeqCst), remote.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(net.nodes[1].local_awareness("d"), None);
+    net.nodes[1].set_awareness(now, "d", Some(serde_json::json!({"cursor": 3}))).unwrap();
+    assert_eq!(net.nodes[1].local_awareness("d"), Some(serde_json::json!({"cursor": 3})));
+}

@@ -883,8 +883,11 @@ impl StateSync {
         let ts = local.version.ts.max(version.ts);
         let origin = version.ts.node;
         self.store(&key, merged.clone(), None, Version { ts, vv }, siblings, false);
-        if concurrent {
-            self.events.push_back(StateEvent::Conflict { key: key.clone(), local: before.clone(), remote: fold(&remote), merged: merged.clone(), from });
+        let remote_value = fold(&remote);
+        // The sender may hold what this replica holds already (its merge of the same
+        // writes): not a conflict worth telling.
+        if concurrent && remote_value != before {
+            self.events.push_back(StateEvent::Conflict { key: key.clone(), local: before.clone(), remote: remote_value, merged: merged.clone(), from });
         }
         if before != merged {
             self.events.push_back(StateEvent::Changed { key, value: merged, origin });
