@@ -321,8 +321,7 @@ impl Member {
             let mut last = String::new();
             text.observe("collab-changes", move |txn, event| {
                 let now = event.target().get_string(txn);
-                // Remote updates are applied with an origin; our own edits have none.
-                if txn.origin().is_some() {
+                if peerlink::sync::crdt::is_remote(txn) {
                     let mut changes = sink.lock().unwrap_or_else(|p| p.into_inner());
                     if changes.len() == MAX_CHANGES {
                         changes.pop_front();
