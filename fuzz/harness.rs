@@ -16,6 +16,9 @@
 //!   valid, fits its `encoded_len` and round-trips strictly) and as a relay payload (nothing
 //!   is accepted that is not signed by its sender for its recipient), `arbitrary` items through
 //!   an encode/decode round trip, and payloads signed here with mutations that must be refused.
+//! * [`sync`]: arbitrary bytes as a sync message: through the `sync/1` decoder (whatever
+//!   decodes round-trips through the encoders), into a last-writer-wins and an operational
+//!   `StateSync` and into a `CrdtSync` (refused input changes nothing; nothing panics).
 //!
 //! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
 //! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
@@ -37,6 +40,12 @@ use peerlink::room::RoomData;
 use peerlink::room::wire::{self, Item, WireError};
 use peerlink::server::{ConnId, RateLimit, Server, ServerConfig, ServerTransmit};
 use peerlink::stun::{self, StunError, StunMessage};
+use peerlink::sync::state::MAX_KEY_LEN;
+use peerlink::sync::wire as sync_wire;
+use peerlink::sync::{CrdtConfig, CrdtEvent, CrdtSync, StateConfig, StateEvent, StateSync};
+use peerlink::yrs::updates::decoder::Decode;
+use peerlink::yrs::updates::encoder::Encode;
+use peerlink::yrs::{Array, Map, ReadTxn, Text, Transact};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde_json::value::RawValue;
@@ -1068,4 +1077,333 @@ pub fn room_relayed_seeds() -> Vec<(&'static str, bool, String)> {
 pub fn room_relayed_accepted(payload: &str) -> bool {
     let f = room_fixtures();
     wire::decode_relayed(payload, &f.a.fingerprint(), &f.b.fingerprint()).is_ok()
+}
+
+// ---- sync -------------------------------------------------------------------------------
+
+/// Wall-clock milliseconds of the sync fixtures (the seeds carry timestamps near it, within
+/// `max_clock_offset`).
+pub const SYNC_UNIX_MS: u64 = 1_700_000_000_000;
+/// The document the CRDT fixture has open.
+pub const SYNC_DOC: &str = "doc";
+/// Largest value the state fixtures (and the decoder check) take, as their default config.
+const SYNC_MAX_JSON: usize = 64 * 1024;
+
+fn sync_fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// The fixtures' own fingerprint.
+pub fn sync_me() -> Fingerprint {
+    sync_fp(1)
+}
+
+/// The member every input comes from.
+pub fn sync_peer() -> Fingerprint {
+    sync_fp(2)
+}
+
+fn sync_now() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Operational merge: the sorted union of arrays of strings (a join, as the docs ask).
+fn sync_union(_: &str, a: Option<&serde_json::Value>, b: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+    let set: std::collections::BTreeSet<&str> =
+        [a, b].into_iter().flatten().flat_map(|v| v.as_array().into_iter().flatten()).filter_map(|v| v.as_str()).collect();
+    Some(serde_json::json!(set))
+}
+
+fn sync_state_config(operational: bool) -> StateConfig {
+    if operational { StateConfig::operational(sync_union) } else { StateConfig::lww() }
+}
+
+/// A replica holding a few entries and a tombstone, with [`sync_peer`] a member, drained.
+/// `me` picks its fingerprint (the seeds' other side is a replica built the same way).
+fn sync_state_replica(operational: bool, me: Fingerprint, salt: &str) -> StateSync {
+    let now = sync_now();
+    let mut s = StateSync::new(sync_state_config(operational), me);
+    let value = |i: u64| serde_json::json!([format!("{salt}{i}")]);
+    for (i, key) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+        s.set(now, SYNC_UNIX_MS + i as u64, &format!("{salt}{key}"), value(i as u64)).expect("set");
+        s.set(now, SYNC_UNIX_MS + i as u64, key, value(i as u64)).expect("set");
+    }
+    s.delete(now, SYNC_UNIX_MS + 10, "c").expect("delete");
+    s.flush();
+    while s.poll_message().is_some() {}
+    while s.poll_event().is_some() {}
+    s
+}
+
+/// The state fixture: [`sync_state_replica`] as [`sync_me`], with [`sync_peer`] a member.
+pub fn sync_state_fixture(operational: bool) -> StateSync {
+    let mut s = sync_state_replica(operational, sync_me(), "m");
+    s.handle_member_up(sync_now(), sync_peer());
+    while s.poll_message().is_some() {}
+    s
+}
+
+/// A CRDT replica with [`SYNC_DOC`] open and edited (text, map, array), flushed, drained.
+fn sync_crdt_replica(me: Fingerprint, seed: u64, text: &str) -> CrdtSync {
+    let now = sync_now();
+    let mut c = CrdtSync::new(CrdtConfig::default(), me, seed);
+    let doc = c.open(now, SYNC_DOC).expect("open").clone();
+    {
+        let (t, m, a) = (doc.get_or_insert_text("text"), doc.get_or_insert_map("shared"), doc.get_or_insert_array("array"));
+        let mut txn = doc.transact_mut();
+        t.insert(&mut txn, 0, text);
+        m.insert(&mut txn, text, seed as i64);
+        a.push_back(&mut txn, text);
+    }
+    c.flush(now);
+    while c.poll_message().is_some() {}
+    while c.poll_event().is_some() {}
+    c
+}
+
+/// The CRDT fixture: [`sync_crdt_replica`] as [`sync_me`], with [`sync_peer`] a member.
+pub fn sync_crdt_fixture() -> CrdtSync {
+    let mut c = sync_crdt_replica(sync_me(), 1, "hello");
+    c.handle_member_up(sync_now(), sync_peer());
+    while c.poll_message().is_some() {}
+    c
+}
+
+fn sync_state_vector(c: &CrdtSync) -> Vec<u8> {
+    c.doc(SYNC_DOC).expect("the fixture's document").transact().state_vector().encode_v1()
+}
+
+/// `data` as one message from a member, through everything a replica decodes off the
+/// network:
+///
+/// * `sync::wire::decode` (`sync/1` state messages): whatever decodes re-encodes with the
+///   encoders `StateSync` uses, and that decodes to the same message and re-encodes to the
+///   same bytes;
+/// * a last-writer-wins and an operational `StateSync` holding entries: no panic; a
+///   `BadMessage` exactly when the decoder refuses (or, for entries, when the checks before
+///   applying them refuse), and then the map and its digest are as before;
+/// * a `CrdtSync` with a document open: no panic escapes (yrs panics are caught inside); a
+///   `BadMessage` leaves the document's state vector as it was; afterwards the document
+///   still answers a handshake.
+pub fn sync(data: &[u8]) {
+    sync_decode(data);
+    sync_state(data, false);
+    sync_state(data, true);
+    sync_crdt(data);
+}
+
+/// [`sync`] under libFuzzer. libfuzzer-sys installs a panic hook that aborts before
+/// unwinding, so the `catch_unwind` with which `CrdtSync` contains yrs panics would never
+/// get to run: around the `CrdtSync` part the hook is swapped for a silent one, and a panic
+/// that gets out of `CrdtSync` is raised again with the fuzzer's hook back (a crash). This
+/// needs `panic = "unwind"`, which cargo-fuzz builds with (libfuzzer-sys aborts from its
+/// hook for that reason); under `panic = "abort"` the `CrdtSync` part is skipped.
+pub fn sync_in_fuzzer(data: &[u8]) {
+    sync_decode(data);
+    sync_state(data, false);
+    sync_state(data, true);
+    if cfg!(panic = "abort") {
+        return;
+    }
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| sync_crdt(data));
+    std::panic::set_hook(hook);
+    if let Err(payload) = result {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        panic!("the CrdtSync part failed (a panic got out of CrdtSync, or a check): {message}");
+    }
+}
+
+/// Encodes a state message with the encoders `StateSync` uses.
+pub fn sync_encode(message: &sync_wire::Message) -> Vec<u8> {
+    use sync_wire::Message;
+    match message {
+        Message::Entries(entries) => {
+            let (mut nodes, mut body) = (sync_wire::NodeTable::default(), Vec::new());
+            sync_wire::put_varint(&mut body, entries.len() as u64);
+            for e in entries {
+                let siblings = e.siblings.iter().map(|s| (&s.node, s.counter, s.json.as_deref()));
+                sync_wire::put_entry(&mut body, &mut nodes, &e.key, &e.version, e.json.as_deref(), siblings);
+            }
+            sync_wire::with_nodes(sync_wire::Type::Entries, &nodes, &body)
+        }
+        Message::Digest(cells) => sync_wire::digest(cells),
+        Message::SubDigest(parts) => sync_wire::sub_digest(parts),
+        Message::Summaries(leaves) => {
+            let (mut nodes, mut body) = (sync_wire::NodeTable::default(), Vec::new());
+            sync_wire::put_varint(&mut body, leaves.len() as u64);
+            for (leaf, items) in leaves {
+                sync_wire::put_leaf(&mut body, &mut nodes, *leaf, items.iter().map(|(k, v)| (k.as_str(), v)));
+            }
+            sync_wire::with_nodes(sync_wire::Type::Summaries, &nodes, &body)
+        }
+        Message::WantPrefixes(prefixes) => sync_wire::want_prefixes(prefixes),
+        Message::WantKeys(keys) => sync_wire::want_keys(keys.iter().map(String::as_str)),
+        Message::Hello => sync_wire::hello(),
+    }
+}
+
+fn sync_decode(data: &[u8]) {
+    let Ok(message) = sync_wire::decode(data, MAX_KEY_LEN, SYNC_MAX_JSON) else { return };
+    let encoded = sync_encode(&message);
+    let back = sync_wire::decode(&encoded, MAX_KEY_LEN, SYNC_MAX_JSON)
+        .unwrap_or_else(|e| panic!("{message:?} re-encoded as {encoded:?} does not decode: {e}"));
+    assert_eq!(back, message, "{message:?} changed through its encoding {encoded:?}");
+    assert_eq!(sync_encode(&back), encoded, "{message:?} does not re-encode identically");
+}
+
+fn sync_state(data: &[u8], operational: bool) {
+    let mut s = sync_state_fixture(operational);
+    let map = |s: &StateSync| s.get_all().into_iter().map(|(k, v)| (k.to_owned(), v.clone())).collect::<Vec<_>>();
+    let (digest, before) = (s.digest(), map(&s));
+    s.handle_message(sync_now(), SYNC_UNIX_MS, sync_peer(), data);
+    let mut bad = None;
+    while let Some(event) = s.poll_event() {
+        if let StateEvent::BadMessage { error, .. } = event {
+            assert!(bad.is_none(), "two BadMessage events for one message");
+            bad = Some(error);
+        }
+    }
+    while s.poll_message().is_some() {}
+    let refused = sync_wire::decode(data, MAX_KEY_LEN, SYNC_MAX_JSON).is_err();
+    if refused {
+        assert!(bad.is_some(), "the decoder refuses it, the replica does not report it");
+    }
+    if let Some(error) = bad {
+        assert!(refused || data.get(1) == Some(&(sync_wire::Type::Entries as u8)), "refused ({error}) though it decodes and is not entries");
+        assert_eq!(s.digest(), digest, "refused ({error}), but the digest changed");
+        assert_eq!(map(&s), before, "refused ({error}), but the map changed");
+    }
+}
+
+fn sync_crdt(data: &[u8]) {
+    let now = sync_now();
+    let mut c = sync_crdt_fixture();
+    let before = sync_state_vector(&c);
+    c.handle_message(now, sync_peer(), data);
+    while c.poll_message().is_some() {}
+    let mut bad = None;
+    while let Some(event) = c.poll_event() {
+        if let CrdtEvent::BadMessage { error, .. } = event {
+            bad = Some(error);
+        }
+    }
+    // A known limitation (see `crdt.rs`, "Trust", and the ignored test
+    // `crdt_update_refused_while_integrating_is_applied_in_part` in `core/tests/fuzz_corpus.rs`):
+    // an update that decodes but that yrs refuses while integrating it may be applied in part.
+    if let Some(error) = bad.filter(|_| !sync_crdt_update_decodes(data)) {
+        assert_eq!(sync_state_vector(&c), before, "refused ({error}), but the state vector changed");
+    }
+    // Whatever came in, a member's `SyncStep1` (here: "I have nothing") is still answered.
+    let mut step1 = Vec::new();
+    sync_wire::put_str(&mut step1, SYNC_DOC);
+    step1.extend([0, 0, 1, 0]);
+    c.handle_message(now, sync_peer(), &step1);
+    while let Some(event) = c.poll_event() {
+        assert!(!matches!(event, CrdtEvent::BadMessage { .. }), "a handshake refused after {data:?}: {event:?}");
+    }
+    assert!(c.poll_message().is_some(), "no answer to a handshake");
+}
+
+/// Whether `data` is a y-protocols `SyncStep2` or `Update` whose payload yrs decodes.
+pub fn sync_crdt_update_decodes(data: &[u8]) -> bool {
+    let payload = || -> Result<&[u8], peerlink::sync::SyncWireError> {
+        let mut r = sync_wire::Reader::new(data);
+        r.str(usize::MAX)?;
+        if r.varint()? != 0 || !matches!(r.varint()?, 1 | 2) {
+            return Err(peerlink::sync::SyncWireError::Malformed("not an update".into()));
+        }
+        let n = r.varint()?;
+        r.bytes(usize::try_from(n).unwrap_or(usize::MAX))
+    };
+    let Ok(payload) = payload() else { return false };
+    std::panic::catch_unwind(|| peerlink::yrs::Update::decode_v1(payload).is_ok()).unwrap_or(false)
+}
+
+/// Valid messages for the `sync` corpus, from real replicas meeting the fixtures:
+/// `(name, bytes)`, written as `seed-<name>` by the ignored test `write_sync_seeds` in
+/// `core/tests/fuzz_corpus.rs`. `lww-*` and `op-*` are state messages (both directions of a
+/// catch-up, and broadcast changes), `crdt-*` y-protocols messages.
+pub fn sync_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    for (mode, operational) in [("lww", false), ("op", true)] {
+        let mut a = sync_state_replica(operational, sync_me(), "m");
+        let mut b = sync_state_replica(operational, sync_peer(), "p");
+        let mut ms = SYNC_UNIX_MS + 100;
+        // Concurrent with `a`'s writes of the same keys (siblings, in operational mode).
+        b.set(sync_now(), ms, "a", serde_json::json!(["x"])).expect("set");
+        b.delete(sync_now(), ms, "b").expect("delete");
+        b.flush();
+        let mut out = Vec::new();
+        while let Some(m) = b.poll_message() {
+            out.push(m.bytes);
+        }
+        let mut t = sync_now();
+        a.handle_member_up(t, sync_peer());
+        b.handle_member_up(t, sync_me());
+        for _ in 0..20 {
+            let mut moved = false;
+            for from in [0, 1] {
+                let (x, y) = if from == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+                let sender = if from == 0 { sync_me() } else { sync_peer() };
+                while let Some(m) = x.poll_message() {
+                    moved = true;
+                    y.handle_message(t, ms, sender, &m.bytes);
+                    out.push(m.bytes);
+                }
+            }
+            if !moved {
+                t += Duration::from_millis(500);
+                ms += 500;
+                a.handle_timeout(t, ms);
+                b.handle_timeout(t, ms);
+            }
+        }
+        out.push(sync_wire::hello());
+        let mut unique = HashSet::new();
+        out.retain(|m| unique.insert(m.clone()));
+        seeds.extend(out.into_iter().enumerate().map(|(i, m)| (format!("{mode}-{i:02}"), m)));
+    }
+    let now = sync_now();
+    let mut a = sync_crdt_replica(sync_me(), 1, "hello");
+    let mut b = sync_crdt_replica(sync_peer(), 2, "world");
+    a.handle_member_up(now, sync_peer());
+    b.handle_member_up(now, sync_me());
+    let mut out = Vec::new();
+    for round in 0..4 {
+        if round == 2 {
+            let doc = b.doc(SYNC_DOC).expect("open").clone();
+            let (t, m, arr) = (doc.get_or_insert_text("text"), doc.get_or_insert_map("shared"), doc.get_or_insert_array("array"));
+            let mut txn = doc.transact_mut();
+            t.insert(&mut txn, 2, "--");
+            t.remove_range(&mut txn, 0, 1);
+            m.remove(&mut txn, "world");
+            m.insert(&mut txn, "k", "v");
+            arr.insert(&mut txn, 0, 7);
+            arr.remove(&mut txn, 1);
+            drop(txn);
+            b.flush(now);
+            b.set_awareness(now, SYNC_DOC, Some(serde_json::json!({"cursor": 3, "name": "b"}))).expect("awareness");
+        }
+        for from in [0, 1] {
+            let (x, y) = if from == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+            let sender = if from == 0 { sync_me() } else { sync_peer() };
+            while let Some(m) = x.poll_message() {
+                y.handle_message(now, sender, &m.bytes);
+                out.push(m.bytes);
+            }
+        }
+    }
+    b.set_awareness(now, SYNC_DOC, None).expect("awareness");
+    out.extend(std::iter::from_fn(|| b.poll_message()).map(|m| m.bytes));
+    let mut unique = HashSet::new();
+    out.retain(|m| unique.insert(m.clone()));
+    seeds.extend(out.into_iter().enumerate().map(|(i, m)| (format!("crdt-{i:02}"), m)));
+    seeds
 }

@@ -213,3 +213,77 @@ fn write_room_batch_relayed_seeds() {
         std::fs::write(dir.join(format!("seed-relayed-{name}")), data).expect("write");
     }
 }
+
+#[test]
+fn sync_corpus() {
+    replay("sync", harness::sync);
+}
+
+/// The sync seeds (`harness::sync_seeds`, from real replicas meeting the fixtures) are
+/// accepted: every state seed by the fixture of its mode, every CRDT seed by the CRDT
+/// fixture, so the fuzzer starts past the decoders. (They are not compared byte for byte
+/// with a fresh run: a replica's answers list keys in hash-map order.)
+#[test]
+fn sync_seeds_are_accepted() {
+    use peerlink::sync::{CrdtEvent, StateEvent};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sync");
+    let (mut state, mut crdt) = (0, 0);
+    for entry in std::fs::read_dir(&dir).expect("corpus") {
+        let name = entry.expect("entry").file_name().into_string().expect("UTF-8 name");
+        let Some(name) = name.strip_prefix("seed-") else { continue };
+        let bytes = seed("sync", name);
+        let now = std::time::Instant::now();
+        let mode = [("lww-", false), ("op-", true)].into_iter().find(|(p, _)| name.starts_with(p));
+        if let Some((_, operational)) = mode {
+            let mut s = harness::sync_state_fixture(operational);
+            s.handle_message(now, harness::SYNC_UNIX_MS, harness::sync_peer(), &bytes);
+            let bad: Vec<_> = std::iter::from_fn(|| s.poll_event()).filter(|e| matches!(e, StateEvent::BadMessage { .. } | StateEvent::ClockSkew { .. })).collect();
+            assert!(bad.is_empty(), "seed-{name}: {bad:?}");
+            state += 1;
+        } else {
+            assert!(name.starts_with("crdt-"), "seed-{name}: neither lww-, op- nor crdt-");
+            let mut c = harness::sync_crdt_fixture();
+            c.handle_message(now, harness::sync_peer(), &bytes);
+            let bad: Vec<_> = std::iter::from_fn(|| c.poll_event()).filter(|e| matches!(e, CrdtEvent::BadMessage { .. })).collect();
+            assert!(bad.is_empty(), "seed-{name}: {bad:?}");
+            crdt += 1;
+        }
+    }
+    assert!(state >= 14 && crdt >= 6, "{state} state seeds, {crdt} CRDT seeds");
+}
+
+/// Writes the sync seeds (`harness::sync_seeds`) into `fuzz/corpus/sync`.
+#[test]
+#[ignore = "writes fuzz/corpus/sync/seed-*"]
+fn write_sync_seeds() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sync");
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    for (name, bytes) in harness::sync_seeds() {
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write");
+    }
+}
+
+/// Found by the `sync` fuzzer: a `SyncStep2` whose update decodes, but that yrs refuses while
+/// integrating it ("block parent ... must be deleted or shared ref type"), is reported as
+/// `BadMessage`, yet part of it was applied: the document's state vector gained a client.
+/// `CrdtEvent::BadMessage` and `SyncWireError` promise that nothing of a refused message
+/// was applied; `crdt.rs` ("Trust") documents the limitation. Ignored until that is fixed
+/// (for one, by integrating into a scratch copy of the document first).
+#[test]
+#[ignore = "known: CrdtSync applies part of an update yrs refuses while integrating"]
+fn crdt_update_refused_while_integrating_is_applied_in_part() {
+    use peerlink::sync::CrdtEvent;
+    use peerlink::yrs::{ReadTxn, Transact};
+    let data = base64_decode("A2RvYwABOwEDmpDvgtWL2AEABAEEdH4AAAE7AQOakO+C1YvYAQAEAQR0fgAAAAEBAQEBAQEBAPoBAXcFaGVsbG8A");
+    let mut c = harness::sync_crdt_fixture();
+    let vector = |c: &peerlink::sync::CrdtSync| c.doc(harness::SYNC_DOC).expect("open").transact().state_vector();
+    let before = vector(&c);
+    c.handle_message(std::time::Instant::now(), harness::sync_peer(), &data);
+    assert!(std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, CrdtEvent::BadMessage { .. })), "refused");
+    assert_eq!(vector(&c), before, "nothing of the refused update was applied");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).expect("base64")
+}
