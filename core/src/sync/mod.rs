@@ -98,7 +98,10 @@ pub enum SyncWireError {
     /// An update or handshake for a document this replica has not opened.
     #[error("unknown document {0:?}")]
     UnknownDocument(String),
-    /// yrs refused the update (it does not decode, or does not apply).
+    /// yrs refused the update (it does not decode, or does not apply). The one exception
+    /// to "nothing was applied": yrs does not roll back an update it refuses half-way
+    /// through integrating it, so the part before the refusal stays (the same on every
+    /// replica given the same update).
     #[error("bad document update for {doc:?}: {error}")]
     BadUpdate {
         /// The document.
