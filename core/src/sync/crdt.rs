@@ -175,7 +175,8 @@ pub enum CrdtEvent {
         /// Its new state.
         state: Option<serde_json::Value>,
     },
-    /// A member sent a message that was refused; nothing of it was applied.
+    /// A member sent a message that was refused; nothing of it was applied (but see
+    /// [`SyncWireError::BadUpdate`]).
     BadMessage {
         /// The member.
         from: Fingerprint,
@@ -547,7 +548,8 @@ impl CrdtSync {
     }
 
     /// Handles a message from a member. Whatever is wrong with it becomes
-    /// [`CrdtEvent::BadMessage`], and then nothing of it was applied.
+    /// [`CrdtEvent::BadMessage`], and then nothing of it was applied (but see
+    /// [`SyncWireError::BadUpdate`]).
     pub fn handle_message(&mut self, now: Instant, from: Fingerprint, bytes: &[u8]) {
         if let Err(error) = self.try_message(now, from, bytes) {
             debug!(from = %from.short(), %error, "bad crdt message");
