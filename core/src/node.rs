@@ -1541,6 +1541,7 @@ impl Node {
 
     /// Stops state and document sync in `room` and drops them (the reference's
     /// `destroy`). Leaving the room does this too. Returns whether anything was synced.
+    #[doc(alias = "destroy")]
     pub fn stop_sync(&mut self, room: &str) -> bool {
         self.syncs.stop(room)
     }

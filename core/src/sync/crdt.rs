@@ -427,6 +427,7 @@ impl CrdtSync {
     /// Creating one sends `SyncStep1` to every member that is up, which fetches the
     /// document's state from them. Fails with [`SyncError::BadDocName`] or
     /// [`SyncError::TooManyDocs`].
+    #[doc(alias = "getDoc")]
     pub fn open(&mut self, _now: Instant, doc: &str) -> Result<&Doc, SyncError> {
         if !self.docs.contains_key(doc) {
             self.create(doc)?;

@@ -384,6 +384,7 @@ impl StateSync {
     }
 
     /// Returns every live entry, sorted by key (the reference's `getAll`).
+    #[doc(alias = "getAll")]
     pub fn get_all(&self) -> BTreeMap<&str, &Value> {
         self.entries.iter().filter_map(|(k, e)| e.value.as_ref().map(|v| (&**k, v))).collect()
     }
