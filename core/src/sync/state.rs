@@ -81,6 +81,9 @@ const DIGEST_SPACING: Duration = Duration::from_secs(1);
 /// once (it joined) catches up from the first before the others compare with it, so that
 /// it does not receive everything once per member.
 const EXCHANGE_STAGGER: Duration = Duration::from_secs(1);
+/// How long the replica with the greater fingerprint waits for the other's digest before it
+/// asks for one (the digest may have been dropped by this side's node, before it synced).
+const HELLO_DELAY: Duration = Duration::from_secs(1);
 /// How long a request for the entries under a prefix stands: the same prefix is not asked
 /// of another member meanwhile.
 const WANT_HOLD: Duration = Duration::from_secs(5);
@@ -246,6 +249,9 @@ struct Entry {
 struct Member {
     last_digest: Option<Instant>,
     next_anti_entropy: Option<Instant>,
+    /// (The replica with the greater fingerprint.) When to ask for a digest unless one
+    /// comes first.
+    hello_at: Option<Instant>,
 }
 
 /// How a remote version relates to the local one.
@@ -536,7 +542,7 @@ impl StateSync {
             return;
         }
         let next = self.config.anti_entropy_interval.map(|i| now + i);
-        self.members.insert(peer, Member { last_digest: None, next_anti_entropy: next });
+        self.members.insert(peer, Member { last_digest: None, next_anti_entropy: next, hello_at: None });
         self.pushed.retain(|(p, _), _| *p != peer);
         self.start_exchange(now, peer);
     }
@@ -576,7 +582,13 @@ impl StateSync {
         if self.me < peer {
             self.send_digest(now, peer);
         } else {
-            self.send(Some(peer), wire::hello());
+            self.schedule_hello(now, peer);
+        }
+    }
+
+    fn schedule_hello(&mut self, now: Instant, peer: Fingerprint) {
+        if let Some(m) = self.members.get_mut(&peer) {
+            m.hello_at = Some(now + HELLO_DELAY);
         }
     }
 
@@ -619,7 +631,8 @@ impl StateSync {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ae = self.members.iter().filter(|(fp, _)| self.me < **fp).filter_map(|(_, m)| m.next_anti_entropy);
-        self.flush_at.into_iter().chain(self.gc_at).chain(ae).chain(self.staggered.values().copied()).min()
+        let hellos = self.members.values().filter_map(|m| m.hello_at);
+        self.flush_at.into_iter().chain(self.gc_at).chain(ae).chain(hellos).chain(self.staggered.values().copied()).min()
     }
 
     /// Sends what is due: the batch of local changes, digests to members, and collects old
@@ -629,6 +642,11 @@ impl StateSync {
         if self.flush_at.is_some_and(|t| now >= t) {
             self.flush();
         }
+        let hellos: Vec<Fingerprint> = self.members.iter().filter(|(_, m)| m.hello_at.is_some_and(|t| now >= t)).map(|(p, _)| *p).collect();
+        for peer in hellos {
+            self.members.get_mut(&peer).expect("member").hello_at = None;
+            self.send(Some(peer), wire::hello());
+        }
         let due: Vec<Fingerprint> = self.staggered.iter().filter(|(_, t)| now >= **t).map(|(p, _)| *p).collect();
         for peer in due {
             self.staggered.remove(&peer);
@@ -637,7 +655,7 @@ impl StateSync {
                 if self.me < peer {
                     self.send_digest(now, peer);
                 } else {
-                    self.send(Some(peer), wire::hello());
+                    self.schedule_hello(now, peer);
                 }
             }
         }
@@ -718,7 +736,12 @@ impl StateSync {
         };
         match msg {
             Message::Entries(entries) => self.on_entries(unix_ms, from, entries),
-            Message::Digest(cells) => self.on_digest(now, from, &cells),
+            Message::Digest(cells) => {
+                if let Some(m) = self.members.get_mut(&from) {
+                    m.hello_at = None;
+                }
+                self.on_digest(now, from, &cells)
+            }
             Message::SubDigest(parts) => self.on_sub_digest(now, from, &parts),
             Message::Summaries(leaves) => self.on_summaries(from, leaves),
             Message::WantPrefixes(prefixes) => {

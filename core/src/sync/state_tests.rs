@@ -27,7 +27,7 @@ impl Mesh {
             for j in 0..nodes.len() {
                 if i != j {
                     let peer = fp(j as u8 + 1);
-                    nodes[i].members.insert(peer, Member { last_digest: None, next_anti_entropy: None });
+                    nodes[i].members.insert(peer, Member { last_digest: None, next_anti_entropy: None, hello_at: None });
                 }
             }
         }
@@ -149,8 +149,8 @@ fn same_millisecond_ties_break_by_fingerprint() {
 fn far_future_entry_is_refused_with_an_event() {
     let mut a = StateSync::new(StateConfig::lww(), fp(1));
     let mut b = StateSync::new(StateConfig::lww(), fp(2));
-    b.members.insert(fp(1), Member { last_digest: None, next_anti_entropy: None });
-    a.members.insert(fp(2), Member { last_digest: None, next_anti_entropy: None });
+    b.members.insert(fp(1), Member { last_digest: None, next_anti_entropy: None, hello_at: None });
+    a.members.insert(fp(2), Member { last_digest: None, next_anti_entropy: None, hello_at: None });
     a.set(t0(), MS + 61_000, "j", json!(1)).unwrap();
     a.flush();
     let msg = a.poll_message().unwrap();
@@ -172,7 +172,7 @@ fn malformed_messages_get_typed_errors_and_change_nothing() {
     let digest = b.digest();
     // A valid message to mutate.
     let mut a = StateSync::new(StateConfig::lww(), fp(1));
-    a.members.insert(fp(2), Member { last_digest: None, next_anti_entropy: None });
+    a.members.insert(fp(2), Member { last_digest: None, next_anti_entropy: None, hello_at: None });
     a.set(t0(), MS, "x", json!({"a": 1})).unwrap();
     a.flush();
     let good = a.poll_message().unwrap().bytes;
@@ -287,7 +287,7 @@ fn old_tombstones_are_collected_and_not_taken_back() {
     assert_eq!(a.tombstones(), 0);
     // An old tombstone for a key it does not hold is not stored again.
     let mut b = StateSync::new(config, fp(2));
-    b.members.insert(fp(1), Member { last_digest: None, next_anti_entropy: None });
+    b.members.insert(fp(1), Member { last_digest: None, next_anti_entropy: None, hello_at: None });
     b.set(t0(), MS, "k", json!(1)).unwrap();
     b.delete(t0(), MS + 1, "k").unwrap();
     b.flush();
@@ -376,8 +376,8 @@ proptest! {
 
 #[test]
 fn a_replica_meeting_two_members_at_once_receives_each_key_about_once() {
-    for joiner_fp in [1u8, 3] {
-        // Fingerprints decide who starts each exchange: the joiner first, then last.
+    for joiner_fp in [1u8, 3, 5] {
+        // Fingerprints decide who starts each exchange: the joiner is first, between, last.
         let mut nodes: Vec<StateSync> = [2u8, 4, joiner_fp].iter().map(|b| StateSync::new(StateConfig::lww(), fp(*b))).collect();
         let fps = [fp(2), fp(4), fp(joiner_fp)];
         let mut m = Mesh { nodes: Vec::new(), events: vec![vec![]; 3] };
@@ -411,16 +411,55 @@ fn a_replica_meeting_two_members_at_once_receives_each_key_about_once() {
         m.nodes[1].handle_member_up(t0(), fps[0]);
         deliver(&mut m, t0());
         assert_eq!(m.nodes[1].digest(), m.nodes[0].digest());
-        // The joiner meets both at once.
+        // Later, the joiner meets both at once.
+        let t1 = t0() + Duration::from_secs(60);
         for (a, b) in [(0, 2), (1, 2)] {
-            m.nodes[a].handle_member_up(t0(), fps[b]);
-            m.nodes[b].handle_member_up(t0(), fps[a]);
+            m.nodes[a].handle_member_up(t1, fps[b]);
+            m.nodes[b].handle_member_up(t1, fps[a]);
         }
         for s in 0..8 {
-            deliver(&mut m, t0() + Duration::from_millis(500 * s));
+            deliver(&mut m, t1 + Duration::from_millis(500 * s));
         }
         assert_eq!(m.nodes[2].digest(), m.nodes[0].digest(), "joiner {joiner_fp}");
         let got = m.nodes[2].stats().entries_received;
         assert!((3000..3100).contains(&got), "joiner {joiner_fp}: {got} entries for 3000 keys");
     }
+}
+
+#[test]
+fn meeting_runs_one_exchange_and_a_dropped_digest_is_asked_for_again() {
+    let kinds = |msgs: &[SyncMessage]| msgs.iter().map(|m| m.bytes[1]).collect::<Vec<u8>>();
+    // Both sides see each other at once: one digest, no hello.
+    let (mut a, mut b) = (StateSync::new(StateConfig::lww(), fp(1)), StateSync::new(StateConfig::lww(), fp(2)));
+    a.set(t0(), MS, "k", json!(1)).unwrap();
+    a.flush();
+    while a.poll_message().is_some() {}
+    a.handle_member_up(t0(), fp(2));
+    b.handle_member_up(t0(), fp(1));
+    let from_a: Vec<SyncMessage> = std::iter::from_fn(|| a.poll_message()).collect();
+    assert_eq!(kinds(&from_a), vec![wire::Type::Digest as u8]);
+    assert!(b.poll_message().is_none(), "the greater side waits for the digest");
+    for m in &from_a {
+        b.handle_message(t0(), MS, fp(1), &m.bytes);
+    }
+    let later = t0() + Duration::from_secs(2);
+    b.handle_timeout(later, MS + 2000);
+    let from_b: Vec<u8> = kinds(&std::iter::from_fn(|| b.poll_message()).collect::<Vec<_>>());
+    assert!(!from_b.contains(&(wire::Type::Hello as u8)), "{from_b:?}");
+
+    // The digest is lost (the other side was not syncing yet): the greater side asks.
+    let (mut a, mut b) = (StateSync::new(StateConfig::lww(), fp(1)), StateSync::new(StateConfig::lww(), fp(2)));
+    a.set(t0(), MS, "k", json!(1)).unwrap();
+    a.flush();
+    while a.poll_message().is_some() {}
+    a.handle_member_up(t0(), fp(2));
+    while a.poll_message().is_some() {}
+    b.handle_member_up(t0() + Duration::from_millis(300), fp(1));
+    b.handle_timeout(t0() + Duration::from_millis(1300), MS + 1300);
+    let hello = b.poll_message().expect("hello");
+    assert_eq!(hello.bytes, wire::hello());
+    a.handle_message(t0() + Duration::from_millis(1301), MS + 1301, fp(2), &hello.bytes);
+    let mut m = Mesh { nodes: vec![a, b], events: vec![vec![], vec![]] };
+    m.run();
+    assert_eq!(m.nodes[1].get("k"), Some(&json!(1)));
 }
