@@ -156,7 +156,7 @@ impl Syncs {
         let mut s = StateSync::new(config, me);
         for m in members {
             r.members.insert(*m);
-            s.handle_member_up(now, *m);
+            s.handle_member_present(now, *m);
         }
         r.state = Some(s);
         true

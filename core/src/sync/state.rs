@@ -547,6 +547,18 @@ impl StateSync {
         self.start_exchange(now, peer);
     }
 
+    /// This replica starts syncing while `peer` is already a member (rather than both
+    /// meeting now): a digest it sent before was dropped, so if `peer` is the one to send
+    /// digests, ask it for one at once.
+    pub fn handle_member_present(&mut self, now: Instant, peer: Fingerprint) {
+        self.handle_member_up(now, peer);
+        if let Some(m) = self.members.get_mut(&peer) {
+            if m.hello_at.take().is_some() {
+                self.send(Some(peer), wire::hello());
+            }
+        }
+    }
+
     /// A member left (or its connection is gone for good).
     pub fn handle_member_down(&mut self, peer: Fingerprint) {
         self.members.remove(&peer);

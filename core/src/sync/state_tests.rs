@@ -455,6 +455,7 @@ fn meeting_runs_one_exchange_and_a_dropped_digest_is_asked_for_again() {
     a.handle_member_up(t0(), fp(2));
     while a.poll_message().is_some() {}
     b.handle_member_up(t0() + Duration::from_millis(300), fp(1));
+    assert!(b.poll_message().is_none());
     b.handle_timeout(t0() + Duration::from_millis(1300), MS + 1300);
     let hello = b.poll_message().expect("hello");
     assert_eq!(hello.bytes, wire::hello());
@@ -462,4 +463,9 @@ fn meeting_runs_one_exchange_and_a_dropped_digest_is_asked_for_again() {
     let mut m = Mesh { nodes: vec![a, b], events: vec![vec![], vec![]] };
     m.run();
     assert_eq!(m.nodes[1].get("k"), Some(&json!(1)));
+
+    // Starting to sync while the member is there already: the hello goes at once.
+    let mut c = StateSync::new(StateConfig::lww(), fp(3));
+    c.handle_member_present(t0(), fp(1));
+    assert_eq!(c.poll_message().map(|m| m.bytes), Some(wire::hello()));
 }
