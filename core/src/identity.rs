@@ -210,6 +210,14 @@ impl PublicKey {
             .map_err(|_| IdentityError::InvalidPublicKey)
     }
 
+    /// Returns the 65-byte uncompressed SEC1 point.
+    pub fn to_sec1(&self) -> [u8; 65] {
+        let point = self.0.to_encoded_point(false);
+        let mut out = [0u8; 65];
+        out.copy_from_slice(point.as_bytes());
+        out
+    }
+
     /// Returns the key as base64 of its 65-byte uncompressed SEC1 point (WebCrypto's `raw`).
     pub fn to_base64(&self) -> String {
         B64.encode(self.0.to_encoded_point(false).as_bytes())
@@ -242,6 +250,16 @@ impl Signature {
         EcdsaSignature::from_slice(&raw)
             .map(Signature)
             .map_err(|_| IdentityError::InvalidSignature)
+    }
+
+    /// Parses a 64-byte `r || s` signature.
+    pub fn from_bytes(raw: &[u8]) -> Result<Self, IdentityError> {
+        EcdsaSignature::from_slice(raw).map(Signature).map_err(|_| IdentityError::InvalidSignature)
+    }
+
+    /// Returns the 64 bytes `r || s`.
+    pub fn to_bytes(&self) -> [u8; 64] {
+        self.0.to_bytes().into()
     }
 
     /// Returns the signature as base64 of `r || s`.
@@ -365,7 +383,7 @@ impl Identity {
 }
 
 /// Lets a `rand 0.9` RNG drive the `rand_core 0.6` traits that the ECDSA crates use.
-struct RngShim<'a, R: ?Sized>(&'a mut R);
+pub(crate) struct RngShim<'a, R: ?Sized>(pub(crate) &'a mut R);
 
 impl<R: rand::CryptoRng + ?Sized> rand_core_06::RngCore for RngShim<'_, R> {
     fn next_u32(&mut self) -> u32 {

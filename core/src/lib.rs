@@ -160,6 +160,7 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod stun;
+pub mod e2e;
 pub mod sync;
 pub mod transfer;
 
