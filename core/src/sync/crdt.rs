@@ -132,6 +132,10 @@ pub struct CrdtConfig {
     /// units (what Yjs in JavaScript counts; choose it to share positions, such as cursors,
     /// with JavaScript clients). Every replica of a document should use the same.
     pub offset_kind: yrs::OffsetKind,
+    /// How often every document's state vector goes to every member again (they answer
+    /// with whatever it lacks, usually nothing), which repairs an update lost on the way.
+    /// `None`: only when members come. Default 30 s.
+    pub resync_interval: Option<Duration>,
 }
 
 impl Default for CrdtConfig {
@@ -143,6 +147,7 @@ impl Default for CrdtConfig {
             awareness_refresh: Duration::from_secs(15),
             max_awareness_size: 4 * 1024,
             offset_kind: yrs::OffsetKind::Bytes,
+            resync_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -266,6 +271,8 @@ pub struct CrdtSync {
     members: BTreeSet<Fingerprint>,
     messages: VecDeque<Queued>,
     events: VecDeque<CrdtEvent>,
+    /// When state vectors go to every member again.
+    next_resync: Option<Instant>,
 }
 
 impl std::fmt::Debug for CrdtSync {
@@ -414,6 +421,7 @@ impl CrdtSync {
             members: BTreeSet::new(),
             messages: VecDeque::new(),
             events: VecDeque::new(),
+            next_resync: None,
         }
     }
 
@@ -515,11 +523,14 @@ impl CrdtSync {
     /// Handles a member joining or coming back: for every open document it is sent
     /// `SyncStep1`, and our awareness state if one is set. Calling it again repeats the
     /// handshake.
-    pub fn handle_member_up(&mut self, _now: Instant, peer: Fingerprint) {
+    pub fn handle_member_up(&mut self, now: Instant, peer: Fingerprint) {
         if peer == self.me {
             return;
         }
         self.members.insert(peer);
+        if self.next_resync.is_none() {
+            self.next_resync = self.config.resync_interval.map(|i| now + i.max(Duration::from_millis(1)));
+        }
         let mut out = Vec::new();
         for (name, state) in &self.docs {
             let state_vector = state.doc.transact().state_vector().encode_v1();
@@ -735,6 +746,7 @@ impl CrdtSync {
                     .map(move |remote| remote.seen + timeout);
                 refresh.into_iter().chain(expiries)
             })
+            .chain(self.next_resync.filter(|_| !self.members.is_empty() && !self.docs.is_empty()))
             .min()
     }
 
@@ -765,6 +777,18 @@ impl CrdtSync {
         }
         for (doc, peer) in expired {
             self.event(CrdtEvent::Awareness { doc, peer, state: None });
+        }
+        if let (Some(at), Some(interval)) = (self.next_resync, self.config.resync_interval) {
+            if at <= now {
+                self.next_resync = Some(now + interval.max(Duration::from_millis(1)));
+                let vectors: Vec<Vec<u8>> = self.docs.iter().map(|(name, state)| encode_sync(name, SYNC_STEP1, &state.doc.transact().state_vector().encode_v1())).collect();
+                let members: Vec<Fingerprint> = self.members.iter().copied().collect();
+                for peer in members {
+                    for bytes in &vectors {
+                        self.send(Some(peer), bytes.clone(), None);
+                    }
+                }
+            }
         }
     }
 

@@ -485,7 +485,7 @@ fn the_same_seed_gives_the_same_client_ids() {
 
 #[test]
 fn awareness_is_set_received_and_cleared() {
-    let mut net = Net::new(3);
+    let mut net = Net::with_config(3, CrdtConfig { resync_interval: None, ..CrdtConfig::default() });
     net.connect_all();
     let now = net.now;
     for i in 0..3 {
@@ -560,7 +560,7 @@ fn a_stale_awareness_message_does_not_win() {
 
 #[test]
 fn awareness_refreshes_and_expires_after_the_timeout() {
-    let mut net = Net::new(2);
+    let mut net = Net::with_config(2, CrdtConfig { resync_interval: None, ..CrdtConfig::default() });
     net.connect_all();
     let start = net.now;
     for i in 0..2 {
@@ -767,4 +767,29 @@ fn applications_can_tell_remote_changes_and_read_their_own_awareness() {
     assert_eq!(net.nodes[1].local_awareness("d"), None);
     net.nodes[1].set_awareness(now, "d", Some(serde_json::json!({"cursor": 3}))).unwrap();
     assert_eq!(net.nodes[1].local_awareness("d"), Some(serde_json::json!({"cursor": 3})));
+}
+
+#[test]
+fn a_lost_update_is_repaired_by_the_periodic_resync() {
+    let mut net = Net::new(2);
+    net.connect_all();
+    let now = net.now;
+    net.nodes[0].open(now, "d").unwrap();
+    net.nodes[1].open(now, "d").unwrap();
+    net.pump();
+    insert_text(&mut net.nodes[0], now, "d", 0, "lost on the way");
+    net.nodes[0].flush(now);
+    while net.nodes[0].poll_message().is_some() {}
+    net.pump();
+    assert_eq!(net.text(1, "d"), "");
+    // The resync is due 30 s after the members met.
+    let due = net.nodes[1].poll_timeout().unwrap();
+    assert!(due <= now + Duration::from_secs(30));
+    for i in 0..2 {
+        let t = net.nodes[i].poll_timeout().unwrap();
+        net.nodes[i].handle_timeout(t);
+    }
+    net.pump();
+    assert_eq!(net.text(1, "d"), "lost on the way");
+    assert!(net.nodes[1].poll_timeout().unwrap() > due, "the deadline moved on");
 }
