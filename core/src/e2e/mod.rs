@@ -32,6 +32,7 @@
 //! older; it also decrypts the previous epoch, for messages still in flight at a rekey.
 
 pub mod exchange;
+pub mod stream;
 
 use std::collections::BTreeMap;
 
