@@ -180,6 +180,11 @@ impl CutProxy {
         CutProxy { addr, conns, refuse, stop }
     }
 
+    /// Returns the proxy's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Returns the proxy's `ws://` URL.
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)

@@ -63,7 +63,7 @@ fn key(i: usize) -> String {
 }
 
 fn value(i: usize) -> Value {
-    json!({ "id": i, "name": format!("item {i}"), "qty": i % 97, "done": i % 3 == 0 })
+    json!({ "id": i, "name": format!("item {i}"), "qty": i % 97, "done": i.is_multiple_of(3) })
 }
 
 fn loadavg() -> String {
@@ -199,7 +199,7 @@ fn run_net(url: &str, keys: usize, rep: usize, timeout: Duration) -> Result<NetR
         Ok(end - start)
     };
 
-    let json_first = rep % 2 == 0;
+    let json_first = rep.is_multiple_of(2);
     let mut json = if json_first { Some(time_json(&mut nodes)?) } else { None };
 
     let a0 = nodes[0].state(&room).ok_or("A not synced")?.stats();

@@ -3,6 +3,7 @@
 
 mod async_transfer;
 mod bad_input;
+mod encrypted_stream;
 mod file_transfer;
 mod group_room;
 mod impersonation;

@@ -188,7 +188,7 @@ fn lww_state_reaches_every_member_and_deletes_win() {
     // One member deletes another's key, a third overwrites another's: both win everywhere.
     assert!(m.nodes[1].state_delete(ROOM, "color").unwrap(), "color was live on m1");
     m.nodes[2].state_set(ROOM, "size", &4).unwrap();
-    m.until("delete and overwrite everywhere", |m| (0..3).all(|i| m.all(i).get("color").is_none() && m.all(i).get("size") == Some(&json!(4))));
+    m.until("delete and overwrite everywhere", |m| (0..3).all(|i| !m.all(i).contains_key("color") && m.all(i).get("size") == Some(&json!(4))));
     for i in [0, 2] {
         assert!(m.heard(i, "color", None, fp[1]), "m{i} heard m1's delete as m1's");
     }
@@ -211,7 +211,7 @@ fn lww_state_reaches_every_member_and_deletes_win() {
     assert!(m.nodes[0].state_delete(ROOM, "race2").unwrap());
     std::thread::sleep(Duration::from_millis(5));
     m.nodes[1].state_set(ROOM, "race2", "v1").unwrap();
-    m.until("converged", |m| m.converged() && (0..3).all(|i| m.all(i).get("race").is_none() && m.all(i).get("race2") == Some(&json!("v1"))));
+    m.until("converged", |m| m.converged() && (0..3).all(|i| !m.all(i).contains_key("race") && m.all(i).get("race2") == Some(&json!("v1"))));
     assert!(m.heard(2, "race", None, fp[1]), "m2 heard the winning delete");
     assert!(!m.heard(1, "race", Some(json!("v2")), fp[2]), "m1 never applied the older concurrent write");
     assert!(m.heard(0, "race2", Some(json!("v1")), fp[1]), "m0's delete lost to the later set");

@@ -142,6 +142,7 @@ pub use peerlink;
 pub use peerlink::node::UdpBind;
 
 pub mod files;
+pub mod stream;
 mod udp;
 
 /// Most events that may wait in a [`PollClient`]'s queue. Past it [`PollClient::poll`] refuses
