@@ -6,7 +6,9 @@
 //! one [`Node`] per local participant owns the signaling client and every connection, and runs
 //! managed [`room`]s over them (full-mesh direct paths with relay fallback, presence), file /
 //! JSON / image [`transfer`]s, and shared state over rooms ([`sync`]: a key-value map ordered by
-//! hybrid logical clocks, and yrs documents). Runtime
+//! hybrid logical clocks, and yrs documents), and end-to-end encryption ([`e2e`]: an
+//! authenticated key exchange, sessions with counter nonces and replay windows, an encrypted
+//! reconnecting stream). Runtime
 //! adapters (`peerlink-smol`, `peerlink-tokio`, `peerlink-blocking`, `peerlink-server`, and the
 //! deterministic simulator `peerlink-sim`) own the sockets and timers.
 //!
