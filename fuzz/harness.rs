@@ -19,6 +19,11 @@
 //! * [`sync`]: arbitrary bytes as a sync message: through the `sync/1` decoder (whatever
 //!   decodes round-trips through the encoders), into a last-writer-wins and an operational
 //!   `StateSync` and into a `CrdtSync` (refused input changes nothing; nothing panics).
+//! * [`e2e`]: arbitrary bytes as a key-exchange message to a `GroupKeyManager` idle, offered
+//!   and answered (a refusal changes nothing; no session from anything but the genuine
+//!   message), or as a program of deliveries of sealed messages, edited or not, to a derived
+//!   `E2e` session (only genuine messages open, once, as a model of the replay window and
+//!   epochs says; a refusal changes nothing).
 //!
 //! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
 //! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
@@ -33,6 +38,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
+use peerlink::e2e::{E2e, E2eError, GroupKeyManager, KeyExchangeEvent, Limits};
 use peerlink::identity::{Fingerprint, Identity};
 use peerlink::peer::signal::{self, Signal};
 use peerlink::protocol::{self, ClientMessage, PROTOCOL_VERSION, ServerMessage};
@@ -1405,5 +1411,569 @@ pub fn sync_seeds() -> Vec<(String, Vec<u8>)> {
     let mut unique = HashSet::new();
     out.retain(|m| unique.insert(m.clone()));
     seeds.extend(out.into_iter().enumerate().map(|(i, m)| (format!("crdt-{i:02}"), m)));
+    seeds
+}
+
+// ---- e2e --------------------------------------------------------------------------------
+
+/// [`e2e`] input whose first byte is this (modulo 4): the rest is one key-exchange message
+/// to the manager with nothing under way ([`e2e_idle`]).
+pub const E2E_MODE_IDLE: u8 = 0;
+/// ... to the manager that has offered to both peers ([`e2e_offered`]).
+pub const E2E_MODE_OFFERED: u8 = 1;
+/// ... to the manager that has answered both peers ([`e2e_answered`]).
+pub const E2E_MODE_ANSWERED: u8 = 2;
+/// [`e2e`] input whose first byte is this (modulo 4): the rest is a program of deliveries
+/// (see [`e2e_decrypt`]).
+pub const E2E_MODE_DECRYPT: u8 = 3;
+/// Bytes of a genuine answer and finish (`e2e::exchange`'s `ANSWER_LEN`, `FINISH_LEN`).
+const E2E_ANSWER_LEN: usize = 2 + 32 + 65 + 65 + 64 + 32;
+const E2E_FINISH_LEN: usize = 2 + 65 + 64 + 32;
+/// Epochs a receiver moves forward in one step (`e2e`'s `MAX_EPOCH_JUMP`).
+const E2E_MAX_EPOCH_JUMP: u32 = 4;
+/// Associated data the sealed messages are sealed with (by index).
+const E2E_AADS: [&[u8]; 3] = [b"", b"room", b"room/other"];
+/// Most operations taken from one decrypt program, and most messages sealed in one.
+const E2E_MAX_OPS: usize = 96;
+const E2E_MAX_SEALED: usize = 4096;
+
+/// The identities of the exchange fixtures and the genuine messages they answer.
+pub struct E2eFixtures {
+    /// The manager under test.
+    pub me: Identity,
+    /// Its two peers, one with a smaller fingerprint than `me` and one with a greater (both
+    /// ways of resolving simultaneous offers).
+    pub peers: [Identity; 2],
+    /// The offers the peers make to `me` (what [`e2e_answered`] answers).
+    pub offers: [Vec<u8>; 2],
+    /// The peers' genuine answers to the offers of [`e2e_offered`].
+    pub answers: [Vec<u8>; 2],
+    /// The peers' genuine finishes to the answers of [`e2e_answered`].
+    pub finishes: [Vec<u8>; 2],
+    /// A complete exchange between the same identities, made earlier with other keys:
+    /// `[offer, answer, finish]` with peer 0 as the initiator (old signatures for the corpus).
+    pub stale: [Vec<u8>; 3],
+}
+
+fn e2e_identity(seed: u64) -> Identity {
+    Identity::generate(&mut ChaCha20Rng::seed_from_u64(seed))
+}
+
+/// The exchange fixtures (built once: every manager is rebuilt from them per input, so the
+/// same input always meets the same keys and nonces).
+pub fn e2e_fixtures() -> &'static E2eFixtures {
+    static FIXTURES: OnceLock<E2eFixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let me = e2e_identity(7001);
+        // One peer on each side of `me` in fingerprint order.
+        let mut lower = None;
+        let mut upper = None;
+        for seed in 7002.. {
+            let id = e2e_identity(seed);
+            if id.fingerprint() < me.fingerprint() {
+                lower.get_or_insert(id);
+            } else {
+                upper.get_or_insert(id);
+            }
+            if lower.is_some() && upper.is_some() {
+                break;
+            }
+        }
+        let peers = [lower.expect("a lower peer"), upper.expect("an upper peer")];
+        let mf = me.fingerprint();
+        let peer_manager = |k: usize, seed: u64| GroupKeyManager::new(peers[k].clone(), seed);
+        let offers = [0, 1].map(|k| peer_manager(k, 7100 + k as u64).exchange_with(mf).expect("offer"));
+        let (_, my_offers) = e2e_offered_with(&me, &peers);
+        let answers = [0, 1].map(|k| {
+            peer_manager(k, 7200 + k as u64).handle_incoming_key_exchange(mf, &my_offers[k]).expect("answer").expect("an answer")
+        });
+        let (_, my_answers) = e2e_answered_with(&me, &peers, &offers);
+        let finishes = [0, 1].map(|k| {
+            let mut p = peer_manager(k, 7100 + k as u64);
+            p.exchange_with(mf).expect("the same offer again");
+            p.handle_incoming_key_exchange(mf, &my_answers[k]).expect("finish").expect("a finish")
+        });
+        let mut old_me = GroupKeyManager::new(me.clone(), 7300);
+        let mut old_peer = peer_manager(0, 7301);
+        let offer = old_peer.exchange_with(mf).expect("offer");
+        let answer = old_me.handle_incoming_key_exchange(peers[0].fingerprint(), &offer).expect("answer").expect("an answer");
+        let finish = old_peer.handle_incoming_key_exchange(mf, &answer).expect("finish").expect("a finish");
+        E2eFixtures { me, peers, offers, answers, finishes, stale: [offer, answer, finish] }
+    })
+}
+
+fn e2e_offered_with(me: &Identity, peers: &[Identity; 2]) -> (GroupKeyManager, [Vec<u8>; 2]) {
+    let mut m = GroupKeyManager::new(me.clone(), 7400);
+    let offers = [0, 1].map(|k| m.exchange_with(peers[k].fingerprint()).expect("offer"));
+    (m, offers)
+}
+
+fn e2e_answered_with(me: &Identity, peers: &[Identity; 2], offers: &[Vec<u8>; 2]) -> (GroupKeyManager, [Vec<u8>; 2]) {
+    let mut m = GroupKeyManager::new(me.clone(), 7500);
+    let answers = [0, 1].map(|k| m.handle_incoming_key_exchange(peers[k].fingerprint(), &offers[k]).expect("answer").expect("an answer"));
+    while m.poll_event().is_some() {}
+    (m, answers)
+}
+
+/// The manager with nothing under way.
+pub fn e2e_idle() -> GroupKeyManager {
+    GroupKeyManager::new(e2e_fixtures().me.clone(), 7600)
+}
+
+/// The manager that has offered to both peers ([`E2eFixtures::answers`] complete them).
+pub fn e2e_offered() -> GroupKeyManager {
+    let f = e2e_fixtures();
+    e2e_offered_with(&f.me, &f.peers).0
+}
+
+/// The manager that has answered both peers' offers ([`E2eFixtures::finishes`] complete
+/// them).
+pub fn e2e_answered() -> GroupKeyManager {
+    let f = e2e_fixtures();
+    e2e_answered_with(&f.me, &f.peers, &f.offers).0
+}
+
+/// What a manager holds for one peer: a session (its id) and whether an exchange is under way.
+type E2ePeerState = (Option<[u8; 8]>, bool);
+
+fn e2e_peer_state(m: &GroupKeyManager, peer: &Fingerprint) -> E2ePeerState {
+    assert_eq!(m.has_session(peer), m.session(peer).is_some());
+    (m.session(peer).map(|s| s.id()), m.is_exchanging(peer))
+}
+
+/// `data` as one e2e input: by its first byte (modulo 4), a key-exchange message to a
+/// manager in one of three states ([`e2e_exchange`]) or a program of deliveries to a derived
+/// session ([`e2e_decrypt`]). (One state per input: the fixtures cost public-key operations,
+/// which the fuzzer's instrumentation makes slow.)
+pub fn e2e(data: &[u8]) {
+    let Some((mode, rest)) = data.split_first() else { return };
+    match mode % 4 {
+        E2E_MODE_DECRYPT => e2e_decrypt(rest),
+        state => e2e_exchange(state, rest),
+    }
+}
+
+/// `msg` as a key-exchange message from each peer in turn (then from the first again) to a
+/// manager in `state` ([`E2E_MODE_IDLE`], [`E2E_MODE_OFFERED`], [`E2E_MODE_ANSWERED`]).
+/// Nothing panics; an `Err` leaves every session and exchange as it was and reports nothing
+/// (and, for a message of the length of an exchange message, the exchange under way still
+/// completes afterwards with the genuine message); an `Ok` is either an offer answered (an
+/// exchange under way, the session if any untouched) or the genuine answer or finish this
+/// state expects, byte for byte: no session is ever established from anything else.
+pub fn e2e_exchange(state: u8, msg: &[u8]) {
+    let f = e2e_fixtures();
+    let (mut m, genuine) = match state {
+        E2E_MODE_IDLE => (e2e_idle(), None),
+        E2E_MODE_OFFERED => (e2e_offered(), Some(&f.answers)),
+        _ => (e2e_answered(), Some(&f.finishes)),
+    };
+    let fps = f.peers.each_ref().map(Identity::fingerprint);
+    let exchange_len = [2 + 32 + 65, E2E_ANSWER_LEN, E2E_FINISH_LEN].contains(&msg.len());
+    for k in [0, 1] {
+        let expected = genuine.map(|g| &g[k]).filter(|_| !m.has_session(&fps[k]));
+        let failed = e2e_exchange_step(&mut m, &fps, k, msg, expected.map(Vec::as_slice));
+        // An error changed nothing: the exchange under way completes as it would have.
+        if let (Some(err), Some(g), true) = (failed, expected, exchange_len) {
+            m.handle_incoming_key_exchange(fps[k], g).unwrap_or_else(|e| panic!("state {state}, peer {k}: after {err} the genuine message fails: {e}"));
+            assert!(m.has_session(&fps[k]), "state {state}, peer {k}: after {err} the genuine message makes no session");
+            while m.poll_event().is_some() {}
+        }
+    }
+    // Once more from peer 0, which may have a session now (never replaced from fuzz input).
+    e2e_exchange_step(&mut m, &fps, 0, msg, None);
+}
+
+/// One message from peer `k`; returns the error, if it failed.
+fn e2e_exchange_step(m: &mut GroupKeyManager, fps: &[Fingerprint; 2], k: usize, msg: &[u8], genuine: Option<&[u8]>) -> Option<E2eError> {
+    let before = fps.map(|p| e2e_peer_state(m, &p));
+    let result = m.handle_incoming_key_exchange(fps[k], msg);
+    let events: Vec<KeyExchangeEvent> = std::iter::from_fn(|| m.poll_event()).collect();
+    let after = fps.map(|p| e2e_peer_state(m, &p));
+    assert_eq!(after[1 - k], before[1 - k], "a message from one peer changed the other's state ({result:?})");
+    let is_genuine = genuine == Some(msg);
+    match result {
+        Err(e) => {
+            assert_eq!(after, before, "refused ({e}), but the state changed");
+            assert!(events.is_empty(), "refused ({e}), but reported {events:?}");
+            assert!(!is_genuine, "the genuine message is refused: {e}");
+            Some(e)
+        }
+        Ok(Some(reply)) if msg.get(1) == Some(&1) => {
+            // An offer: answered with this side's signed key, an exchange under way, the
+            // session (if any) still the old one.
+            assert_eq!(reply.len(), E2E_ANSWER_LEN);
+            assert_eq!(reply[..2], [msg[0], 2]);
+            assert_eq!(reply[99..164], e2e_fixtures().me.public_key().to_sec1());
+            assert_eq!(after[k], (before[k].0, true), "an offer answered");
+            assert!(events.is_empty(), "an offer answered, but reported {events:?}");
+            None
+        }
+        Ok(reply) => {
+            assert!(is_genuine, "a session from a message that is not the genuine one ({msg:?})");
+            assert_eq!(reply.as_ref().map(Vec::len), if msg.get(1) == Some(&2) { Some(E2E_FINISH_LEN) } else { None });
+            let id = after[k].0.expect("a session");
+            assert!(!after[k].1 && before[k].0 != Some(id), "{before:?} -> {after:?}");
+            assert_eq!(events, [KeyExchangeEvent::Established { peer: fps[k], session: id }]);
+            None
+        }
+    }
+}
+
+/// What a receiver must do with the genuine messages of one peer: which epochs it holds and
+/// which counters of them it accepted (the module docs' rules, written out).
+#[derive(Default)]
+struct E2eReceiverModel {
+    epoch: u32,
+    window: E2eWindowModel,
+    prev: Option<(u32, E2eWindowModel)>,
+}
+
+#[derive(Default, Clone)]
+struct E2eWindowModel {
+    /// One more than the highest counter accepted.
+    top: u64,
+    accepted: HashSet<u64>,
+}
+
+impl E2eWindowModel {
+    fn check(&self, counter: u64) -> Result<(), E2eError> {
+        if counter >= self.top {
+            Ok(())
+        } else if self.top - 1 - counter >= peerlink::e2e::REPLAY_WINDOW {
+            Err(E2eError::TooOld { counter })
+        } else if self.accepted.contains(&counter) {
+            Err(E2eError::Replay { counter })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mark(&mut self, counter: u64) {
+        self.accepted.insert(counter);
+        self.top = self.top.max(counter + 1);
+    }
+}
+
+impl E2eReceiverModel {
+    /// The outcome for a genuine message of `epoch` and `counter` (`OldKey`'s fields aside).
+    fn predict(&self, epoch: u32, counter: u64) -> Result<(), E2eError> {
+        if epoch == self.epoch {
+            self.window.check(counter)
+        } else if let Some((_, w)) = self.prev.as_ref().filter(|(e, _)| *e == epoch) {
+            w.check(counter)
+        } else if epoch > self.epoch && epoch - self.epoch <= E2E_MAX_EPOCH_JUMP {
+            Ok(())
+        } else {
+            Err(E2eError::OldKey { session: String::new(), epoch })
+        }
+    }
+
+    fn accept(&mut self, epoch: u32, counter: u64) {
+        if epoch == self.epoch {
+            self.window.mark(counter);
+        } else if let Some((_, w)) = self.prev.as_mut().filter(|(e, _)| *e == epoch) {
+            w.mark(counter);
+        } else {
+            let mut window = E2eWindowModel::default();
+            window.mark(counter);
+            let previous = std::mem::replace(&mut self.window, window);
+            self.prev = (self.epoch + 1 == epoch).then_some((self.epoch, previous));
+            self.epoch = epoch;
+        }
+    }
+}
+
+/// A message sealed by a peer of the receiver.
+struct E2eSealed {
+    /// Index of the sender in [`E2eBench::peers`].
+    from: usize,
+    bytes: Vec<u8>,
+    aad: usize,
+    plain: Vec<u8>,
+}
+
+/// A receiver `b` with sessions with two senders `a` and `c` (derived with
+/// `E2e::derive_key`), everything they sealed for it, and what it must have accepted.
+struct E2eBench {
+    b: E2e,
+    senders: [E2e; 2],
+    peers: [Fingerprint; 2],
+    receiver: Fingerprint,
+    sealed: Vec<E2eSealed>,
+    /// Messages `b` sealed for `a` (not for `b` to open).
+    decoys: Vec<Vec<u8>>,
+    accepted: HashSet<usize>,
+    models: [E2eReceiverModel; 2],
+}
+
+fn e2e_fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+impl E2eBench {
+    fn new(limits: Limits) -> Self {
+        let rng = |seed: u64| ChaCha20Rng::seed_from_u64(seed);
+        let (af, bf, cf) = (e2e_fp(0x10), e2e_fp(0x20), e2e_fp(0x30));
+        let mut a = E2e::new(af, &mut rng(8001)).with_limits(limits);
+        let mut b = E2e::new(bf, &mut rng(8002)).with_limits(limits);
+        let mut c = E2e::new(cf, &mut rng(8003)).with_limits(limits);
+        let (pa, pb, pc) = (*a.public_key(), *b.public_key(), *c.public_key());
+        a.derive_key(bf, &pb).expect("derive");
+        c.derive_key(bf, &pb).expect("derive");
+        b.derive_key(af, &pa).expect("derive");
+        b.derive_key(cf, &pc).expect("derive");
+        let mut bench = E2eBench {
+            b,
+            senders: [a, c],
+            peers: [af, cf],
+            receiver: bf,
+            sealed: Vec::new(),
+            decoys: Vec::new(),
+            accepted: HashSet::new(),
+            models: Default::default(),
+        };
+        for i in 0..12 {
+            bench.seal(0, i % 3);
+        }
+        for (i, aad) in E2E_AADS.iter().enumerate() {
+            bench.seal(1, i);
+            let decoy = bench.b.encrypt(&af, format!("decoy {i}").as_bytes(), aad).expect("seal");
+            bench.decoys.push(decoy);
+        }
+        bench
+    }
+
+    fn seal(&mut self, from: usize, aad: usize) -> usize {
+        let n = self.sealed.len();
+        let plain: Vec<u8> = format!("{from}:{n}:").bytes().cycle().take(3 + n % 5 * 9).collect();
+        let bytes = self.senders[from].encrypt(&self.receiver, &plain, E2E_AADS[aad]).expect("seal");
+        self.sealed.push(E2eSealed { from, bytes, aad, plain });
+        n
+    }
+
+    /// `message` with `aad` from peer `from`: opened exactly if it is a genuine message the
+    /// model accepts, refused as the model says if it is genuine, refused otherwise.
+    fn deliver(&mut self, from: usize, message: &[u8], aad: &[u8]) {
+        let genuine = self.sealed.iter().position(|s| s.from == from && s.bytes == message && E2E_AADS[s.aad] == aad);
+        let result = self.b.decrypt(&self.peers[from], message, aad);
+        let Some(i) = genuine else {
+            if let Ok(plain) = result {
+                panic!("a message never sealed opened: {message:?} (aad {aad:?}, from peer {from}) -> {plain:?}");
+            }
+            return;
+        };
+        let epoch = u32::from_be_bytes(message[9..13].try_into().expect("4 bytes"));
+        let counter = u64::from_be_bytes(message[13..21].try_into().expect("8 bytes"));
+        let model = &mut self.models[from];
+        match (model.predict(epoch, counter), result) {
+            (Ok(()), Ok(plain)) => {
+                assert_eq!(plain, self.sealed[i].plain, "message {i} opened to something else");
+                assert!(self.accepted.insert(i), "message {i} accepted twice");
+                model.accept(epoch, counter);
+            }
+            (Err(E2eError::OldKey { .. }), Err(E2eError::OldKey { epoch: got, .. })) => assert_eq!(got, epoch),
+            (Err(want), Err(got)) => assert_eq!(got, want, "genuine message {i} (epoch {epoch}, counter {counter})"),
+            (want, got) => panic!("genuine message {i} (epoch {epoch}, counter {counter}, accepted before: {}): expected {want:?}, got {:?}", self.accepted.contains(&i), got.map(|_| "opened")),
+        }
+    }
+}
+
+/// Reads a decrypt program.
+struct E2eProgram<'a> {
+    data: &'a [u8],
+}
+
+impl E2eProgram<'_> {
+    fn byte(&mut self) -> u8 {
+        let (b, rest) = self.data.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
+        self.data = rest;
+        b
+    }
+
+    fn index(&mut self, len: usize) -> usize {
+        (u16::from_le_bytes([self.byte(), self.byte()]) as usize) % len.max(1)
+    }
+}
+
+/// A program of deliveries to a receiver with sessions derived with two senders (see
+/// [`E2eBench`]); its first byte sets the rekeying limits (low bits: a few messages per key,
+/// or the default; bit 4: a few bytes per key), then operations, each a byte and its
+/// arguments:
+///
+/// * `0`: a sender seals 1..16 more messages;
+/// * `1`: a sealed message delivered as it is (from its sender or the other, with its
+///   associated data or another);
+/// * `2`: a sealed message or a decoy (sealed by the receiver) delivered after 1..4 edits:
+///   bytes flipped, set, cut, appended, the epoch or counter changed, the header or the body
+///   swapped with another message's;
+/// * `3`: raw bytes from the program as a message;
+/// * `4`: a message from a peer with no session (`NoKey`);
+/// * `5`: a sender seals 64..1280 more messages (past the replay window).
+///
+/// Checked: nothing that was not sealed by the peer for this associated data ever opens; a
+/// genuine message opens exactly when the model says (once, to its plaintext; inside the
+/// replay window, current, previous or a few next epochs) and is otherwise refused as the
+/// model says; so an error never changes what later messages do. At the end every sender
+/// seals a fresh message, then its last 64 undelivered ones are delivered in order, through
+/// the same checks.
+pub fn e2e_decrypt(program: &[u8]) {
+    let mut p = E2eProgram { data: program };
+    let lim = p.byte();
+    let messages = if lim & 0x08 != 0 { 1 << 24 } else { 1 + u64::from(lim & 0x07) };
+    let bytes = if lim & 0x10 != 0 { 24 + u64::from(lim >> 5) * 16 } else { 1 << 36 };
+    let mut t = E2eBench::new(Limits::new(messages, bytes));
+    for _ in 0..E2E_MAX_OPS {
+        if p.data.is_empty() {
+            break;
+        }
+        match p.byte() % 6 {
+            0 => {
+                let (from, n) = (usize::from(p.byte() & 1), 1 + p.byte() % 16);
+                for _ in 0..n {
+                    if t.sealed.len() < E2E_MAX_SEALED {
+                        let aad = usize::from(p.byte() % 3);
+                        t.seal(from, aad);
+                    }
+                }
+            }
+            1 => {
+                let i = p.index(t.sealed.len());
+                let how = p.byte();
+                let s = &t.sealed[i];
+                let from = if how & 1 != 0 { 1 - s.from } else { s.from };
+                let aad = if how & 2 != 0 { usize::from(how >> 2) % 3 } else { s.aad };
+                let message = s.bytes.clone();
+                t.deliver(from, &message, E2E_AADS[aad]);
+            }
+            2 => {
+                let pick = p.index(t.sealed.len() + t.decoys.len());
+                let (mut m, from, aad) = match t.sealed.get(pick) {
+                    Some(s) => (s.bytes.clone(), s.from, s.aad),
+                    None => (t.decoys[pick - t.sealed.len()].clone(), 0, 0),
+                };
+                let edits = 1 + p.byte() % 4;
+                for _ in 0..edits {
+                    let (kind, pos, val) = (p.byte() % 8, p.index(m.len()), p.byte());
+                    match kind {
+                        0 | 1 if !m.is_empty() => m[pos] = if kind == 0 { m[pos] ^ val } else { val },
+                        2 => m.truncate(pos),
+                        3 => m.insert(pos.min(m.len()), val),
+                        4 if m.len() >= 21 => {
+                            let epoch = u32::from_be_bytes(m[9..13].try_into().expect("4 bytes")).wrapping_add(i32::from(val as i8) as u32);
+                            m[9..13].copy_from_slice(&epoch.to_be_bytes());
+                        }
+                        5 if m.len() >= 21 => {
+                            let counter = u64::from_be_bytes(m[13..21].try_into().expect("8 bytes"));
+                            let counter = if val == 0x80 { u64::MAX } else { counter.wrapping_add(i64::from(val as i8) as u64) };
+                            m[13..21].copy_from_slice(&counter.to_be_bytes());
+                        }
+                        6 | 7 if m.len() >= 21 => {
+                            let other = &t.sealed[pos % t.sealed.len()].bytes;
+                            if kind == 6 {
+                                m[..21].copy_from_slice(&other[..21]);
+                            } else {
+                                m.truncate(21);
+                                m.extend_from_slice(&other[21..]);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let how = p.byte();
+                let from = if how & 1 != 0 { 1 - from } else { from };
+                let aad = if how & 2 != 0 { usize::from(how >> 2) % 3 } else { aad };
+                t.deliver(from, &m, E2E_AADS[aad]);
+            }
+            3 => {
+                let how = p.byte();
+                let len = usize::from(p.byte()).min(p.data.len());
+                let (m, rest) = p.data.split_at(len);
+                p.data = rest;
+                t.deliver(usize::from(how & 1), m, E2E_AADS[usize::from(how >> 1) % 3]);
+            }
+            4 => {
+                let i = p.index(t.sealed.len());
+                let stranger = e2e_fp(0x40 + p.byte() % 4);
+                let r = t.b.decrypt(&stranger, &t.sealed[i].bytes, E2E_AADS[t.sealed[i].aad]);
+                assert_eq!(r, Err(E2eError::NoKey(stranger)));
+            }
+            _ => {
+                let (from, n) = (usize::from(p.byte() & 1), 64 * (1 + usize::from(p.byte() % 20)));
+                for k in 0..n.min(E2E_MAX_SEALED.saturating_sub(t.sealed.len())) {
+                    t.seal(from, k % 3);
+                }
+            }
+        }
+    }
+    // Whatever came before, fresh messages and the undelivered ones get what the model says.
+    for from in [0, 1] {
+        let i = t.seal(from, 1);
+        let m = t.sealed[i].bytes.clone();
+        t.deliver(from, &m, E2E_AADS[1]);
+        let pending: Vec<usize> = (0..t.sealed.len()).filter(|i| t.sealed[*i].from == from && !t.accepted.contains(i)).collect();
+        for i in pending.iter().copied().skip(pending.len().saturating_sub(64)) {
+            let (m, aad) = (t.sealed[i].bytes.clone(), t.sealed[i].aad);
+            t.deliver(from, &m, E2E_AADS[aad]);
+        }
+    }
+}
+
+/// Seeds for the `e2e` corpus, written as `seed-<name>` by the ignored test
+/// `write_e2e_seeds` in `core/tests/fuzz_corpus.rs`: `x-<state>-*` genuine exchange messages
+/// (the peers' offers, the genuine answers and finishes the fixtures expect, and an exchange
+/// between the same identities made earlier) to the manager in that state, `d-*` decrypt
+/// programs (a genuine sealed
+/// message as raw bytes, in-order and reordered deliveries across rekeying, replays, edits,
+/// wrong peer or associated data, a skip past the replay window).
+pub fn e2e_seeds() -> Vec<(String, Vec<u8>)> {
+    let f = e2e_fixtures();
+    let x = |state: u8, m: &[u8]| [&[state][..], m].concat();
+    let (idle, offered, answered) = (E2E_MODE_IDLE, E2E_MODE_OFFERED, E2E_MODE_ANSWERED);
+    let mut seeds = vec![
+        ("x-idle-offer-0".to_owned(), x(idle, &f.offers[0])),
+        ("x-offered-offer-0".to_owned(), x(offered, &f.offers[0])),
+        ("x-offered-offer-1".to_owned(), x(offered, &f.offers[1])),
+        ("x-answered-offer-1".to_owned(), x(answered, &f.offers[1])),
+        ("x-offered-answer-0".to_owned(), x(offered, &f.answers[0])),
+        ("x-offered-answer-1".to_owned(), x(offered, &f.answers[1])),
+        ("x-answered-finish-0".to_owned(), x(answered, &f.finishes[0])),
+        ("x-answered-finish-1".to_owned(), x(answered, &f.finishes[1])),
+        ("x-offered-stale-answer".to_owned(), x(offered, &f.stale[1])),
+        ("x-answered-stale-finish".to_owned(), x(answered, &f.stale[2])),
+    ];
+    let d = |program: &[u8]| [&[E2E_MODE_DECRYPT][..], program].concat();
+    // A genuine message (the first `a` sealed, limits: 3 per key) as raw bytes.
+    let first = E2eBench::new(Limits::new(3, 1 << 36)).sealed[0].bytes.clone();
+    let mut raw = vec![0x02, 3, 0, u8::try_from(first.len()).expect("a short message")];
+    raw.extend_from_slice(&first);
+    seeds.push(("d-raw".to_owned(), d(&raw)));
+    // Everything in order (4 per key), then replays.
+    let mut in_order = vec![0x03];
+    for i in 0..15u16 {
+        in_order.extend([1, i.to_le_bytes()[0], 0, 0]);
+    }
+    in_order.extend([1, 0, 0, 0, 1, 5, 0, 0]);
+    seeds.push(("d-in-order".to_owned(), d(&in_order)));
+    // Reordered across epochs (2 per key): stragglers, jumps, old keys.
+    let mut reordered = vec![0x01];
+    for i in [1u8, 0, 3, 2, 6, 4, 5, 11, 7, 10, 9, 8] {
+        reordered.extend([1, i, 0, 0]);
+    }
+    seeds.push(("d-reordered".to_owned(), d(&reordered)));
+    // Edits of genuine messages, then the genuine ones.
+    let mut edits = vec![0x08];
+    for (i, kind) in [(0u8, 0u8), (1, 4), (2, 5), (3, 6), (4, 7), (5, 2), (6, 3), (7, 1)] {
+        edits.extend([2, i, 0, 0, kind, 21, 0, 1, 0]);
+    }
+    for i in 0..8u8 {
+        edits.extend([1, i, 0, 0]);
+    }
+    seeds.push(("d-edits".to_owned(), d(&edits)));
+    // The wrong sender, the wrong associated data, a stranger, then right.
+    seeds.push(("d-wrong-peer-aad".to_owned(), d(&[0x08, 1, 12, 0, 1, 1, 0, 0, 0b110, 4, 0, 0, 0, 1, 12, 0, 0, 1, 0, 0, 0])));
+    // Many messages, delivered newest first and then one past the window; decoys edited.
+    seeds.push(("d-skip-window".to_owned(), d(&[0x08, 5, 0, 17, 1, 0x8e, 0x04, 0, 1, 0, 0, 0, 1, 1, 0, 0, 2, 0x8f, 0x04, 0, 0, 1, 0, 1, 0])));
+    // Rekeying by bytes (bit 4: a few bytes per key) with sealing on the way.
+    seeds.push(("d-bytes-limit".to_owned(), d(&[0x38, 0, 0, 6, 0, 1, 2, 0, 1, 2, 1, 1, 14, 0, 0, 1, 16, 0, 0, 1, 13, 0, 0, 1, 17, 0, 0, 1, 3, 0, 0])));
     seeds
 }

@@ -289,3 +289,59 @@ fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(text).expect("base64")
 }
+
+#[test]
+fn e2e_corpus() {
+    replay("e2e", harness::e2e);
+}
+
+/// The e2e seeds (`harness::e2e_seeds`) are what their names say, so the fuzzer starts from
+/// genuine messages: the fixtures' genuine answers and finishes complete the exchanges they
+/// expect (and nothing else does), offers are answered, the stale exchange is refused, and
+/// the genuine sealed message opens. Every seed also runs through the harness.
+#[test]
+fn e2e_seeds_are_what_they_say() {
+    use peerlink::e2e::E2eError;
+    let f = harness::e2e_fixtures();
+    let fps = f.peers.each_ref().map(|p| p.fingerprint());
+    assert!(fps[0] < f.me.fingerprint() && f.me.fingerprint() < fps[1]);
+    let (mut exchange, mut decrypt) = (0, 0);
+    for (name, bytes) in harness::e2e_seeds() {
+        assert_eq!(seed("e2e", &name), bytes, "seed-{name} is stale: run `cargo test -p peerlink --test fuzz_corpus -- --ignored write_e2e_seeds`");
+        harness::e2e(&bytes);
+        if bytes[0] % 4 == harness::E2E_MODE_DECRYPT {
+            decrypt += 1;
+            continue;
+        }
+        exchange += 1;
+        let msg = &bytes[1..];
+        for k in [0, 1] {
+            let (mut offered, mut answered) = (harness::e2e_offered(), harness::e2e_answered());
+            let a = offered.handle_incoming_key_exchange(fps[k], msg);
+            let b = answered.handle_incoming_key_exchange(fps[k], msg);
+            assert_eq!(offered.has_session(&fps[k]), *msg == f.answers[k], "seed-{name} from peer {k}: {a:?}");
+            assert_eq!(answered.has_session(&fps[k]), *msg == f.finishes[k], "seed-{name} from peer {k}: {b:?}");
+            if name.contains("-offer-") {
+                assert!(matches!(harness::e2e_idle().handle_incoming_key_exchange(fps[k], msg), Ok(Some(_))), "seed-{name}");
+            }
+            if name.contains("-stale-") {
+                assert!(a.is_err() && b.is_err(), "seed-{name} from peer {k}: {a:?} {b:?}");
+            }
+        }
+    }
+    assert!(exchange >= 10 && decrypt >= 7, "{exchange} exchange seeds, {decrypt} decrypt seeds");
+    // The glare rule: an offer from the greater peer to the offered manager is dropped.
+    let offer = &seed("e2e", "x-offered-offer-1")[1..];
+    assert!(matches!(harness::e2e_offered().handle_incoming_key_exchange(fps[1], offer), Err(E2eError::Unexpected(_))));
+}
+
+/// Writes the e2e seeds (`harness::e2e_seeds`) into `fuzz/corpus/e2e`.
+#[test]
+#[ignore = "writes fuzz/corpus/e2e/seed-*"]
+fn write_e2e_seeds() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/e2e");
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    for (name, bytes) in harness::e2e_seeds() {
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write");
+    }
+}
