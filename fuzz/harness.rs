@@ -1677,7 +1677,8 @@ impl E2eReceiverModel {
             let mut window = E2eWindowModel::default();
             window.mark(counter);
             let previous = std::mem::replace(&mut self.window, window);
-            self.prev = (self.epoch + 1 == epoch).then_some((self.epoch, previous));
+            // The epoch just before stays: the old current one, or a skipped one (empty).
+            self.prev = Some(if self.epoch + 1 == epoch { (self.epoch, previous) } else { (epoch - 1, E2eWindowModel::default()) });
             self.epoch = epoch;
         }
     }

@@ -407,16 +407,22 @@ impl Session {
         }
         if epoch > self.recv.epoch && epoch - self.recv.epoch <= MAX_EPOCH_JUMP {
             let mut key = self.recv.next();
+            let mut skipped: Option<EpochKey> = None;
             while key.epoch < epoch {
-                key = key.next();
+                let next = key.next();
+                skipped = Some(std::mem::replace(&mut key, next));
             }
             let plain = key.cipher.decrypt(&Nonce::from(nonce), payload).map_err(|_| E2eError::Decrypt)?;
-            // Authentic: move on. The epoch before this one stays for stragglers.
+            // Authentic: move on. The epoch just before this one stays for stragglers: the
+            // current one with its window, or (after a jump) a skipped one, never received.
             let mut window = Window::default();
             window.mark(counter);
             let previous = std::mem::replace(&mut self.recv, key);
             let previous_window = std::mem::replace(&mut self.recv_window, window);
-            self.prev = (previous.epoch + 1 == epoch).then_some((previous, previous_window));
+            self.prev = Some(match skipped {
+                Some(k) => (k, Window::default()),
+                None => (previous, previous_window),
+            });
             return Ok(plain);
         }
         Err(old())
