@@ -103,6 +103,10 @@ pub enum E2eError {
     /// or by someone else).
     #[error("the message is from another session")]
     WrongSession,
+    /// [`E2e::derive_key`] with a peer key already used with this key pair: the keys would
+    /// repeat.
+    #[error("this peer key was used with this key pair before")]
+    KeyReused,
     /// A public key is not a valid P-256 point.
     #[error("invalid public key")]
     InvalidPoint,
@@ -481,12 +485,14 @@ pub struct E2e {
     key: EphemeralKey,
     limits: Limits,
     sessions: BTreeMap<Fingerprint, Session>,
+    /// Peer keys each session was derived from (kept until `destroy`).
+    used: BTreeMap<Fingerprint, Vec<[u8; 65]>>,
 }
 
 impl E2e {
     /// Makes a key pair (the reference's `init`) for node `me`.
     pub fn new<R: rand::CryptoRng + ?Sized>(me: Fingerprint, rng: &mut R) -> Self {
-        E2e { me, key: EphemeralKey::generate(rng), limits: Limits::default(), sessions: BTreeMap::new() }
+        E2e { me, key: EphemeralKey::generate(rng), limits: Limits::default(), sessions: BTreeMap::new(), used: BTreeMap::new() }
     }
 
     /// Sets when senders rekey (for sessions derived from now on).
@@ -507,7 +513,10 @@ impl E2e {
     }
 
     /// Derives the session with `peer` from its public key. Roles follow the fingerprints
-    /// (the smaller is the initiator), so both sides derive the same keys.
+    /// (the smaller is the initiator), so both sides derive the same keys. Deriving again
+    /// with the key of the current session does nothing; with a key this `E2e` used before
+    /// for that peer it fails with [`E2eError::KeyReused`] (the keys, and so the nonces, would
+    /// repeat): make a new `E2e` for a fresh session.
     pub fn derive_key(&mut self, peer: Fingerprint, peer_public: &[u8]) -> Result<(), E2eError> {
         let shared = self.key.agree(peer_public)?;
         let theirs: [u8; 65] = peer_public.try_into().map_err(|_| E2eError::InvalidPoint)?;
@@ -516,8 +525,22 @@ impl E2e {
         } else {
             (Role::Responder, Context { initiator: &peer, responder: &self.me, initiator_key: &theirs, responder_key: self.key.public() })
         };
+        // The key pair lives as long as this `E2e`, and the schedule has no fresh input here:
+        // the same peer key would give the same keys again, counters from 0 (nonce reuse).
+        let used = self.used.entry(peer).or_default();
+        if used.last() == Some(&theirs) && self.sessions.contains_key(&peer) {
+            return Ok(());
+        }
+        if used.contains(&theirs) {
+            return Err(E2eError::KeyReused);
+        }
+        used.push(theirs);
         let derived = derive(&shared[..], b"", &context, role, self.limits);
-        self.sessions.insert(peer, derived.session);
+        let mut session = derived.session;
+        if let Some(old) = self.sessions.remove(&peer) {
+            session.retire(old);
+        }
+        self.sessions.insert(peer, session);
         Ok(())
     }
 

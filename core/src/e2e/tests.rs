@@ -272,3 +272,19 @@ fn after_an_epoch_jump_the_epoch_just_before_still_opens() {
     assert_eq!(b.decrypt(&a_fp, &msgs[4], b""), Err(E2eError::Replay { counter: 0 }));
 }
 
+#[test]
+fn deriving_again_never_repeats_keys_and_nonces() {
+    let (mut a, mut b, a_fp, b_fp) = pair(Limits::default());
+    let first = a.encrypt(&b_fp, b"one", b"").unwrap();
+    // A replayed announcement of the same key: nothing changes, the counter goes on.
+    let pb = *b.public_key();
+    a.derive_key(b_fp, &pb).unwrap();
+    let second = a.encrypt(&b_fp, b"two", b"").unwrap();
+    assert_eq!(&second[13..21], &1u64.to_be_bytes());
+    assert_eq!(b.decrypt(&a_fp, &first, b"").unwrap(), b"one");
+    assert_eq!(b.decrypt(&a_fp, &second, b"").unwrap(), b"two");
+    // After removing the session, the same key would give the same keys: refused.
+    a.remove_key(&b_fp);
+    assert_eq!(a.derive_key(b_fp, &pb), Err(E2eError::KeyReused));
+}
+

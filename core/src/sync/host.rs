@@ -255,7 +255,9 @@ impl Syncs {
             return;
         };
         let limit = |kind: u8, r: &RoomSync| match kind {
-            KIND_STATE => r.state.as_ref().map(|s| s.config().max_message_size.saturating_mul(2).saturating_add(s.config().max_value_size)),
+            // An operational entry carries a value per sibling (a concurrent writer, at most
+            // one per member).
+            KIND_STATE => r.state.as_ref().map(|s| s.config().max_message_size.saturating_mul(2).saturating_add(s.config().max_value_size.saturating_mul(crate::room::MAX_MEMBERS + 1))),
             KIND_CRDT => r.crdt.as_ref().map(|c| c.config().max_update_size.saturating_add(64 * 1024)),
             _ => None,
         };

@@ -44,7 +44,8 @@
 //! # Tombstones
 //!
 //! A deleted key stays as a tombstone so that the delete wins against older writes still
-//! travelling. A tombstone is collected once its timestamp is older than
+//! travelling. In operational mode tombstones stay (they carry the key's version vector,
+//! which later writes must count on from). In last-writer-wins mode a tombstone is collected once its timestamp is older than
 //! [`StateConfig::tombstone_ttl`] (default 24 hours) by this replica's clock, and a
 //! tombstone that old arriving for a key this replica does not hold is not stored again.
 //! The rule is safe as long as no member stays cut off from the others, while still in the
@@ -474,7 +475,9 @@ impl StateSync {
                 let mut vv = e.map(|e| e.version.vv.clone()).unwrap_or_default();
                 let counter = match vv.binary_search_by(|(f, _)| f.cmp(&self.me)) {
                     Ok(i) => {
-                        vv[i].1 += 1;
+                        // Counts are at most 2^53 on the wire: a member cannot push ours to
+                        // overflow.
+                        vv[i].1 = (vv[i].1 + 1).min(wire::MAX_COUNT);
                         vv[i].1
                     }
                     Err(i) => {
@@ -722,6 +725,12 @@ impl StateSync {
 
     fn collect_tombstones(&mut self) {
         let horizon = self.horizon();
+        if !self.lww() {
+            // An operational tombstone carries the key's version vector: dropping it would let
+            // a new write start counting again, below what other replicas hold, and lose to
+            // the old delete. Operational tombstones stay.
+            return;
+        }
         let old: Vec<Box<str>> = self.entries.iter().filter(|(_, e)| e.value.is_none() && e.version.ts.ms < horizon).map(|(k, _)| k.clone()).collect();
         if !old.is_empty() {
             debug!(count = old.len(), "tombstones collected");

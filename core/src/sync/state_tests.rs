@@ -469,3 +469,28 @@ fn meeting_runs_one_exchange_and_a_dropped_digest_is_asked_for_again() {
     c.handle_member_present(t0(), fp(1));
     assert_eq!(c.poll_message().map(|m| m.bytes), Some(wire::hello()));
 }
+
+#[test]
+fn operational_tombstones_stay_so_later_writes_count_on() {
+    let mut config = StateConfig::operational(|_, a, b| a.or(b).cloned());
+    config.tombstone_ttl = Duration::from_secs(10);
+    let mut a = StateSync::new(config, fp(1));
+    a.set(t0(), MS, "k", json!(1)).unwrap();
+    a.delete(t0(), MS + 1, "k").unwrap();
+    a.handle_timeout(t0(), MS + 2);
+    a.handle_timeout(t0() + Duration::from_secs(20), MS + 20_000);
+    assert_eq!(a.tombstones(), 1, "kept");
+    a.set(t0() + Duration::from_secs(20), MS + 20_000, "k", json!(2)).unwrap();
+    assert_eq!(a.entries["k"].version.vv, vec![(fp(1), 3)], "the next write counts on from the delete");
+}
+
+#[test]
+fn version_vector_counts_beyond_2_pow_53_are_refused() {
+    let mut nodes = NodeTable::default();
+    let v = Version { ts: Timestamp { ms: MS, counter: 0, node: fp(2) }, vv: vec![(fp(2), wire::MAX_COUNT + 1)] };
+    let mut body = Vec::new();
+    wire::put_varint(&mut body, 1);
+    wire::put_entry(&mut body, &mut nodes, "k", &v, None, [(&fp(2), 1u64, Some("1"))].into_iter());
+    let msg = wire::with_nodes(wire::Type::Entries, &nodes, &body);
+    assert!(matches!(wire::decode(&msg, 64, 64), Err(SyncWireError::Malformed(_))));
+}

@@ -15,6 +15,9 @@ pub const VERSION: u8 = 1;
 pub const MAX_NODES: usize = 4096;
 /// Most entries (or keys, or leaves) one message carries.
 pub const MAX_ITEMS: usize = 1 << 20;
+/// Largest count of writes in a version vector (2^53: no node makes that many, and
+/// counting on past it cannot overflow).
+pub const MAX_COUNT: u64 = 1 << 53;
 /// Buckets of the top-level digest (the first byte of a key's hash).
 pub const BUCKETS: usize = 256;
 
@@ -358,7 +361,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             let fp = self.node(nodes)?;
             let c = self.varint()?;
-            if c == 0 || vv.last().is_some_and(|(last, _): &(Fingerprint, u64)| *last >= fp) {
+            if c == 0 || c > MAX_COUNT || vv.last().is_some_and(|(last, _): &(Fingerprint, u64)| *last >= fp) {
                 return Err(malformed("version vector not sorted, or with a zero"));
             }
             vv.push((fp, c));
@@ -410,7 +413,7 @@ pub fn decode(buf: &[u8], max_key: usize, max_json: usize) -> Result<Message, Sy
                                 1 => Some(r.str(max_json)?.to_owned()),
                                 _ => return Err(malformed("unknown value tag")),
                             };
-                            if counter == 0 || siblings.last().is_some_and(|l| (l.node, l.counter) >= (node, counter)) {
+                            if counter == 0 || counter > MAX_COUNT || siblings.last().is_some_and(|l| (l.node, l.counter) >= (node, counter)) {
                                 return Err(malformed("siblings not sorted, or a zero counter"));
                             }
                             siblings.push(WireSibling { node, counter, json });
