@@ -17,9 +17,10 @@
 //!   ([`CrdtConfig::max_update_size`], or the state message size plus one value); beyond,
 //!   it is dropped with [`SyncEvent::BadFrame`] (`TooLarge`).
 //! - Frames the room refuses for now ([`RoomError::WouldBlock`]) wait in a queue per
-//!   member of at most [`MAX_QUEUED_BYTES`]. On overflow the queue is emptied, and once the
-//!   member can take frames again the digest / state-vector exchange runs with it, which
-//!   sends whatever the dropped frames carried.
+//!   member of at most [`MAX_QUEUED_BYTES`]. On overflow the queue is emptied, the rest of
+//!   the message under way is not queued for that member, and the digest / state-vector
+//!   exchange runs again with it (its few small messages queue like any other), which sends
+//!   whatever the dropped frames carried.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
@@ -122,13 +123,15 @@ pub(crate) struct Syncs {
     fragment: usize,
     rng: ChaCha20Rng,
     events: VecDeque<SyncEvent>,
+    /// Bytes of frames per member queue ([`MAX_QUEUED_BYTES`]; tests lower it).
+    max_queued: usize,
 }
 
 impl Syncs {
     pub(crate) fn new(me: Fingerprint, seed: u64, now: Instant, unix_ms: u64, room_message_size: usize) -> Self {
         // A sync frame travels as base64 inside a room message; leave room for its header.
         let fragment = (room_message_size / 4 * 3).saturating_sub(32).max(256);
-        Syncs { me, rooms: BTreeMap::new(), clock: (now, unix_ms), fragment, rng: ChaCha20Rng::seed_from_u64(seed), events: VecDeque::new() }
+        Syncs { me, rooms: BTreeMap::new(), clock: (now, unix_ms), fragment, rng: ChaCha20Rng::seed_from_u64(seed), events: VecDeque::new(), max_queued: MAX_QUEUED_BYTES }
     }
 
     /// Wall-clock milliseconds at `now` (the node's start plus the time since).
@@ -369,13 +372,14 @@ impl Syncs {
     pub(crate) fn pump(&mut self, now: Instant, sink: &mut dyn FrameSink) -> bool {
         let mut sent = false;
         let fragment = self.fragment;
+        let max_queued = self.max_queued;
         for (id, r) in &mut self.rooms {
             loop {
                 let mut any = false;
                 if let Some(s) = &mut r.state {
                     while let Some(m) = s.poll_message() {
                         any = true;
-                        sent |= dispatch(id, r_parts(&mut r.members, &mut r.queues, &mut r.next_id), KIND_STATE, m, fragment, sink);
+                        sent |= dispatch(id, r_parts(max_queued, &mut r.members, &mut r.queues, &mut r.next_id), KIND_STATE, m, fragment, sink);
                     }
                     while let Some(e) = s.poll_event() {
                         self.events.push_back(SyncEvent::State { room: id.clone(), event: e });
@@ -384,7 +388,7 @@ impl Syncs {
                 if let Some(c) = &mut r.crdt {
                     while let Some(m) = c.poll_message() {
                         any = true;
-                        sent |= dispatch(id, r_parts(&mut r.members, &mut r.queues, &mut r.next_id), KIND_CRDT, m, fragment, sink);
+                        sent |= dispatch(id, r_parts(max_queued, &mut r.members, &mut r.queues, &mut r.next_id), KIND_CRDT, m, fragment, sink);
                     }
                     while let Some(e) = c.poll_event() {
                         self.events.push_back(SyncEvent::Crdt { room: id.clone(), event: e });
@@ -420,13 +424,14 @@ impl Syncs {
 }
 
 struct Parts<'a> {
+    max_queued: usize,
     members: &'a BTreeSet<Fingerprint>,
     queues: &'a mut BTreeMap<Fingerprint, Queue>,
     next_id: &'a mut u64,
 }
 
-fn r_parts<'a>(members: &'a mut BTreeSet<Fingerprint>, queues: &'a mut BTreeMap<Fingerprint, Queue>, next_id: &'a mut u64) -> Parts<'a> {
-    Parts { members, queues, next_id }
+fn r_parts<'a>(max_queued: usize, members: &'a mut BTreeSet<Fingerprint>, queues: &'a mut BTreeMap<Fingerprint, Queue>, next_id: &'a mut u64) -> Parts<'a> {
+    Parts { max_queued, members, queues, next_id }
 }
 
 /// Cuts `m` into frames and hands them to the room, or to the members' queues.
@@ -467,8 +472,11 @@ fn dispatch(room: &str, p: Parts<'_>, kind: u8, m: SyncMessage, fragment: usize,
         return false;
     }
     let mut sent = false;
+    // Members whose queue overflowed during this message get none of the rest of it (a
+    // message's fragments must arrive whole and in a row; the exchange repairs the loss).
+    let mut cut: BTreeSet<Fingerprint> = BTreeSet::new();
     for frame in frames {
-        let queued = targets.iter().any(|t| p.queues.get(t).is_some_and(|q| !q.frames.is_empty()));
+        let queued = !cut.is_empty() || targets.iter().any(|t| p.queues.get(t).is_some_and(|q| !q.frames.is_empty()));
         if !queued {
             match sink.send_frame(room, m.to, RoomData::Sync(frame.clone())) {
                 Ok(()) => {
@@ -483,12 +491,16 @@ fn dispatch(room: &str, p: Parts<'_>, kind: u8, m: SyncMessage, fragment: usize,
             }
         }
         for t in &targets {
+            if cut.contains(t) {
+                continue;
+            }
             let q = p.queues.entry(*t).or_default();
-            if q.bytes + frame.len() > MAX_QUEUED_BYTES {
-                warn!(%room, peer = %t.short(), "sync queue overflow: dropped, the exchange runs again when it drains");
+            if q.bytes + frame.len() > p.max_queued {
+                warn!(%room, peer = %t.short(), "sync queue overflow: dropped, the exchange runs again");
                 q.frames.clear();
                 q.bytes = 0;
                 q.overflowed = true;
+                cut.insert(*t);
                 continue;
             }
             q.bytes += frame.len();
@@ -677,4 +689,39 @@ mod tests {
         assert_eq!(s.unix_ms(now), 1_000);
         assert_eq!(s.unix_ms(now + std::time::Duration::from_millis(2500)), 3_500);
     }
+
+    #[test]
+    fn an_overflow_mid_message_cuts_the_rest_of_it_for_that_member_only() {
+        let (mut a, mut b, now) = pair(1024);
+        a.max_queued = 8 * 1024;
+        a.pump(now, &mut Sink::default());
+        b.pump(now, &mut Sink::default());
+        // The room refuses everything: a 20 KiB message fills the queue and overflows.
+        let mut sink = Sink { capacity: Some(0), ..Default::default() };
+        a.state_mut("r").unwrap().set(now, 1_700_000_000_000, "big", json!("q".repeat(20_000))).unwrap();
+        a.state_mut("r").unwrap().flush();
+        a.pump(now, &mut sink);
+        let q = &a.rooms["r"].queues[&fp(2)];
+        // What is queued after the overflow is not the tail of the cut message.
+        assert!(q.frames.iter().all(|f| matches!(f, RoomData::Sync(b) if b[1] == 0)), "no fragments of the cut message wait");
+        sink.capacity = None;
+        a.writable("r", &mut sink);
+        deliver(&mut sink, fp(1), &mut b, now);
+        assert!(bad_frames(&mut b).is_empty(), "no fragment out of sequence reached b");
+        // The exchange repairs the loss.
+        for s in 1..5 {
+            let t = now + std::time::Duration::from_secs(2 * s);
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            a.pump(t, &mut sink);
+            deliver(&mut sink, fp(1), &mut b, t);
+            let mut back = Sink::default();
+            b.pump(t, &mut back);
+            deliver(&mut back, fp(2), &mut a, t);
+            a.pump(t, &mut sink);
+            deliver(&mut sink, fp(1), &mut b, t);
+        }
+        assert_eq!(b.state("r").unwrap().get("big"), Some(&json!("q".repeat(20_000))));
+    }
 }
+
