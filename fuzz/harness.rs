@@ -1109,7 +1109,8 @@ pub fn sync_peer() -> Fingerprint {
     sync_fp(2)
 }
 
-fn sync_now() -> Instant {
+/// The instant the sync fixtures and replays count from (read once).
+pub fn sync_now() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
     *BASE.get_or_init(Instant::now)
 }

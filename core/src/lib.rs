@@ -176,3 +176,12 @@ pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};
 pub use sync::{StateConfig, StateEvent, StateSync, SyncError, SyncEvent};
 /// The yrs crate our documents are made of (its `Doc`, `Text`, `Map`, `Array`, `Transact`).
 pub use yrs;
+
+/// The one instant the unit tests of the sync and e2e machines count virtual time from (read
+/// once; the machines under test never see the clock, only offsets from it).
+#[cfg(test)]
+pub(crate) fn test_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+

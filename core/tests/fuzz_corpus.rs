@@ -232,7 +232,7 @@ fn sync_seeds_are_accepted() {
         let name = entry.expect("entry").file_name().into_string().expect("UTF-8 name");
         let Some(name) = name.strip_prefix("seed-") else { continue };
         let bytes = seed("sync", name);
-        let now = std::time::Instant::now();
+        let now = harness::sync_now();
         let mode = [("lww-", false), ("op-", true)].into_iter().find(|(p, _)| name.starts_with(p));
         if let Some((_, operational)) = mode {
             let mut s = harness::sync_state_fixture(operational);
@@ -277,7 +277,7 @@ fn crdt_update_refused_while_integrating_is_reported_and_replicas_stay_alike() {
     let update = |c: &peerlink::sync::CrdtSync| c.doc(harness::SYNC_DOC).expect("open").transact().encode_state_as_update_v1(&Default::default());
     let (mut a, mut b) = (harness::sync_crdt_fixture(), harness::sync_crdt_fixture());
     for c in [&mut a, &mut b] {
-        c.handle_message(std::time::Instant::now(), harness::sync_peer(), &data);
+        c.handle_message(harness::sync_now(), harness::sync_peer(), &data);
         let bad: Vec<_> = std::iter::from_fn(|| c.poll_event()).filter(|e| matches!(e, CrdtEvent::BadMessage { .. })).collect();
         assert!(matches!(bad.as_slice(), [CrdtEvent::BadMessage { error: SyncWireError::BadUpdate { .. }, .. }]), "{bad:?}");
     }

@@ -738,7 +738,7 @@ mod tests {
             let (a_id, b_id) = (identity(1), identity(2));
             let a = EncryptedStream::new(a_id.clone(), b_id.fingerprint(), Role::Initiator, 10, config.clone());
             let b = EncryptedStream::new(b_id.clone(), a_id.fingerprint(), Role::Responder, 20, config);
-            Pair { a, b, a_id, b_id, now: Instant::now(), chunk: 7, a_events: vec![], b_events: vec![], middle: None }
+            Pair { a, b, a_id, b_id, now: crate::test_epoch(), chunk: 7, a_events: vec![], b_events: vec![], middle: None }
         }
 
         fn connect(&mut self) {

@@ -29,7 +29,7 @@ impl Net {
 
     fn with_config(n: usize, config: CrdtConfig) -> Self {
         let nodes = (0..n).map(|i| CrdtSync::new(config.clone(), fp(i as u8 + 1), 1000 + i as u64)).collect();
-        Net { nodes, links: BTreeSet::new(), events: vec![Vec::new(); n], now: Instant::now(), delivered: 0 }
+        Net { nodes, links: BTreeSet::new(), events: vec![Vec::new(); n], now: crate::test_epoch(), delivered: 0 }
     }
 
     fn up(&self, a: usize, b: usize) -> bool {
@@ -374,7 +374,7 @@ fn malformed_messages_are_refused_and_change_nothing() {
 fn a_message_over_the_limit_is_too_large() {
     let config = CrdtConfig { max_update_size: 1024, ..CrdtConfig::default() };
     let mut node = CrdtSync::new(config, fp(1), 1);
-    let now = Instant::now();
+    let now = crate::test_epoch();
     node.open(now, "d").unwrap();
     let bytes = encode_sync("d", SYNC_UPDATE, &[0u8; 2000]);
     node.handle_message(now, fp(2), &bytes);
@@ -465,7 +465,7 @@ fn random_garbage_never_panics() {
 
 #[test]
 fn the_same_seed_gives_the_same_client_ids() {
-    let now = Instant::now();
+    let now = crate::test_epoch();
     let ids = |seed| {
         let mut node = CrdtSync::new(CrdtConfig::default(), fp(1), seed);
         ["a", "b", "c"]
@@ -697,7 +697,7 @@ fn captured_updates_merge_early_beyond_the_limit() {
 #[test]
 fn repeated_step1_keeps_one_answer_queued() {
     let mut node = CrdtSync::new(CrdtConfig::default(), fp(1), 1);
-    let now = Instant::now();
+    let now = crate::test_epoch();
     insert_text(&mut node, now, "d", 0, "hello");
     let step1 = encode_sync("d", SYNC_STEP1, &StateVector::default().encode_v1());
     for _ in 0..100 {
@@ -713,7 +713,7 @@ fn repeated_step1_keeps_one_answer_queued() {
 fn open_refuses_bad_names_and_too_many_docs() {
     let config = CrdtConfig { max_docs: 2, ..CrdtConfig::default() };
     let mut node = CrdtSync::new(config, fp(1), 1);
-    let now = Instant::now();
+    let now = crate::test_epoch();
     assert_eq!(node.open(now, "").err(), Some(SyncError::BadDocName { len: 0, max: MAX_DOC_NAME }));
     let long = "n".repeat(MAX_DOC_NAME + 1);
     assert_eq!(node.open(now, &long).err(), Some(SyncError::BadDocName { len: MAX_DOC_NAME + 1, max: MAX_DOC_NAME }));

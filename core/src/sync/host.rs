@@ -569,7 +569,7 @@ mod tests {
     }
 
     fn pair(fragment: usize) -> (Syncs, Syncs, Instant) {
-        let now = Instant::now();
+        let now = crate::test_epoch();
         let mut a = Syncs::new(fp(1), 1, now, 1_700_000_000_000, fragment * 4 / 3 + 64);
         let mut b = Syncs::new(fp(2), 2, now, 1_700_000_000_000, fragment * 4 / 3 + 64);
         a.start_state(now, "r", StateConfig::lww(), &[fp(2)]);
@@ -684,7 +684,7 @@ mod tests {
 
     #[test]
     fn derived_wall_clock_follows_now() {
-        let now = Instant::now();
+        let now = crate::test_epoch();
         let s = Syncs::new(fp(1), 1, now, 1_000, 16 * 1024);
         assert_eq!(s.unix_ms(now), 1_000);
         assert_eq!(s.unix_ms(now + std::time::Duration::from_millis(2500)), 3_500);

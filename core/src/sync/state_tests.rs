@@ -7,9 +7,7 @@ fn fp(b: u8) -> Fingerprint {
 }
 
 fn t0() -> Instant {
-    use std::sync::OnceLock;
-    static T: OnceLock<Instant> = OnceLock::new();
-    *T.get_or_init(Instant::now)
+    crate::test_epoch()
 }
 
 const MS: u64 = 1_700_000_000_000;
