@@ -152,35 +152,25 @@ fn check_event(who: &str, e: &NodeEvent) -> Result<(), Error> {
     }
 }
 
-/// Polls both nodes once, handing their events to `on(index, event)`.
-fn pump(nodes: &mut [&mut PollNode; 2], on: &mut impl FnMut(usize, NodeEvent)) -> Result<(), Error> {
-    for (i, n) in nodes.iter_mut().enumerate() {
-        n.poll(Instant::now())?;
-        while let Some(e) = n.poll_event() {
-            check_event(if i == 0 { "A" } else { "B" }, &e)?;
-            on(i, e);
-        }
-    }
-    Ok(())
-}
-
+/// Pumps both nodes (busy) until `done` (see `common::until_pair`).
 fn until(
     nodes: &mut [&mut PollNode; 2],
     what: &str,
     deadline: Instant,
     mut on: impl FnMut(usize, NodeEvent),
-    mut done: impl FnMut(&mut [&mut PollNode; 2]) -> bool,
+    done: impl FnMut(&mut [&mut PollNode; 2]) -> bool,
 ) -> Result<Instant, Error> {
-    loop {
-        let now = Instant::now();
-        if done(nodes) {
-            return Ok(now);
-        }
-        if now >= deadline {
-            return Err(format!("{what}: timed out (BENCH_CRDT_TIMEOUT_S)").into());
-        }
-        pump(nodes, &mut on)?;
-    }
+    common::until_pair(
+        nodes,
+        what,
+        deadline,
+        check_event,
+        |i, e| {
+            on(i, e);
+            Ok(())
+        },
+        done,
+    )
 }
 
 struct NetResult {

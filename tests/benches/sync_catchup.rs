@@ -81,38 +81,15 @@ fn check_event(who: &str, e: &NodeEvent) -> Result<(), Error> {
     }
 }
 
-/// Polls both nodes once, handing their events to `on(index, event)`.
-fn pump(nodes: &mut [&mut PollNode; 2], on: &mut impl FnMut(usize, NodeEvent) -> Result<(), Error>) -> Result<bool, Error> {
-    let mut any = false;
-    for (i, n) in nodes.iter_mut().enumerate() {
-        n.poll(Instant::now())?;
-        while let Some(e) = n.poll_event() {
-            any = true;
-            check_event(if i == 0 { "A" } else { "B" }, &e)?;
-            on(i, e)?;
-        }
-    }
-    Ok(any)
-}
-
-/// Pumps (busy) until `done`; returns the time it became true.
+/// Pumps both nodes (busy) until `done` (see `common::until_pair`).
 fn until(
     nodes: &mut [&mut PollNode; 2],
     what: &str,
     deadline: Instant,
-    mut on: impl FnMut(usize, NodeEvent) -> Result<(), Error>,
-    mut done: impl FnMut(&mut [&mut PollNode; 2]) -> bool,
+    on: impl FnMut(usize, NodeEvent) -> Result<(), Error>,
+    done: impl FnMut(&mut [&mut PollNode; 2]) -> bool,
 ) -> Result<Instant, Error> {
-    loop {
-        let now = Instant::now();
-        if done(nodes) {
-            return Ok(now);
-        }
-        if now >= deadline {
-            return Err(format!("{what}: timed out (BENCH_SYNC_TIMEOUT_S)").into());
-        }
-        pump(nodes, &mut on)?;
-    }
+    common::until_pair(nodes, what, deadline, check_event, on, done)
 }
 
 fn ignore(_: usize, _: NodeEvent) -> Result<(), Error> {

@@ -510,3 +510,50 @@ async fn baseline_relay_conn(
     routes.lock().unwrap().remove(&fp);
     writer.cancel().await;
 }
+
+/// A bench's error.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+/// Checks one event of a pair's node ("A" or "B"); an error ends the bench.
+pub type CheckEvent = fn(&str, &peerlink::NodeEvent) -> Result<(), BenchError>;
+
+/// Polls both nodes of a pair once; each event is checked by `check` (with "A" or "B") and
+/// handed to `on`. Returns whether any event came.
+pub fn pump_pair(
+    nodes: &mut [&mut peerlink_blocking::PollNode; 2],
+    check: CheckEvent,
+    on: &mut impl FnMut(usize, peerlink::NodeEvent) -> Result<(), BenchError>,
+) -> Result<bool, BenchError> {
+    let mut any = false;
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.poll(Instant::now())?;
+        while let Some(e) = n.poll_event() {
+            any = true;
+            check(if i == 0 { "A" } else { "B" }, &e)?;
+            on(i, e)?;
+        }
+    }
+    Ok(any)
+}
+
+/// Pumps a pair (busy, as a game loop would) until `done`; returns the time it became true,
+/// or an error naming `what` at `deadline`.
+pub fn until_pair(
+    nodes: &mut [&mut peerlink_blocking::PollNode; 2],
+    what: &str,
+    deadline: Instant,
+    check: CheckEvent,
+    mut on: impl FnMut(usize, peerlink::NodeEvent) -> Result<(), BenchError>,
+    mut done: impl FnMut(&mut [&mut peerlink_blocking::PollNode; 2]) -> bool,
+) -> Result<Instant, BenchError> {
+    loop {
+        let now = Instant::now();
+        if done(nodes) {
+            return Ok(now);
+        }
+        if now >= deadline {
+            return Err(format!("{what}: timed out").into());
+        }
+        pump_pair(nodes, check, &mut on)?;
+    }
+}
+
