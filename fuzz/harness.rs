@@ -1609,12 +1609,31 @@ fn e2e_exchange_step(m: &mut GroupKeyManager, fps: &[Fingerprint; 2], k: usize, 
             assert!(events.is_empty(), "an offer answered, but reported {events:?}");
             None
         }
+        Ok(Some(reply)) if msg.get(1) == Some(&3) && !is_genuine => {
+            // The finish of the session in place, again (its confirm was lost): confirmed
+            // again, nothing else.
+            assert!(before[k].0.is_some(), "a finish with no session is confirmed ({msg:?})");
+            assert_eq!((reply.len(), reply[1]), (peerlink::e2e::exchange::CONFIRM_LEN, 4));
+            assert_eq!(after, before, "a repeated finish changed the state");
+            assert!(events.is_empty(), "a repeated finish reported {events:?}");
+            None
+        }
         Ok(reply) => {
             assert!(is_genuine, "a session from a message that is not the genuine one ({msg:?})");
-            assert_eq!(reply.as_ref().map(Vec::len), if msg.get(1) == Some(&2) { Some(E2E_FINISH_LEN) } else { None });
+            let want = match msg.get(1) {
+                Some(&2) => Some(E2E_FINISH_LEN),
+                _ => Some(peerlink::e2e::exchange::CONFIRM_LEN),
+            };
+            assert_eq!(reply.as_ref().map(Vec::len), want);
             let id = after[k].0.expect("a session");
             assert!(!after[k].1 && before[k].0 != Some(id), "{before:?} -> {after:?}");
-            assert_eq!(events, [KeyExchangeEvent::Established { peer: fps[k], session: id }]);
+            let established = KeyExchangeEvent::Established { peer: fps[k], session: id };
+            if msg.get(1) == Some(&2) {
+                // The initiator waits for the confirm.
+                assert_eq!(events, [established]);
+            } else {
+                assert_eq!(events, [established, KeyExchangeEvent::Confirmed { peer: fps[k], session: id }]);
+            }
             None
         }
     }

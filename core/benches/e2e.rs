@@ -173,7 +173,8 @@ fn main() {
                 let offer = x.exchange_with(yf).expect("offer");
                 let answer = y.handle_incoming_key_exchange(xf, &offer).expect("answer").expect("an answer");
                 let finish = x.handle_incoming_key_exchange(yf, &answer).expect("finish").expect("a finish");
-                assert_eq!(y.handle_incoming_key_exchange(xf, &finish).expect("finished"), None);
+                let confirm = y.handle_incoming_key_exchange(xf, &finish).expect("finished").expect("a confirm");
+                assert_eq!(x.handle_incoming_key_exchange(yf, &confirm).expect("confirmed"), None);
                 while x.poll_event().is_some() {}
                 while y.poll_event().is_some() {}
             }

@@ -8,6 +8,11 @@
 //!    identity key_r (65), signature_r (64), confirm_r (32)`.
 //! 3. **Finish** (initiator → responder): `version, 3, identity key_i (65), signature_i (64),
 //!    confirm_i (32)`.
+//! 4. **Confirm** (responder → initiator): `version, 4, sealed` where `sealed` is an empty
+//!    message sealed under the new session (associated data `"peerlink e2e/1 confirm"`):
+//!    the responder has installed the session, so what the initiator seals from now on opens
+//!    there. Until then the initiator's session is *unconfirmed* ([`GroupKeyManager::is_confirmed`]);
+//!    any message from the responder under it confirms it too.
 //!
 //! `signature_r` is the responder's identity signature over the key-schedule context (both
 //! fingerprints, both ephemeral keys, the version), `"responder"`, `nonce_i` and `nonce_r`;
@@ -22,6 +27,14 @@
 //!
 //! If both sides offer at once, the offer of the smaller fingerprint wins; the other side
 //! drops its own and answers.
+//!
+//! # Lost and repeated messages
+//!
+//! The manager keeps no timers; whoever carries the messages sends
+//! [`GroupKeyManager::retransmission`] again until the exchange completes. Every step is
+//! idempotent: the same offer again gets the same answer (not a new one, which would leave
+//! the two sides with different keys), the finish of the installed session again gets a
+//! fresh confirm, and an offer that already completed is refused as a replay.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -40,6 +53,11 @@ pub const MAX_EXCHANGES: usize = 256;
 const OFFER: u8 = 1;
 const ANSWER: u8 = 2;
 const FINISH: u8 = 3;
+const CONFIRM: u8 = 4;
+/// Associated data of the confirm message.
+const CONFIRM_AAD: &[u8] = b"peerlink e2e/1 confirm";
+/// Bytes of a confirm message.
+pub const CONFIRM_LEN: usize = 2 + super::HEADER_LEN + super::TAG_LEN;
 const OFFER_LEN: usize = 2 + 32 + 65;
 const ANSWER_LEN: usize = 2 + 32 + 65 + 65 + 64 + 32;
 const FINISH_LEN: usize = 2 + 65 + 64 + 32;
@@ -55,13 +73,30 @@ pub enum KeyExchangeEvent {
         /// The session id.
         session: [u8; 8],
     },
+    /// Both sides have the session with `peer`: what this side seals now opens there. For
+    /// the responder right after [`KeyExchangeEvent::Established`]; for the initiator when
+    /// the confirm (or any message under the session) arrives.
+    Confirmed {
+        /// The peer.
+        peer: Fingerprint,
+        /// The session id.
+        session: [u8; 8],
+    },
 }
 
 enum Pending {
     /// We offered.
     Offered { key: EphemeralKey, nonce: [u8; 32], offer: Vec<u8> },
-    /// We answered; waiting for the finish.
-    Answered { session: Box<Session>, confirm_initiator: Zeroizing<[u8; 32]>, transcript: Vec<u8> },
+    /// We answered; waiting for the finish. `answer` goes again if the same offer does.
+    Answered { session: Box<Session>, confirm_initiator: Zeroizing<[u8; 32]>, transcript: Vec<u8>, answer: Vec<u8> },
+}
+
+/// The last exchange completed with a peer, to recognise its messages coming again.
+struct Completed {
+    /// SHA-256 of its offer (a replay is refused).
+    offer: [u8; 32],
+    /// SHA-256 of its finish (the responder confirms again), if this side responded.
+    finish: Option<[u8; 32]>,
 }
 
 /// The reference's `GroupKeyManager`: authenticated exchanges and a session per peer.
@@ -71,6 +106,10 @@ pub struct GroupKeyManager {
     limits: Limits,
     pending: BTreeMap<Fingerprint, Pending>,
     sessions: BTreeMap<Fingerprint, Session>,
+    /// Sessions this side initiated and the responder has not confirmed yet, with the
+    /// finish to send again.
+    unconfirmed: BTreeMap<Fingerprint, Vec<u8>>,
+    completed: BTreeMap<Fingerprint, Completed>,
     events: VecDeque<KeyExchangeEvent>,
 }
 
@@ -105,6 +144,13 @@ fn identity_key(raw: &[u8], expected: &Fingerprint) -> Result<PublicKey, E2eErro
     Ok(key)
 }
 
+/// The confirm message: an empty message sealed under `session`.
+fn confirm(session: &mut Session) -> Vec<u8> {
+    let mut msg = vec![VERSION, CONFIRM];
+    session.encrypt_into(&mut msg, &[], CONFIRM_AAD);
+    msg
+}
+
 fn header(msg: &[u8], kind: u8, len: usize) -> Result<(), E2eError> {
     if msg.len() < 2 {
         return Err(E2eError::Malformed("cut short"));
@@ -125,7 +171,16 @@ impl GroupKeyManager {
     /// Creates a manager for `identity` (the reference's `init`); `seed` drives its
     /// ephemeral keys and nonces (adapters seed it from the OS).
     pub fn new(identity: Identity, seed: u64) -> Self {
-        GroupKeyManager { identity, rng: ChaCha20Rng::seed_from_u64(seed), limits: Limits::default(), pending: BTreeMap::new(), sessions: BTreeMap::new(), events: VecDeque::new() }
+        GroupKeyManager {
+            identity,
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            limits: Limits::default(),
+            pending: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            unconfirmed: BTreeMap::new(),
+            completed: BTreeMap::new(),
+            events: VecDeque::new(),
+        }
     }
 
     /// Sets when senders rekey (for sessions made from now on).
@@ -162,7 +217,8 @@ impl GroupKeyManager {
         match msg.get(1) {
             Some(&OFFER) => self.on_offer(peer, msg).map(Some),
             Some(&ANSWER) => self.on_answer(peer, msg).map(Some),
-            Some(&FINISH) => self.on_finish(peer, msg).map(|()| None),
+            Some(&FINISH) => self.on_finish(peer, msg).map(Some),
+            Some(&CONFIRM) => self.on_confirm(peer, msg).map(|()| None),
             _ if msg.first().is_some_and(|v| *v != VERSION) => Err(E2eError::Version(msg[0])),
             _ => Err(E2eError::Malformed("not a key exchange message")),
         }
@@ -170,6 +226,15 @@ impl GroupKeyManager {
 
     fn on_offer(&mut self, peer: Fingerprint, offer: &[u8]) -> Result<Vec<u8>, E2eError> {
         header(offer, OFFER, OFFER_LEN)?;
+        if let Some(Pending::Answered { transcript, answer, .. }) = self.pending.get(&peer) {
+            if transcript[..OFFER_LEN] == *offer {
+                // Our answer was lost (or the offer came twice): the same answer again.
+                return Ok(answer.clone());
+            }
+        }
+        if self.completed.get(&peer).is_some_and(|c| c.offer == <[u8; 32]>::from(Sha256::digest(offer))) {
+            return Err(E2eError::Unexpected("a replayed offer"));
+        }
         let me = self.identity.fingerprint();
         if matches!(self.pending.get(&peer), Some(Pending::Offered { .. })) && me < peer {
             return Err(E2eError::Unexpected("both offered: ours wins, theirs is dropped"));
@@ -200,7 +265,8 @@ impl GroupKeyManager {
         transcript.extend_from_slice(&answer);
         answer.extend_from_slice(&mac(&derived.confirm_responder, b"answer", &transcript));
         transcript.extend_from_slice(&answer[ANSWER_LEN - 32..]);
-        self.pending.insert(peer, Pending::Answered { session: Box::new(derived.session), confirm_initiator: derived.confirm_initiator, transcript });
+        let pending = Pending::Answered { session: Box::new(derived.session), confirm_initiator: derived.confirm_initiator, transcript, answer: answer.clone() };
+        self.pending.insert(peer, pending);
         Ok(answer)
     }
 
@@ -235,14 +301,22 @@ impl GroupKeyManager {
         finish.extend_from_slice(&signature.to_bytes());
         transcript.extend_from_slice(&finish);
         finish.extend_from_slice(&mac(&derived.confirm_initiator, b"finish", &transcript));
+        let offer_hash = Sha256::digest(offer).into();
         self.pending.remove(&peer);
         self.install(peer, derived.session);
+        self.completed.insert(peer, Completed { offer: offer_hash, finish: None });
+        self.unconfirmed.insert(peer, finish.clone());
         Ok(finish)
     }
 
-    fn on_finish(&mut self, peer: Fingerprint, finish: &[u8]) -> Result<(), E2eError> {
+    fn on_finish(&mut self, peer: Fingerprint, finish: &[u8]) -> Result<Vec<u8>, E2eError> {
         header(finish, FINISH, FINISH_LEN)?;
         let Some(Pending::Answered { confirm_initiator, transcript, .. }) = self.pending.get(&peer) else {
+            let again = self.completed.get(&peer).and_then(|c| c.finish).is_some_and(|h| h == <[u8; 32]>::from(Sha256::digest(finish)));
+            if let (true, Some(session)) = (again, self.sessions.get_mut(&peer)) {
+                // Our confirm was lost: the initiator sent its finish again.
+                return Ok(confirm(session));
+            }
             return Err(E2eError::Unexpected("a finish to no answer"));
         };
         let their_identity = identity_key(&finish[2..67], &peer)?;
@@ -261,9 +335,31 @@ impl GroupKeyManager {
         let mut t = transcript.clone();
         t.extend_from_slice(&finish[..FINISH_LEN - 32]);
         check_mac(confirm_initiator, b"finish", &t, &finish[FINISH_LEN - 32..])?;
-        let Some(Pending::Answered { session, .. }) = self.pending.remove(&peer) else { unreachable!("checked above") };
+        let offer_hash = Sha256::digest(&transcript[..OFFER_LEN]).into();
+        let Some(Pending::Answered { mut session, .. }) = self.pending.remove(&peer) else { unreachable!("checked above") };
+        let reply = confirm(&mut session);
+        let id = session.id();
         self.install(peer, *session);
+        self.unconfirmed.remove(&peer);
+        self.completed.insert(peer, Completed { offer: offer_hash, finish: Some(Sha256::digest(finish).into()) });
+        self.events.push_back(KeyExchangeEvent::Confirmed { peer, session: id });
+        Ok(reply)
+    }
+
+    fn on_confirm(&mut self, peer: Fingerprint, msg: &[u8]) -> Result<(), E2eError> {
+        header(msg, CONFIRM, CONFIRM_LEN)?;
+        let session = self.sessions.get_mut(&peer).ok_or(E2eError::Unexpected("a confirm to no session"))?;
+        session.decrypt(&msg[2..], CONFIRM_AAD)?;
+        self.confirmed(peer);
         Ok(())
+    }
+
+    /// The responder has the session this side initiated.
+    fn confirmed(&mut self, peer: Fingerprint) {
+        if self.unconfirmed.remove(&peer).is_some() {
+            let session = self.sessions[&peer].id();
+            self.events.push_back(KeyExchangeEvent::Confirmed { peer, session });
+        }
     }
 
     fn install(&mut self, peer: Fingerprint, mut session: Session) {
@@ -291,26 +387,50 @@ impl GroupKeyManager {
         self.pending.contains_key(peer)
     }
 
+    /// Whether `peer` has the current session too: always for a session this side
+    /// answered; for one it initiated, once the peer's confirm (or any message under it)
+    /// arrived. Seal only under a confirmed session what must open at once.
+    pub fn is_confirmed(&self, peer: &Fingerprint) -> bool {
+        self.sessions.contains_key(peer) && !self.unconfirmed.contains_key(peer)
+    }
+
+    /// The message to send `peer` again while the exchange is not complete: the offer until
+    /// the answer arrives, then the finish until the confirm does. `None` otherwise (a
+    /// responder waits: a repeated offer or finish gets its reply again).
+    pub fn retransmission(&self, peer: &Fingerprint) -> Option<Vec<u8>> {
+        match self.pending.get(peer) {
+            Some(Pending::Offered { offer, .. }) => Some(offer.clone()),
+            Some(Pending::Answered { .. }) => None,
+            None => self.unconfirmed.get(peer).cloned(),
+        }
+    }
+
     /// Seals `data` for `peer` (`aad` is authenticated, not sent).
     pub fn encrypt_for_peer(&mut self, peer: &Fingerprint, data: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
         Ok(self.sessions.get_mut(peer).ok_or(E2eError::NoKey(*peer))?.encrypt(data, aad))
     }
 
-    /// Opens a message from `peer`.
+    /// Opens a message from `peer` (one under an unconfirmed session confirms it).
     pub fn decrypt_from_peer(&mut self, peer: &Fingerprint, message: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
-        self.sessions.get_mut(peer).ok_or(E2eError::NoKey(*peer))?.decrypt(message, aad)
+        let plain = self.sessions.get_mut(peer).ok_or(E2eError::NoKey(*peer))?.decrypt(message, aad)?;
+        self.confirmed(*peer);
+        Ok(plain)
     }
 
     /// Forgets `peer` (it left): its session and any exchange with it; keys are zeroized.
     pub fn remove_peer(&mut self, peer: &Fingerprint) {
         self.sessions.remove(peer);
         self.pending.remove(peer);
+        self.unconfirmed.remove(peer);
+        self.completed.remove(peer);
     }
 
     /// Forgets every session and exchange (the reference's `destroy`).
     pub fn destroy(&mut self) {
         self.sessions.clear();
         self.pending.clear();
+        self.unconfirmed.clear();
+        self.completed.clear();
     }
 
     /// Returns the session with `peer`, for its id and epoch.

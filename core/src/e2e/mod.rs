@@ -352,6 +352,16 @@ impl Session {
 
     /// Seals `plaintext` with `aad` (authenticated, not sent).
     pub fn encrypt(&mut self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+        self.encrypt_into(&mut out, plaintext, aad);
+        out
+    }
+
+    /// Seals `plaintext` with `aad` and appends the message to `out` (what is in `out`
+    /// already stays, unauthenticated: a frame header, say). Encrypts in place: the
+    /// plaintext is copied once, into `out`.
+    pub fn encrypt_into(&mut self, out: &mut Vec<u8>, plaintext: &[u8], aad: &[u8]) {
+        use aes_gcm::aead::AeadInPlace;
         if self.sent_messages >= self.limits.messages_per_key || self.sent_bytes.saturating_add(plaintext.len() as u64) > self.limits.bytes_per_key {
             self.send = self.send.next();
             self.sent_messages = 0;
@@ -360,18 +370,42 @@ impl Session {
         let counter = self.sent_messages;
         self.sent_messages += 1;
         self.sent_bytes += plaintext.len() as u64;
-        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+        out.reserve(HEADER_LEN + plaintext.len() + TAG_LEN);
+        let start = out.len();
         out.push(VERSION);
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.send.epoch.to_be_bytes());
         out.extend_from_slice(&counter.to_be_bytes());
         let nonce = nonce(self.send.epoch, counter);
-        let mut full_aad = Vec::with_capacity(HEADER_LEN + aad.len());
-        full_aad.extend_from_slice(&out);
-        full_aad.extend_from_slice(aad);
-        let sealed = self.send.cipher.encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad: &full_aad }).expect("AES-GCM seals any message under 64 GiB");
-        out.extend_from_slice(&sealed);
-        out
+        let mut aad_arr = [0u8; HEADER_LEN + 64];
+        let aad_buf: Vec<u8>;
+        let full_aad: &[u8] = if aad.len() <= 64 {
+            aad_arr[..HEADER_LEN].copy_from_slice(&out[start..]);
+            aad_arr[HEADER_LEN..HEADER_LEN + aad.len()].copy_from_slice(aad);
+            &aad_arr[..HEADER_LEN + aad.len()]
+        } else {
+            aad_buf = [&out[start..], aad].concat();
+            &aad_buf
+        };
+        let body = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = self.send.cipher.encrypt_in_place_detached(&Nonce::from(nonce), full_aad, &mut out[body..]).expect("AES-GCM seals any message under 64 GiB");
+        out.extend_from_slice(&tag);
+    }
+
+    /// An independent session for another stream of messages with the same peer: its own
+    /// keys (derived from this session's current ones and `lane`), counters and replay
+    /// window, and the same id. Messages of one lane never open in another. Both sides must
+    /// fork at the same point, before either seals anything under this session (a session
+    /// that rekeyed forks from its current epoch).
+    pub fn fork(&self, lane: &[u8]) -> Session {
+        let branch = |key: &EpochKey| {
+            let mut secret = Zeroizing::new([0u8; 32]);
+            let hk = Hkdf::<Sha256>::from_prk(&key.secret[..]).expect("a 32-byte PRK");
+            hk.expand_multi_info(&[b"peerlink e2e/1 lane ", lane], &mut secret[..]).expect("32 bytes");
+            secret
+        };
+        Session::new(self.id, branch(&self.send), branch(&self.recv), self.limits)
     }
 
     /// Opens a message sealed by the peer with the same `aad`; each is accepted once.

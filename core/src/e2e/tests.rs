@@ -145,13 +145,97 @@ fn manager(seed: u64) -> GroupKeyManager {
     GroupKeyManager::new(Identity::generate(&mut rng(seed)), seed + 100)
 }
 
-/// Runs a full exchange between two managers; returns the three messages.
+/// Runs a full exchange between two managers; returns the first three messages (the
+/// confirm is delivered).
 fn handshake(a: &mut GroupKeyManager, b: &mut GroupKeyManager) -> [Vec<u8>; 3] {
     let offer = a.exchange_with(b.fingerprint()).unwrap();
     let answer = b.handle_incoming_key_exchange(a.fingerprint(), &offer).unwrap().unwrap();
     let finish = a.handle_incoming_key_exchange(b.fingerprint(), &answer).unwrap().unwrap();
-    assert_eq!(b.handle_incoming_key_exchange(a.fingerprint(), &finish).unwrap(), None);
+    assert!(!a.is_confirmed(&b.fingerprint()), "the initiator waits for the confirm");
+    let confirm = b.handle_incoming_key_exchange(a.fingerprint(), &finish).unwrap().unwrap();
+    assert_eq!(confirm.len(), exchange::CONFIRM_LEN);
+    assert_eq!(a.handle_incoming_key_exchange(b.fingerprint(), &confirm).unwrap(), None);
+    assert!(a.is_confirmed(&b.fingerprint()) && b.is_confirmed(&a.fingerprint()));
     [offer, answer, finish]
+}
+
+#[test]
+fn lost_and_repeated_exchange_messages_leave_both_sides_with_the_same_keys() {
+    let (mut a, mut b) = (manager(11), manager(12));
+    let (af, bf) = (a.fingerprint(), b.fingerprint());
+    let offer = a.exchange_with(bf).unwrap();
+    assert_eq!(a.retransmission(&bf).as_deref(), Some(&offer[..]), "the offer goes again until answered");
+    // The answer is lost; the offer comes again: the same answer, not a new exchange.
+    let answer = b.handle_incoming_key_exchange(af, &offer).unwrap().unwrap();
+    assert_eq!(b.retransmission(&af), None, "a responder waits");
+    assert_eq!(b.handle_incoming_key_exchange(af, &offer).unwrap().unwrap(), answer);
+    let finish = a.handle_incoming_key_exchange(bf, &answer).unwrap().unwrap();
+    assert!(a.has_session(&bf) && !a.is_confirmed(&bf));
+    assert_eq!(a.retransmission(&bf).as_deref(), Some(&finish[..]), "the finish goes again until confirmed");
+    // A late duplicate answer changes nothing.
+    assert!(matches!(a.handle_incoming_key_exchange(bf, &answer), Err(E2eError::Unexpected(_))));
+    // The confirm is lost; the finish comes again: a fresh confirm for the same session.
+    let lost = b.handle_incoming_key_exchange(af, &finish).unwrap().unwrap();
+    let confirm = b.handle_incoming_key_exchange(af, &finish).unwrap().unwrap();
+    assert_ne!(lost, confirm, "sealed under a new counter");
+    let events: Vec<_> = std::iter::from_fn(|| b.poll_event()).collect();
+    let id = b.session(&af).unwrap().id();
+    assert_eq!(events, [KeyExchangeEvent::Established { peer: af, session: id }, KeyExchangeEvent::Confirmed { peer: af, session: id }]);
+    a.handle_incoming_key_exchange(bf, &confirm).unwrap();
+    assert!(a.is_confirmed(&bf) && a.retransmission(&bf).is_none());
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert_eq!(events, [KeyExchangeEvent::Established { peer: bf, session: id }, KeyExchangeEvent::Confirmed { peer: bf, session: id }]);
+    // The other confirm, late: opens, changes nothing.
+    assert_eq!(a.handle_incoming_key_exchange(bf, &lost).unwrap(), None);
+    assert!(a.poll_event().is_none());
+    // The completed offer replayed (by a server) is refused, and the session stays.
+    assert_eq!(b.handle_incoming_key_exchange(af, &offer), Err(E2eError::Unexpected("a replayed offer")));
+    assert!(!b.is_exchanging(&af));
+    let m = a.encrypt_for_peer(&bf, b"still", b"").unwrap();
+    assert_eq!(b.decrypt_from_peer(&af, &m, b"").unwrap(), b"still");
+    // A forged confirm is refused; a confirm with no session too.
+    let mut forged = confirm.clone();
+    forged[30] ^= 1;
+    assert!(a.handle_incoming_key_exchange(bf, &forged).is_err());
+    let mut c = manager(13);
+    assert_eq!(c.handle_incoming_key_exchange(af, &confirm), Err(E2eError::Unexpected("a confirm to no session")));
+}
+
+#[test]
+fn any_message_from_the_responder_confirms_and_forks_are_independent_lanes() {
+    let (mut a, mut b) = (manager(21), manager(22));
+    let (af, bf) = (a.fingerprint(), b.fingerprint());
+    let offer = a.exchange_with(bf).unwrap();
+    let answer = b.handle_incoming_key_exchange(af, &offer).unwrap().unwrap();
+    let finish = a.handle_incoming_key_exchange(bf, &answer).unwrap().unwrap();
+    let _confirm_lost = b.handle_incoming_key_exchange(af, &finish).unwrap().unwrap();
+    let m = b.encrypt_for_peer(&af, b"hello", b"room").unwrap();
+    assert_eq!(a.decrypt_from_peer(&bf, &m, b"room").unwrap(), b"hello");
+    assert!(a.is_confirmed(&bf));
+    // Forks made on both sides at the same point talk to each other, and only to each other.
+    let mut fa = a.session(&bf).unwrap().fork(b"xfer/1");
+    let mut fb = b.session(&af).unwrap().fork(b"xfer/1");
+    let mut other = b.session(&af).unwrap().fork(b"other");
+    let sealed = fa.encrypt(b"chunk", b"");
+    assert_eq!(fa.encrypt(b"x", b"")[13..21], 1u64.to_be_bytes(), "its own counters");
+    assert_eq!(other.decrypt(&sealed, b""), Err(E2eError::Decrypt));
+    assert_eq!(b.decrypt_from_peer(&af, &sealed, b""), Err(E2eError::Decrypt), "not in the parent's lane");
+    assert_eq!(fb.decrypt(&sealed, b"").unwrap(), b"chunk");
+    let back = fb.encrypt(b"ack", b"");
+    assert_eq!(fa.decrypt(&back, b"").unwrap(), b"ack");
+    // encrypt_into appends after what is there, the same message encrypt makes.
+    let mut s1 = a.session(&bf).unwrap().fork(b"same");
+    let mut s2 = a.session(&bf).unwrap().fork(b"same");
+    let mut framed = vec![0xE2, 7];
+    s1.encrypt_into(&mut framed, b"payload", b"aad");
+    assert_eq!(framed[..2], [0xE2, 7]);
+    assert_eq!(framed[2..], s2.encrypt(b"payload", b"aad")[..]);
+    let long_aad = [9u8; 100];
+    let mut s3 = b.session(&af).unwrap().fork(b"same");
+    let mut out = Vec::new();
+    s1.encrypt_into(&mut out, b"p", &long_aad);
+    assert_eq!(s3.decrypt(&framed[2..], b"aad").unwrap(), b"payload");
+    assert_eq!(s3.decrypt(&out, &long_aad).unwrap(), b"p");
 }
 
 #[test]
