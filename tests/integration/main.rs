@@ -4,6 +4,7 @@
 mod async_transfer;
 mod bad_input;
 mod encrypted_stream;
+mod encrypted_stream_async;
 mod file_transfer;
 mod group_room;
 mod impersonation;

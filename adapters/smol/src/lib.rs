@@ -78,6 +78,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod stream;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
