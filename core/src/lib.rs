@@ -171,7 +171,7 @@ pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
 pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, UdpBind};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
-pub use room::{RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
+pub use room::{EncryptionEvent, JoinOptions, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
 pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};
 pub use sync::{StateConfig, StateEvent, StateSync, SyncError, SyncEvent};
 /// The yrs crate our documents are made of (its `Doc`, `Text`, `Map`, `Array`, `Transact`).

@@ -42,7 +42,8 @@ use crate::peer::{
 use sha2::{Digest, Sha256};
 use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, TransferError, TransferEvent, TransferKind, TransferTransport, Transfers};
 use crate::client::{RequestId, Response};
-use crate::room::{self, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
+use crate::room::keys::RoomKeys;
+use crate::room::{self, EncryptionEvent, JoinOptions, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
 use crate::sync::host::{SyncEvent, Syncs};
 use crate::sync::{CrdtConfig, CrdtSync, StateConfig, StateSync, SyncError};
@@ -296,6 +297,8 @@ pub enum NodeEvent {
     Transfer(TransferEvent),
     /// Something happened to a room's shared state or documents.
     Sync(SyncEvent),
+    /// Something happened to end-to-end encryption with a member of an encrypted room.
+    Encryption(EncryptionEvent),
 }
 
 /// What a connection said to the transfers.
@@ -309,7 +312,7 @@ enum TransferInput {
 /// Input for the rooms, gathered while they are not at hand and handed over in
 /// [`Node::flush_rooms`].
 enum RoomInput {
-    Items { from: Fingerprint, items: Vec<room::wire::Item>, path: RoomPath },
+    Items { from: Fingerprint, items: Vec<room::wire::Item>, path: RoomPath, sealed: bool },
     Bad { from: Fingerprint, error: room::WireError },
     Direct { peer: Fingerprint, open: bool },
     Lost { peer: Fingerprint },
@@ -372,6 +375,8 @@ pub struct Node {
     transfer_seen: std::collections::BTreeSet<Fingerprint>,
     /// Key-value and document sync per room, over room messages.
     syncs: Syncs,
+    /// End-to-end keys with the members of encrypted rooms.
+    keys: RoomKeys,
 }
 
 impl Node {
@@ -390,6 +395,7 @@ impl Node {
         let sync_seed = first_transfer_id.rotate_left(17) ^ 0x5359_4e43;
         let fragment = config.rooms.max_message_size.min(room::MAX_ROOM_MESSAGE);
         let syncs = Syncs::new(identity.fingerprint(), sync_seed, now, unix_ms, fragment);
+        let keys = RoomKeys::new(identity.clone(), sync_seed.rotate_left(29) ^ 0x4532_4531);
         Ok(Node {
             config,
             client,
@@ -411,6 +417,7 @@ impl Node {
             transfers_dirty: false,
             transfer_seen: std::collections::BTreeSet::new(),
             syncs,
+            keys,
         })
     }
 
@@ -464,7 +471,8 @@ impl Node {
         // Transfers that stopped at their flush budget go on at once.
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         let syncs = self.syncs.poll_timeout(self.now);
-        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).min()
+        let keys = self.keys.poll_timeout().map(|t| t.max(self.now));
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).min()
     }
 
     fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
@@ -532,10 +540,16 @@ impl Node {
                 ClientEvent::Relay { from, payload } if room::wire::is_relayed(payload.0.get()) => {
                     self.rooms_dirty = true;
                     let me = self.fingerprint();
-                    self.room_inputs.push_back(match room::wire::decode_relayed(payload.0.get(), &from, &me) {
-                        Ok((items, _key)) => RoomInput::Items { from, items, path: RoomPath::Relay },
-                        Err(error) => RoomInput::Bad { from, error },
-                    });
+                    let input = match room::wire::open_relayed(payload.0.get(), &from, &me) {
+                        Ok((body, _key)) => self.room_body(from, &body, RoomPath::Relay),
+                        Err(error) => Some(RoomInput::Bad { from, error }),
+                    };
+                    self.room_inputs.extend(input);
+                }
+                ClientEvent::Relay { from, payload } if room::keys::decode_relayed(payload.0.get()).is_some() => {
+                    let msg = room::keys::decode_relayed(payload.0.get()).expect("checked");
+                    self.keys.handle_message(self.now, from, msg);
+                    self.rooms_dirty = true;
                 }
                 ClientEvent::Relay { from, payload } => match Signal::decode(&payload.0) {
                     Ok(Some(signal)) => self.on_signal(from, signal),
@@ -602,6 +616,7 @@ impl Node {
         if self.syncs.poll_timeout(now).is_some_and(|t| t <= now) {
             self.syncs.handle_timeout(now);
         }
+        self.keys.handle_timeout(now);
         self.flush_layers();
         Ok(())
     }
@@ -798,13 +813,13 @@ impl Node {
             }
             PeerOutput::ChannelClosed(c) if c == INTERNAL_CHANNEL => Some(RoomInput::Direct { peer: fp, open: false }),
             PeerOutput::BufferedAmountLow(c) if c == INTERNAL_CHANNEL => Some(RoomInput::DirectWritable { peer: fp }),
-            PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => Some(match data {
-                Payload::Text(text) => match room::wire::decode_batch(text) {
-                    Ok(items) => RoomInput::Items { from: fp, items, path: RoomPath::Direct },
-                    Err(error) => RoomInput::Bad { from: fp, error },
-                },
-                Payload::Binary(_) => RoomInput::Bad { from: fp, error: room::WireError::Malformed("binary on the room channel".into()) },
-            }),
+            PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => match data {
+                Payload::Text(text) => {
+                    let text = text.clone();
+                    self.room_body(fp, &text, RoomPath::Direct)
+                }
+                Payload::Binary(_) => Some(RoomInput::Bad { from: fp, error: room::WireError::Malformed("binary on the room channel".into()) }),
+            },
             PeerOutput::State(PeerState::Connected) => {
                 let open = self.peers.get(&fp).is_some_and(|p| p.channel_open(INTERNAL_CHANNEL));
                 open.then_some(RoomInput::Direct { peer: fp, open: true })
@@ -827,12 +842,58 @@ impl Node {
         (!internal).then_some(output)
     }
 
+    /// A room batch body from `from` as room input: plaintext items, or a sealed batch
+    /// opened (`None`: it did not open; the keys said why).
+    fn room_body(&mut self, from: Fingerprint, body: &str, path: RoomPath) -> Option<RoomInput> {
+        match room::wire::decode_body(body) {
+            Ok(room::wire::Body::Items(items)) => Some(RoomInput::Items { from, items, path, sealed: false }),
+            Ok(room::wire::Body::Sealed(sealed)) => {
+                let plain = self.keys.open_batch(self.now, from, &sealed).ok()?;
+                Some(match room::wire::decode_batch(&plain) {
+                    Ok(items) => RoomInput::Items { from, items, path, sealed: true },
+                    Err(error) => RoomInput::Bad { from, error },
+                })
+            }
+            Err(error) => Some(RoomInput::Bad { from, error }),
+        }
+    }
+
+    /// A transfer message from `peer` as the transfers take it: sealed ones opened; plaintext
+    /// from a peer that shares an encrypted room refused.
+    fn transfer_payload(&mut self, peer: Fingerprint, data: Payload) -> Option<Payload> {
+        match data {
+            Payload::Binary(frame) if frame.first() == Some(&room::keys::SEALED_FRAME) => match self.keys.open_frame(self.now, peer, &frame) {
+                Ok((room::keys::FRAME_TEXT, text)) => match String::from_utf8(text) {
+                    Ok(text) => Some(Payload::Text(text)),
+                    Err(_) => {
+                        self.events.push_back(NodeEvent::Transfer(TransferEvent::BadMessage {
+                            peer,
+                            error: TransferError::Wire(crate::transfer::TransferWireError::Malformed("a sealed control message is not UTF-8".into())),
+                        }));
+                        None
+                    }
+                },
+                Ok((_, chunk)) => Some(Payload::Binary(chunk)),
+                Err(_) => None,
+            },
+            data if self.keys.needs(&peer) => {
+                warn!(peer = %peer.short(), "plaintext transfer message from a member of an encrypted room refused");
+                drop(data);
+                self.events.push_back(NodeEvent::Transfer(TransferEvent::BadMessage { peer, error: TransferError::Unencrypted }));
+                None
+            }
+            data => Some(data),
+        }
+    }
+
     /// Takes everything on the transfer channel to the transfers (queued for the next flush).
     fn transfer_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
         match output {
             PeerOutput::Data { channel, data } if channel == TRANSFER_CHANNEL => {
-                self.transfer_inputs.push_back(TransferInput::Data(fp, data));
-                self.transfers_dirty = true;
+                if let Some(data) = self.transfer_payload(fp, data) {
+                    self.transfer_inputs.push_back(TransferInput::Data(fp, data));
+                    self.transfers_dirty = true;
+                }
                 None
             }
             PeerOutput::BufferedAmountLow(channel) if channel == TRANSFER_CHANNEL => {
@@ -868,8 +929,43 @@ impl Node {
     /// changed.
     fn flush_layers(&mut self) {
         self.flush_rooms();
+        self.flush_keys();
         self.flush_syncs();
         self.flush_transfers();
+    }
+
+    /// Keeps the end-to-end keys in step with the encrypted rooms' members, relays their
+    /// exchange messages and moves their events out; a session that became ready lets the
+    /// rooms and transfers waiting for it go on.
+    fn flush_keys(&mut self) {
+        let now = self.now;
+        if !self.keys.is_empty() || self.rooms.any_encrypted() {
+            let needed = self.rooms.encrypted_peers();
+            self.keys.set_needed(now, &needed);
+            for peer in std::mem::take(&mut self.rooms.restarted) {
+                self.keys.reset(now, peer);
+            }
+        }
+        while let Some((to, payload)) = self.keys.outbox.pop_front() {
+            let Ok(payload) = RawValue::from_string(payload) else { continue };
+            if let Err(e) = self.client.relay(to, &payload) {
+                // Sent again on the exchange's timer.
+                debug!(to = %to.short(), error = %e, "key exchange message not sent");
+            }
+        }
+        while let Some(e) = self.keys.poll_event() {
+            self.events.push_back(NodeEvent::Encryption(e));
+        }
+        let mut ready = false;
+        while let Some(peer) = self.keys.ready.pop_front() {
+            ready = true;
+            self.transfer_inputs.push_back(TransferInput::Writable(peer));
+            self.transfers_dirty = true;
+        }
+        if ready {
+            self.rooms_dirty = true;
+            self.flush_rooms();
+        }
     }
 
     /// Hands received sync frames to the rooms' sync machines and their messages to the
@@ -950,7 +1046,7 @@ impl Node {
             let now = self.now;
             while let Some(input) = self.room_inputs.pop_front() {
                 match input {
-                    RoomInput::Items { from, items, path } => rooms.handle_items(now, from, items, path),
+                    RoomInput::Items { from, items, path, sealed } => rooms.handle_items(now, from, items, path, sealed),
                     RoomInput::Bad { from, error } => rooms.bad_input(from, error),
                     RoomInput::Direct { peer, open } => rooms.direct_changed(peer, open),
                     RoomInput::Lost { peer } => rooms.connection_lost(now, peer),
@@ -1200,20 +1296,26 @@ impl Node {
         self.begin(now)?;
         self.rooms.check_joined(room).err().ok_or_else(|| RoomError::AlreadyJoined(room.to_owned()))?;
         let request = self.client.create_room(now, room, options.max_size, options.metadata.as_ref())?;
-        self.enter(room, request)
+        self.enter(room, request, options.encrypted)
     }
 
     /// Joins a room and connects to every member ([`RoomEvent::Joined`] follows, or
     /// [`RoomEvent::Error`] with the server's refusal: `room_not_found`, `room_full`).
     pub fn join_room(&mut self, now: Instant, room: &str) -> Result<(), NodeError> {
+        self.join_room_with(now, room, JoinOptions::default())
+    }
+
+    /// Joins a room as [`Node::join_room`] does, with options (an encrypted room:
+    /// [`JoinOptions::encrypted`]).
+    pub fn join_room_with(&mut self, now: Instant, room: &str, options: JoinOptions) -> Result<(), NodeError> {
         self.begin(now)?;
         self.rooms.check_joined(room).err().ok_or_else(|| RoomError::AlreadyJoined(room.to_owned()))?;
         let request = self.client.join_room(now, room)?;
-        self.enter(room, request)
+        self.enter(room, request, options.encrypted)
     }
 
-    fn enter(&mut self, room: &str, request: RequestId) -> Result<(), NodeError> {
-        self.rooms.entering(self.now, room, request)?;
+    fn enter(&mut self, room: &str, request: RequestId, encrypted: bool) -> Result<(), NodeError> {
+        self.rooms.entering(self.now, room, request, encrypted)?;
         self.rooms_dirty = true;
         self.flush_rooms();
         Ok(())
@@ -1379,10 +1481,30 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Sends a transfer message to a peer that shares an encrypted room: sealed, as a binary
+    /// frame; the channel counts as full until the session is ready (the transfers wait for
+    /// the writable notice that follows [`EncryptionEvent::Ready`]).
+    fn send_sealed_transfer(&mut self, peer: Fingerprint, kind: u8, payload: &[u8]) -> Result<(), SendError> {
+        if !self.keys.is_ready(&peer) {
+            return Err(SendError::WouldBlock { buffered: 0 });
+        }
+        // A frame the channel refuses (its window full) spends a counter: a gap the replay
+        // window skips, never a nonce used twice.
+        let frame = self.keys.seal_frame(&peer, kind, payload).ok_or(SendError::WouldBlock { buffered: 0 })?;
+        let mut result = Err(SendError::UnknownPeer(peer));
+        self.with_peer(peer, |p, ctx| result = p.send_with(TRANSFER_CHANNEL, true, &frame, kind == room::keys::FRAME_BINARY, ctx));
+        result
+    }
+}
+
 impl TransferTransport for Node {
     fn send_text(&mut self, peer: Fingerprint, text: &str) -> Result<(), SendError> {
         if !self.peers.get(&peer).is_some_and(|p| p.channel_open(TRANSFER_CHANNEL)) {
             return Err(SendError::ChannelNotOpen(TRANSFER_CHANNEL.into()));
+        }
+        if self.keys.needs(&peer) {
+            return self.send_sealed_transfer(peer, room::keys::FRAME_TEXT, text.as_bytes());
         }
         let mut result = Err(SendError::UnknownPeer(peer));
         self.with_peer(peer, |p, ctx| result = p.send_with(TRANSFER_CHANNEL, false, text.as_bytes(), false, ctx));
@@ -1392,6 +1514,9 @@ impl TransferTransport for Node {
     fn send_binary(&mut self, peer: Fingerprint, frame: &[u8]) -> Result<(), SendError> {
         if !self.peers.get(&peer).is_some_and(|p| p.channel_open(TRANSFER_CHANNEL)) {
             return Err(SendError::ChannelNotOpen(TRANSFER_CHANNEL.into()));
+        }
+        if self.keys.needs(&peer) {
+            return self.send_sealed_transfer(peer, room::keys::FRAME_BINARY, frame);
         }
         let mut result = Err(SendError::UnknownPeer(peer));
         self.with_peer(peer, |p, ctx| result = p.send(TRANSFER_CHANNEL, true, frame, ctx));
@@ -1404,7 +1529,18 @@ impl Transport for Node {
         self.peers.get(peer).is_some_and(|p| p.state() == PeerState::Connected && p.channel_open(INTERNAL_CHANNEL))
     }
 
-    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool) -> Result<(), SendError> {
+    fn sealed_ready(&self, peer: &Fingerprint) -> bool {
+        self.keys.is_ready(peer)
+    }
+
+    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool, seal: bool) -> Result<(), SendError> {
+        let sealed;
+        let text = if seal {
+            sealed = self.keys.seal_batch(&peer, text).ok_or(SendError::WouldBlock { buffered: 0 })?;
+            &sealed
+        } else {
+            text
+        };
         let mut result = Err(SendError::UnknownPeer(peer));
         self.with_peer(peer, |p, ctx| result = p.send_with(INTERNAL_CHANNEL, false, text.as_bytes(), !control, ctx));
         result
@@ -1414,7 +1550,19 @@ impl Transport for Node {
         self.client.is_registered()
     }
 
-    fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool {
+    fn send_relay(&mut self, to: Fingerprint, body: &str, seal: bool) -> bool {
+        let sealed;
+        let body = if seal {
+            match self.keys.seal_batch(&to, body) {
+                Some(s) => {
+                    sealed = s;
+                    &sealed
+                }
+                None => return false,
+            }
+        } else {
+            body
+        };
         let payload = room::wire::encode_relayed(&self.identity, &mut self.rng, &to, body);
         let Ok(payload) = RawValue::from_string(payload) else { return false };
         match self.client.relay(to, &payload) {

@@ -7,6 +7,7 @@ mod bad_input;
 mod channels;
 mod crdt_convergence;
 mod determinism;
+mod encrypted_room;
 mod full_mesh;
 mod fuzz_replay;
 mod glare;

@@ -34,8 +34,20 @@
 //!
 //! Relay batches are signed with the sender's identity key for their recipient (see
 //! `docs/PROTOCOL.md`): the server can delay or drop them, not forge, alter or redirect them.
+//!
+//! # Encrypted rooms
+//!
+//! A room created with [`RoomOptions::encrypted`] (and joined with
+//! [`JoinOptions::encrypted`]) is end-to-end encrypted: every batch with its messages,
+//! acknowledgements or presence is sealed under a session with the member (see [`keys`]),
+//! on the direct path and through the relay alike, so the server relays ciphertext only;
+//! transfers with its members are sealed too. Its messages to a member wait until that
+//! member's session is ready ([`EncryptionEvent::Ready`]); plaintext from a member is
+//! refused ([`RoomError::Unencrypted`]). Both sides must ask for encryption: the server
+//! could strip a flag in the room's metadata, so a member decides for itself.
 
 #[doc(hidden)] pub mod wire;
+pub mod keys;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -47,6 +59,7 @@ use crate::client::{RequestError, RequestId, RoomDetails};
 use crate::identity::Fingerprint;
 use crate::peer::{Payload, SendError};
 use crate::protocol::{PeerInfo, RawJson};
+pub use keys::EncryptionEvent;
 pub use wire::{RoomData, WireError};
 use wire::Item;
 
@@ -135,23 +148,47 @@ pub struct RoomOptions {
     pub max_size: Option<u32>,
     /// Metadata anyone can read (`room_info`, `list_rooms`).
     pub metadata: Option<serde_json::Value>,
+    /// End-to-end encrypt the room (see [Encrypted rooms](self#encrypted-rooms)).
+    pub encrypted: bool,
 }
 
 impl RoomOptions {
     /// A 1:1 room (the reference's `DirectRoom`).
     pub fn direct() -> Self {
-        RoomOptions { max_size: Some(2), metadata: None }
+        RoomOptions { max_size: Some(2), ..RoomOptions::default() }
     }
 
     /// A group room of at most `max_size` members (the reference's `GroupRoom`).
     pub fn group(max_size: u32) -> Self {
-        RoomOptions { max_size: Some(max_size), metadata: None }
+        RoomOptions { max_size: Some(max_size), ..RoomOptions::default() }
     }
 
     /// With this metadata.
     pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
         self.metadata = Some(metadata);
         self
+    }
+
+    /// End-to-end encrypted (see [Encrypted rooms](self#encrypted-rooms)).
+    pub fn encrypted(mut self) -> Self {
+        self.encrypted = true;
+        self
+    }
+}
+
+/// How a room is joined.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct JoinOptions {
+    /// End-to-end encrypt this node's side of the room (see
+    /// [Encrypted rooms](self#encrypted-rooms)); every member must.
+    pub encrypted: bool,
+}
+
+impl JoinOptions {
+    /// Join an end-to-end encrypted room.
+    pub fn encrypted() -> Self {
+        JoinOptions { encrypted: true }
     }
 }
 
@@ -209,6 +246,13 @@ pub enum RoomError {
     /// The server refused a room request (`room_full`, `room_not_found`, `not_room_owner`, ...).
     #[error("server refused: {0}")]
     Request(RequestError),
+    /// A member sent plaintext in an encrypted room (it did not join it encrypted): refused,
+    /// not acknowledged. Said once per member.
+    #[error("{from} sent plaintext in an encrypted room: refused")]
+    Unencrypted {
+        /// The member.
+        from: Fingerprint,
+    },
     /// A member sent something unusable; it was dropped and nobody else is affected.
     #[error("bad room message from {from}: {error}")]
     BadMessage {
@@ -341,20 +385,26 @@ pub struct RoomView {
     pub members: Vec<MemberView>,
     /// This node's own presence state.
     pub presence: Option<serde_json::Value>,
+    /// Whether the room is end-to-end encrypted here.
+    pub encrypted: bool,
 }
 
 /// What the rooms need from the node around them.
 pub(crate) trait Transport {
     /// Whether the connection to `peer` is up with its internal channel open.
     fn direct_open(&self, peer: &Fingerprint) -> bool;
+    /// Whether a batch sealed for `peer` now opens there (its end-to-end session is
+    /// confirmed).
+    fn sealed_ready(&self, peer: &Fingerprint) -> bool;
     /// Sends `text` on the internal channel to `peer`; `control` (small acknowledgements and
     /// presence) goes even when the connection's send window is full, so that one direction's
-    /// data never holds back the other's acknowledgements.
-    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool) -> Result<(), SendError>;
+    /// data never holds back the other's acknowledgements. `seal`: end-to-end encrypt it.
+    fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool, seal: bool) -> Result<(), SendError>;
     /// Whether the signaling client is registered (relays can go).
     fn relay_ready(&self) -> bool;
-    /// Signs `body` for `to` and relays it; false when the client refused it.
-    fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool;
+    /// Signs `body` (sealed first if `seal`) for `to` and relays it; false when the client
+    /// refused it.
+    fn send_relay(&mut self, to: Fingerprint, body: &str, seal: bool) -> bool;
     /// Whether a connection to `peer` exists that is not failed or closed.
     fn has_connection(&self, peer: &Fingerprint) -> bool;
     /// Starts a connection to `peer`.
@@ -436,6 +486,8 @@ struct Member {
     /// Presence to send to this member (set when it joins, or on a change).
     presence_due: bool,
     path: Option<RoomPath>,
+    /// Plaintext from it in an encrypted room was reported.
+    warned_plain: bool,
 }
 
 impl Member {
@@ -448,6 +500,7 @@ impl Member {
             presence_tokens: (PRESENCE_RX_RATE, now),
             presence_due: true,
             path: None,
+            warned_plain: false,
         }
     }
 }
@@ -470,6 +523,8 @@ struct Room {
     presence: LocalPresence,
     /// The room id as a JSON string, for every data item.
     id_json: Arc<str>,
+    /// End-to-end encrypted.
+    encrypted: bool,
 }
 
 /// Every managed room of a node.
@@ -477,6 +532,9 @@ pub(crate) struct Rooms {
     config: RoomsConfig,
     /// Sync frames received, in order, for the node's sync layer.
     pub(crate) sync_inbox: VecDeque<SyncFrame>,
+    /// Members of encrypted rooms that started over (a new session of theirs, or of ours):
+    /// their keys start over too.
+    pub(crate) restarted: Vec<Fingerprint>,
     me: Fingerprint,
     rooms: BTreeMap<String, Room>,
     pub(crate) pending: HashMap<RequestId, Pending>,
@@ -501,6 +559,14 @@ enum Origin {
     Data { room: String, seq: u64 },
     Ack { room: String },
     Presence { room: String },
+}
+
+impl Origin {
+    fn room(&self) -> &str {
+        match self {
+            Origin::Data { room, .. } | Origin::Ack { room } | Origin::Presence { room } => room,
+        }
+    }
 }
 
 /// An item ready to encode: a control item, or a message whose contents were encoded once
@@ -556,6 +622,7 @@ impl Rooms {
     fn with_clock(config: RoomsConfig, me: Fingerprint, clock: Option<(Instant, u64)>) -> Self {
         Rooms {
             sync_inbox: VecDeque::new(),
+            restarted: Vec::new(),
             relay_tokens: f64::from(config.relay_burst),
             config,
             me,
@@ -586,6 +653,16 @@ impl Rooms {
         self.rooms.values().any(|r| r.members.contains_key(peer))
     }
 
+    /// Whether this node is in (or entering) an encrypted room.
+    pub(crate) fn any_encrypted(&self) -> bool {
+        self.rooms.values().any(|r| r.encrypted)
+    }
+
+    /// The members of the encrypted rooms this node is in.
+    pub(crate) fn encrypted_peers(&self) -> BTreeSet<Fingerprint> {
+        self.rooms.values().filter(|r| r.joined && r.encrypted).flat_map(|r| r.members.keys().copied()).collect()
+    }
+
     pub(crate) fn ids(&self) -> impl Iterator<Item = &str> {
         self.rooms.iter().filter(|(_, r)| r.joined).map(|(id, _)| id.as_str())
     }
@@ -608,6 +685,7 @@ impl Rooms {
                 })
                 .collect(),
             presence: room.presence.state.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+            encrypted: room.encrypted,
         })
     }
 
@@ -624,7 +702,7 @@ impl Rooms {
     // ---- commands -----------------------------------------------------------------------
 
     /// Registers a room being created or joined (the request is `request`).
-    pub(crate) fn entering(&mut self, now: Instant, id: &str, request: RequestId) -> Result<(), RoomError> {
+    pub(crate) fn entering(&mut self, now: Instant, id: &str, request: RequestId, encrypted: bool) -> Result<(), RoomError> {
         if self.rooms.contains_key(id) {
             return Err(RoomError::AlreadyJoined(id.to_owned()));
         }
@@ -640,6 +718,7 @@ impl Rooms {
                 members: BTreeMap::new(),
                 presence: LocalPresence { state: None, version: 0, dirty: false, last_sent: None },
                 id_json: serde_json::to_string(id).expect("a string serializes").into(),
+                encrypted,
             },
         );
         self.pending.insert(request, Pending::Enter(id.to_owned()));
@@ -798,6 +877,10 @@ impl Rooms {
             m.presence = None;
             m.presence_due = true;
         }
+        if room.encrypted {
+            // They start over with us: so do the keys.
+            self.restarted.extend(room.members.keys().copied());
+        }
         let room = &self.rooms[&id];
         let now_in: BTreeSet<Fingerprint> = peers.iter().map(|p| p.fingerprint).filter(|f| *f != self.me).collect();
         let gone: Vec<Fingerprint> = room.members.keys().filter(|f| !now_in.contains(f)).copied().collect();
@@ -826,6 +909,9 @@ impl Rooms {
             // Joined again without our hearing it leave (we were away): it starts new
             // streams, and so do we towards it (what it missed is lost with its old session).
             *m = Member::new(info, rto, now);
+            if room.encrypted {
+                self.restarted.push(m.info.fingerprint);
+            }
             return;
         }
         room.members.insert(info.fingerprint, Member::new(info.clone(), rto, now));
@@ -894,7 +980,9 @@ impl Rooms {
     // ---- input from members ----------------------------------------------------------------
 
     /// A batch from `from` arrived on `path`.
-    pub(crate) fn handle_items(&mut self, now: Instant, from: Fingerprint, items: Vec<Item>, path: RoomPath) {
+    /// `sealed`: it came end-to-end encrypted (only such items are taken for an encrypted
+    /// room).
+    pub(crate) fn handle_items(&mut self, now: Instant, from: Fingerprint, items: Vec<Item>, path: RoomPath, sealed: bool) {
         let max_unacked = self.config.max_unacked;
         let base_rto = self.config.rto;
         let max_presence = self.config.max_presence_size;
@@ -911,6 +999,15 @@ impl Rooms {
                 trace!(room = %id, from = %from.short(), "item from a non-member");
                 continue;
             };
+            if room.encrypted && !sealed {
+                // Not acknowledged either: its sender cannot tell it was refused but by this.
+                if !m.warned_plain {
+                    m.warned_plain = true;
+                    warn!(room = %id, from = %from.short(), "plaintext in an encrypted room refused");
+                    self.events.push_back(RoomEvent::Error { room: id.clone(), error: RoomError::Unencrypted { from } });
+                }
+                continue;
+            }
             match item {
                 Item::Data { epoch, seq, data, .. } => {
                     if m.inn.epoch.is_some_and(|e| epoch < e) {
@@ -1030,7 +1127,7 @@ impl Rooms {
             if t.relay_ready() && self.relay_tokens < 1.0 {
                 self.relay_starved = true;
             }
-            let (direct_items, relay_items) = self.collect(peer, direct, relay_ok);
+            let (direct_items, relay_items) = self.collect(peer, direct, relay_ok, t.sealed_ready(&peer));
             if !direct_items.is_empty() {
                 self.send_batches(now, peer, direct_items, RoomPath::Direct, t);
             }
@@ -1099,7 +1196,7 @@ impl Rooms {
     /// as much as the path takes now (a direct connection's window, the relay's tokens and the
     /// stream's relay window). What is left stays due.
     #[allow(clippy::type_complexity)]
-    fn collect(&mut self, peer: Fingerprint, direct: bool, relay_ok: bool) -> (Vec<(Piece, Origin)>, Vec<(Piece, Origin)>) {
+    fn collect(&mut self, peer: Fingerprint, direct: bool, relay_ok: bool, sealed_ok: bool) -> (Vec<(Piece, Origin)>, Vec<(Piece, Origin)>) {
         let ttl_ms = u64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(u64::MAX).min(wire::MAX_PRESENCE_TTL_MS);
         let (mut direct_items, mut relay_items) = (Vec::new(), Vec::new());
         let mut direct_budget = if direct && !self.direct_blocked.contains(&peer) { DIRECT_FLUSH_BYTES } else { 0 };
@@ -1112,6 +1209,10 @@ impl Rooms {
                     self.events.push_back(RoomEvent::PathChanged { room: id.clone(), peer, path });
                 }
                 m.path = Some(path);
+            }
+            if room.encrypted && !sealed_ok {
+                // Nothing of an encrypted room goes before the member can open it.
+                continue;
             }
             // Control items take the path's way when it can take anything now.
             let control = if direct { Some(&mut direct_items) } else if relay_ok { Some(&mut relay_items) } else { None };
@@ -1182,8 +1283,9 @@ impl Rooms {
             if batch.is_empty() {
                 return;
             }
+            let seal = origins.iter().any(|o| self.rooms.get(o.room()).is_some_and(|r| r.encrypted));
             let sent = match path {
-                RoomPath::Direct => match t.send_direct(peer, &encode_pieces(&batch), control) {
+                RoomPath::Direct => match t.send_direct(peer, &encode_pieces(&batch), control, seal) {
                     Ok(()) => true,
                     Err(SendError::WouldBlock { .. }) => {
                         self.direct_blocked.insert(peer);
@@ -1200,7 +1302,7 @@ impl Rooms {
                     } else if self.relay_tokens < 1.0 {
                         self.relay_starved = true;
                         false
-                    } else if t.send_relay(peer, &encode_pieces(&batch)) {
+                    } else if t.send_relay(peer, &encode_pieces(&batch), seal) {
                         self.relay_tokens -= 1.0;
                         true
                     } else {
@@ -1315,13 +1417,16 @@ mod tests {
         fn direct_open(&self, _: &Fingerprint) -> bool {
             false
         }
-        fn send_direct(&mut self, peer: Fingerprint, _: &str, _: bool) -> Result<(), SendError> {
+        fn sealed_ready(&self, _: &Fingerprint) -> bool {
+            false
+        }
+        fn send_direct(&mut self, peer: Fingerprint, _: &str, _: bool, _: bool) -> Result<(), SendError> {
             Err(SendError::UnknownPeer(peer))
         }
         fn relay_ready(&self) -> bool {
             true
         }
-        fn send_relay(&mut self, to: Fingerprint, body: &str) -> bool {
+        fn send_relay(&mut self, to: Fingerprint, body: &str, _: bool) -> bool {
             self.sent.push((to, body.to_owned()));
             true
         }
@@ -1356,17 +1461,17 @@ mod tests {
         let other = peer(2);
         let mut rooms = Rooms::new(RoomsConfig::default(), me, now, 1_700_000_000_000);
         let mut t = Relay::default();
-        rooms.entering(now, "r", RequestId(1)).unwrap();
+        rooms.entering(now, "r", RequestId(1), false).unwrap();
         let details = RoomDetails { room_id: "r".into(), owner: other.fingerprint, max_size: 4, metadata: None };
         rooms.on_entered(now, details, vec![other.clone()], &mut t);
         let from = other.fingerprint;
         // Out of order, duplicated: delivered once, in order.
-        rooms.handle_items(now, from, vec![data(100, 2, "b"), data(100, 1, "a"), data(100, 2, "b"), data(100, 3, "c")], RoomPath::Relay);
+        rooms.handle_items(now, from, vec![data(100, 2, "b"), data(100, 1, "a"), data(100, 2, "b"), data(100, 3, "c")], RoomPath::Relay, false);
         assert_eq!(delivered(&mut rooms), ["a", "b", "c"]);
         // A newer stream (the member came back) starts over; the old one replayed is ignored.
-        rooms.handle_items(now, from, vec![data(200, 1, "new")], RoomPath::Relay);
-        rooms.handle_items(now, from, vec![data(100, 4, "replayed"), data(100, 1, "replayed")], RoomPath::Relay);
-        rooms.handle_items(now, from, vec![data(200, 2, "next")], RoomPath::Relay);
+        rooms.handle_items(now, from, vec![data(200, 1, "new")], RoomPath::Relay, false);
+        rooms.handle_items(now, from, vec![data(100, 4, "replayed"), data(100, 1, "replayed")], RoomPath::Relay, false);
+        rooms.handle_items(now, from, vec![data(200, 2, "next")], RoomPath::Relay, false);
         assert_eq!(delivered(&mut rooms), ["new", "next"]);
         // What we acknowledge is the newer stream's.
         rooms.flush(now, &mut t);

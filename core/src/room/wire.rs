@@ -257,6 +257,39 @@ pub fn decode_batch(body: &str) -> Result<Vec<Item>, WireError> {
     batch.m.into_iter().map(decode_item).collect()
 }
 
+/// A batch body as it arrived: items, or a sealed batch of an encrypted room
+/// (`{"z":"<base64>"}`: the batch sealed under the end-to-end session).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A plaintext batch.
+    Items(Vec<Item>),
+    /// A sealed batch, to open with the sender's session.
+    Sealed(Vec<u8>),
+}
+
+/// The body of a sealed batch.
+pub(crate) fn encode_sealed(sealed: &[u8]) -> String {
+    format!(r#"{{"z":"{}"}}"#, B64.encode(sealed))
+}
+
+/// Decodes a batch body, plaintext or sealed.
+#[doc(hidden)]
+pub fn decode_body(body: &str) -> Result<Body, WireError> {
+    #[derive(Deserialize)]
+    struct Sealed<'a> {
+        #[serde(borrow)]
+        z: &'a str,
+    }
+    // Only an object is a sealed body (serde would take a struct from an array too).
+    if body.trim_start().starts_with('{') {
+        if let Ok(sealed) = serde_json::from_str::<Sealed<'_>>(body) {
+            return B64.decode(sealed.z).map(Body::Sealed).map_err(malformed);
+        }
+    }
+    decode_batch(body).map(Body::Items)
+}
+
 fn signed_message(from: &Fingerprint, to: &Fingerprint, body: &str) -> Vec<u8> {
     format!("peerlink room/1\n{from}\n{to}\n{body}").into_bytes()
 }
@@ -297,6 +330,14 @@ pub fn is_relayed(payload: &str) -> bool {
 /// is not from, refuses it with [`WireError::BadSignature`].
 #[doc(hidden)]
 pub fn decode_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Result<(Vec<Item>, PublicKey), WireError> {
+    let (body, key) = open_relayed(payload, from, me)?;
+    Ok((decode_batch(&body)?, key))
+}
+
+/// Checks a relayed batch as [`decode_relayed`] does and returns its body (plaintext or
+/// sealed: [`decode_body`]) and the sender's key.
+#[doc(hidden)]
+pub fn open_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Result<(String, PublicKey), WireError> {
     let r: Relayed<'_> = serde_json::from_str(payload).map_err(malformed)?;
     if r.to != *me {
         return Err(WireError::BadSignature("addressed to another peer"));
@@ -307,7 +348,7 @@ pub fn decode_relayed(payload: &str, from: &Fingerprint, me: &Fingerprint) -> Re
     }
     let sig = Signature::from_base64(r.sig).map_err(|_| WireError::BadSignature("malformed signature"))?;
     key.verify(&signed_message(from, me, &r.body), &sig).map_err(|_| WireError::BadSignature("signature does not verify"))?;
-    Ok((decode_batch(&r.body)?, key))
+    Ok((r.body.into_owned(), key))
 }
 
 #[cfg(test)]

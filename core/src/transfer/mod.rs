@@ -181,6 +181,10 @@ pub enum TransferError {
     /// Every chunk arrived but the SHA-256 of the whole does not match the offer.
     #[error("the content does not match its SHA-256")]
     HashMismatch,
+    /// A peer that shares an encrypted room sent a plaintext transfer message: refused (see
+    /// [`crate::room`], "Encrypted rooms").
+    #[error("plaintext transfer message from a member of an encrypted room")]
+    Unencrypted,
     /// The receiver said no.
     #[error("rejected: {0}")]
     Rejected(String),
