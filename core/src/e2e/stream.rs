@@ -35,7 +35,10 @@
 //! when to dial again: the initial delay (1 s) doubles up to the maximum (30 s), each minus up
 //! to 20 % of jitter from the seeded RNG. At the deadline [`StreamEvent::Reconnect`] asks the
 //! adapter to dial; if it does not connect, the next deadline follows. After
-//! [`StreamConfig::max_attempts`] dials [`StreamEvent::GaveUp`] ends the schedule.
+//! [`StreamConfig::max_attempts`] dials [`StreamEvent::GaveUp`] ends the schedule. A first
+//! dial that fails (reported with `handle_disconnected` before any connection) starts the
+//! schedule too. Only the [`Role::Initiator`] dials: the responder waits for the next
+//! connection and has no schedule (it never reports `Reconnect` or `GaveUp`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -442,11 +445,17 @@ impl EncryptedStream {
         self.process();
     }
 
-    /// Takes in the loss of the transport connection: reports
-    /// [`StreamEvent::Disconnected`] and starts the reconnect schedule. A no-op when already
-    /// disconnected (a failed dial does not restart the schedule).
+    /// Takes in the loss of the transport connection, or a dial that failed: reports
+    /// [`StreamEvent::Disconnected`] (for a connection that was up) and starts the reconnect
+    /// schedule (initiator only). While the schedule runs, a failed dial changes nothing: the
+    /// next deadline stands.
     pub fn handle_disconnected(&mut self, now: Instant) {
         if matches!(self.link, Link::Down) {
+            // A dial failed. The first one (no schedule yet) starts it.
+            if self.deadline.is_none() && !self.gave_up && self.role == Role::Initiator {
+                self.attempt = 0;
+                self.deadline = Some(now + self.backoff(0));
+            }
             return;
         }
         self.link = Link::Down;
@@ -455,7 +464,7 @@ impl EncryptedStream {
         self.ack_due = false;
         self.events.push_back(StreamEvent::Disconnected);
         self.attempt = 0;
-        self.deadline = Some(now + self.backoff(0));
+        self.deadline = (self.role == Role::Initiator).then(|| now + self.backoff(0));
     }
 
     /// Returns when [`handle_timeout`](Self::handle_timeout) is due (the next reconnect), or
@@ -1064,6 +1073,35 @@ mod tests {
         let deadline = p.a.poll_timeout();
         p.a.handle_disconnected(now + Duration::from_millis(500));
         assert_eq!(p.a.poll_timeout(), deadline);
+        // The responder waits for the next connection: no schedule, no reconnect events.
+        assert_eq!(p.b.poll_timeout(), None);
+        p.b.handle_disconnected(now);
+        assert_eq!(p.b.poll_timeout(), None);
+        assert!(std::iter::from_fn(|| p.b.poll_event()).all(|e| !matches!(e, StreamEvent::Reconnect { .. } | StreamEvent::GaveUp)));
+    }
+
+    #[test]
+    fn a_first_dial_that_fails_starts_the_schedule() {
+        let config = StreamConfig { max_attempts: Some(2), ..Default::default() };
+        let mut a = EncryptedStream::new(identity(1), identity(2).fingerprint(), Role::Initiator, 5, config);
+        let t0 = crate::test_epoch();
+        assert_eq!(a.poll_timeout(), None);
+        a.handle_disconnected(t0);
+        let first = a.poll_timeout().expect("a failed first dial schedules the next");
+        assert!(first > t0 && first - t0 <= Duration::from_secs(1));
+        assert_eq!(a.poll_event(), None, "nothing was connected: no Disconnected");
+        let mut events = vec![];
+        while let Some(t) = a.poll_timeout() {
+            a.handle_timeout(t);
+            // Each dial fails too: the schedule goes on, not restarted.
+            a.handle_disconnected(t);
+            assert!(a.poll_timeout().is_none_or(|n| n > t));
+            events.extend(std::iter::from_fn(|| a.poll_event()));
+        }
+        assert_eq!(events, vec![StreamEvent::Reconnect { attempt: 1 }, StreamEvent::Reconnect { attempt: 2 }, StreamEvent::GaveUp]);
+        // After giving up, a failed dial does not start it again.
+        a.handle_disconnected(t0 + Duration::from_secs(100));
+        assert_eq!(a.poll_timeout(), None);
     }
 
     #[test]
