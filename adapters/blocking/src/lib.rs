@@ -677,8 +677,15 @@ impl PollNode {
     /// Joins a managed room and connects to every member; [`peerlink::RoomEvent::Joined`]
     /// (or `Error`) follows.
     pub fn join_room(&mut self, room: &str) -> Result<(), Error> {
+        self.join_room_with(room, peerlink::JoinOptions::default())
+    }
+
+    /// Joins a managed room with options (an end-to-end encrypted room:
+    /// [`peerlink::JoinOptions::encrypted`]; messages to a member wait for
+    /// [`peerlink::EncryptionEvent::Ready`]).
+    pub fn join_room_with(&mut self, room: &str, options: peerlink::JoinOptions) -> Result<(), Error> {
         let now = Instant::now();
-        self.core.join_room(now, room)?;
+        self.core.join_room_with(now, room, options)?;
         self.poll(now)
     }
 

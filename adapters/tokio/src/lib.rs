@@ -226,7 +226,7 @@ enum Op {
 #[derive(Debug)]
 enum RoomOp {
     Create { options: RoomOptions },
-    Join,
+    Join { options: peerlink::JoinOptions },
     Send { to: Option<Fingerprint>, data: RoomData, via_server: bool },
     Kick { peer: Fingerprint },
     Presence { state: Option<serde_json::Value> },
@@ -780,7 +780,14 @@ impl Node {
     /// as [`RoomEvent::PathChanged`]). `room_full`, `room_not_found`: as for
     /// [`Node::create_room`].
     pub async fn join_room(&self, room: &str) -> Result<Room, Error> {
-        self.room(room).op(RoomOp::Join).await?;
+        self.join_room_with(room, peerlink::JoinOptions::default()).await
+    }
+
+    /// Joins a managed room with options, as [`Node::join_room`] does (an end-to-end
+    /// encrypted room: [`peerlink::JoinOptions::encrypted`]; messages to a member wait for
+    /// [`peerlink::EncryptionEvent::Ready`]).
+    pub async fn join_room_with(&self, room: &str, options: peerlink::JoinOptions) -> Result<Room, Error> {
+        self.room(room).op(RoomOp::Join { options }).await?;
         Ok(self.room(room))
     }
 
@@ -1398,10 +1405,10 @@ impl Driver {
                 let _ = done.send(node.room(&room));
             }
             Command::Room { room, op, done } => {
-                let entering = matches!(op, RoomOp::Create { .. } | RoomOp::Join);
+                let entering = matches!(op, RoomOp::Create { .. } | RoomOp::Join { .. });
                 let result = match op {
                     RoomOp::Create { options } => node.create_room(now, &room, options),
-                    RoomOp::Join => node.join_room(now, &room),
+                    RoomOp::Join { options } => node.join_room_with(now, &room, options),
                     RoomOp::Send { to, data, via_server: false } => node.room_send(now, &room, to, data),
                     RoomOp::Send { data, via_server: true, .. } => node.room_broadcast_via_server(now, &room, data),
                     RoomOp::Kick { peer } => node.kick(now, &room, peer),
