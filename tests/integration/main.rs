@@ -3,6 +3,7 @@
 
 mod async_transfer;
 mod bad_input;
+mod encrypted_room;
 mod encrypted_stream;
 mod encrypted_stream_async;
 mod file_transfer;

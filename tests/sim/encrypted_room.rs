@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use peerlink::e2e::{E2eError, EphemeralKey};
+use peerlink::transfer::TransferEvent;
 use peerlink::{EncryptionEvent, JoinOptions, NodeConfig, NodeError, NodeEvent, Payload, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, StateConfig};
 use peerlink_sim::{NodeId, Sim};
 use rand::SeedableRng;
@@ -28,12 +29,19 @@ fn room_config() -> NodeConfig {
 /// `n` nodes with no UDP path between any two (every room message goes through the
 /// relay); the first creates the room, the rest join it, encrypted or not.
 fn relay_only_world(seed: u64, encrypted: &[bool]) -> (Sim, Vec<NodeId>) {
+    room_world_with(seed, encrypted, false)
+}
+
+/// As [`relay_only_world`], with direct paths (`udp`) or without.
+fn room_world_with(seed: u64, encrypted: &[bool], udp: bool) -> (Sim, Vec<NodeId>) {
     init_tracing();
     let mut sim = Sim::new(seed);
     let nodes: Vec<NodeId> = (0..encrypted.len()).map(|i| sim.add_node(format!("n{i}"), room_config())).collect();
     for (i, &a) in nodes.iter().enumerate() {
         for &b in &nodes[i + 1..] {
-            sim.partition(a, b);
+            if !udp {
+                sim.partition(a, b);
+            }
         }
     }
     assert!(sim.run_until(Duration::from_secs(5), |sim| nodes.iter().all(|n| sim.node(*n).client().is_registered())));
@@ -230,4 +238,86 @@ fn a_member_that_did_not_join_encrypted_is_refused_not_delivered() {
     sim.run_for(Duration::from_secs(3));
     assert!(room_texts(&sim, n[1]).is_empty());
     assert_eq!(sim.node(n[0]).room(ROOM).unwrap().members[0].unacked, 1);
+}
+
+fn transfer_events(sim: &Sim, n: NodeId) -> Vec<TransferEvent> {
+    sim.events(n)
+        .iter()
+        .filter_map(|(_, e)| match e {
+            NodeEvent::Transfer(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Accepts every offer `n` got into memory.
+fn accept_offers(sim: &mut Sim, n: NodeId, done: &mut Vec<u64>) {
+    for t in transfer_events(sim, n) {
+        if let TransferEvent::Offered { peer, offer, .. } = t {
+            if !done.contains(&offer.id) {
+                done.push(offer.id);
+                sim.with_node(n, |node, now| node.accept_to_memory(now, peer, offer.id)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_file_offered_before_the_session_is_ready_waits_then_arrives_sealed() {
+    let (mut sim, n) = room_world_with(9500, &[true, true], true);
+    let fb = sim.fingerprint(n[1]);
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    let id = sim.with_node(n[0], |node, now| node.send_bytes(now, fb, "early.bin", data.clone())).unwrap();
+    let mut accepted = Vec::new();
+    let arrived = |sim: &Sim| transfer_events(sim, n[1]).iter().any(|t| matches!(t, TransferEvent::Received { id: i, .. } if *i == id));
+    for _ in 0..600 {
+        accept_offers(&mut sim, n[1], &mut accepted);
+        if arrived(&sim) {
+            break;
+        }
+        sim.run_for(Duration::from_millis(50));
+    }
+    assert!(arrived(&sim), "the transfer completed");
+    let got = transfer_events(&sim, n[1]).into_iter().find_map(|t| match t {
+        TransferEvent::Received { id: i, data, .. } if i == id => Some(data),
+        _ => None,
+    });
+    assert!(got.as_deref() == Some(&data[..]));
+    // The offer went after the session was ready (nothing of it in the clear).
+    let ready_at = sim.events(n[0]).iter().find(|(_, e)| matches!(e, NodeEvent::Encryption(EncryptionEvent::Ready { .. }))).map(|(t, _)| *t).unwrap();
+    let offered_at = sim.events(n[1]).iter().find(|(_, e)| matches!(e, NodeEvent::Transfer(TransferEvent::Offered { .. }))).map(|(t, _)| *t).unwrap();
+    assert!(offered_at >= ready_at, "offered at {offered_at:?}, ready at {ready_at:?}");
+}
+
+#[test]
+fn plaintext_transfers_from_a_member_of_an_encrypted_room_are_refused() {
+    // n1 joined without encryption; n0 treats it as a member of its encrypted room.
+    let (mut sim, n) = room_world_with(9600, &[true, false], true);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| connected(sim, n[0], n[1])));
+    let fa = sim.fingerprint(n[0]);
+    sim.with_node(n[1], |node, now| node.send_bytes(now, fa, "clear.bin", vec![7; 50_000])).unwrap();
+    sim.run_for(Duration::from_secs(3));
+    let events = transfer_events(&sim, n[0]);
+    assert!(
+        events.iter().any(|t| matches!(t, TransferEvent::BadMessage { error: peerlink::transfer::TransferError::Unencrypted, .. })),
+        "refused with a typed error: {events:?}"
+    );
+    assert!(!events.iter().any(|t| matches!(t, TransferEvent::Offered { .. })), "the offer never reached the application");
+}
+
+#[test]
+fn a_member_that_comes_back_gets_new_keys_and_the_room_goes_on() {
+    let (mut sim, n) = relay_only_world(9700, &[true, true]);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| ready(sim, n[0], n[1]) && ready(sim, n[1], n[0])));
+    let first = sim.node(n[0]).room(ROOM).unwrap().members.len();
+    assert_eq!(first, 1);
+    // n1's signaling connection drops long enough for the server to end its session: it
+    // comes back as a new member, and both sides run a new exchange.
+    sim.set_signaling_down(n[1], true);
+    sim.run_for(Duration::from_secs(90));
+    sim.set_signaling_down(n[1], false);
+    let readies = |sim: &Sim, x: NodeId| sim.events(x).iter().filter(|(_, e)| matches!(e, NodeEvent::Encryption(EncryptionEvent::Ready { .. }))).count();
+    assert!(sim.run_until(Duration::from_secs(60), |sim| readies(sim, n[0]) >= 2 && readies(sim, n[1]) >= 2), "a new exchange: {} / {}", readies(&sim, n[0]), readies(&sim, n[1]));
+    sim.with_node(n[1], |node, now| node.room_send(now, ROOM, None, RoomData::Text("back".into()))).unwrap();
+    assert!(sim.run_until(Duration::from_secs(20), |sim| room_texts(sim, n[0]).values().flatten().any(|(t, _)| t == "back")));
 }
