@@ -253,11 +253,11 @@ fn transfer_events(sim: &Sim, n: NodeId) -> Vec<TransferEvent> {
 /// Accepts every offer `n` got into memory.
 fn accept_offers(sim: &mut Sim, n: NodeId, done: &mut Vec<u64>) {
     for t in transfer_events(sim, n) {
-        if let TransferEvent::Offered { peer, offer, .. } = t {
-            if !done.contains(&offer.id) {
-                done.push(offer.id);
-                sim.with_node(n, |node, now| node.accept_to_memory(now, peer, offer.id)).unwrap();
-            }
+        if let TransferEvent::Offered { peer, offer, .. } = t
+            && !done.contains(&offer.id)
+        {
+            done.push(offer.id);
+            sim.with_node(n, |node, now| node.accept_to_memory(now, peer, offer.id)).unwrap();
         }
     }
 }
