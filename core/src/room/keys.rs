@@ -387,3 +387,71 @@ impl RoomKeys {
         Ok((kind, plain))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_payloads_are_recognised_and_bad_ones_refused() {
+        let payload = encode_relayed(&[1, 4, 9]);
+        assert_eq!(decode_relayed(&payload), Some(Ok(vec![1, 4, 9])));
+        assert_eq!(decode_relayed(r#"{"peerlink":"e2e/1","m":"!!"}"#), Some(Err(E2eError::Malformed("key exchange message is not base64"))));
+        // Not ours: the application's, or another layer's.
+        for other in [r#"{"peerlink":"room/1","m":"AAAA"}"#, r#"["e2e/1","AAAA"]"#, r#"{"m":"AAAA"}"#, "7", "not json"] {
+            assert_eq!(decode_relayed(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn sealed_frames_refuse_what_is_not_theirs() {
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(3);
+        let (a, b) = (Identity::generate(&mut rng), Identity::generate(&mut rng));
+        let (fa, fb) = (a.fingerprint(), b.fingerprint());
+        let mut ka = RoomKeys::new(a, 1);
+        let mut kb = RoomKeys::new(b, 2);
+        let now = crate::test_epoch();
+        let needed = |p: Fingerprint| [p].into_iter().collect::<BTreeSet<_>>();
+        ka.set_needed(now, &needed(fb));
+        kb.set_needed(now, &needed(fa));
+        // Relay the exchange both ways until neither has anything to say.
+        for _ in 0..8 {
+            let (to_b, to_a): (Vec<_>, Vec<_>) = (ka.outbox.drain(..).collect(), kb.outbox.drain(..).collect());
+            for (_, p) in to_b {
+                kb.handle_message(now, fa, decode_relayed(&p).unwrap());
+            }
+            for (_, p) in to_a {
+                ka.handle_message(now, fb, decode_relayed(&p).unwrap());
+            }
+            // The larger fingerprint offers after a while if the smaller did not.
+            ka.handle_timeout(now + RESPONDER_WAIT);
+            kb.handle_timeout(now + RESPONDER_WAIT);
+        }
+        assert!(ka.is_ready(&fb) && kb.is_ready(&fa));
+        assert_eq!(ka.ready.len(), 1);
+        let frame = ka.seal_frame(&fb, FRAME_BINARY, b"chunk").unwrap();
+        assert_eq!(kb.open_frame(now, fa, &frame), Ok((FRAME_BINARY, b"chunk".to_vec())));
+        assert!(matches!(kb.open_frame(now, fa, &frame), Err(E2eError::Replay { .. })), "once");
+        // The kind is authenticated; junk and strangers are refused.
+        let mut flipped = ka.seal_frame(&fb, FRAME_BINARY, b"chunk").unwrap();
+        flipped[1] = FRAME_TEXT;
+        assert_eq!(kb.open_frame(now, fa, &flipped), Err(E2eError::Decrypt));
+        assert!(matches!(kb.open_frame(now, fa, &[SEALED_FRAME]), Err(E2eError::Malformed(_))));
+        assert!(matches!(kb.open_frame(now, fa, &[SEALED_FRAME, 9, 0, 0]), Err(E2eError::Malformed(_))));
+        assert!(matches!(kb.open_frame(now, fa, &[0xC7, 1, 2]), Err(E2eError::Malformed(_))));
+        let stranger = Fingerprint::from_bytes([7; 32]);
+        assert_eq!(kb.open_frame(now, stranger, &frame), Err(E2eError::NoKey(stranger)));
+        // A room batch does not open as a frame, nor a frame as a batch: separate lanes.
+        let body = ka.seal_batch(&fb, r#"{"m":[]}"#).unwrap();
+        let Ok(super::super::wire::Body::Sealed(sealed)) = super::super::wire::decode_body(&body) else { panic!("sealed") };
+        assert_eq!(kb.open_batch(now, fa, &sealed).unwrap(), r#"{"m":[]}"#);
+        assert!(kb.open_batch(now, fa, &frame[2..]).is_err());
+        // Refusals that mean tampering are reported; the rest are quiet.
+        let events: Vec<_> = std::iter::from_fn(|| kb.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(e, EncryptionEvent::Refused { error: E2eError::Decrypt, .. })), "{events:?}");
+        assert!(!events.iter().any(|e| matches!(e, EncryptionEvent::Refused { error: E2eError::Replay { .. }, .. })));
+        // A peer that shares no encrypted room any more is forgotten.
+        ka.set_needed(now, &BTreeSet::new());
+        assert!(!ka.is_ready(&fb) && ka.seal_frame(&fb, FRAME_TEXT, b"{}").is_none());
+    }
+}

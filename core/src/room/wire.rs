@@ -413,6 +413,18 @@ mod tests {
     }
 
     #[test]
+    fn sealed_bodies_decode_and_bad_ones_get_typed_errors() {
+        let sealed = encode_sealed(&[1, 2, 3, 255]);
+        assert_eq!(decode_body(&sealed), Ok(Body::Sealed(vec![1, 2, 3, 255])));
+        assert_eq!(decode_body(&encode_batch(&items())), Ok(Body::Items(items())));
+        assert!(matches!(decode_body(r#"{"z":"!!"}"#), Err(WireError::Malformed(_))), "not base64");
+        // Only an object is a sealed body; an array goes to the batch decoder, which refuses it.
+        assert!(matches!(decode_body(r#"["AAAA"]"#), Err(WireError::Malformed(_))));
+        assert!(matches!(decode_body(r#"{"z":5}"#), Err(WireError::Malformed(_))));
+        assert!(matches!(decode_body(""), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
     fn bad_batches_get_typed_errors() {
         for bad in [
             "",
