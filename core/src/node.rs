@@ -395,7 +395,7 @@ impl Node {
         let sync_seed = first_transfer_id.rotate_left(17) ^ 0x5359_4e43;
         let fragment = config.rooms.max_message_size.min(room::MAX_ROOM_MESSAGE);
         let syncs = Syncs::new(identity.fingerprint(), sync_seed, now, unix_ms, fragment);
-        let keys = RoomKeys::new(identity.clone(), sync_seed.rotate_left(29) ^ 0x4532_4531);
+        let keys = RoomKeys::new(identity.clone(), sync_seed.rotate_left(29) ^ 0x4532_4531, config.rooms.e2e_limits);
         Ok(Node {
             config,
             client,

@@ -34,9 +34,13 @@ fn relay_only_world(seed: u64, encrypted: &[bool]) -> (Sim, Vec<NodeId>) {
 
 /// As [`relay_only_world`], with direct paths (`udp`) or without.
 fn room_world_with(seed: u64, encrypted: &[bool], udp: bool) -> (Sim, Vec<NodeId>) {
+    room_world_config(seed, encrypted, udp, room_config())
+}
+
+fn room_world_config(seed: u64, encrypted: &[bool], udp: bool, config: NodeConfig) -> (Sim, Vec<NodeId>) {
     init_tracing();
     let mut sim = Sim::new(seed);
-    let nodes: Vec<NodeId> = (0..encrypted.len()).map(|i| sim.add_node(format!("n{i}"), room_config())).collect();
+    let nodes: Vec<NodeId> = (0..encrypted.len()).map(|i| sim.add_node(format!("n{i}"), config.clone())).collect();
     for (i, &a) in nodes.iter().enumerate() {
         for &b in &nodes[i + 1..] {
             if !udp {
@@ -320,4 +324,45 @@ fn a_member_that_comes_back_gets_new_keys_and_the_room_goes_on() {
     assert!(sim.run_until(Duration::from_secs(60), |sim| readies(sim, n[0]) >= 2 && readies(sim, n[1]) >= 2), "a new exchange: {} / {}", readies(&sim, n[0]), readies(&sim, n[1]));
     sim.with_node(n[1], |node, now| node.room_send(now, ROOM, None, RoomData::Text("back".into()))).unwrap();
     assert!(sim.run_until(Duration::from_secs(20), |sim| room_texts(sim, n[0]).values().flatten().any(|(t, _)| t == "back")));
+}
+
+#[test]
+fn sessions_rekey_across_the_limit_and_the_room_and_a_transfer_lose_nothing() {
+    // A key lasts 16 messages (or 64 KiB): hundreds of rekeys in both lanes.
+    let mut config = room_config();
+    config.rooms.e2e_limits = peerlink::e2e::Limits::new(16, 64 * 1024);
+    let (mut sim, n) = room_world_config(9800, &[true, true], true, config);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| ready(sim, n[0], n[1]) && ready(sim, n[1], n[0])));
+    let sent = chatter(&mut sim, &n, 400);
+    let fb = sim.fingerprint(n[1]);
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 5) as u8).collect();
+    let id = sim.with_node(n[0], |node, now| node.send_bytes(now, fb, "big.bin", data.clone())).unwrap();
+    let mut accepted = Vec::new();
+    let done = |sim: &Sim| {
+        let texts = |r: NodeId, s: NodeId| room_texts(sim, r).get(&sim.fingerprint(s).short()).map_or(0, Vec::len);
+        texts(n[0], n[1]) >= sent[&n[1]].len()
+            && texts(n[1], n[0]) >= sent[&n[0]].len()
+            && transfer_events(sim, n[1]).iter().any(|t| matches!(t, TransferEvent::Received { id: i, .. } if *i == id))
+    };
+    for _ in 0..1200 {
+        accept_offers(&mut sim, n[1], &mut accepted);
+        if done(&sim) {
+            break;
+        }
+        sim.run_for(Duration::from_millis(50));
+    }
+    assert!(done(&sim), "everything arrived across the rekeys");
+    for (r, s) in [(n[0], n[1]), (n[1], n[0])] {
+        let got: Vec<String> = room_texts(&sim, r)[&sim.fingerprint(s).short()].iter().map(|(t, _)| t.clone()).collect();
+        assert_eq!(got, sent[&s], "once, in order");
+    }
+    let got = transfer_events(&sim, n[1]).into_iter().find_map(|t| match t {
+        TransferEvent::Received { id: i, data, .. } if i == id => Some(data),
+        _ => None,
+    });
+    assert!(got.as_deref() == Some(&data[..]), "the file is intact");
+    for &x in &n {
+        let refused: Vec<_> = sim.events(x).iter().filter(|(_, e)| matches!(e, NodeEvent::Encryption(EncryptionEvent::Refused { .. }))).collect();
+        assert!(refused.is_empty(), "{refused:?}");
+    }
 }

@@ -137,10 +137,10 @@ pub(crate) struct RoomKeys {
 }
 
 impl RoomKeys {
-    pub(crate) fn new(identity: Identity, seed: u64) -> Self {
+    pub(crate) fn new(identity: Identity, seed: u64, limits: crate::e2e::Limits) -> Self {
         RoomKeys {
             me: identity.fingerprint(),
-            manager: GroupKeyManager::new(identity, seed),
+            manager: GroupKeyManager::new(identity, seed).with_limits(limits),
             peers: BTreeMap::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -408,8 +408,8 @@ mod tests {
         let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(3);
         let (a, b) = (Identity::generate(&mut rng), Identity::generate(&mut rng));
         let (fa, fb) = (a.fingerprint(), b.fingerprint());
-        let mut ka = RoomKeys::new(a, 1);
-        let mut kb = RoomKeys::new(b, 2);
+        let mut ka = RoomKeys::new(a, 1, Default::default());
+        let mut kb = RoomKeys::new(b, 2, Default::default());
         let now = crate::test_epoch();
         let needed = |p: Fingerprint| [p].into_iter().collect::<BTreeSet<_>>();
         ka.set_needed(now, &needed(fb));

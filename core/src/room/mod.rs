@@ -121,6 +121,9 @@ pub struct RoomsConfig {
     /// First wait before calling a member again whose connection failed (doubling, up to
     /// a minute). Default 2 s.
     pub redial_backoff: Duration,
+    /// When the end-to-end sessions of encrypted rooms move to a new key. Default
+    /// [`Limits::default`](crate::e2e::Limits) (2^24 messages or 64 GiB per key).
+    pub e2e_limits: crate::e2e::Limits,
 }
 
 impl Default for RoomsConfig {
@@ -136,6 +139,7 @@ impl Default for RoomsConfig {
             presence_ttl: Duration::from_secs(30),
             max_presence_size: 1024,
             redial_backoff: Duration::from_secs(2),
+            e2e_limits: crate::e2e::Limits::default(),
         }
     }
 }
