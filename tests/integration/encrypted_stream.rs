@@ -1,6 +1,7 @@
 //! The encrypted NDJSON stream over real TCP on 127.0.0.1, through a proxy that cuts every
 //! connection twice mid-stream: the dialer reconnects on its backoff schedule, both sides
-//! resume the session, and every message arrives once, in order, both ways.
+//! resume the session, and every message arrives once, in order, both ways. A dialer started
+//! before its listener keeps dialing until it is up.
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -72,4 +73,46 @@ fn messages_survive_two_cuts_exactly_once_in_order_both_ways() {
     assert_eq!(echoes, (1..=N).collect::<Vec<_>>(), "a: exactly once, in order");
     assert_eq!(established, 1, "one key exchange");
     assert!(resumed >= 1, "the session resumed after the cuts ({resumed})");
+}
+
+#[test]
+fn a_dialer_started_before_the_listener_connects_once_it_is_up() {
+    let (a_id, b_id) = (identity(73), identity(74));
+    let (a_fp, b_fp) = (a_id.fingerprint(), b_id.fingerprint());
+    // A free port, with nobody listening on it yet: the first dials are refused.
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut a = EncryptedTcp::connect(addr, a_id, b_fp, config());
+    assert!(!a.is_connected());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reconnects = 0;
+    while reconnects < 2 {
+        assert!(Instant::now() < deadline, "the dialer keeps dialing after a refused first dial");
+        match a.next_event(Duration::from_millis(100)).unwrap() {
+            Some(StreamEvent::Reconnect { .. }) => reconnects += 1,
+            Some(StreamEvent::Disconnected) => panic!("nothing was connected: no Disconnected"),
+            _ => {}
+        }
+    }
+    assert!(!a.is_connected());
+    let listener = TcpListener::bind(addr).unwrap();
+    let mut b = EncryptedTcp::accept(listener, b_id, a_fp, config()).unwrap();
+    a.send(&json!({ "n": 1 })).unwrap();
+    loop {
+        assert!(Instant::now() < deadline, "the dialer connects once the listener is up");
+        if let Some(StreamEvent::Message(v)) = b.next_event(Duration::from_millis(10)).unwrap() {
+            assert_eq!(v, json!({ "n": 1 }));
+            break;
+        }
+        let _ = a.next_event(Duration::from_millis(10)).unwrap();
+    }
+    assert!(a.is_connected() && b.is_connected());
+    // The dialer goes away: the acceptor sees the drop and waits, with no schedule.
+    drop(a);
+    let mut events = vec![];
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        events.extend(b.next_event(Duration::from_millis(50)).unwrap());
+    }
+    assert!(events.contains(&StreamEvent::Disconnected), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, StreamEvent::Reconnect { .. } | StreamEvent::GaveUp)), "an acceptor has no schedule: {events:?}");
 }

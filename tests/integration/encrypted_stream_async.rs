@@ -221,6 +221,15 @@ fn a_dialer_started_before_the_listener_connects_once_it_is_up() {
             }
         };
         assert_eq!(tokio::time::timeout(DEADLINE, got).await.unwrap(), json!({ "n": 1 }));
+        // The dialer goes away: the acceptor sees the drop and waits, with no schedule.
+        drop(a);
+        let mut events = vec![];
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            events.extend(b.next_within(Duration::from_millis(50)).await);
+        }
+        assert!(events.contains(&StreamEvent::Disconnected), "{events:?}");
+        assert!(!events.iter().any(|e| matches!(e, StreamEvent::Reconnect { .. } | StreamEvent::GaveUp)), "an acceptor has no schedule: {events:?}");
     });
 }
 
@@ -241,7 +250,8 @@ fn a_dialer_that_gives_up_says_so_and_then_fails_with_not_connected() {
             }
         }
     });
-    let expected = vec![StreamEvent::Disconnected, StreamEvent::Reconnect { attempt: 1 }, StreamEvent::Reconnect { attempt: 2 }, StreamEvent::GaveUp];
+    // Nothing was ever connected: no Disconnected, the failed first dial starts the schedule.
+    let expected = vec![StreamEvent::Reconnect { attempt: 1 }, StreamEvent::Reconnect { attempt: 2 }, StreamEvent::GaveUp];
     assert_eq!(events, (expected, std::io::ErrorKind::NotConnected));
     assert_eq!(a.send(&json!(1)), Err(StreamError::Closed));
 }

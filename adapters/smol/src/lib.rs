@@ -763,7 +763,7 @@ impl Node {
 }
 
 /// Shared state over rooms (see [`peerlink::sync`]): changes, conflicts and document
-/// updates arrive on [`NodeEvents`] as [`NodeEvent::Sync`](peerlink::NodeEvent::Sync).
+/// updates arrive on [`NodeEvents`] as [`NodeEvent::Sync`].
 impl Node {
     /// Runs `f` on the core node on the driver (a read, or any command) and returns its
     /// result; what it sends goes out right after.

@@ -30,36 +30,23 @@
 //! # Ok(()) }
 //! ```
 
-use std::fmt::Display;
 use std::future::{Future, pending};
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_lite::future::Boxed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
-use peerlink::e2e::Role;
 use peerlink::e2e::stream::{EncryptedStream, StreamConfig, StreamError, StreamEvent};
 use peerlink::{Fingerprint, Identity};
-use rand::TryRngCore;
+use peerlink_blocking::stream::{StreamIo, TryWrite};
+pub use peerlink_blocking::stream::{DIAL_TIMEOUT, WRITE_TIMEOUT};
 use smol::Timer;
 use smol::net::{TcpListener, TcpStream};
-use tracing::debug;
 
-/// How long a dial may take before it counts as a failed attempt.
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long queued bytes may make no progress (the peer stopped reading) before the
-/// connection counts as lost.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Bytes taken from the core ahead of the socket; the rest waits in the core's bounded buffer.
-const OUT_AHEAD: usize = 64 * 1024;
-
-enum Side {
-    Dial(SocketAddr),
-    Accept(TcpListener),
-}
+/// Writes without waiting: a plain non-blocking system call (the socket is registered
+/// non-blocking).
+const TRY_WRITE: TryWrite<TcpStream> = |socket, bytes| socket2::SockRef::from(socket).send(bytes);
 
 /// What ended a wait in [`EncryptedTcp::next_event`].
 enum Wake {
@@ -72,80 +59,61 @@ enum Wake {
 
 /// An encrypted stream to one peer over TCP on smol (see the [module docs](self)).
 pub struct EncryptedTcp {
-    core: EncryptedStream,
-    side: Side,
-    socket: Option<TcpStream>,
+    io: StreamIo<TcpStream>,
+    /// An acceptor's listener.
+    listener: Option<TcpListener>,
     dialing: Option<Boxed<io::Result<TcpStream>>>,
-    /// Lines taken from the core and not written yet.
-    out: Vec<u8>,
-    /// When `out` counts as stalled: [`WRITE_TIMEOUT`] after it last moved.
-    write_deadline: Option<Instant>,
-    /// Whether the core's reconnect schedule ever started (see `dial_failed`).
-    scheduled: bool,
     buf: Vec<u8>,
 }
 
 impl EncryptedTcp {
     /// Dials `addr` (now, and again after every drop) for a stream to `peer`. A first dial
-    /// that fails counts as a drop: [`StreamEvent::Disconnected`], then the reconnect schedule.
+    /// that fails starts the reconnect schedule, as a drop does ([`StreamEvent::Reconnect`]
+    /// on the core's backoff; no [`StreamEvent::Disconnected`], nothing was connected).
     ///
     /// Returns at once: the dial runs inside [`next_event`](Self::next_event). Panics if the
     /// OS RNG fails.
     pub fn connect(addr: SocketAddr, identity: Identity, peer: Fingerprint, config: StreamConfig) -> Self {
-        let mut s = Self::new(Side::Dial(addr), identity, peer, Role::Initiator, config);
-        s.start_dial();
-        s
+        Self::new(StreamIo::dialer(addr, identity, peer, config, TRY_WRITE), None)
     }
 
     /// Accepts connections from `peer` on `listener` (one at a time, a new one after a drop).
+    /// An acceptor has no reconnect schedule: it never reports [`StreamEvent::Reconnect`] or
+    /// [`StreamEvent::GaveUp`], and waits for the peer's next connection.
     ///
-    /// While disconnected, the core still reports [`StreamEvent::Reconnect`] on its schedule;
-    /// an acceptor has nothing to dial and waits for the peer.
     /// Does no I/O itself; accepts happen inside [`next_event`](Self::next_event). Panics if
     /// the OS RNG fails.
     pub fn accept(listener: TcpListener, identity: Identity, peer: Fingerprint, config: StreamConfig) -> io::Result<Self> {
-        Ok(Self::new(Side::Accept(listener), identity, peer, Role::Responder, config))
+        Ok(Self::new(StreamIo::acceptor(identity, peer, config, TRY_WRITE), Some(listener)))
     }
 
-    fn new(side: Side, identity: Identity, peer: Fingerprint, role: Role, config: StreamConfig) -> Self {
-        let seed = rand::rngs::OsRng.try_next_u64().expect("the OS RNG works");
-        EncryptedTcp {
-            core: EncryptedStream::new(identity, peer, role, seed, config),
-            side,
-            socket: None,
-            dialing: None,
-            out: Vec::new(),
-            write_deadline: None,
-            scheduled: false,
-            buf: vec![0; 64 * 1024],
-        }
+    fn new(io: StreamIo<TcpStream>, listener: Option<TcpListener>) -> Self {
+        EncryptedTcp { io, listener, dialing: None, buf: vec![0; 64 * 1024] }
     }
 
     /// Returns the core machine (its state, counters).
     pub fn core(&self) -> &EncryptedStream {
-        &self.core
+        self.io.core()
     }
 
     /// Whether a transport connection is up.
     pub fn is_connected(&self) -> bool {
-        self.socket.is_some()
+        self.io.is_connected()
     }
 
     /// Queues `value` and returns its sequence number. Writes what the socket takes without
     /// waiting; the rest goes out in [`next_event`](Self::next_event) (after the reconnect,
     /// if the connection is down).
     pub fn send(&mut self, value: &serde_json::Value) -> Result<u64, StreamError> {
-        let seq = self.core.send(value)?;
-        self.flush(Instant::now());
-        Ok(seq)
+        self.io.send(Instant::now(), value)
     }
 
     /// Cuts the transport connection (as a failing network would); the stream reconnects.
     pub fn drop_connection(&mut self) {
-        if let Some(socket) = &self.socket {
+        if let Some(socket) = self.io.socket() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
-        self.lost(Instant::now(), &"dropped by the application");
+        self.io.lost(Instant::now(), &"dropped by the application");
     }
 
     /// Returns the next event, doing the stream's work until there is one.
@@ -155,49 +123,24 @@ impl EncryptedTcp {
     /// more (a dialer after [`StreamEvent::GaveUp`]).
     pub async fn next_event(&mut self) -> io::Result<StreamEvent> {
         loop {
-            let now = Instant::now();
-            if self.core.poll_timeout().is_some_and(|t| t <= now) {
-                self.core.handle_timeout(now);
+            let event = self.io.poll_event(Instant::now());
+            if let Some(addr) = self.io.take_dial() {
+                self.dialing = Some(dial(addr));
             }
-            self.flush(now);
-            if self.write_deadline.is_some_and(|t| t <= now) {
-                self.lost(now, &"write stalled");
-            }
-            if let Some(event) = self.core.poll_event() {
-                if let StreamEvent::Reconnect { .. } = event {
-                    self.start_dial();
-                }
-                self.flush(now);
+            if let Some(event) = event {
                 return Ok(event);
             }
-            let idle = self.socket.is_none() && self.dialing.is_none() && matches!(self.side, Side::Dial(_));
-            if idle && self.core.poll_timeout().is_none() {
-                return Err(io::Error::new(io::ErrorKind::NotConnected, "the stream gave up reconnecting"));
-            }
+            self.io.check_running()?;
             let wake = self.wait().await;
             let now = Instant::now();
             match wake {
-                Wake::Wrote(Ok(0)) => self.lost(now, &"write returned 0"),
-                Wake::Wrote(Ok(n)) => {
-                    self.out.drain(..n);
-                    self.write_deadline = Some(now + WRITE_TIMEOUT);
-                }
-                Wake::Read(Ok(0)) => self.lost(now, &"closed by the peer"),
-                Wake::Read(Ok(n)) => self.core.handle_bytes(now, &self.buf[..n]),
-                Wake::Wrote(Err(e)) | Wake::Read(Err(e)) => self.lost(now, &e),
+                Wake::Wrote(result) => self.io.handle_written(now, result),
+                Wake::Read(result) => self.io.handle_read(now, result, &self.buf),
                 Wake::Timer => {}
-                Wake::Accepted(Ok((socket, from))) => {
-                    debug!(%from, "accepted");
-                    self.attach(now, socket);
-                }
-                Wake::Accepted(Err(e)) if is_transient(&e) => debug!(error = %e, "accept failed"),
-                Wake::Accepted(Err(e)) => return Err(e),
+                Wake::Accepted(result) => self.io.accepted(now, result.inspect(|(socket, _)| nodelay(socket)))?,
                 Wake::Dialed(result) => {
                     self.dialing = None;
-                    match result {
-                        Ok(socket) => self.attach(now, socket),
-                        Err(e) => self.dial_failed(now, &e),
-                    }
+                    self.io.dialed(now, result.inspect(nodelay));
                 }
             }
         }
@@ -205,18 +148,16 @@ impl EncryptedTcp {
 
     /// Waits for the socket, the next deadline, a connection to accept or the dial.
     async fn wait(&mut self) -> Wake {
-        let deadline = [self.core.poll_timeout(), self.write_deadline].into_iter().flatten().min();
-        let EncryptedTcp { side, socket, dialing, out, buf, .. } = self;
-        let listener = match (&*side, &*socket) {
-            (Side::Accept(listener), None) => Some(listener),
-            _ => None,
-        };
+        let EncryptedTcp { io, listener, dialing, buf } = self;
+        let deadline = io.next_deadline();
+        let (socket, out) = (io.socket(), io.unwritten());
+        let listener = listener.as_ref().filter(|_| io.wants_accept());
         // A smol socket reads and writes through `&mut`; clones share it (one file descriptor).
-        let write = socket.as_ref().filter(|_| !out.is_empty()).map(|s| {
+        let write = socket.filter(|_| !out.is_empty()).map(|s| {
             let mut s = s.clone();
             async move { Wake::Wrote(s.write(out).await) }
         });
-        let read = socket.as_ref().map(|s| {
+        let read = socket.map(|s| {
             let mut s = s.clone();
             async move { Wake::Read(s.read(buf).await) }
         });
@@ -228,83 +169,20 @@ impl EncryptedTcp {
         let dial = dialing.as_mut().map(|d| async move { Wake::Dialed(d.await) });
         maybe(write).or(maybe(read)).or(timer).or(maybe(accept)).or(maybe(dial)).await
     }
+}
 
-    fn start_dial(&mut self) {
-        let Side::Dial(addr) = self.side else { return };
-        if self.dialing.is_some() {
-            // A slow dial keeps its time (up to DIAL_TIMEOUT) rather than start over.
-            debug!(%addr, "still dialing");
-            return;
-        }
-        debug!(%addr, "dialing");
-        let timeout = async {
-            Timer::after(DIAL_TIMEOUT).await;
-            Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out"))
-        };
-        self.dialing = Some(TcpStream::connect(addr).or(timeout).boxed());
-    }
+/// Dials `addr`, for up to [`DIAL_TIMEOUT`].
+fn dial(addr: SocketAddr) -> Boxed<io::Result<TcpStream>> {
+    let timeout = async {
+        Timer::after(DIAL_TIMEOUT).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out"))
+    };
+    TcpStream::connect(addr).or(timeout).boxed()
+}
 
-    fn dial_failed(&mut self, now: Instant, error: &dyn Display) {
-        debug!(%error, "dial failed");
-        if !self.scheduled {
-            // The core starts its schedule only when a connection drops, so a first dial that
-            // fails would never be retried: count it as a connection that dropped at once.
-            self.scheduled = true;
-            self.core.handle_connected(now);
-            self.core.handle_disconnected(now);
-        }
-    }
-
-    fn attach(&mut self, now: Instant, socket: TcpStream) {
-        let _ = socket.set_nodelay(true);
-        self.socket = Some(socket);
-        self.scheduled = true;
-        self.out.clear();
-        self.write_deadline = None;
-        self.core.handle_connected(now);
-        self.flush(now);
-    }
-
-    fn lost(&mut self, now: Instant, error: &dyn Display) {
-        if self.socket.take().is_some() {
-            debug!(%error, "connection lost");
-            self.out.clear();
-            self.write_deadline = None;
-            self.core.handle_disconnected(now);
-        }
-    }
-
-    /// Takes lines from the core (up to [`OUT_AHEAD`] bytes ahead) and writes what the socket
-    /// takes without waiting.
-    fn flush(&mut self, now: Instant) {
-        loop {
-            if self.out.is_empty() {
-                self.write_deadline = None;
-            }
-            while self.out.len() < OUT_AHEAD {
-                let Some(line) = self.core.poll_transmit() else { break };
-                if self.out.is_empty() {
-                    self.write_deadline = Some(now + WRITE_TIMEOUT);
-                }
-                self.out.extend_from_slice(&line);
-            }
-            let Some(socket) = &self.socket else { return };
-            if self.out.is_empty() {
-                return;
-            }
-            // A plain non-blocking system call (the socket is registered non-blocking).
-            match socket2::SockRef::from(socket).send(&self.out) {
-                Ok(0) => return self.lost(now, &"write returned 0"),
-                Ok(n) => {
-                    self.out.drain(..n);
-                    self.write_deadline = Some(now + WRITE_TIMEOUT);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.lost(now, &e),
-            }
-        }
-    }
+/// Sends small lines at once (no Nagle delay).
+fn nodelay(socket: &TcpStream) {
+    let _ = socket.set_nodelay(true);
 }
 
 /// Awaits `f`, or forever without one.
@@ -313,9 +191,4 @@ async fn maybe<F: Future>(f: Option<F>) -> F::Output {
         Some(f) => f.await,
         None => pending().await,
     }
-}
-
-/// Accept errors that concern one incoming connection, not the listener.
-fn is_transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
 }

@@ -30,38 +30,24 @@
 //! # Ok(()) }
 //! ```
 
-use std::fmt::Display;
 use std::future::{Future, pending};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use peerlink::e2e::Role;
 use peerlink::e2e::stream::{EncryptedStream, StreamConfig, StreamError, StreamEvent};
 use peerlink::{Fingerprint, Identity};
-use rand::TryRngCore;
+use peerlink_blocking::stream::{StreamIo, TryWrite};
+pub use peerlink_blocking::stream::{DIAL_TIMEOUT, WRITE_TIMEOUT};
 use tokio::io::{Interest, Ready};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::sleep_until;
-use tracing::debug;
-
-/// How long a dial may take before it counts as a failed attempt.
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long queued bytes may make no progress (the peer stopped reading) before the
-/// connection counts as lost.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Bytes taken from the core ahead of the socket; the rest waits in the core's bounded buffer.
-const OUT_AHEAD: usize = 64 * 1024;
 
 type Dial = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
-enum Side {
-    Dial(SocketAddr),
-    Accept(TcpListener),
-}
+/// Writes without waiting (and clears the write readiness when the socket is full).
+const TRY_WRITE: TryWrite<TcpStream> = TcpStream::try_write;
 
 /// What ended a wait in [`EncryptedTcp::next_event`].
 enum Wake {
@@ -73,77 +59,58 @@ enum Wake {
 
 /// An encrypted stream to one peer over TCP on tokio (see the [module docs](self)).
 pub struct EncryptedTcp {
-    core: EncryptedStream,
-    side: Side,
-    socket: Option<TcpStream>,
+    io: StreamIo<TcpStream>,
+    /// An acceptor's listener.
+    listener: Option<TcpListener>,
     dialing: Option<Dial>,
-    /// Lines taken from the core and not written yet.
-    out: Vec<u8>,
-    /// When `out` counts as stalled: [`WRITE_TIMEOUT`] after it last moved.
-    write_deadline: Option<Instant>,
-    /// Whether the core's reconnect schedule ever started (see `dial_failed`).
-    scheduled: bool,
     buf: Vec<u8>,
 }
 
 impl EncryptedTcp {
     /// Dials `addr` (now, and again after every drop) for a stream to `peer`. A first dial
-    /// that fails counts as a drop: [`StreamEvent::Disconnected`], then the reconnect schedule.
+    /// that fails starts the reconnect schedule, as a drop does ([`StreamEvent::Reconnect`]
+    /// on the core's backoff; no [`StreamEvent::Disconnected`], nothing was connected).
     ///
     /// Returns at once: the dial runs inside [`next_event`](Self::next_event), which must be
     /// awaited on a tokio runtime with I/O and time enabled. Panics if the OS RNG fails.
     pub fn connect(addr: SocketAddr, identity: Identity, peer: Fingerprint, config: StreamConfig) -> Self {
-        let mut s = Self::new(Side::Dial(addr), identity, peer, Role::Initiator, config);
-        s.start_dial();
-        s
+        Self::new(StreamIo::dialer(addr, identity, peer, config, TRY_WRITE), None)
     }
 
     /// Accepts connections from `peer` on `listener` (one at a time, a new one after a drop).
+    /// An acceptor has no reconnect schedule: it never reports [`StreamEvent::Reconnect`] or
+    /// [`StreamEvent::GaveUp`], and waits for the peer's next connection.
     ///
-    /// While disconnected, the core still reports [`StreamEvent::Reconnect`] on its schedule;
-    /// an acceptor has nothing to dial and waits for the peer.
     /// Does no I/O itself; accepts happen inside [`next_event`](Self::next_event). Panics if
     /// the OS RNG fails.
     pub fn accept(listener: TcpListener, identity: Identity, peer: Fingerprint, config: StreamConfig) -> io::Result<Self> {
-        Ok(Self::new(Side::Accept(listener), identity, peer, Role::Responder, config))
+        Ok(Self::new(StreamIo::acceptor(identity, peer, config, TRY_WRITE), Some(listener)))
     }
 
-    fn new(side: Side, identity: Identity, peer: Fingerprint, role: Role, config: StreamConfig) -> Self {
-        let seed = rand::rngs::OsRng.try_next_u64().expect("the OS RNG works");
-        EncryptedTcp {
-            core: EncryptedStream::new(identity, peer, role, seed, config),
-            side,
-            socket: None,
-            dialing: None,
-            out: Vec::new(),
-            write_deadline: None,
-            scheduled: false,
-            buf: vec![0; 64 * 1024],
-        }
+    fn new(io: StreamIo<TcpStream>, listener: Option<TcpListener>) -> Self {
+        EncryptedTcp { io, listener, dialing: None, buf: vec![0; 64 * 1024] }
     }
 
     /// Returns the core machine (its state, counters).
     pub fn core(&self) -> &EncryptedStream {
-        &self.core
+        self.io.core()
     }
 
     /// Whether a transport connection is up.
     pub fn is_connected(&self) -> bool {
-        self.socket.is_some()
+        self.io.is_connected()
     }
 
     /// Queues `value` and returns its sequence number. Writes what the socket takes without
     /// waiting; the rest goes out in [`next_event`](Self::next_event) (after the reconnect,
     /// if the connection is down).
     pub fn send(&mut self, value: &serde_json::Value) -> Result<u64, StreamError> {
-        let seq = self.core.send(value)?;
-        self.flush(Instant::now());
-        Ok(seq)
+        self.io.send(Instant::now(), value)
     }
 
     /// Cuts the transport connection (as a failing network would); the stream reconnects.
     pub fn drop_connection(&mut self) {
-        self.lost(Instant::now(), &"dropped by the application");
+        self.io.lost(Instant::now(), &"dropped by the application");
     }
 
     /// Returns the next event, doing the stream's work until there is one.
@@ -153,47 +120,32 @@ impl EncryptedTcp {
     /// more (a dialer after [`StreamEvent::GaveUp`]).
     pub async fn next_event(&mut self) -> io::Result<StreamEvent> {
         loop {
-            let now = Instant::now();
-            if self.core.poll_timeout().is_some_and(|t| t <= now) {
-                self.core.handle_timeout(now);
+            let event = self.io.poll_event(Instant::now());
+            if let Some(addr) = self.io.take_dial() {
+                self.dialing = Some(dial(addr));
             }
-            self.flush(now);
-            if self.write_deadline.is_some_and(|t| t <= now) {
-                self.lost(now, &"write stalled");
-            }
-            if let Some(event) = self.core.poll_event() {
-                if let StreamEvent::Reconnect { .. } = event {
-                    self.start_dial();
-                }
-                self.flush(now);
+            if let Some(event) = event {
                 return Ok(event);
             }
-            let idle = self.socket.is_none() && self.dialing.is_none() && matches!(self.side, Side::Dial(_));
-            if idle && self.core.poll_timeout().is_none() {
-                return Err(io::Error::new(io::ErrorKind::NotConnected, "the stream gave up reconnecting"));
-            }
-            match self.wait().await {
+            self.io.check_running()?;
+            let wake = self.wait().await;
+            let now = Instant::now();
+            match wake {
                 Wake::Socket(Ok(ready)) => {
-                    let now = Instant::now();
                     if ready.is_writable() {
-                        self.flush(now);
+                        self.io.flush(now);
                     }
-                    self.read(now);
+                    if let Some(socket) = self.io.socket() {
+                        let result = socket.try_read(&mut self.buf);
+                        self.io.handle_read(now, result, &self.buf);
+                    }
                 }
-                Wake::Socket(Err(e)) => self.lost(Instant::now(), &e),
+                Wake::Socket(Err(e)) => self.io.lost(now, &e),
                 Wake::Timer => {}
-                Wake::Accepted(Ok((socket, from))) => {
-                    debug!(%from, "accepted");
-                    self.attach(Instant::now(), socket);
-                }
-                Wake::Accepted(Err(e)) if is_transient(&e) => debug!(error = %e, "accept failed"),
-                Wake::Accepted(Err(e)) => return Err(e),
+                Wake::Accepted(result) => self.io.accepted(now, result.inspect(|(socket, _)| nodelay(socket)))?,
                 Wake::Dialed(result) => {
                     self.dialing = None;
-                    match result {
-                        Ok(socket) => self.attach(Instant::now(), socket),
-                        Err(e) => self.dial_failed(Instant::now(), &e),
-                    }
+                    self.io.dialed(now, result.inspect(nodelay));
                 }
             }
         }
@@ -201,105 +153,30 @@ impl EncryptedTcp {
 
     /// Waits for the socket, the next deadline, a connection to accept or the dial.
     async fn wait(&mut self) -> Wake {
-        let deadline = [self.core.poll_timeout(), self.write_deadline].into_iter().flatten().min();
-        let interest = if self.out.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
-        let listener = match (&self.side, &self.socket) {
-            (Side::Accept(listener), None) => Some(listener),
-            _ => None,
-        };
+        let deadline = self.io.next_deadline();
+        let interest = if self.io.unwritten().is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+        let listener = self.listener.as_ref().filter(|_| self.io.wants_accept());
         tokio::select! {
-            r = maybe(self.socket.as_ref().map(|s| s.ready(interest))) => Wake::Socket(r),
+            r = maybe(self.io.socket().map(|s| s.ready(interest))) => Wake::Socket(r),
             () = maybe(deadline.map(|t| sleep_until(t.into()))) => Wake::Timer,
             r = maybe(listener.map(TcpListener::accept)) => Wake::Accepted(r),
             r = maybe(self.dialing.as_mut()) => Wake::Dialed(r),
         }
     }
+}
 
-    fn start_dial(&mut self) {
-        let Side::Dial(addr) = self.side else { return };
-        if self.dialing.is_some() {
-            // A slow dial keeps its time (up to DIAL_TIMEOUT) rather than start over.
-            debug!(%addr, "still dialing");
-            return;
-        }
-        debug!(%addr, "dialing");
-        self.dialing = Some(Box::pin(async move {
-            tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
-                .await
-                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")))
-        }));
-    }
+/// Dials `addr`, for up to [`DIAL_TIMEOUT`].
+fn dial(addr: SocketAddr) -> Dial {
+    Box::pin(async move {
+        tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")))
+    })
+}
 
-    fn dial_failed(&mut self, now: Instant, error: &dyn Display) {
-        debug!(%error, "dial failed");
-        if !self.scheduled {
-            // The core starts its schedule only when a connection drops, so a first dial that
-            // fails would never be retried: count it as a connection that dropped at once.
-            self.scheduled = true;
-            self.core.handle_connected(now);
-            self.core.handle_disconnected(now);
-        }
-    }
-
-    fn attach(&mut self, now: Instant, socket: TcpStream) {
-        let _ = socket.set_nodelay(true);
-        self.socket = Some(socket);
-        self.scheduled = true;
-        self.out.clear();
-        self.write_deadline = None;
-        self.core.handle_connected(now);
-        self.flush(now);
-    }
-
-    fn lost(&mut self, now: Instant, error: &dyn Display) {
-        if self.socket.take().is_some() {
-            debug!(%error, "connection lost");
-            self.out.clear();
-            self.write_deadline = None;
-            self.core.handle_disconnected(now);
-        }
-    }
-
-    /// Takes lines from the core (up to [`OUT_AHEAD`] bytes ahead) and writes what the socket
-    /// takes without waiting.
-    fn flush(&mut self, now: Instant) {
-        loop {
-            if self.out.is_empty() {
-                self.write_deadline = None;
-            }
-            while self.out.len() < OUT_AHEAD {
-                let Some(line) = self.core.poll_transmit() else { break };
-                if self.out.is_empty() {
-                    self.write_deadline = Some(now + WRITE_TIMEOUT);
-                }
-                self.out.extend_from_slice(&line);
-            }
-            let Some(socket) = &self.socket else { return };
-            if self.out.is_empty() {
-                return;
-            }
-            match socket.try_write(&self.out) {
-                Ok(0) => return self.lost(now, &"write returned 0"),
-                Ok(n) => {
-                    self.out.drain(..n);
-                    self.write_deadline = Some(now + WRITE_TIMEOUT);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.lost(now, &e),
-            }
-        }
-    }
-
-    fn read(&mut self, now: Instant) {
-        let Some(socket) = &self.socket else { return };
-        match socket.try_read(&mut self.buf) {
-            Ok(0) => self.lost(now, &"closed by the peer"),
-            Ok(n) => self.core.handle_bytes(now, &self.buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
-            Err(e) => self.lost(now, &e),
-        }
-    }
+/// Sends small lines at once (no Nagle delay).
+fn nodelay(socket: &TcpStream) {
+    let _ = socket.set_nodelay(true);
 }
 
 /// Awaits `f`, or forever without one (a disabled `select!` branch).
@@ -308,9 +185,4 @@ async fn maybe<F: Future>(f: Option<F>) -> F::Output {
         Some(f) => f.await,
         None => pending().await,
     }
-}
-
-/// Accept errors that concern one incoming connection, not the listener.
-fn is_transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
 }
