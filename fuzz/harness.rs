@@ -627,7 +627,8 @@ pub fn room_batch(data: &[u8]) {
         ROOM_MODE_ITEMS => room_items(rest),
         _ => {
             let Ok(text) = std::str::from_utf8(rest) else { return };
-            let _ = check_room_batch(text);
+            let batch = check_room_batch(text);
+            check_room_body(text, batch.as_ref());
             check_is_relayed(text);
             check_relayed_text(text);
         }
@@ -694,6 +695,30 @@ pub fn check_room_batch(text: &str) -> Result<Vec<Item>, WireError> {
     items.iter().for_each(check_room_item);
     check_room_encoding(&items);
     Ok(items)
+}
+
+/// `decode_body(text)` (plaintext or sealed): a body it takes as items is exactly what
+/// `decode_batch` takes; one it takes as sealed is a JSON object whose `z` is base64 of those
+/// bytes; anything else is refused as `decode_batch` refuses it.
+fn check_room_body(text: &str, batch: Result<&Vec<Item>, &WireError>) {
+    use base64::Engine as _;
+    match wire::decode_body(text) {
+        Ok(wire::Body::Items(items)) => assert_eq!(Ok(&items), batch, "decode_body and decode_batch disagree on {text:?}"),
+        Ok(wire::Body::Sealed(bytes)) => {
+            assert!(text.trim_start().starts_with('{'), "a sealed body that is not an object: {text:?}");
+            let v: serde_json::Value = serde_json::from_str(text).expect("a sealed body is JSON");
+            let z = v["z"].as_str().expect("a sealed body has a string z");
+            assert_eq!(base64::engine::general_purpose::STANDARD.decode(z).ok(), Some(bytes), "{text:?}");
+        }
+        Err(e) => {
+            // A body with a `z` member is a sealed one, and refused when `z` is not base64
+            // even if its `m` would make a batch.
+            let sealed = serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.is_object() && v.get("z").is_some());
+            if let (Ok(items), false) = (batch, sealed) {
+                panic!("decode_body refused ({e}) what decode_batch took ({items:?}): {text:?}");
+            }
+        }
+    }
 }
 
 /// `is_relayed` only claims JSON objects whose `peerlink` member is `"room/1"`.

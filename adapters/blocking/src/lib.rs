@@ -526,7 +526,7 @@ impl PollNode {
     // ---- shared state --------------------------------------------------------------------
 
     /// Starts key-value sync in `room` (see [`peerlink::sync::state`]); changes arrive as
-    /// [`NodeEvent::Sync`](peerlink::NodeEvent::Sync).
+    /// [`peerlink::NodeEvent::Sync`].
     pub fn sync_state(&mut self, room: &str, config: peerlink::sync::StateConfig) -> Result<(), Error> {
         let now = Instant::now();
         self.core.sync_state(now, room, config)?;
