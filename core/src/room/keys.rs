@@ -1,4 +1,4 @@
-//! End-to-end encryption for encrypted rooms ([`RoomOptions::encrypted`]): one
+//! End-to-end encryption for encrypted rooms ([`RoomOptions::encrypted`](super::RoomOptions::encrypted)): one
 //! [`GroupKeyManager`] per node, a session with every peer it shares an encrypted room with.
 //!
 //! - **Key exchange.** When a peer becomes a member of an encrypted room this node is in, the
