@@ -805,7 +805,18 @@ impl Node {
     /// Takes what the rooms need from a connection's output: everything on the internal
     /// channel (consumed), and state changes (also passed on).
     fn room_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
-        let output = self.transfer_output(fp, output)?;
+        let output = match self.transfer_output(fp, output)? {
+            PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => {
+                let input = match data {
+                    Payload::Text(text) => self.room_body(fp, &text, RoomPath::Direct),
+                    Payload::Binary(_) => Some(RoomInput::Bad { from: fp, error: room::WireError::Malformed("binary on the room channel".into()) }),
+                };
+                self.rooms_dirty = true;
+                self.room_inputs.extend(input);
+                return None;
+            }
+            other => other,
+        };
         let input = match &output {
             PeerOutput::ChannelOpen(c) if c == INTERNAL_CHANNEL => {
                 let up = self.peers.get(&fp).is_some_and(|p| p.state() == PeerState::Connected);
@@ -813,13 +824,6 @@ impl Node {
             }
             PeerOutput::ChannelClosed(c) if c == INTERNAL_CHANNEL => Some(RoomInput::Direct { peer: fp, open: false }),
             PeerOutput::BufferedAmountLow(c) if c == INTERNAL_CHANNEL => Some(RoomInput::DirectWritable { peer: fp }),
-            PeerOutput::Data { channel, data } if channel == INTERNAL_CHANNEL => match data {
-                Payload::Text(text) => {
-                    let text = text.clone();
-                    self.room_body(fp, &text, RoomPath::Direct)
-                }
-                Payload::Binary(_) => Some(RoomInput::Bad { from: fp, error: room::WireError::Malformed("binary on the room channel".into()) }),
-            },
             PeerOutput::State(PeerState::Connected) => {
                 let open = self.peers.get(&fp).is_some_and(|p| p.channel_open(INTERNAL_CHANNEL));
                 open.then_some(RoomInput::Direct { peer: fp, open: true })
@@ -829,7 +833,7 @@ impl Node {
             _ => None,
         };
         let internal = matches!(&output,
-            PeerOutput::ChannelOpen(c) | PeerOutput::ChannelClosed(c) | PeerOutput::BufferedAmountLow(c) | PeerOutput::Data { channel: c, .. }
+            PeerOutput::ChannelOpen(c) | PeerOutput::ChannelClosed(c) | PeerOutput::BufferedAmountLow(c)
             if c == INTERNAL_CHANNEL);
         if internal {
             // Room traffic may move now (acknowledged data, or room in the window).
