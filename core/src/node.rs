@@ -949,6 +949,8 @@ impl Node {
             for peer in std::mem::take(&mut self.rooms.restarted) {
                 self.keys.reset(now, peer);
             }
+        } else {
+            self.rooms.restarted.clear();
         }
         while let Some((to, payload)) = self.keys.outbox.pop_front() {
             let Ok(payload) = RawValue::from_string(payload) else { continue };

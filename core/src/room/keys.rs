@@ -247,12 +247,12 @@ impl RoomKeys {
                 self.events.push_back(EncryptionEvent::Refused { peer: from, error });
             }
         }
-        self.pump(now);
+        self.pump();
     }
 
     /// Moves the manager's events on: a new session gets its transfer lane; a confirmed one
     /// is ready.
-    fn pump(&mut self, _now: Instant) {
+    fn pump(&mut self) {
         while let Some(e) = self.manager.poll_event() {
             match e {
                 KeyExchangeEvent::Established { peer, .. } => {
@@ -324,7 +324,7 @@ impl RoomKeys {
     }
 
     fn after_open(&mut self, now: Instant, peer: Fingerprint, error: Option<&E2eError>) {
-        self.pump(now);
+        self.pump();
         let Some(error) = error else { return };
         match error {
             E2eError::NoKey(_) | E2eError::WrongSession => {
