@@ -304,6 +304,8 @@ pub enum NodeEvent {
 /// What a connection said to the transfers.
 enum TransferInput {
     Data(Fingerprint, Payload),
+    /// A chunk frame opened in place: the part of the buffer it is.
+    Opened(Fingerprint, Vec<u8>, std::ops::Range<usize>),
     Writable(Fingerprint),
     Reconnected(Fingerprint),
     Lost(Fingerprint),
@@ -377,6 +379,8 @@ pub struct Node {
     syncs: Syncs,
     /// End-to-end keys with the members of encrypted rooms.
     keys: RoomKeys,
+    /// The buffer transfer frames are sealed into (kept: one chunk's worth).
+    sealed_frame: Vec<u8>,
 }
 
 impl Node {
@@ -418,6 +422,7 @@ impl Node {
             transfer_seen: std::collections::BTreeSet::new(),
             syncs,
             keys,
+            sealed_frame: Vec::new(),
         })
     }
 
@@ -862,13 +867,13 @@ impl Node {
         }
     }
 
-    /// A transfer message from `peer` as the transfers take it: sealed ones opened; plaintext
-    /// from a peer that shares an encrypted room refused.
-    fn transfer_payload(&mut self, peer: Fingerprint, data: Payload) -> Option<Payload> {
+    /// A transfer message from `peer` as the transfers take it: sealed ones opened (in
+    /// place); plaintext from a peer that shares an encrypted room refused.
+    fn transfer_input(&mut self, peer: Fingerprint, data: Payload) -> Option<TransferInput> {
         match data {
-            Payload::Binary(frame) if frame.first() == Some(&room::keys::SEALED_FRAME) => match self.keys.open_frame(self.now, peer, &frame) {
-                Ok((room::keys::FRAME_TEXT, text)) => match String::from_utf8(text) {
-                    Ok(text) => Some(Payload::Text(text)),
+            Payload::Binary(mut frame) if frame.first() == Some(&room::keys::SEALED_FRAME) => match self.keys.open_frame(self.now, peer, &mut frame) {
+                Ok((room::keys::FRAME_TEXT, range)) => match std::str::from_utf8(&frame[range]) {
+                    Ok(text) => Some(TransferInput::Data(peer, Payload::Text(text.to_owned()))),
                     Err(_) => {
                         self.events.push_back(NodeEvent::Transfer(TransferEvent::BadMessage {
                             peer,
@@ -877,16 +882,15 @@ impl Node {
                         None
                     }
                 },
-                Ok((_, chunk)) => Some(Payload::Binary(chunk)),
+                Ok((_, range)) => Some(TransferInput::Opened(peer, frame, range)),
                 Err(_) => None,
             },
-            data if self.keys.needs(&peer) => {
+            _ if self.keys.needs(&peer) => {
                 warn!(peer = %peer.short(), "plaintext transfer message from a member of an encrypted room refused");
-                drop(data);
                 self.events.push_back(NodeEvent::Transfer(TransferEvent::BadMessage { peer, error: TransferError::Unencrypted }));
                 None
             }
-            data => Some(data),
+            data => Some(TransferInput::Data(peer, data)),
         }
     }
 
@@ -894,8 +898,8 @@ impl Node {
     fn transfer_output(&mut self, fp: Fingerprint, output: PeerOutput) -> Option<PeerOutput> {
         match output {
             PeerOutput::Data { channel, data } if channel == TRANSFER_CHANNEL => {
-                if let Some(data) = self.transfer_payload(fp, data) {
-                    self.transfer_inputs.push_back(TransferInput::Data(fp, data));
+                if let Some(input) = self.transfer_input(fp, data) {
+                    self.transfer_inputs.push_back(input);
                     self.transfers_dirty = true;
                 }
                 None
@@ -1012,6 +1016,7 @@ impl Node {
                 match input {
                     TransferInput::Data(fp, Payload::Text(t)) => transfers.handle_text(now, fp, &t),
                     TransferInput::Data(fp, Payload::Binary(b)) => transfers.handle_binary(now, fp, &b),
+                    TransferInput::Opened(fp, b, range) => transfers.handle_binary(now, fp, &b[range]),
                     TransferInput::Writable(fp) => transfers.handle_writable(fp),
                     TransferInput::Reconnected(fp) => transfers.handle_reconnected(fp),
                     TransferInput::Lost(fp) => transfers.handle_disconnected(now, fp),
@@ -1495,11 +1500,21 @@ impl Node {
         if !self.keys.is_ready(&peer) {
             return Err(SendError::WouldBlock { buffered: 0 });
         }
-        // A frame the channel refuses (its window full) spends a counter: a gap the replay
-        // window skips, never a nonce used twice.
-        let frame = self.keys.seal_frame(&peer, kind, payload).ok_or(SendError::WouldBlock { buffered: 0 })?;
+        // Chunks are held to the send window: one it would refuse is not sealed for nothing.
+        // (One refused all the same spends a counter: a gap the replay window skips.)
+        let windowed = kind == room::keys::FRAME_BINARY;
+        if windowed {
+            let p = self.peers.get_mut(&peer).ok_or(SendError::UnknownPeer(peer))?;
+            p.check_window(TRANSFER_CHANNEL, payload.len() + RoomKeys::FRAME_OVERHEAD)?;
+        }
+        let mut frame = std::mem::take(&mut self.sealed_frame);
+        if !self.keys.seal_frame_into(&peer, kind, payload, &mut frame) {
+            self.sealed_frame = frame;
+            return Err(SendError::WouldBlock { buffered: 0 });
+        }
         let mut result = Err(SendError::UnknownPeer(peer));
-        self.with_peer(peer, |p, ctx| result = p.send_with(TRANSFER_CHANNEL, true, &frame, kind == room::keys::FRAME_BINARY, ctx));
+        self.with_peer(peer, |p, ctx| result = p.send_with(TRANSFER_CHANNEL, true, &frame, windowed, ctx));
+        self.sealed_frame = frame;
         result
     }
 }

@@ -31,13 +31,13 @@
 //! [`REPLAY_WINDOW`] counters accepts reordering inside it and refuses replays and anything
 //! older; it also decrypts the previous epoch, for messages still in flight at a rekey.
 
+mod aead;
 pub mod exchange;
 pub mod stream;
 
 use std::collections::BTreeMap;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aead::AeadKey;
 use hkdf::Hkdf;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::Sha256;
@@ -231,7 +231,7 @@ struct EpochKey {
     epoch: u32,
     /// The secret this epoch's key came from (and the next epoch's secret will).
     secret: Zeroizing<[u8; 32]>,
-    cipher: Aes256Gcm,
+    cipher: AeadKey,
 }
 
 impl EpochKey {
@@ -239,7 +239,7 @@ impl EpochKey {
         let mut key = Zeroizing::new([0u8; 32]);
         let hk = Hkdf::<Sha256>::from_prk(&secret[..]).expect("a 32-byte PRK");
         hk.expand(b"peerlink e2e/1 key", &mut key[..]).expect("32 bytes");
-        EpochKey { epoch, cipher: Aes256Gcm::new((&*key).into()), secret }
+        EpochKey { epoch, cipher: AeadKey::new(&key), secret }
     }
 
     fn next(&self) -> EpochKey {
@@ -361,7 +361,6 @@ impl Session {
     /// already stays, unauthenticated: a frame header, say). Encrypts in place: the
     /// plaintext is copied once, into `out`.
     pub fn encrypt_into(&mut self, out: &mut Vec<u8>, plaintext: &[u8], aad: &[u8]) {
-        use aes_gcm::aead::AeadInPlace;
         if self.sent_messages >= self.limits.messages_per_key || self.sent_bytes.saturating_add(plaintext.len() as u64) > self.limits.bytes_per_key {
             self.send = self.send.next();
             self.sent_messages = 0;
@@ -389,7 +388,7 @@ impl Session {
         };
         let body = out.len();
         out.extend_from_slice(plaintext);
-        let tag = self.send.cipher.encrypt_in_place_detached(&Nonce::from(nonce), full_aad, &mut out[body..]).expect("AES-GCM seals any message under 64 GiB");
+        let tag = self.send.cipher.seal(nonce, full_aad, &mut out[body..]);
         out.extend_from_slice(&tag);
     }
 
@@ -410,37 +409,54 @@ impl Session {
 
     /// Opens a message sealed by the peer with the same `aad`; each is accepted once.
     pub fn decrypt(&mut self, message: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
-        if message.len() < HEADER_LEN + TAG_LEN {
-            return Err(E2eError::Malformed("shorter than a header and a tag"));
-        }
-        if message[0] != VERSION {
-            return Err(E2eError::Version(message[0]));
-        }
-        let id: [u8; 8] = message[1..9].try_into().expect("8 bytes");
-        let epoch = u32::from_be_bytes(message[9..13].try_into().expect("4 bytes"));
-        let counter = u64::from_be_bytes(message[13..21].try_into().expect("8 bytes"));
+        let header = Header::parse(message)?;
+        let mut body = message[HEADER_LEN..].to_vec();
+        let len = self.open(&header, &mut body, aad)?;
+        body.truncate(len);
+        Ok(body)
+    }
+
+    /// Opens a message in place: returns where in `message` the plaintext is. On an error
+    /// other than a refusal before decryption (replay, old key, wrong session, malformed),
+    /// `message` holds garbage.
+    pub fn decrypt_in_place(&mut self, message: &mut [u8], aad: &[u8]) -> Result<std::ops::Range<usize>, E2eError> {
+        let header = Header::parse(message)?;
+        let len = self.open(&header, &mut message[HEADER_LEN..], aad)?;
+        Ok(HEADER_LEN..HEADER_LEN + len)
+    }
+
+    /// Opens `body` (ciphertext and tag) under `header` in place; returns the plaintext's
+    /// length.
+    fn open(&mut self, header: &Header, body: &mut [u8], aad: &[u8]) -> Result<usize, E2eError> {
+        let Header { id, epoch, counter, bytes } = *header;
         let old = || E2eError::OldKey { session: hex(&id), epoch };
         if id != self.id {
             return Err(if self.retired.contains(&id) { old() } else { E2eError::WrongSession });
         }
-        let mut full_aad = Vec::with_capacity(HEADER_LEN + aad.len());
-        full_aad.extend_from_slice(&message[..HEADER_LEN]);
-        full_aad.extend_from_slice(aad);
-        let payload = Payload { msg: &message[HEADER_LEN..], aad: &full_aad };
+        let mut aad_arr = [0u8; HEADER_LEN + 64];
+        let aad_buf: Vec<u8>;
+        let full_aad: &[u8] = if aad.len() <= 64 {
+            aad_arr[..HEADER_LEN].copy_from_slice(&bytes);
+            aad_arr[HEADER_LEN..HEADER_LEN + aad.len()].copy_from_slice(aad);
+            &aad_arr[..HEADER_LEN + aad.len()]
+        } else {
+            aad_buf = [&bytes[..], aad].concat();
+            &aad_buf
+        };
         let nonce = nonce(epoch, counter);
         // The current epoch, the previous one, or one a little ahead (the sender rekeyed).
         if epoch == self.recv.epoch {
             self.recv_window.check(counter)?;
-            let plain = self.recv.cipher.decrypt(&Nonce::from(nonce), payload).map_err(|_| E2eError::Decrypt)?;
+            let len = self.recv.cipher.open(nonce, full_aad, body).map_err(|()| E2eError::Decrypt)?;
             self.recv_window.mark(counter);
-            return Ok(plain);
+            return Ok(len);
         }
         if let Some((key, window)) = &mut self.prev {
             if key.epoch == epoch {
                 window.check(counter)?;
-                let plain = key.cipher.decrypt(&Nonce::from(nonce), payload).map_err(|_| E2eError::Decrypt)?;
+                let len = key.cipher.open(nonce, full_aad, body).map_err(|()| E2eError::Decrypt)?;
                 window.mark(counter);
-                return Ok(plain);
+                return Ok(len);
             }
         }
         if epoch > self.recv.epoch && epoch - self.recv.epoch <= MAX_EPOCH_JUMP {
@@ -450,7 +466,7 @@ impl Session {
                 let next = key.next();
                 skipped = Some(std::mem::replace(&mut key, next));
             }
-            let plain = key.cipher.decrypt(&Nonce::from(nonce), payload).map_err(|_| E2eError::Decrypt)?;
+            let len = key.cipher.open(nonce, full_aad, body).map_err(|()| E2eError::Decrypt)?;
             // Authentic: move on. The epoch just before this one stays for stragglers: the
             // current one with its window, or (after a jump) a skipped one, never received.
             let mut window = Window::default();
@@ -461,9 +477,35 @@ impl Session {
                 Some(k) => (k, Window::default()),
                 None => (previous, previous_window),
             });
-            return Ok(plain);
+            return Ok(len);
         }
         Err(old())
+    }
+}
+
+/// A message's header.
+#[derive(Clone, Copy)]
+struct Header {
+    id: [u8; 8],
+    epoch: u32,
+    counter: u64,
+    bytes: [u8; HEADER_LEN],
+}
+
+impl Header {
+    fn parse(message: &[u8]) -> Result<Header, E2eError> {
+        if message.len() < HEADER_LEN + TAG_LEN {
+            return Err(E2eError::Malformed("shorter than a header and a tag"));
+        }
+        if message[0] != VERSION {
+            return Err(E2eError::Version(message[0]));
+        }
+        Ok(Header {
+            id: message[1..9].try_into().expect("8 bytes"),
+            epoch: u32::from_be_bytes(message[9..13].try_into().expect("4 bytes")),
+            counter: u64::from_be_bytes(message[13..21].try_into().expect("8 bytes")),
+            bytes: message[..HEADER_LEN].try_into().expect("a header"),
+        })
     }
 }
 

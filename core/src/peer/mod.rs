@@ -892,6 +892,25 @@ impl Peer {
         self.send_with(label, binary, data, true, ctx)
     }
 
+    /// Whether a windowed message of `len` bytes on `label` would be refused now for want
+    /// of room in the send window: `Err(WouldBlock)` then, and the channel is noted as
+    /// waiting (its [`PeerOutput::BufferedAmountLow`] follows), as a refused send would. Lets
+    /// a caller that must do costly work per message (sealing it) skip that work.
+    pub(crate) fn check_window(&mut self, label: &str, len: usize) -> Result<(), SendError> {
+        let Some(id) = self.channel_id(label) else {
+            return Err(SendError::UnknownChannel(label.to_string()));
+        };
+        let buffered = self.buffered_total();
+        if buffered > 0 && buffered + len > self.window.size {
+            self.window.limited = true;
+            if !self.window.blocked.contains(&id) {
+                self.window.blocked.push(id);
+            }
+            return Err(SendError::WouldBlock { buffered });
+        }
+        Ok(())
+    }
+
     /// [`Peer::send`], optionally past the send window (small control messages that must not
     /// wait behind data; str0m's own buffer limit still applies).
     pub(crate) fn send_with<R: RngCore>(
@@ -911,14 +930,9 @@ impl Peer {
         if data.len() > self.max_message {
             return Err(SendError::MessageTooLarge { size: data.len(), max: self.max_message });
         }
-        let buffered = self.buffered_total();
         // A message bigger than the window still goes when nothing else is in flight.
-        if windowed && buffered > 0 && buffered + data.len() > self.window.size {
-            self.window.limited = true;
-            if !self.window.blocked.contains(&id) {
-                self.window.blocked.push(id);
-            }
-            return Err(SendError::WouldBlock { buffered });
+        if windowed {
+            self.check_window(label, data.len())?;
         }
         let Some(mut channel) = self.rtc.channel(id) else {
             return Err(SendError::ChannelNotOpen(label.to_string()));

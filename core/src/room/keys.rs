@@ -346,21 +346,25 @@ impl RoomKeys {
         }
     }
 
-    /// Seals a transfer message for `peer` into a frame; `None` while the session is not
-    /// confirmed.
-    pub(crate) fn seal_frame(&mut self, peer: &Fingerprint, kind: u8, payload: &[u8]) -> Option<Vec<u8>> {
+    /// Bytes a sealed frame adds to its message.
+    pub(crate) const FRAME_OVERHEAD: usize = 2 + crate::e2e::HEADER_LEN + crate::e2e::TAG_LEN;
+
+    /// Seals a transfer message for `peer` into `frame` (emptied first); false while the
+    /// session is not confirmed.
+    pub(crate) fn seal_frame_into(&mut self, peer: &Fingerprint, kind: u8, payload: &[u8], frame: &mut Vec<u8>) -> bool {
+        frame.clear();
         if !self.manager.is_confirmed(peer) {
-            return None;
+            return false;
         }
-        let lane = self.peers.get_mut(peer)?.xfer.as_mut()?;
-        let mut frame = Vec::with_capacity(2 + crate::e2e::HEADER_LEN + payload.len() + crate::e2e::TAG_LEN);
+        let Some(lane) = self.peers.get_mut(peer).and_then(|p| p.xfer.as_mut()) else { return false };
         frame.extend_from_slice(&[SEALED_FRAME, kind]);
-        lane.encrypt_into(&mut frame, payload, &frame_aad(kind));
-        Some(frame)
+        lane.encrypt_into(frame, payload, &frame_aad(kind));
+        true
     }
 
-    /// Opens a sealed transfer frame from `peer`: its kind and contents.
-    pub(crate) fn open_frame(&mut self, now: Instant, peer: Fingerprint, frame: &[u8]) -> Result<(u8, Vec<u8>), E2eError> {
+    /// Opens a sealed transfer frame from `peer` in place: its kind and where in `frame` the
+    /// contents are.
+    pub(crate) fn open_frame(&mut self, now: Instant, peer: Fingerprint, frame: &mut [u8]) -> Result<(u8, std::ops::Range<usize>), E2eError> {
         let result = self.open_frame_inner(peer, frame);
         if let Err(error) = &result {
             self.after_open(now, peer, Some(error));
@@ -368,23 +372,25 @@ impl RoomKeys {
         result
     }
 
-    fn open_frame_inner(&mut self, peer: Fingerprint, frame: &[u8]) -> Result<(u8, Vec<u8>), E2eError> {
-        let (&kind, sealed) = match frame {
-            [SEALED_FRAME, rest @ ..] => rest.split_first().ok_or(E2eError::Malformed("a sealed frame without a kind"))?,
+    fn open_frame_inner(&mut self, peer: Fingerprint, frame: &mut [u8]) -> Result<(u8, std::ops::Range<usize>), E2eError> {
+        let kind = match frame {
+            [SEALED_FRAME, kind, ..] => *kind,
+            [SEALED_FRAME] => return Err(E2eError::Malformed("a sealed frame without a kind")),
             _ => return Err(E2eError::Malformed("not a sealed frame")),
         };
         if kind > FRAME_BINARY {
             return Err(E2eError::Malformed("unknown sealed frame kind"));
         }
+        let sealed = &mut frame[2..];
         let p = self.peers.get_mut(&peer).ok_or(E2eError::NoKey(peer))?;
-        let id = sealed.get(1..9);
+        let id = sealed.get(1..9).map(|id| <[u8; 8]>::try_from(id).expect("8 bytes"));
         let lane = match (&mut p.xfer, &mut p.xfer_prev) {
-            (_, Some(prev)) if id == Some(&prev.id()[..]) => prev,
+            (_, Some(prev)) if id == Some(prev.id()) => prev,
             (Some(cur), _) => cur,
             (None, _) => return Err(E2eError::NoKey(peer)),
         };
-        let plain = lane.decrypt(sealed, &frame_aad(kind))?;
-        Ok((kind, plain))
+        let range = lane.decrypt_in_place(sealed, &frame_aad(kind))?;
+        Ok((kind, range.start + 2..range.end + 2))
     }
 }
 
@@ -429,18 +435,26 @@ mod tests {
         }
         assert!(ka.is_ready(&fb) && kb.is_ready(&fa));
         assert_eq!(ka.ready.len(), 1);
-        let frame = ka.seal_frame(&fb, FRAME_BINARY, b"chunk").unwrap();
-        assert_eq!(kb.open_frame(now, fa, &frame), Ok((FRAME_BINARY, b"chunk".to_vec())));
-        assert!(matches!(kb.open_frame(now, fa, &frame), Err(E2eError::Replay { .. })), "once");
+        let seal = |k: &mut RoomKeys, kind: u8, payload: &[u8]| {
+            let mut frame = vec![9; 3];
+            assert!(k.seal_frame_into(&fb, kind, payload, &mut frame));
+            assert_eq!(frame.len(), payload.len() + RoomKeys::FRAME_OVERHEAD);
+            frame
+        };
+        let frame = seal(&mut ka, FRAME_BINARY, b"chunk");
+        let mut buf = frame.clone();
+        let (kind, range) = kb.open_frame(now, fa, &mut buf).unwrap();
+        assert_eq!((kind, &buf[range]), (FRAME_BINARY, &b"chunk"[..]));
+        assert!(matches!(kb.open_frame(now, fa, &mut frame.clone()), Err(E2eError::Replay { .. })), "once");
         // The kind is authenticated; junk and strangers are refused.
-        let mut flipped = ka.seal_frame(&fb, FRAME_BINARY, b"chunk").unwrap();
+        let mut flipped = seal(&mut ka, FRAME_BINARY, b"chunk");
         flipped[1] = FRAME_TEXT;
-        assert_eq!(kb.open_frame(now, fa, &flipped), Err(E2eError::Decrypt));
-        assert!(matches!(kb.open_frame(now, fa, &[SEALED_FRAME]), Err(E2eError::Malformed(_))));
-        assert!(matches!(kb.open_frame(now, fa, &[SEALED_FRAME, 9, 0, 0]), Err(E2eError::Malformed(_))));
-        assert!(matches!(kb.open_frame(now, fa, &[0xC7, 1, 2]), Err(E2eError::Malformed(_))));
+        assert_eq!(kb.open_frame(now, fa, &mut flipped), Err(E2eError::Decrypt));
+        assert!(matches!(kb.open_frame(now, fa, &mut [SEALED_FRAME]), Err(E2eError::Malformed(_))));
+        assert!(matches!(kb.open_frame(now, fa, &mut [SEALED_FRAME, 9, 0, 0]), Err(E2eError::Malformed(_))));
+        assert!(matches!(kb.open_frame(now, fa, &mut [0xC7, 1, 2]), Err(E2eError::Malformed(_))));
         let stranger = Fingerprint::from_bytes([7; 32]);
-        assert_eq!(kb.open_frame(now, stranger, &frame), Err(E2eError::NoKey(stranger)));
+        assert_eq!(kb.open_frame(now, stranger, &mut frame.clone()), Err(E2eError::NoKey(stranger)));
         // A room batch does not open as a frame, nor a frame as a batch: separate lanes.
         let body = ka.seal_batch(&fb, r#"{"m":[]}"#).unwrap();
         let Ok(super::super::wire::Body::Sealed(sealed)) = super::super::wire::decode_body(&body) else { panic!("sealed") };
@@ -452,6 +466,6 @@ mod tests {
         assert!(!events.iter().any(|e| matches!(e, EncryptionEvent::Refused { error: E2eError::Replay { .. }, .. })));
         // A peer that shares no encrypted room any more is forgotten.
         ka.set_needed(now, &BTreeSet::new());
-        assert!(!ka.is_ready(&fb) && ka.seal_frame(&fb, FRAME_TEXT, b"{}").is_none());
+        assert!(!ka.is_ready(&fb) && !ka.seal_frame_into(&fb, FRAME_TEXT, b"{}", &mut Vec::new()));
     }
 }
