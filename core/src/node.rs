@@ -1557,7 +1557,9 @@ impl Transport for Node {
     fn send_direct(&mut self, peer: Fingerprint, text: &str, control: bool, seal: bool) -> Result<(), SendError> {
         let sealed;
         let text = if seal {
-            sealed = self.keys.seal_batch(&peer, text).ok_or(SendError::WouldBlock { buffered: 0 })?;
+            // The rooms only seal for a peer whose session is ready; should it not be, the
+            // batch stays unsent (not `WouldBlock`: nothing would say when to try again).
+            sealed = self.keys.seal_batch(&peer, text).ok_or_else(|| SendError::ChannelNotOpen(INTERNAL_CHANNEL.into()))?;
             &sealed
         } else {
             text

@@ -96,9 +96,9 @@ macro_rules! async_world {
                 let node = self.nodes[i].clone();
                 self.call(async move { node.create_room(room, options).await.map(drop) })
             }
-            fn join_room(&mut self, i: usize, room: &str) -> RoomResult {
+            fn join_room(&mut self, i: usize, room: &str, options: peerlink::JoinOptions) -> RoomResult {
                 let node = self.nodes[i].clone();
-                self.call(async move { node.join_room(room).await.map(drop) })
+                self.call(async move { node.join_room_with(room, options).await.map(drop) })
             }
             fn send(&mut self, i: usize, room: &str, to: Option<Fingerprint>, data: RoomData) -> RoomResult {
                 let r = self.nodes[i].room(room);

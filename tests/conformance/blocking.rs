@@ -81,9 +81,9 @@ impl World for Blocking {
         self.nodes[i].create_room(room, options).map_err(room_err)?;
         self.entered(i, room, since)
     }
-    fn join_room(&mut self, i: usize, room: &str) -> RoomResult {
+    fn join_room(&mut self, i: usize, room: &str, options: peerlink::JoinOptions) -> RoomResult {
         let since = self.events[i].len();
-        self.nodes[i].join_room(room).map_err(room_err)?;
+        self.nodes[i].join_room_with(room, options).map_err(room_err)?;
         self.entered(i, room, since)
     }
     fn send(&mut self, i: usize, room: &str, to: Option<Fingerprint>, data: RoomData) -> RoomResult {
@@ -120,6 +120,11 @@ impl World for Blocking {
 #[test]
 fn delivery() {
     scenarios::delivery(&mut Blocking::new(4));
+}
+
+#[test]
+fn encrypted_delivery() {
+    scenarios::encrypted_delivery(&mut Blocking::new(3));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The scenarios every backend must pass, written once against [`World`].
 
-use peerlink::{ErrorCode, Payload, RoomData, RoomError, RoomEvent, RoomOptions};
+use peerlink::{ErrorCode, JoinOptions, Payload, RoomData, RoomError, RoomEvent, RoomOptions};
 
 use crate::world::World;
 
@@ -18,9 +18,16 @@ fn texts_from(w: &dyn World, i: usize, from: usize) -> Vec<String> {
 /// Member 0 creates `room` (at most `max` members); members 1.. join; everyone is directly
 /// connected to everyone at the end.
 pub fn form(w: &mut dyn World, room: &str, max: u32) {
-    w.create_room(0, room, RoomOptions::group(max).metadata(serde_json::json!({ "kind": "conformance" }))).unwrap();
+    form_with(w, room, max, false);
+}
+
+/// [`form`], the room end-to-end encrypted or not.
+fn form_with(w: &mut dyn World, room: &str, max: u32, encrypted: bool) {
+    let options = RoomOptions::group(max).metadata(serde_json::json!({ "kind": "conformance" }));
+    w.create_room(0, room, if encrypted { options.encrypted() } else { options }).unwrap();
     for i in 1..w.len() {
-        w.join_room(i, room).unwrap_or_else(|e| panic!("{}: member {i} join: {e:?}", w.backend()));
+        let options = if encrypted { JoinOptions::encrypted() } else { JoinOptions::default() };
+        w.join_room(i, room, options).unwrap_or_else(|e| panic!("{}: member {i} join: {e:?}", w.backend()));
     }
     let n = w.len();
     let room_id = room.to_owned();
@@ -30,6 +37,7 @@ pub fn form(w: &mut dyn World, room: &str, max: u32) {
     }
     for (i, v) in views.iter().enumerate() {
         assert_eq!(v.owner, w.fingerprint(0), "{}: owner seen by {i}", w.backend());
+        assert_eq!(v.encrypted, encrypted, "{}: encrypted as asked, seen by {i}", w.backend());
         assert_eq!(v.max_size, max);
         assert_eq!(v.metadata.as_ref().map(|m| m.0.get()), Some(r#"{"kind":"conformance"}"#));
     }
@@ -41,8 +49,21 @@ pub fn form(w: &mut dyn World, room: &str, max: u32) {
 
 /// Everyone sends to everyone, then one member to one other: exactly once, in order.
 pub fn delivery(w: &mut dyn World) {
-    let room = "conf-delivery";
-    form(w, room, 8);
+    delivery_in(w, "conf-delivery", false);
+}
+
+/// [`delivery`] in an end-to-end encrypted room (sends start before the sessions are ready):
+/// the same, and nothing refused.
+pub fn encrypted_delivery(w: &mut dyn World) {
+    delivery_in(w, "conf-encrypted", true);
+    for i in 0..w.len() {
+        let errors: Vec<&RoomEvent> = w.events(i).iter().filter(|e| matches!(e, RoomEvent::Error { .. })).collect();
+        assert!(errors.is_empty(), "{}: member {i}: {errors:?}", w.backend());
+    }
+}
+
+fn delivery_in(w: &mut dyn World, room: &str, encrypted: bool) {
+    form_with(w, room, 8, encrypted);
     let n = w.len();
     for k in 0..20 {
         for i in 0..n {
@@ -108,8 +129,8 @@ pub fn refusals(w: &mut dyn World) {
     assert!(matches!(w.create_room(2, room, RoomOptions::default()), Err(Some(RoomError::AlreadyJoined(_)))));
     // The room is full: a new room of 2 refuses a third member with the server's `room_full`.
     w.create_room(0, "conf-pair", RoomOptions::direct()).unwrap();
-    w.join_room(1, "conf-pair").unwrap();
-    match w.join_room(2, "conf-pair") {
+    w.join_room(1, "conf-pair", JoinOptions::default()).unwrap();
+    match w.join_room(2, "conf-pair", JoinOptions::default()) {
         Err(Some(RoomError::Request(e))) => assert_eq!(e.code(), Some(ErrorCode::RoomFull), "{}", w.backend()),
         other => panic!("{}: third in a pair: {other:?}", w.backend()),
     }

@@ -74,9 +74,9 @@ impl World for Simulated {
         self.with(i, |n, now| n.create_room(now, room, options))?;
         self.entered(i, room, since)
     }
-    fn join_room(&mut self, i: usize, room: &str) -> RoomResult {
+    fn join_room(&mut self, i: usize, room: &str, options: peerlink::JoinOptions) -> RoomResult {
         let since = self.events[i].len();
-        self.with(i, |n, now| n.join_room(now, room))?;
+        self.with(i, |n, now| n.join_room_with(now, room, options))?;
         self.entered(i, room, since)
     }
     fn send(&mut self, i: usize, room: &str, to: Option<Fingerprint>, data: RoomData) -> RoomResult {
@@ -114,6 +114,11 @@ impl World for Simulated {
 #[test]
 fn delivery() {
     scenarios::delivery(&mut Simulated::new(4));
+}
+
+#[test]
+fn encrypted_delivery() {
+    scenarios::encrypted_delivery(&mut Simulated::new(3));
 }
 
 #[test]

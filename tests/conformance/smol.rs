@@ -24,6 +24,11 @@ fn delivery() {
 }
 
 #[test]
+fn encrypted_delivery() {
+    scenarios::encrypted_delivery(&mut AsyncWorld::new(Smol, 3));
+}
+
+#[test]
 fn presence() {
     scenarios::presence(&mut AsyncWorld::new(Smol, 3));
 }

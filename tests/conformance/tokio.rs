@@ -30,6 +30,11 @@ fn delivery() {
 }
 
 #[test]
+fn encrypted_delivery() {
+    scenarios::encrypted_delivery(&mut AsyncWorld::new(Tokio::new(), 3));
+}
+
+#[test]
 fn presence() {
     scenarios::presence(&mut AsyncWorld::new(Tokio::new(), 3));
 }

@@ -1,7 +1,7 @@
 //! What every backend offers the scenarios: N members, room commands by member index, and the
 //! room events each member saw.
 
-use peerlink::{Fingerprint, RoomData, RoomError, RoomEvent, RoomOptions, RoomView};
+use peerlink::{Fingerprint, JoinOptions, RoomData, RoomError, RoomEvent, RoomOptions, RoomView};
 
 /// A backend's result: `Err(Some(e))` for a room refusal, `Err(None)` for anything else.
 pub type RoomResult = Result<(), Option<RoomError>>;
@@ -17,7 +17,7 @@ pub trait World {
     /// Creates `room` from member `i` and waits until it is in it.
     fn create_room(&mut self, i: usize, room: &str, options: RoomOptions) -> RoomResult;
     /// Joins `room` from member `i` and waits until it is in it (or refused).
-    fn join_room(&mut self, i: usize, room: &str) -> RoomResult;
+    fn join_room(&mut self, i: usize, room: &str, options: JoinOptions) -> RoomResult;
     /// `Room::send_data` from member `i`.
     fn send(&mut self, i: usize, room: &str, to: Option<Fingerprint>, data: RoomData) -> RoomResult;
     /// `Room::broadcast_via_server` of JSON `value` from member `i`.
