@@ -170,6 +170,7 @@ pub mod transfer;
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
 pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, UdpBind};
+pub use peer::media::{self, Codec, MediaError, MediaEvent, MediaFrame, ReceivedFrame, TrackId, TrackInfo, TrackKind, TrackOptions};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
 pub use room::{EncryptionEvent, JoinOptions, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};

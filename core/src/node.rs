@@ -34,6 +34,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit};
 use crate::identity::{Fingerprint, Identity};
+use crate::peer::media::{MediaError, MediaEvent, MediaFrame, TrackId, TrackInfo, TrackOptions};
 use crate::peer::signal::{RejectReason, Signal, SignalError};
 use crate::peer::{
     ChannelError, ChannelOptions, Ctx, DEFAULT_CHANNEL, Datagram, INTERNAL_CHANNEL, Payload, Peer, PeerConfig, PeerError,
@@ -195,6 +196,9 @@ pub enum NodeError {
     /// A state or document sync command was refused (nothing changed).
     #[error(transparent)]
     Sync(#[from] SyncError),
+    /// A media command was refused (nothing changed).
+    #[error(transparent)]
+    Media(#[from] MediaError),
     /// The DTLS certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -299,6 +303,8 @@ pub enum NodeEvent {
     Sync(SyncEvent),
     /// Something happened to end-to-end encryption with a member of an encrypted room.
     Encryption(EncryptionEvent),
+    /// Something happened to a connection's audio or video tracks.
+    Media(MediaEvent),
 }
 
 /// What a connection said to the transfers.
@@ -338,6 +344,8 @@ pub struct PeerView {
     pub offerer: bool,
     /// The largest message a send accepts.
     pub max_message_size: usize,
+    /// Audio and video tracks, both sides'.
+    pub tracks: Vec<TrackInfo>,
 }
 
 struct StunRequest {
@@ -803,6 +811,7 @@ impl Node {
                 PeerOutput::Data { channel, data } => NodeEvent::Data { peer: fp, channel, data },
                 PeerOutput::BufferedAmountLow(channel) => NodeEvent::BufferedAmountLow { peer: fp, channel },
                 PeerOutput::Error(error) => NodeEvent::PeerError { peer: fp, error },
+                PeerOutput::Media(event) => NodeEvent::Media(event),
             });
         }
     }
@@ -1218,6 +1227,7 @@ impl Node {
             channels: p.open_channels().map(str::to_owned).collect(),
             offerer: p.is_offerer(),
             max_message_size: p.max_message_size(),
+            tracks: p.tracks(),
         })
     }
 
@@ -1277,6 +1287,49 @@ impl Node {
         }
         self.with_peer(peer, |p, ctx| p.restart_ice(ctx));
         Ok(())
+    }
+
+    // ---- media --------------------------------------------------------------------------
+
+    /// Runs a media command on the connection to `peer`.
+    fn media_command<T>(&mut self, now: Instant, peer: Fingerprint, f: impl FnOnce(&mut Peer, &mut Ctx<'_, ChaCha20Rng>) -> Result<T, MediaError>) -> Result<T, NodeError> {
+        self.begin(now)?;
+        if self.peers.get(&peer).is_none_or(|p| p.is_terminal()) {
+            return Err(SendError::UnknownPeer(peer).into());
+        }
+        let mut result = None;
+        self.with_peer(peer, |p, ctx| result = Some(f(p, ctx)));
+        Ok(result.expect("the peer exists")?)
+    }
+
+    /// Adds an audio or video track to the connection to `peer` (see [`crate::peer::media`]):
+    /// a renegotiation, after which [`MediaEvent::TrackAdded`] (with `local: true`) says
+    /// frames may be written. Returns its id.
+    pub fn add_track(&mut self, now: Instant, peer: Fingerprint, options: TrackOptions) -> Result<TrackId, NodeError> {
+        self.media_command(now, peer, |p, ctx| p.add_track(options, ctx))
+    }
+
+    /// Mutes (`true`) or unmutes one of this side's tracks: the remote sees it
+    /// ([`MediaEvent::Muted`]); frames written while muted are dropped.
+    pub fn set_track_muted(&mut self, now: Instant, peer: Fingerprint, track: &TrackId, muted: bool) -> Result<(), NodeError> {
+        self.media_command(now, peer, |p, ctx| p.set_track_muted(track, muted, ctx))
+    }
+
+    /// Removes one of this side's tracks (the remote sees [`MediaEvent::TrackRemoved`]).
+    pub fn remove_track(&mut self, now: Instant, peer: Fingerprint, track: &TrackId) -> Result<(), NodeError> {
+        self.media_command(now, peer, |p, ctx| p.remove_track(track, ctx))
+    }
+
+    /// Sends an encoded frame on one of this side's tracks. Returns whether it went:
+    /// `false` while the track is muted or not negotiated yet, or the connection is not up.
+    pub fn write_frame(&mut self, now: Instant, peer: Fingerprint, track: &TrackId, frame: MediaFrame) -> Result<bool, NodeError> {
+        self.media_command(now, peer, |p, ctx| p.write_frame(track, frame, ctx))
+    }
+
+    /// Asks `peer` for a keyframe on one of its tracks (after a loss:
+    /// [`ReceivedFrame::contiguous`](crate::peer::media::ReceivedFrame) is `false`).
+    pub fn request_keyframe(&mut self, now: Instant, peer: Fingerprint, track: &TrackId) -> Result<(), NodeError> {
+        self.media_command(now, peer, |p, ctx| p.request_keyframe(track, ctx))
     }
 
     /// Closes the connection to `peer` (the remote sees `Closed` too).

@@ -13,6 +13,7 @@ mod fuzz_replay;
 mod glare;
 mod ice_restart;
 mod lossy_link;
+mod media;
 mod mitm;
 mod ordering;
 mod outage_recovery;

@@ -26,6 +26,7 @@
 //! [`PeerConfig::failed_timeout`] passes ([`PeerState::Failed`]).
 
 pub(crate) mod crypto;
+pub mod media;
 pub mod signal;
 
 use std::collections::VecDeque;
@@ -40,6 +41,7 @@ use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, 
 use tracing::{debug, info, trace, warn};
 
 use crate::identity::{Fingerprint, Identity};
+use media::{Media, MediaError, MediaEvent, MediaFrame, TrackId, TrackInfo, TrackOptions};
 use signal::{BindingError, RejectReason, SdpKind, SessionId, Signal};
 
 /// The label of the channel every connection opens first (pre-negotiated as SCTP stream 0, so
@@ -312,6 +314,7 @@ pub(crate) enum PeerOutput {
     Data { channel: String, data: Payload },
     BufferedAmountLow(String),
     Error(PeerError),
+    Media(MediaEvent),
 }
 
 /// Everything a peer needs from its node while handling an input.
@@ -372,6 +375,8 @@ pub(crate) struct Peer {
     restarts: u32,
     max_message: usize,
     window: SendWindow,
+    /// Audio and video tracks, both ways.
+    media: Media,
 }
 
 /// The send window (see [`PeerConfig::min_send_window`]).
@@ -521,6 +526,7 @@ impl Peer {
                 rtt_min: None,
                 next_update: None,
             },
+            media: Media::default(),
         }
     }
 
@@ -734,11 +740,16 @@ impl Peer {
                     .and_then(|()| SdpOffer::from_sdp_string(&sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
                 match result {
                     Ok(offer) => {
-                        // A polite side's own pending offer is rolled back by accepting.
-                        self.pending_offer = None;
+                        // A polite side's own pending offer is rolled back by accepting; its
+                        // media changes go again after.
+                        if self.pending_offer.take().is_some() {
+                            self.media.offer_rolled_back();
+                        }
                         if let Err(e) = self.accept_offer(offer, ctx) {
                             self.reject(e, ctx);
+                            return;
                         }
+                        self.negotiate(ctx);
                     }
                     Err(e) => self.reject(e, ctx),
                 }
@@ -760,7 +771,12 @@ impl Peer {
                             self.reject(PeerError::BadDescription(e.to_string()), ctx);
                             return;
                         }
+                        let mut events = Vec::new();
+                        self.media.offer_answered(self.remote, &mut events);
+                        ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
                         self.drain(ctx);
+                        // Changes made while the offer was out go now.
+                        self.negotiate(ctx);
                     }
                     Err(e) => self.reject(e, ctx),
                 }
@@ -862,6 +878,76 @@ impl Peer {
         api.ice_restart(true);
         let Some((offer, pending)) = api.apply() else { return };
         info!(remote = %self.remote.short(), "restarting ICE");
+        self.pending_offer = Some(pending);
+        self.send_description(SdpKind::Offer, offer.to_sdp_string(), ctx);
+        self.drain(ctx);
+    }
+
+    // ---- media -------------------------------------------------------------------------
+
+    /// Adds a local track; the renegotiation starts now (or after the offer in flight).
+    pub(crate) fn add_track<R: RngCore + rand::CryptoRng>(&mut self, options: TrackOptions, ctx: &mut Ctx<'_, R>) -> Result<TrackId, MediaError> {
+        let id = self.media.add(options, ctx.rng.next_u64())?;
+        self.negotiate(ctx);
+        Ok(id)
+    }
+
+    /// Mutes or unmutes a local track (a renegotiation).
+    pub(crate) fn set_track_muted<R: RngCore + rand::CryptoRng>(&mut self, id: &TrackId, muted: bool, ctx: &mut Ctx<'_, R>) -> Result<(), MediaError> {
+        self.media.set_muted(id, muted)?;
+        self.negotiate(ctx);
+        Ok(())
+    }
+
+    /// Removes a local track (a renegotiation).
+    pub(crate) fn remove_track<R: RngCore + rand::CryptoRng>(&mut self, id: &TrackId, ctx: &mut Ctx<'_, R>) -> Result<(), MediaError> {
+        self.media.remove(id)?;
+        self.negotiate(ctx);
+        Ok(())
+    }
+
+    /// Writes a frame on a local track. `Ok(false)`: not sent (muted, or not negotiated
+    /// yet, or the connection is not up).
+    pub(crate) fn write_frame<R: RngCore>(&mut self, id: &TrackId, frame: MediaFrame, ctx: &mut Ctx<'_, R>) -> Result<bool, MediaError> {
+        let (kind, mid) = self.media.sending_mid(id)?;
+        if frame.codec.kind() != kind {
+            return Err(MediaError::CodecNotNegotiated(frame.codec));
+        }
+        let Some(mid) = mid.filter(|_| self.state == PeerState::Connected) else { return Ok(false) };
+        media::write(&mut self.rtc, mid, ctx.now, frame)?;
+        self.drain(ctx);
+        Ok(true)
+    }
+
+    /// Asks the remote for a keyframe on one of its tracks.
+    pub(crate) fn request_keyframe<R: RngCore>(&mut self, id: &TrackId, ctx: &mut Ctx<'_, R>) -> Result<(), MediaError> {
+        let mid = self.media.remote_mid(id)?;
+        media::request_keyframe(&mut self.rtc, mid, id)?;
+        self.drain(ctx);
+        Ok(())
+    }
+
+    /// The tracks of both sides.
+    pub(crate) fn tracks(&self) -> Vec<TrackInfo> {
+        self.media.tracks()
+    }
+
+    /// Offers the media changes waiting, unless an offer is in flight (its answer brings
+    /// them here again).
+    fn negotiate<R: RngCore + rand::CryptoRng>(&mut self, ctx: &mut Ctx<'_, R>) {
+        if self.is_terminal() || self.pending_offer.is_some() || !self.media.needs_offer() {
+            return;
+        }
+        let mut api = self.rtc.sdp_api();
+        self.media.stage(&mut api);
+        let Some((offer, pending)) = api.apply() else {
+            // Nothing str0m needs to tell (e.g. a direction already so): it holds.
+            let mut events = Vec::new();
+            self.media.offer_answered(self.remote, &mut events);
+            ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
+            return;
+        };
+        debug!(remote = %self.remote.short(), "renegotiating media");
         self.pending_offer = Some(pending);
         self.send_description(SdpKind::Offer, offer.to_sdp_string(), ctx);
         self.drain(ctx);
@@ -1026,6 +1112,9 @@ impl Peer {
                 chan.open = false;
                 ctx.outputs.push_back(PeerOutput::ChannelClosed(chan.label.clone()));
             }
+            let mut events = Vec::new();
+            self.media.close(self.remote, &mut events);
+            ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
             self.rtc_timeout = None;
         }
         ctx.outputs.push_back(PeerOutput::State(state));
@@ -1156,6 +1245,26 @@ impl Peer {
             // The send window decides when a blocked channel hears it has room (see
             // `update_window`); str0m's per-channel threshold is not used.
             Event::ChannelBufferedAmountLow(_) => {}
+            Event::MediaAdded(m) => {
+                let mut events = Vec::new();
+                self.media.on_added(self.remote, m.mid, &self.rtc, &mut events);
+                ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
+            }
+            Event::MediaChanged(m) => {
+                let mut events = Vec::new();
+                self.media.on_changed(self.remote, m.mid, m.direction, &self.rtc, &mut events);
+                ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
+            }
+            Event::MediaData(data) => {
+                let mut events = Vec::new();
+                self.media.on_data(self.remote, data, &mut events);
+                ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
+            }
+            Event::KeyframeRequest(req) => {
+                let mut events = Vec::new();
+                self.media.on_keyframe_request(self.remote, req.mid, &mut events);
+                ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
+            }
             Event::PeerStats(stats) => {
                 // The ICE round trip of the selected path (STUN checks and keep-alives).
                 let rtt = stats.selected_candidate_pair.and_then(|p| p.current_round_trip_time);

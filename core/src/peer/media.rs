@@ -1,0 +1,537 @@
+//! Audio and video tracks on a connection: str0m's media, negotiated through the same
+//! identity-bound offers and answers as the connection itself.
+//!
+//! A Rust host has no camera: the application hands in **encoded** frames (Opus, VP8, VP9,
+//! H.264) with their RTP timestamps and receives encoded frames; str0m packetizes,
+//! depacketizes, paces, retransmits (NACK) and answers keyframe requests (PLI) on the wire.
+//!
+//! # Tracks and negotiation
+//!
+//! [`Node::add_track`](crate::Node::add_track) adds a send-only m-line (one per track; the
+//! track id becomes its `msid` track id, grouped into `stream`); a change of the connection's
+//! tracks (added, muted, unmuted, removed) is a renegotiation: an offer for the same session,
+//! signed like the first. Changes made while an offer is in flight wait for its answer and go
+//! in the next offer together. When both sides renegotiate at once, the polite side's offer is
+//! rolled back (perfect negotiation, as for the connection) and offered again after it
+//! answered.
+//!
+//! **Muting** sets the track's direction to `inactive` (a renegotiation): the remote learns of
+//! it ([`MediaEvent::Muted`]; a browser fires `mute` on its track), and frames written while
+//! muted are dropped. Unmuting restores `sendonly`. **Removing** stops the m-line (port 0).
+//!
+//! # Bounds
+//!
+//! At most [`MAX_TRACKS`] local tracks per connection ([`MediaError::TooManyTracks`]). Frames
+//! are not queued here: str0m paces what it is given, and received frames are events, drained
+//! like every other.
+
+use std::fmt;
+use std::sync::Arc;
+
+use str0m::format::Codec as StrCodec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use tracing::{debug, trace};
+
+use crate::identity::Fingerprint;
+
+/// Most local tracks on one connection.
+pub const MAX_TRACKS: usize = 32;
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrackKind {
+    /// Audio.
+    Audio,
+    /// Video.
+    Video,
+}
+
+impl TrackKind {
+    fn to_str0m(self) -> MediaKind {
+        match self {
+            TrackKind::Audio => MediaKind::Audio,
+            TrackKind::Video => MediaKind::Video,
+        }
+    }
+
+    fn from_str0m(kind: MediaKind) -> Self {
+        match kind {
+            MediaKind::Audio => TrackKind::Audio,
+            MediaKind::Video => TrackKind::Video,
+        }
+    }
+}
+
+/// A codec frames are encoded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// Opus audio (48 kHz RTP clock).
+    Opus,
+    /// VP8 video (90 kHz RTP clock).
+    Vp8,
+    /// VP9 video (90 kHz).
+    Vp9,
+    /// H.264 video (90 kHz).
+    H264,
+}
+
+impl Codec {
+    /// Audio or video.
+    pub fn kind(self) -> TrackKind {
+        match self {
+            Codec::Opus => TrackKind::Audio,
+            _ => TrackKind::Video,
+        }
+    }
+
+    /// The RTP clock rate timestamps count in: 48,000 for Opus, 90,000 for video.
+    pub fn clock_rate(self) -> u32 {
+        match self {
+            Codec::Opus => 48_000,
+            _ => 90_000,
+        }
+    }
+
+    fn to_str0m(self) -> StrCodec {
+        match self {
+            Codec::Opus => StrCodec::Opus,
+            Codec::Vp8 => StrCodec::Vp8,
+            Codec::Vp9 => StrCodec::Vp9,
+            Codec::H264 => StrCodec::H264,
+        }
+    }
+
+    fn from_str0m(codec: StrCodec) -> Option<Self> {
+        Some(match codec {
+            StrCodec::Opus => Codec::Opus,
+            StrCodec::Vp8 => Codec::Vp8,
+            StrCodec::Vp9 => Codec::Vp9,
+            StrCodec::H264 => Codec::H264,
+            _ => return None,
+        })
+    }
+}
+
+/// A track's id: its `msid` track id, unique on the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackId(pub String);
+
+impl fmt::Display for TrackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for TrackId {
+    fn from(s: &str) -> Self {
+        TrackId(s.to_owned())
+    }
+}
+
+/// How a track is added ([`Node::add_track`](crate::Node::add_track)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TrackOptions {
+    /// Audio or video.
+    pub kind: TrackKind,
+    /// Its id (`msid` track id: 1 to 64 of `A-Za-z0-9!#$%&'*+-.^_`|~`); a random one when
+    /// `None`.
+    pub id: Option<String>,
+    /// The stream it belongs to (`msid` stream id; tracks of one stream play in sync: a
+    /// camera's audio and video). `"peerlink"` when `None`.
+    pub stream: Option<String>,
+    /// Start muted.
+    pub muted: bool,
+}
+
+impl TrackOptions {
+    /// An audio track.
+    pub fn audio() -> Self {
+        TrackOptions { kind: TrackKind::Audio, id: None, stream: None, muted: false }
+    }
+
+    /// A video track.
+    pub fn video() -> Self {
+        TrackOptions { kind: TrackKind::Video, id: None, stream: None, muted: false }
+    }
+
+    /// With this id.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// In this stream.
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = Some(stream.into());
+        self
+    }
+}
+
+/// A track as events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackInfo {
+    /// Its id.
+    pub id: TrackId,
+    /// The stream it belongs to.
+    pub stream: String,
+    /// Audio or video.
+    pub kind: TrackKind,
+    /// This side sends it (`false`: the remote does).
+    pub local: bool,
+}
+
+/// An encoded frame to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFrame {
+    /// Its codec (one the remote accepted for the track: see
+    /// [`MediaError::CodecNotNegotiated`]).
+    pub codec: Codec,
+    /// Its RTP timestamp, in the codec's [clock](Codec::clock_rate) (it wraps at 2^32 on
+    /// the wire).
+    pub rtp_time: u64,
+    /// The encoded frame (a whole VP8/VP9 frame, H.264 access unit in Annex B, or Opus
+    /// packet).
+    pub data: Vec<u8>,
+}
+
+/// An encoded frame received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedFrame {
+    /// Its codec.
+    pub codec: Codec,
+    /// Its RTP timestamp, in the codec's clock.
+    pub rtp_time: u64,
+    /// The frame, depacketized.
+    pub data: Arc<[u8]>,
+    /// A keyframe (video).
+    pub keyframe: bool,
+    /// It follows the previous frame without a gap (`false`: packets were lost in between;
+    /// a decoder may need a keyframe: [`Node::request_keyframe`](crate::Node::request_keyframe)).
+    pub contiguous: bool,
+}
+
+/// Something that happened to a connection's media; arrives as
+/// [`NodeEvent::Media`](crate::NodeEvent::Media).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MediaEvent {
+    /// A track was negotiated: the remote's (frames will arrive), or this side's (frames may
+    /// be written now).
+    TrackAdded {
+        /// The peer.
+        peer: Fingerprint,
+        /// The track.
+        track: TrackInfo,
+    },
+    /// A track is gone (removed by either side, or its connection closed).
+    TrackRemoved {
+        /// The peer.
+        peer: Fingerprint,
+        /// The track.
+        track: TrackId,
+    },
+    /// The remote muted (`true`) or unmuted one of its tracks.
+    Muted {
+        /// The peer.
+        peer: Fingerprint,
+        /// Its track.
+        track: TrackId,
+        /// Muted now.
+        muted: bool,
+    },
+    /// A frame of a remote track.
+    Frame {
+        /// The peer.
+        peer: Fingerprint,
+        /// Its track.
+        track: TrackId,
+        /// The frame.
+        frame: ReceivedFrame,
+    },
+    /// The remote asks for a keyframe on one of this side's tracks (its decoder lost the
+    /// picture): encode the next frame as a keyframe.
+    KeyframeRequested {
+        /// The peer.
+        peer: Fingerprint,
+        /// This side's track.
+        track: TrackId,
+    },
+}
+
+/// Why a media command was refused (nothing changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    /// No such track on that connection.
+    #[error("no track `{0}`")]
+    UnknownTrack(TrackId),
+    /// A track with that id exists on that connection.
+    #[error("track `{0}` exists")]
+    DuplicateTrack(TrackId),
+    /// The id is not a valid `msid` token (1 to 64 token characters).
+    #[error("invalid track or stream id `{0}`")]
+    InvalidId(String),
+    /// [`MAX_TRACKS`] local tracks on that connection already.
+    #[error("at most {MAX_TRACKS} tracks per connection")]
+    TooManyTracks,
+    /// The frame's codec does not fit the track (audio on video, or a codec the remote did
+    /// not accept for it).
+    #[error("codec {0:?} is not negotiated for this track")]
+    CodecNotNegotiated(Codec),
+    /// Only the remote's tracks can be asked for keyframes (and only after they arrived).
+    #[error("no keyframe can be requested on `{0}`")]
+    NoKeyframeRequest(TrackId),
+    /// str0m refused the frame.
+    #[error("media: {0}")]
+    Rtc(String),
+}
+
+/// What this side wants for one of its tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Send,
+    Muted,
+    Stopped,
+}
+
+impl Want {
+    fn direction(self) -> Direction {
+        match self {
+            Want::Send => Direction::SendOnly,
+            Want::Muted | Want::Stopped => Direction::Inactive,
+        }
+    }
+}
+
+struct LocalTrack {
+    info: TrackInfo,
+    mid: Option<Mid>,
+    want: Want,
+    /// What the offer in flight says of it.
+    offered: Option<Want>,
+    /// What the last completed negotiation agreed.
+    agreed: Option<Want>,
+}
+
+struct RemoteTrack {
+    info: TrackInfo,
+    mid: Mid,
+    muted: bool,
+}
+
+/// One connection's tracks, both ways.
+#[derive(Default)]
+pub(crate) struct Media {
+    local: Vec<LocalTrack>,
+    remote: Vec<RemoteTrack>,
+    /// A random id counter for tracks added without one.
+    next_id: u64,
+}
+
+fn valid_token(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| matches!(b, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'0'..=b'9' | b'A'..=b'Z' | b'^'..=b'~'))
+}
+
+impl Media {
+    pub(crate) fn add(&mut self, options: TrackOptions, random: u64) -> Result<TrackId, MediaError> {
+        if self.local.iter().filter(|t| t.want != Want::Stopped).count() >= MAX_TRACKS {
+            return Err(MediaError::TooManyTracks);
+        }
+        let id = match options.id {
+            Some(id) => id,
+            None => {
+                self.next_id += 1;
+                format!("t{:x}{:x}", random & 0xffff_ffff, self.next_id)
+            }
+        };
+        let stream = options.stream.unwrap_or_else(|| "peerlink".to_owned());
+        for s in [&id, &stream] {
+            if !valid_token(s) {
+                return Err(MediaError::InvalidId(s.clone()));
+            }
+        }
+        let id = TrackId(id);
+        if self.local.iter().any(|t| t.info.id == id) || self.remote.iter().any(|t| t.info.id == id) {
+            return Err(MediaError::DuplicateTrack(id));
+        }
+        let want = if options.muted { Want::Muted } else { Want::Send };
+        self.local.push(LocalTrack { info: TrackInfo { id: id.clone(), stream, kind: options.kind, local: true }, mid: None, want, offered: None, agreed: None });
+        Ok(id)
+    }
+
+    fn local_mut(&mut self, id: &TrackId) -> Result<&mut LocalTrack, MediaError> {
+        self.local.iter_mut().find(|t| &t.info.id == id && t.want != Want::Stopped).ok_or_else(|| MediaError::UnknownTrack(id.clone()))
+    }
+
+    pub(crate) fn set_muted(&mut self, id: &TrackId, muted: bool) -> Result<(), MediaError> {
+        self.local_mut(id)?.want = if muted { Want::Muted } else { Want::Send };
+        Ok(())
+    }
+
+    pub(crate) fn remove(&mut self, id: &TrackId) -> Result<(), MediaError> {
+        self.local_mut(id)?.want = Want::Stopped;
+        Ok(())
+    }
+
+    /// Whether an offer is needed to bring the negotiated state to what is wanted.
+    pub(crate) fn needs_offer(&self) -> bool {
+        self.local.iter().any(|t| t.offered.is_none() && Some(t.want) != t.agreed && !(t.want == Want::Stopped && t.agreed.is_none() && t.mid.is_none()))
+    }
+
+    /// Puts the wanted changes into an offer being made.
+    pub(crate) fn stage(&mut self, api: &mut str0m::change::SdpApi<'_>) {
+        // Stopped before ever negotiated: nothing to tell.
+        self.local.retain(|t| !(t.want == Want::Stopped && t.agreed.is_none() && t.mid.is_none()));
+        for t in &mut self.local {
+            if t.offered.is_some() || Some(t.want) == t.agreed {
+                continue;
+            }
+            match (t.mid, t.want) {
+                (None, want) => {
+                    let mid = api.add_media(t.info.kind.to_str0m(), want.direction(), Some(t.info.stream.clone()), Some(t.info.id.0.clone()), None);
+                    t.mid = Some(mid);
+                }
+                (Some(mid), Want::Stopped) => api.stop_media(mid),
+                (Some(mid), want) => api.set_direction(mid, want.direction()),
+            }
+            t.offered = Some(t.want);
+        }
+    }
+
+    /// The offer was answered: what it said holds; tracks agreed for the first time are
+    /// reported.
+    pub(crate) fn offer_answered(&mut self, peer: Fingerprint, out: &mut Vec<MediaEvent>) {
+        for t in &mut self.local {
+            if let Some(w) = t.offered.take() {
+                if t.agreed.is_none() && w != Want::Stopped {
+                    out.push(MediaEvent::TrackAdded { peer, track: t.info.clone() });
+                }
+                t.agreed = Some(w);
+            }
+        }
+        self.local.retain(|t| t.agreed != Some(Want::Stopped));
+    }
+
+    /// The offer was rolled back (the remote's crossing offer won): offer it again later.
+    pub(crate) fn offer_rolled_back(&mut self) {
+        for t in &mut self.local {
+            if t.offered.take().is_some() && t.agreed.is_none() {
+                // Its m-line was never agreed: the next offer adds it afresh.
+                t.mid = None;
+            }
+        }
+    }
+
+    /// The track behind `mid`, if it is ours and sending.
+    fn local_by_mid(&self, mid: Mid) -> Option<&LocalTrack> {
+        self.local.iter().find(|t| t.mid == Some(mid))
+    }
+
+    /// A frame for `id`: the mid to write it on, or `None` when the track does not send
+    /// now (muted, or not negotiated yet).
+    pub(crate) fn sending_mid(&self, id: &TrackId) -> Result<(TrackKind, Option<Mid>), MediaError> {
+        let t = self.local.iter().find(|t| &t.info.id == id && t.want != Want::Stopped).ok_or_else(|| MediaError::UnknownTrack(id.clone()))?;
+        Ok((t.info.kind, (t.want == Want::Send && t.agreed == Some(Want::Send)).then_some(t.mid).flatten()))
+    }
+
+    pub(crate) fn remote_mid(&self, id: &TrackId) -> Result<Mid, MediaError> {
+        self.remote.iter().find(|t| &t.info.id == id).map(|t| t.mid).ok_or_else(|| MediaError::UnknownTrack(id.clone()))
+    }
+
+    /// Tracks of both sides (for a view).
+    pub(crate) fn tracks(&self) -> Vec<TrackInfo> {
+        self.local.iter().filter(|t| t.want != Want::Stopped).map(|t| t.info.clone()).chain(self.remote.iter().map(|t| t.info.clone())).collect()
+    }
+
+    /// str0m reports media on `mid` negotiated (either side's offer).
+    pub(crate) fn on_added(&mut self, peer: Fingerprint, mid: Mid, rtc: &str0m::Rtc, out: &mut Vec<MediaEvent>) {
+        if self.local_by_mid(mid).is_some() {
+            // Ours: reported when the answer agreed to it.
+            return;
+        }
+        let Some(media) = rtc.media(mid) else { return };
+        if !media.direction().is_receiving() {
+            trace!(?mid, "remote media this side does not receive: ignored");
+            return;
+        }
+        let mut id = media.track_id().to_owned();
+        if id.is_empty() || self.local.iter().any(|t| t.info.id.0 == id) || self.remote.iter().any(|t| t.info.id.0 == id) {
+            // Without an msid, or clashing with ours: named by its mid.
+            id = format!("mid-{mid}");
+        }
+        let info = TrackInfo { id: TrackId(id), stream: media.stream_id().to_owned(), kind: TrackKind::from_str0m(media.kind()), local: false };
+        debug!(?mid, track = %info.id, "remote track");
+        out.push(MediaEvent::TrackAdded { peer, track: info.clone() });
+        self.remote.push(RemoteTrack { info, mid, muted: false });
+    }
+
+    /// A renegotiation changed media on `mid`.
+    pub(crate) fn on_changed(&mut self, peer: Fingerprint, mid: Mid, direction: Direction, rtc: &str0m::Rtc, out: &mut Vec<MediaEvent>) {
+        let Some(pos) = self.remote.iter().position(|t| t.mid == mid) else {
+            if self.local_by_mid(mid).is_none() && direction.is_receiving() {
+                // A remote m-line that starts sending to us now.
+                self.on_added(peer, mid, rtc, out);
+            }
+            return;
+        };
+        let stopped = rtc.media(mid).is_none_or(|m| m.stopped() || m.disabled());
+        if stopped {
+            let t = self.remote.remove(pos);
+            out.push(MediaEvent::TrackRemoved { peer, track: t.info.id });
+            return;
+        }
+        let muted = !direction.is_receiving();
+        let t = &mut self.remote[pos];
+        if t.muted != muted {
+            t.muted = muted;
+            out.push(MediaEvent::Muted { peer, track: t.info.id.clone(), muted });
+        }
+    }
+
+    /// A frame arrived on `mid`.
+    pub(crate) fn on_data(&self, peer: Fingerprint, data: str0m::media::MediaData, out: &mut Vec<MediaEvent>) {
+        let Some(t) = self.remote.iter().find(|t| t.mid == data.mid) else {
+            trace!(mid = ?data.mid, "media for no remote track dropped");
+            return;
+        };
+        let Some(codec) = Codec::from_str0m(data.params.spec().codec) else { return };
+        let keyframe = data.is_keyframe();
+        let frame = ReceivedFrame { codec, rtp_time: data.time.numer(), data: data.data, keyframe, contiguous: data.contiguous };
+        out.push(MediaEvent::Frame { peer, track: t.info.id.clone(), frame });
+    }
+
+    /// The remote asks for a keyframe on `mid`.
+    pub(crate) fn on_keyframe_request(&self, peer: Fingerprint, mid: Mid, out: &mut Vec<MediaEvent>) {
+        if let Some(t) = self.local_by_mid(mid) {
+            out.push(MediaEvent::KeyframeRequested { peer, track: t.info.id.clone() });
+        }
+    }
+
+    /// The connection ended: every remote track is gone.
+    pub(crate) fn close(&mut self, peer: Fingerprint, out: &mut Vec<MediaEvent>) {
+        for t in self.remote.drain(..) {
+            out.push(MediaEvent::TrackRemoved { peer, track: t.info.id });
+        }
+    }
+}
+
+/// Writes `frame` on `mid`.
+pub(crate) fn write(rtc: &mut str0m::Rtc, mid: Mid, now: std::time::Instant, frame: MediaFrame) -> Result<(), MediaError> {
+    let Some(writer) = rtc.writer(mid) else { return Err(MediaError::Rtc("the track's media is gone".into())) };
+    let want = frame.codec.to_str0m();
+    let Some(pt) = writer.payload_params().find(|p| p.spec().codec == want).map(|p| p.pt()) else {
+        return Err(MediaError::CodecNotNegotiated(frame.codec));
+    };
+    let time = MediaTime::new(frame.rtp_time, str0m::media::Frequency::new(frame.codec.clock_rate()).expect("a non-zero rate"));
+    writer.write(pt, now, time, frame.data).map_err(|e| MediaError::Rtc(e.to_string()))
+}
+
+/// Asks the remote for a keyframe on its track `mid` (PLI, or FIR where only that was
+/// negotiated).
+pub(crate) fn request_keyframe(rtc: &mut str0m::Rtc, mid: Mid, id: &TrackId) -> Result<(), MediaError> {
+    let mut writer = rtc.writer(mid).ok_or_else(|| MediaError::NoKeyframeRequest(id.clone()))?;
+    let kind = if writer.is_request_keyframe_possible(KeyframeRequestKind::Pli) { KeyframeRequestKind::Pli } else { KeyframeRequestKind::Fir };
+    writer.request_keyframe(None, kind).map_err(|_| MediaError::NoKeyframeRequest(id.clone()))
+}

@@ -1,0 +1,136 @@
+//! Audio and video tracks between two nodes in the simulator: adding a track renegotiates,
+//! frames arrive intact and in order, mute and unmute reach the other side, keyframe requests
+//! reach the sender, removal ends the remote track, and both sides adding tracks at once
+//! (renegotiation glare) ends with both tracks.
+
+use std::time::Duration;
+
+use peerlink::{Codec, MediaEvent, MediaFrame, NodeEvent, TrackId, TrackOptions};
+use peerlink_sim::{NodeId, Sim};
+
+use crate::harness::*;
+
+fn media(sim: &Sim, n: NodeId) -> Vec<MediaEvent> {
+    sim.events(n)
+        .iter()
+        .filter_map(|(_, e)| match e {
+            NodeEvent::Media(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn track_added(sim: &Sim, n: NodeId, local: bool, id: &TrackId) -> bool {
+    media(sim, n).iter().any(|e| matches!(e, MediaEvent::TrackAdded { track, .. } if track.local == local && &track.id == id))
+}
+
+fn frames(sim: &Sim, n: NodeId, id: &TrackId) -> Vec<(u64, Vec<u8>, bool)> {
+    media(sim, n)
+        .into_iter()
+        .filter_map(|e| match e {
+            MediaEvent::Frame { track, frame, .. } if &track == id => Some((frame.rtp_time, frame.data.to_vec(), frame.keyframe)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A fake VP8 frame: the first byte's low bit clear marks a keyframe.
+fn vp8(i: u64, key: bool) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..3000u32).map(|k| (k as u64 * 7 + i) as u8).collect();
+    data[0] = if key { 0x10 } else { 0x11 };
+    data
+}
+
+/// Writes `count` frames at 30 fps from `from`; returns what went.
+fn stream(sim: &mut Sim, from: NodeId, to: NodeId, id: &TrackId, first: u64, count: u64) -> Vec<(u64, Vec<u8>)> {
+    let peer = sim.fingerprint(to);
+    let mut sent = Vec::new();
+    for i in first..first + count {
+        let data = vp8(i, i % 30 == 0);
+        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: i * 3000, data: data.clone() };
+        if sim.with_node(from, |n, now| n.write_frame(now, peer, id, frame)).unwrap() {
+            sent.push((i * 3000, data));
+        }
+        sim.run_for(Duration::from_millis(33));
+    }
+    sent
+}
+
+#[test]
+fn a_video_track_renegotiates_streams_mutes_and_goes() {
+    let (mut sim, n) = world(601, 2);
+    let (a, b) = (n[0], n[1]);
+    connect(&mut sim, a, b, Duration::from_secs(10));
+    let fb = sim.fingerprint(b);
+    let id = sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::video().id("cam").stream("alice"))).unwrap();
+    assert_eq!(id, TrackId::from("cam"));
+    assert!(sim.run_until(Duration::from_secs(5), |sim| track_added(sim, a, true, &id) && track_added(sim, b, false, &id)), "negotiated");
+    let remote = media(&sim, b).into_iter().find_map(|e| match e {
+        MediaEvent::TrackAdded { track, .. } => Some(track),
+        _ => None,
+    });
+    assert_eq!(remote.map(|t| (t.stream, t.kind)), Some(("alice".to_owned(), peerlink::TrackKind::Video)));
+
+    let sent = stream(&mut sim, a, b, &id, 0, 60);
+    sim.run_for(Duration::from_millis(300));
+    assert_eq!(sent.len(), 60, "every frame went");
+    let got = frames(&sim, b, &id);
+    assert_eq!(got.iter().map(|(t, d, _)| (*t, d.clone())).collect::<Vec<_>>(), sent, "intact and in order");
+    assert!(got[0].2 && got[30].2 && !got[1].2, "keyframes recognised");
+
+    // Keyframe request from the receiver reaches the sender.
+    let fa = sim.fingerprint(a);
+    sim.with_node(b, |node, now| node.request_keyframe(now, fa, &id)).unwrap();
+    assert!(sim.run_until(Duration::from_secs(2), |sim| media(sim, a).iter().any(|e| matches!(e, MediaEvent::KeyframeRequested { track, .. } if track == &id))));
+
+    // Mute: the receiver hears of it; frames written meanwhile are dropped.
+    sim.with_node(a, |node, now| node.set_track_muted(now, fb, &id, true)).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| media(sim, b).iter().any(|e| matches!(e, MediaEvent::Muted { muted: true, .. }))));
+    let before = frames(&sim, b, &id).len();
+    let muted_sent = stream(&mut sim, a, b, &id, 60, 10);
+    assert!(muted_sent.is_empty(), "nothing goes while muted");
+    assert_eq!(frames(&sim, b, &id).len(), before);
+    sim.with_node(a, |node, now| node.set_track_muted(now, fb, &id, false)).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| media(sim, b).iter().any(|e| matches!(e, MediaEvent::Muted { muted: false, .. }))));
+    // The sender sends again once the answer is back (a round trip after the receiver knew).
+    sim.run_for(Duration::from_millis(200));
+    let sent = stream(&mut sim, a, b, &id, 70, 30);
+    sim.run_for(Duration::from_millis(300));
+    assert_eq!(sent.len(), 30, "flows again after unmuting");
+    assert!(frames(&sim, b, &id).len() >= before + 25);
+
+    // Removed: the receiver's track ends.
+    sim.with_node(a, |node, now| node.remove_track(now, fb, &id)).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| media(sim, b).iter().any(|e| matches!(e, MediaEvent::TrackRemoved { track, .. } if track == &id))));
+    assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &id, MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![1] })).is_err());
+}
+
+#[test]
+fn both_sides_adding_tracks_at_once_end_with_both() {
+    for seed in [602, 603, 604] {
+        let (mut sim, n) = world(seed, 2);
+        let (a, b) = (n[0], n[1]);
+        connect(&mut sim, a, b, Duration::from_secs(10));
+        let (fa, fb) = (sim.fingerprint(a), sim.fingerprint(b));
+        // In the same instant: both offers cross.
+        let ta = sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio().id("a-mic"))).unwrap();
+        let tb = sim.with_node(b, |node, now| node.add_track(now, fa, TrackOptions::video().id("b-cam"))).unwrap();
+        assert!(
+            sim.run_until(Duration::from_secs(10), |sim| track_added(sim, b, false, &ta) && track_added(sim, a, false, &tb) && track_added(sim, a, true, &ta) && track_added(sim, b, true, &tb)),
+            "seed {seed}: both tracks negotiated: a {:?} / b {:?}",
+            media(&sim, a),
+            media(&sim, b)
+        );
+        // Audio both ways works after the glare.
+        for i in 0..20u64 {
+            let frame = MediaFrame { codec: Codec::Opus, rtp_time: i * 960, data: vec![0xfc, i as u8, 1, 2, 3] };
+            assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &ta, frame)).unwrap());
+            sim.run_for(Duration::from_millis(20));
+        }
+        sim.run_for(Duration::from_millis(200));
+        assert_eq!(frames(&sim, b, &ta).len(), 20, "seed {seed}");
+        // A video frame on an audio track is refused.
+        let wrong = MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![0x10] };
+        assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &ta, wrong)).is_err());
+    }
+}
