@@ -173,7 +173,7 @@ pub use node::{IceServer, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, 
 pub use peer::media::{self, Codec, MediaError, MediaEvent, MediaFrame, ReceivedFrame, TrackId, TrackInfo, TrackKind, TrackOptions};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};
-pub use room::{EncryptionEvent, JoinOptions, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
+pub use room::{CallConfig, CallEvent, EncryptionEvent, JoinOptions, Source, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, RoomsConfig};
 pub use server::{ConnId, Server, ServerConfig, ServerError, ServerTransmit};
 pub use sync::{StateConfig, StateEvent, StateSync, SyncError, SyncEvent};
 /// The yrs crate our documents are made of (its `Doc`, `Text`, `Map`, `Array`, `Transact`).

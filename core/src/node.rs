@@ -44,7 +44,8 @@ use sha2::{Digest, Sha256};
 use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, TransferError, TransferEvent, TransferKind, TransferTransport, Transfers};
 use crate::client::{RequestId, Response};
 use crate::room::keys::RoomKeys;
-use crate::room::{self, EncryptionEvent, JoinOptions, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
+use crate::room::call::Call;
+use crate::room::{self, CallConfig, CallEvent, EncryptionEvent, JoinOptions, Source, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
 use crate::sync::host::{SyncEvent, Syncs};
 use crate::sync::{CrdtConfig, CrdtSync, StateConfig, StateSync, SyncError};
@@ -305,6 +306,8 @@ pub enum NodeEvent {
     Encryption(EncryptionEvent),
     /// Something happened to a connection's audio or video tracks.
     Media(MediaEvent),
+    /// Something happened in a room's call ([`crate::room::call`]).
+    Call(CallEvent),
 }
 
 /// What a connection said to the transfers.
@@ -389,6 +392,10 @@ pub struct Node {
     keys: RoomKeys,
     /// The buffer transfer frames are sealed into (kept: one chunk's worth).
     sealed_frame: Vec<u8>,
+    /// Calls, by room.
+    calls: BTreeMap<String, Call>,
+    /// A call, a member or a connection changed since the calls' tracks were checked.
+    calls_dirty: bool,
 }
 
 impl Node {
@@ -431,6 +438,8 @@ impl Node {
             syncs,
             keys,
             sealed_frame: Vec::new(),
+            calls: BTreeMap::new(),
+            calls_dirty: false,
         })
     }
 
@@ -800,10 +809,16 @@ impl Node {
             self.send_signal(fp, &signal);
         }
         for output in outputs {
+            if matches!(output, PeerOutput::State(_)) {
+                self.calls_dirty = true;
+            }
             let output = match self.room_output(fp, output) {
                 Some(output) => output,
                 None => continue,
             };
+            if let PeerOutput::Media(event) = &output {
+                self.call_media_event(fp, event);
+            }
             self.events.push_back(match output {
                 PeerOutput::State(state) => NodeEvent::PeerState { peer: fp, state },
                 PeerOutput::ChannelOpen(channel) => NodeEvent::ChannelOpen { peer: fp, channel },
@@ -946,6 +961,7 @@ impl Node {
     /// changed.
     fn flush_layers(&mut self) {
         self.flush_rooms();
+        self.flush_calls();
         self.flush_keys();
         self.flush_syncs();
         self.flush_transfers();
@@ -1081,6 +1097,7 @@ impl Node {
                 let mut again = false;
                 while let Some(e) = rooms.poll_event() {
                     self.syncs.on_room_event(now, &e);
+                    self.call_room_event(&e);
                     if let RoomEvent::Writable { room } = &e {
                         again |= self.syncs.writable(room, &mut rooms);
                     }
@@ -1662,6 +1679,193 @@ impl Transport for Node {
 
     fn close_peer(&mut self, peer: Fingerprint) {
         self.with_peer(peer, |p, ctx| p.close(ctx));
+    }
+}
+
+/// Calls on rooms (see [`crate::room::call`]): the reference's `DirectMedia` and
+/// `GroupMedia`. Events arrive as [`NodeEvent::Call`] and [`NodeEvent::Media`].
+impl Node {
+    /// Starts a call in `room` (joined): `config`'s sources go to every member, now and
+    /// later ([`CallEvent::LocalStream`]). Starting again changes what is sent.
+    pub fn start_call(&mut self, now: Instant, room: &str, config: CallConfig) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.rooms.check_joined(room)?;
+        let call = self.calls.entry(room.to_owned()).or_insert_with(|| Call::new(config));
+        call.config = config;
+        let sources = call.sources();
+        self.events.push_back(NodeEvent::Call(CallEvent::LocalStream { room: room.to_owned(), sources }));
+        self.calls_dirty = true;
+        self.flush_calls();
+        Ok(())
+    }
+
+    fn call_mut(&mut self, room: &str) -> Result<&mut Call, NodeError> {
+        self.calls.get_mut(room).ok_or_else(|| MediaError::NoCall(room.to_owned()).into())
+    }
+
+    /// Mutes (`true`) or unmutes one source of the call in `room` for every member (the
+    /// reference's `muteAudio`, `unmuteVideo`, ...).
+    pub fn set_call_muted(&mut self, now: Instant, room: &str, source: Source, muted: bool) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let call = self.call_mut(room)?;
+        if muted {
+            call.muted.insert(source);
+        } else {
+            call.muted.remove(&source);
+        }
+        self.calls_dirty = true;
+        self.flush_calls();
+        Ok(())
+    }
+
+    /// Starts (`true`) or stops sharing a screen in the call in `room`: one more video
+    /// track, [`Source::Screen`].
+    pub fn set_screen_share(&mut self, now: Instant, room: &str, on: bool) -> Result<(), NodeError> {
+        self.begin(now)?;
+        self.call_mut(room)?.screen = on;
+        self.calls_dirty = true;
+        self.flush_calls();
+        Ok(())
+    }
+
+    /// Sends an encoded frame of `source` to every member of the call in `room` (encoded
+    /// once). Returns to how many it went (members whose connection is up and whose track
+    /// is negotiated and not muted).
+    pub fn send_call_frame(&mut self, now: Instant, room: &str, source: Source, frame: MediaFrame) -> Result<usize, NodeError> {
+        self.begin(now)?;
+        let call = self.calls.get(room).ok_or_else(|| MediaError::NoCall(room.to_owned()))?;
+        if !call.sources().contains(&source) {
+            return Err(MediaError::UnknownTrack(source.track_id()).into());
+        }
+        let track = source.track_id();
+        let mut sent = 0;
+        for peer in self.members_of(room) {
+            if !self.peers.get(&peer).is_some_and(|p| p.state() == PeerState::Connected) {
+                continue;
+            }
+            let mut result = Ok(false);
+            let frame = frame.clone();
+            self.with_peer(peer, |p, ctx| result = p.write_frame(&track, frame, ctx));
+            match result {
+                Ok(true) => sent += 1,
+                Ok(false) | Err(MediaError::UnknownTrack(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Ends the call in `room` (the reference's `close`): its tracks are removed from every
+    /// member's connection (unless another call with that member uses them); the room
+    /// stays. Leaving the room ends it too.
+    pub fn end_call(&mut self, now: Instant, room: &str) -> Result<(), NodeError> {
+        self.begin(now)?;
+        let call = self.calls.remove(room).ok_or_else(|| MediaError::NoCall(room.to_owned()))?;
+        for peer in call.remote.into_keys() {
+            self.events.push_back(NodeEvent::Call(CallEvent::RemoteStreamRemoved { room: room.to_owned(), peer }));
+        }
+        self.calls_dirty = true;
+        self.flush_calls();
+        Ok(())
+    }
+
+    /// Brings every member connection's call tracks in line with the calls: adds what is
+    /// missing (once the connection is up), mutes and unmutes, removes what no call wants.
+    fn flush_calls(&mut self) {
+        if !std::mem::take(&mut self.calls_dirty) {
+            return;
+        }
+        let mut wanted: BTreeMap<Fingerprint, BTreeMap<Source, bool>> = BTreeMap::new();
+        for (room, call) in &self.calls {
+            for peer in self.rooms.view(room).map(|v| v.members.into_iter().map(|m| m.info.fingerprint).collect::<Vec<_>>()).unwrap_or_default() {
+                let want = wanted.entry(peer).or_default();
+                for source in call.sources() {
+                    // Sent unmuted if any call with that member wants it so.
+                    let muted = call.muted.contains(&source);
+                    want.entry(source).and_modify(|m| *m &= muted).or_insert(muted);
+                }
+            }
+        }
+        let peers: Vec<Fingerprint> = self.peers.iter().filter(|(_, p)| p.state() == PeerState::Connected).map(|(fp, _)| *fp).collect();
+        for peer in peers {
+            let want = wanted.remove(&peer).unwrap_or_default();
+            let have: Vec<Source> = self.peers[&peer].tracks().iter().filter(|t| t.local).filter_map(|t| Source::from_track(&t.id)).collect();
+            for (&source, &muted) in &want {
+                let id = source.track_id();
+                let result = if have.contains(&source) {
+                    let mut r = Ok(());
+                    self.with_peer(peer, |p, ctx| r = p.set_track_muted(&id, muted, ctx));
+                    r
+                } else {
+                    let mut r = Ok(());
+                    self.with_peer(peer, |p, ctx| r = p.add_track(source.options(muted), ctx).map(drop));
+                    r
+                };
+                if let Err(e) = result {
+                    warn!(peer = %peer.short(), ?source, error = %e, "call track not set up");
+                }
+            }
+            for source in have.into_iter().filter(|s| !want.contains_key(s)) {
+                let id = source.track_id();
+                self.with_peer(peer, |p, ctx| {
+                    let _ = p.remove_track(&id, ctx);
+                });
+            }
+        }
+    }
+
+    /// A member's tracks came or went: its stream in each call it is in.
+    fn call_media_event(&mut self, peer: Fingerprint, event: &MediaEvent) {
+        if self.calls.is_empty() {
+            return;
+        }
+        let rooms: Vec<String> = self.calls.keys().filter(|r| self.rooms.view(r).is_some_and(|v| v.members.iter().any(|m| m.info.fingerprint == peer))).cloned().collect();
+        for room in rooms {
+            let call = self.calls.get_mut(&room).expect("listed");
+            match event {
+                MediaEvent::TrackAdded { track, .. } if !track.local => {
+                    let tracks = call.remote.entry(peer).or_default();
+                    let first = tracks.is_empty();
+                    tracks.push(track.clone());
+                    if first {
+                        let tracks = tracks.clone();
+                        self.events.push_back(NodeEvent::Call(CallEvent::RemoteStream { room, peer, tracks }));
+                    }
+                }
+                MediaEvent::TrackRemoved { track, .. } => {
+                    if let Some(tracks) = call.remote.get_mut(&peer) {
+                        tracks.retain(|t| &t.id != track);
+                        if tracks.is_empty() {
+                            call.remote.remove(&peer);
+                            self.events.push_back(NodeEvent::Call(CallEvent::RemoteStreamRemoved { room, peer }));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Membership changed: calls follow (members that left lose their stream; a room left
+    /// ends its call).
+    fn call_room_event(&mut self, event: &RoomEvent) {
+        if self.calls.is_empty() {
+            return;
+        }
+        match event {
+            RoomEvent::PeerLeft { room, peer, .. } if self.calls.get_mut(room).is_some_and(|c| c.remote.remove(peer).is_some()) => {
+                self.events.push_back(NodeEvent::Call(CallEvent::RemoteStreamRemoved { room: room.clone(), peer: *peer }));
+            }
+            RoomEvent::Closed { room } | RoomEvent::Kicked { room } => {
+                if let Some(call) = self.calls.remove(room) {
+                    for peer in call.remote.into_keys() {
+                        self.events.push_back(NodeEvent::Call(CallEvent::RemoteStreamRemoved { room: room.clone(), peer }));
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.calls_dirty = true;
     }
 }
 

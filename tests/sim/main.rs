@@ -4,6 +4,7 @@
 mod harness;
 
 mod bad_input;
+mod call;
 mod channels;
 mod crdt_convergence;
 mod determinism;

@@ -113,7 +113,8 @@ impl Codec {
     }
 }
 
-/// A track's id: its `msid` track id, unique on the connection.
+/// A track's id: its `msid` track id, unique among one side's tracks on a connection (both
+/// sides may have a track `"audio"`: events say which side's it is).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrackId(pub String);
 
@@ -283,6 +284,9 @@ pub enum MediaError {
     /// Only the remote's tracks can be asked for keyframes (and only after they arrived).
     #[error("no keyframe can be requested on `{0}`")]
     NoKeyframeRequest(TrackId),
+    /// No call in that room ([`Node::start_call`](crate::Node::start_call) first).
+    #[error("no call in room `{0}`")]
+    NoCall(String),
     /// str0m refused the frame.
     #[error("media: {0}")]
     Rtc(String),
@@ -353,7 +357,7 @@ impl Media {
             }
         }
         let id = TrackId(id);
-        if self.local.iter().any(|t| t.info.id == id) || self.remote.iter().any(|t| t.info.id == id) {
+        if self.local.iter().any(|t| t.info.id == id) {
             return Err(MediaError::DuplicateTrack(id));
         }
         let want = if options.muted { Want::Muted } else { Want::Send };
@@ -457,8 +461,8 @@ impl Media {
             return;
         }
         let mut id = media.track_id().to_owned();
-        if id.is_empty() || self.local.iter().any(|t| t.info.id.0 == id) || self.remote.iter().any(|t| t.info.id.0 == id) {
-            // Without an msid, or clashing with ours: named by its mid.
+        if id.is_empty() || self.remote.iter().any(|t| t.info.id.0 == id) {
+            // Without an msid, or one of its tracks already has it: named by its mid.
             id = format!("mid-{mid}");
         }
         let info = TrackInfo { id: TrackId(id), stream: media.stream_id().to_owned(), kind: TrackKind::from_str0m(media.kind()), local: false };

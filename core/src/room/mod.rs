@@ -47,6 +47,7 @@
 //! could strip a flag in the room's metadata, so a member decides for itself.
 
 #[doc(hidden)] pub mod wire;
+pub mod call;
 pub mod keys;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -59,6 +60,7 @@ use crate::client::{RequestError, RequestId, RoomDetails};
 use crate::identity::Fingerprint;
 use crate::peer::{Payload, SendError};
 use crate::protocol::{PeerInfo, RawJson};
+pub use call::{CallConfig, CallEvent, Source};
 pub use keys::EncryptionEvent;
 pub use wire::{RoomData, WireError};
 use wire::Item;
