@@ -25,6 +25,8 @@
 //! are not queued here: str0m paces what it is given, and received frames are events, drained
 //! like every other.
 
+pub mod ivf;
+
 use std::fmt;
 use std::sync::Arc;
 
