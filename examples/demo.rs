@@ -317,7 +317,7 @@ fn encrypted_room(url: &str) -> Result<()> {
         file: Option<Vec<u8>>,
     }
     let mut logs: [Log; 3] = Default::default();
-    let mut pump = |nodes: &mut [PollNode; 3], logs: &mut [Log; 3], what: &str, done: &dyn Fn(&[PollNode; 3], &[Log; 3]) -> bool| -> Result<()> {
+    let pump = |nodes: &mut [PollNode; 3], logs: &mut [Log; 3], what: &str, done: &dyn Fn(&[PollNode; 3], &[Log; 3]) -> bool| -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while !done(nodes, logs) {
             anyhow::ensure!(std::time::Instant::now() < deadline, "encrypted room: {what}: timed out");
