@@ -10,6 +10,7 @@ mod file_transfer;
 mod group_room;
 mod impersonation;
 mod matchmaking;
+mod media;
 mod namespace_exchange;
 mod peer_mesh;
 mod register;

@@ -125,8 +125,9 @@ use peerlink::client::{
 };
 use peerlink::node::{NodeTransmit, PeerView};
 use peerlink::{
-    ChannelOptions, ClientConfig, ClientError, ClientEvent, Datagram, Fingerprint, Identity, Node,
-    NodeConfig, NodeError, NodeEvent, PeerInfo,
+    CallConfig, ChannelOptions, ClientConfig, ClientError, ClientEvent, Datagram, Fingerprint,
+    Identity, MediaFrame, Node, NodeConfig, NodeError, NodeEvent, PeerInfo, Source,
+    TrackId, TrackOptions,
 };
 use rand::{RngCore, SeedableRng};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -657,6 +658,54 @@ impl PollNode {
     pub fn cancel_transfer(&mut self, peer: Fingerprint, id: u64, reason: &str) -> Result<(), Error> {
         let now = Instant::now();
         self.core.cancel_transfer(now, peer, id, reason)?;
+        self.poll(now)
+    }
+
+    // ---- media ----------------------------------------------------------------------------
+
+    /// Adds an audio or video track to the connection to `peer` (see [`peerlink::media`]):
+    /// a renegotiation, after which [`peerlink::MediaEvent::TrackAdded`] (with
+    /// `local: true`) from [`PollNode::poll_event`] says frames may be written. Returns its
+    /// id. Events of media arrive as [`NodeEvent::Media`].
+    pub fn add_track(&mut self, peer: Fingerprint, options: TrackOptions) -> Result<TrackId, Error> {
+        let now = Instant::now();
+        let id = self.core.add_track(now, peer, options)?;
+        self.poll(now)?;
+        Ok(id)
+    }
+
+    /// Mutes (`true`) or unmutes one of this node's tracks on the connection to `peer`: the
+    /// remote sees [`peerlink::MediaEvent::Muted`]; frames written while muted are dropped.
+    pub fn set_track_muted(&mut self, peer: Fingerprint, track: &TrackId, muted: bool) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.set_track_muted(now, peer, track, muted)?;
+        self.poll(now)
+    }
+
+    /// Removes one of this node's tracks (the remote sees
+    /// [`peerlink::MediaEvent::TrackRemoved`]).
+    pub fn remove_track(&mut self, peer: Fingerprint, track: &TrackId) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.remove_track(now, peer, track)?;
+        self.poll(now)
+    }
+
+    /// Sends an encoded frame on one of this node's tracks; its packets go out before this
+    /// returns. Returns whether it went: `false` while the track is muted or not negotiated
+    /// yet, or the connection is not up.
+    pub fn write_frame(&mut self, peer: Fingerprint, track: &TrackId, frame: MediaFrame) -> Result<bool, Error> {
+        let now = Instant::now();
+        let sent = self.core.write_frame(now, peer, track, frame)?;
+        self.poll(now)?;
+        Ok(sent)
+    }
+
+    /// Asks `peer` for a keyframe on one of its tracks (after a loss: a
+    /// [`ReceivedFrame`](peerlink::ReceivedFrame) that is not `contiguous`); the sender sees
+    /// [`peerlink::MediaEvent::KeyframeRequested`].
+    pub fn request_keyframe(&mut self, peer: Fingerprint, track: &TrackId) -> Result<(), Error> {
+        let now = Instant::now();
+        self.core.request_keyframe(now, peer, track)?;
         self.poll(now)
     }
 
@@ -1365,7 +1414,8 @@ impl PollClient {
 /// A managed room of a [`PollNode`], borrowed for commands (the same names as the room
 /// handles of `peerlink-smol` and `peerlink-tokio`, without `async`). What a command sends goes
 /// out before it returns; events arrive from [`PollNode::poll_event`] as
-/// [`NodeEvent::Room`].
+/// [`NodeEvent::Room`], and for a call ([`Room::start_call`]) as [`NodeEvent::Call`] and
+/// [`NodeEvent::Media`].
 #[derive(Debug)]
 pub struct Room<'a> {
     node: &'a mut PollNode,
@@ -1378,10 +1428,11 @@ impl Room<'_> {
         &self.id
     }
 
-    fn run(&mut self, f: impl FnOnce(&mut Node, Instant, &str) -> Result<(), peerlink::NodeError>) -> Result<(), Error> {
+    fn run<T>(&mut self, f: impl FnOnce(&mut Node, Instant, &str) -> Result<T, peerlink::NodeError>) -> Result<T, Error> {
         let now = Instant::now();
-        f(&mut self.node.core, now, &self.id)?;
-        self.node.poll(now)
+        let out = f(&mut self.node.core, now, &self.id)?;
+        self.node.poll(now)?;
+        Ok(out)
     }
 
     /// Sends `value` as JSON to every member, directly where the connection is up and
@@ -1427,6 +1478,39 @@ impl Room<'_> {
     /// Leaves the room (the owner closes it for everyone).
     pub fn leave(&mut self) -> Result<(), Error> {
         self.run(|n, now, id| n.leave_room(now, id))
+    }
+
+    // ---- calls (see peerlink::room::call) --------------------------------------------------
+
+    /// Starts a call in the room: `config`'s sources go to every member, now and later
+    /// ([`peerlink::CallEvent::LocalStream`]; each member's media arrives as
+    /// [`peerlink::CallEvent::RemoteStream`]). Starting again changes what is sent.
+    pub fn start_call(&mut self, config: CallConfig) -> Result<(), Error> {
+        self.run(|n, now, id| n.start_call(now, id, config))
+    }
+
+    /// Mutes (`true`) or unmutes one source of the call for every member.
+    pub fn set_call_muted(&mut self, source: Source, muted: bool) -> Result<(), Error> {
+        self.run(|n, now, id| n.set_call_muted(now, id, source, muted))
+    }
+
+    /// Starts (`true`) or stops sharing a screen in the call: one more video track,
+    /// [`Source::Screen`].
+    pub fn set_screen_share(&mut self, on: bool) -> Result<(), Error> {
+        self.run(|n, now, id| n.set_screen_share(now, id, on))
+    }
+
+    /// Sends an encoded frame of `source` to every member of the call (encoded once).
+    /// Returns to how many it went (members whose connection is up and whose track is
+    /// negotiated and not muted).
+    pub fn send_call_frame(&mut self, source: Source, frame: MediaFrame) -> Result<usize, Error> {
+        self.run(|n, now, id| n.send_call_frame(now, id, source, frame))
+    }
+
+    /// Ends the call (its tracks are removed from every member's connection); the room
+    /// stays. Leaving the room ends it too.
+    pub fn end_call(&mut self) -> Result<(), Error> {
+        self.run(|n, now, id| n.end_call(now, id))
     }
 }
 

@@ -120,7 +120,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use peerlink::node::{NodeTransmit, PeerView};
 use peerlink::transfer::{ChunkSink, ChunkSource, FileInfo, TransferError};
-use peerlink::{ChannelOptions, Datagram, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView};
+use peerlink::{CallConfig, ChannelOptions, Datagram, MediaFrame, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView, Source, TrackId, TrackOptions};
 use rand::TryRngCore;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
@@ -937,6 +937,47 @@ impl Node {
     }
 }
 
+/// Audio and video tracks on a connection (see [`peerlink::media`]): encoded frames in and
+/// out. What happens (tracks negotiated, frames received, mutes, keyframe requests) arrives on
+/// [`NodeEvents`] as [`NodeEvent::Media`].
+impl Node {
+    /// Adds an audio or video track to the connection to `peer`: a renegotiation, after
+    /// which [`peerlink::MediaEvent::TrackAdded`] (with `local: true`) says frames may be
+    /// written. Returns its id.
+    pub async fn add_track(&self, peer: Fingerprint, options: TrackOptions) -> Result<TrackId, Error> {
+        self.core_call(move |node, now| node.add_track(now, peer, options)).await
+    }
+
+    /// Mutes (`true`) or unmutes one of this node's tracks on the connection to `peer`: the
+    /// remote sees [`peerlink::MediaEvent::Muted`]; frames written while muted are dropped.
+    pub async fn set_track_muted(&self, peer: Fingerprint, track: &TrackId, muted: bool) -> Result<(), Error> {
+        let track = track.clone();
+        self.core_call(move |node, now| node.set_track_muted(now, peer, &track, muted)).await
+    }
+
+    /// Removes one of this node's tracks (the remote sees
+    /// [`peerlink::MediaEvent::TrackRemoved`]).
+    pub async fn remove_track(&self, peer: Fingerprint, track: &TrackId) -> Result<(), Error> {
+        let track = track.clone();
+        self.core_call(move |node, now| node.remove_track(now, peer, &track)).await
+    }
+
+    /// Sends an encoded frame on one of this node's tracks. Returns whether it went: `false`
+    /// while the track is muted or not negotiated yet, or the connection is not up.
+    pub async fn write_frame(&self, peer: Fingerprint, track: &TrackId, frame: MediaFrame) -> Result<bool, Error> {
+        let track = track.clone();
+        self.core_call(move |node, now| node.write_frame(now, peer, &track, frame)).await
+    }
+
+    /// Asks `peer` for a keyframe on one of its tracks (after a loss: a
+    /// [`ReceivedFrame`](peerlink::ReceivedFrame) that is not `contiguous`); the sender sees
+    /// [`peerlink::MediaEvent::KeyframeRequested`].
+    pub async fn request_keyframe(&self, peer: Fingerprint, track: &TrackId) -> Result<(), Error> {
+        let track = track.clone();
+        self.core_call(move |node, now| node.request_keyframe(now, peer, &track)).await
+    }
+}
+
 /// A call on the core node, run on the driver.
 type CallOnNode = dyn FnOnce(&mut peerlink::Node, Instant) + Send;
 
@@ -1012,6 +1053,48 @@ impl Room {
     /// Leaves the room (the owner closes it for everyone).
     pub async fn leave(&self) -> Result<(), Error> {
         self.op(RoomOp::Leave).await
+    }
+
+    /// Runs `f` on the core node on the driver with this room's id.
+    async fn core_call<T: Send + 'static>(&self, f: impl FnOnce(&mut peerlink::Node, Instant, &str) -> Result<T, NodeError> + Send + 'static) -> Result<T, Error> {
+        let room = self.id.clone();
+        self.node.core_call(move |node, now| f(node, now, &room)).await
+    }
+}
+
+/// Calls (see [`peerlink::room::call`]): this node's audio, video and screen go to every
+/// member. What happens arrives on [`NodeEvents`] as [`NodeEvent::Call`] (members' streams)
+/// and [`NodeEvent::Media`] (their frames, mutes, keyframe requests).
+impl Room {
+    /// Starts a call in the room: `config`'s sources go to every member, now and later
+    /// ([`peerlink::CallEvent::LocalStream`]; each member's media arrives as
+    /// [`peerlink::CallEvent::RemoteStream`]). Starting again changes what is sent.
+    pub async fn start_call(&self, config: CallConfig) -> Result<(), Error> {
+        self.core_call(move |node, now, room| node.start_call(now, room, config)).await
+    }
+
+    /// Mutes (`true`) or unmutes one source of the call for every member.
+    pub async fn set_call_muted(&self, source: Source, muted: bool) -> Result<(), Error> {
+        self.core_call(move |node, now, room| node.set_call_muted(now, room, source, muted)).await
+    }
+
+    /// Starts (`true`) or stops sharing a screen in the call: one more video track,
+    /// [`Source::Screen`].
+    pub async fn set_screen_share(&self, on: bool) -> Result<(), Error> {
+        self.core_call(move |node, now, room| node.set_screen_share(now, room, on)).await
+    }
+
+    /// Sends an encoded frame of `source` to every member of the call (encoded once).
+    /// Returns to how many it went (members whose connection is up and whose track is
+    /// negotiated and not muted).
+    pub async fn send_call_frame(&self, source: Source, frame: MediaFrame) -> Result<usize, Error> {
+        self.core_call(move |node, now, room| node.send_call_frame(now, room, source, frame)).await
+    }
+
+    /// Ends the call (its tracks are removed from every member's connection); the room
+    /// stays. Leaving the room ends it too.
+    pub async fn end_call(&self) -> Result<(), Error> {
+        self.core_call(move |node, now, room| node.end_call(now, room)).await
     }
 }
 
