@@ -7,8 +7,9 @@
 //! SHA-256, written as a part file renamed once verified) and a JSON value. The group room also
 //! shares a key-value board (hybrid logical clocks, last writer wins) and a yrs text document
 //! that all three edit at once; last, an end-to-end encrypted room whose members exchange keys
-//! through the server, talk over the relay and directly, and send a file, all sealed. Prints
-//! what happened.
+//! through the server, talk over the relay and directly, and send a file, all sealed; and a
+//! call in which one node streams a VP8 test pattern to another, then mutes and unmutes.
+//! Prints what happened.
 //!
 //! ```text
 //! cargo run --release --example demo
@@ -369,6 +370,94 @@ fn encrypted_room(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// nia and otto in a call (see [`call`]): what otto's node reported, with when.
+struct CallPair {
+    nia: peerlink_blocking::PollNode,
+    otto: peerlink_blocking::PollNode,
+    got: Vec<(std::time::Instant, peerlink::MediaEvent)>,
+}
+
+impl CallPair {
+    fn pump(&mut self) -> Result<()> {
+        self.nia.poll(std::time::Instant::now())?;
+        while self.nia.poll_event().is_some() {}
+        self.otto.poll(std::time::Instant::now())?;
+        while let Some(e) = self.otto.poll_event() {
+            if let NodeEvent::Media(m) = e {
+                self.got.push((std::time::Instant::now(), m));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+
+    fn until(&mut self, what: &str, done: impl Fn(&CallPair) -> bool) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done(self) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "call: {what}: timed out");
+            self.pump()?;
+        }
+        Ok(())
+    }
+
+    /// The video frames otto received.
+    fn video(&self) -> Vec<Vec<u8>> {
+        self.got
+            .iter()
+            .filter_map(|(_, e)| match e {
+                peerlink::MediaEvent::Frame { track, frame, .. } if track.0 == "video" => Some(frame.data.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A call between nia and otto: nia streams one second of the committed VP8 test pattern
+/// (encoded frames: a Rust host brings its own encoder or file), mutes and unmutes.
+fn call(url: &str) -> Result<()> {
+    use peerlink::media::ivf::IvfReader;
+    use peerlink::{CallConfig, Codec, MediaEvent, MediaFrame, RoomOptions, Source};
+    use peerlink_blocking::{PollNode, PollOptions, UdpBind};
+    let node = |alias: &str| -> Result<PollNode> { Ok(PollNode::new(NodeConfig::with_client(config(url, alias)), PollOptions { udp: UdpBind::Loopback, ..Default::default() })?) };
+    let mut p = CallPair { nia: node("nia")?, otto: node("otto")?, got: Vec::new() };
+    p.until("registering", |p| p.nia.is_registered() && p.otto.is_registered())?;
+    let t0 = std::time::Instant::now();
+    p.nia.create_room("call", RoomOptions::direct())?;
+    p.until("creating", |p| p.nia.room_info("call").is_some())?;
+    p.otto.join_room("call")?;
+    p.until("joining", |p| p.otto.room_info("call").is_some())?;
+    for n in [&mut p.nia, &mut p.otto] {
+        n.node().start_call(std::time::Instant::now(), "call", CallConfig::audio_video())?;
+    }
+    let fo = p.otto.fingerprint();
+    p.until("tracks", |p| p.nia.get_peer(&fo).is_some_and(|v| v.tracks.iter().filter(|t| t.local).count() == 2))?;
+    println!("call        nia and otto are in a call: her audio and video tracks negotiated {:.1?} after the room was created", t0.elapsed());
+    let clip = IvfReader::new(include_bytes!("media/pattern.ivf"))?;
+    let header = clip.header();
+    let frames: Vec<(u64, Vec<u8>)> = clip.take(30).map(|f| f.map(|f| (header.rtp_time(f.timestamp), f.data.to_vec()))).collect::<Result<_, _>>()?;
+    let started = std::time::Instant::now();
+    for (i, (rtp_time, data)) in frames.iter().enumerate() {
+        while started.elapsed() < Duration::from_millis(33 * i as u64) {
+            p.pump()?;
+        }
+        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: *rtp_time, data: data.clone() };
+        p.nia.node().send_call_frame(std::time::Instant::now(), "call", Source::Video, frame)?;
+    }
+    p.until("frames", |p| p.video().len() >= 30)?;
+    let first = p.got.iter().find(|(_, e)| matches!(e, MediaEvent::Frame { .. })).map(|(t, _)| t.duration_since(started)).unwrap_or_default();
+    anyhow::ensure!(p.video().iter().zip(&frames).all(|(a, (_, b))| a == b), "frames differ");
+    println!("call        otto received {} VP8 frames of {}×{} from nia, the first {first:.1?} after it went, byte-identical", p.video().len(), header.width, header.height);
+    let fnia = p.nia.fingerprint();
+    let muted = move |p: &CallPair, on: bool| p.got.iter().any(|(_, e)| matches!(e, MediaEvent::Muted { peer, muted, .. } if *peer == fnia && *muted == on));
+    p.nia.node().set_call_muted(std::time::Instant::now(), "call", Source::Video, true)?;
+    p.until("mute", |p| muted(p, true))?;
+    p.nia.node().set_call_muted(std::time::Instant::now(), "call", Source::Video, false)?;
+    p.until("unmute", |p| muted(p, false))?;
+    println!("call        nia muted her video and unmuted it; otto saw both (a renegotiation each, signed like the first)");
+    p.nia.room("call").leave()?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let server = peerlink_server::spawn(peerlink_server::ServerOptions::local())?;
     let url = server.url();
@@ -459,6 +548,9 @@ fn main() -> Result<()> {
 
     // An end-to-end encrypted room: the server relays ciphertext only.
     encrypted_room(&url)?;
+
+    // A call: VP8 video from a committed test pattern, mute and unmute.
+    call(&url)?;
 
     // A clean disconnect: the others see the peer leave at once.
     carol.disconnect();

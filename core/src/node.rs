@@ -347,7 +347,7 @@ pub struct PeerView {
     pub offerer: bool,
     /// The largest message a send accepts.
     pub max_message_size: usize,
-    /// Audio and video tracks, both sides'.
+    /// Audio and video tracks, both sides', once negotiated.
     pub tracks: Vec<TrackInfo>,
 }
 
@@ -1789,7 +1789,7 @@ impl Node {
         let peers: Vec<Fingerprint> = self.peers.iter().filter(|(_, p)| p.state() == PeerState::Connected).map(|(fp, _)| *fp).collect();
         for peer in peers {
             let want = wanted.remove(&peer).unwrap_or_default();
-            let have: Vec<Source> = self.peers[&peer].tracks().iter().filter(|t| t.local).filter_map(|t| Source::from_track(&t.id)).collect();
+            let have: Vec<Source> = [Source::Audio, Source::Video, Source::Screen].into_iter().filter(|s| self.peers[&peer].has_local_track(&s.track_id())).collect();
             for (&source, &muted) in &want {
                 let id = source.track_id();
                 let result = if have.contains(&source) {

@@ -446,9 +446,15 @@ impl Media {
         self.remote.iter().find(|t| &t.info.id == id).map(|t| t.mid).ok_or_else(|| MediaError::UnknownTrack(id.clone()))
     }
 
-    /// Tracks of both sides (for a view).
+    /// Negotiated tracks of both sides (for a view).
     pub(crate) fn tracks(&self) -> Vec<TrackInfo> {
-        self.local.iter().filter(|t| t.want != Want::Stopped).map(|t| t.info.clone()).chain(self.remote.iter().map(|t| t.info.clone())).collect()
+        let local = self.local.iter().filter(|t| t.want != Want::Stopped && t.agreed.is_some());
+        local.map(|t| t.info.clone()).chain(self.remote.iter().map(|t| t.info.clone())).collect()
+    }
+
+    /// Whether this side has a track `id` (negotiated or not).
+    pub(crate) fn has_local(&self, id: &TrackId) -> bool {
+        self.local.iter().any(|t| &t.info.id == id && t.want != Want::Stopped)
     }
 
     /// str0m reports media on `mid` negotiated (either side's offer).

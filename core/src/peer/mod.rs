@@ -927,9 +927,14 @@ impl Peer {
         Ok(())
     }
 
-    /// The tracks of both sides.
+    /// The negotiated tracks of both sides.
     pub(crate) fn tracks(&self) -> Vec<TrackInfo> {
         self.media.tracks()
+    }
+
+    /// Whether this side has a track `id` (negotiated or not).
+    pub(crate) fn has_local_track(&self, id: &TrackId) -> bool {
+        self.media.has_local(id)
     }
 
     /// Offers the media changes waiting, unless an offer is in flight (its answer brings

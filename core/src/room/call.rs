@@ -72,15 +72,6 @@ impl Source {
         };
         TrackOptions { kind, id: Some(self.track_id().0), stream: Some(stream.to_owned()), muted }
     }
-
-    pub(crate) fn from_track(id: &TrackId) -> Option<Source> {
-        match id.0.as_str() {
-            "audio" => Some(Source::Audio),
-            "video" => Some(Source::Video),
-            "screen" => Some(Source::Screen),
-            _ => None,
-        }
-    }
 }
 
 /// Something that happened in a call; arrives as [`NodeEvent::Call`](crate::NodeEvent::Call).
