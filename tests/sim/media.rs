@@ -92,8 +92,10 @@ fn a_video_track_renegotiates_streams_mutes_and_goes() {
     assert_eq!(frames(&sim, b, &id).len(), before);
     sim.with_node(a, |node, now| node.set_track_muted(now, fb, &id, false)).unwrap();
     assert!(sim.run_until(Duration::from_secs(5), |sim| media(sim, b).iter().any(|e| matches!(e, MediaEvent::Muted { muted: false, .. }))));
-    // The sender sends again once the answer is back (a round trip after the receiver knew).
-    sim.run_for(Duration::from_millis(200));
+    // The sender sends again once the answer is back (a round trip after the receiver knew):
+    // it hears so.
+    let sending = |sim: &Sim, on: bool| media(sim, a).iter().filter(|e| matches!(e, MediaEvent::Sending { sending, .. } if *sending == on)).count();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| sending(sim, true) == 2 && sending(sim, false) == 1), "sending, muted, sending again");
     let sent = stream(&mut sim, a, b, &id, 70, 30);
     sim.run_for(Duration::from_millis(300));
     assert_eq!(sent.len(), 30, "flows again after unmuting");

@@ -132,6 +132,19 @@ impl From<&str> for TrackId {
     }
 }
 
+impl From<String> for TrackId {
+    fn from(s: String) -> Self {
+        TrackId(s)
+    }
+}
+
+impl TrackId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// How a track is added ([`Node::add_track`](crate::Node::add_track)).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -168,6 +181,12 @@ impl TrackOptions {
     /// In this stream.
     pub fn stream(mut self, stream: impl Into<String>) -> Self {
         self.stream = Some(stream.into());
+        self
+    }
+
+    /// Muted from the start (`true`) or not.
+    pub fn muted(mut self, muted: bool) -> Self {
+        self.muted = muted;
         self
     }
 }
@@ -234,6 +253,17 @@ pub enum MediaEvent {
         peer: Fingerprint,
         /// The track.
         track: TrackId,
+    },
+    /// One of this side's tracks starts (`true`) or stops sending, as the remote agreed:
+    /// after [`MediaEvent::TrackAdded`], and after each mute or unmute is negotiated (from
+    /// then on [`Node::write_frame`](crate::Node::write_frame) sends, or drops).
+    Sending {
+        /// The peer.
+        peer: Fingerprint,
+        /// This side's track.
+        track: TrackId,
+        /// Frames go now.
+        sending: bool,
     },
     /// The remote muted (`true`) or unmuted one of its tracks.
     Muted {
@@ -413,6 +443,9 @@ impl Media {
             if let Some(w) = t.offered.take() {
                 if t.agreed.is_none() && w != Want::Stopped {
                     out.push(MediaEvent::TrackAdded { peer, track: t.info.clone() });
+                }
+                if w != Want::Stopped && t.agreed != Some(w) {
+                    out.push(MediaEvent::Sending { peer, track: t.info.id.clone(), sending: w == Want::Send });
                 }
                 t.agreed = Some(w);
             }

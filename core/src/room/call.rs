@@ -40,6 +40,11 @@ impl CallConfig {
     pub fn audio_only() -> Self {
         CallConfig { audio: true, video: false }
     }
+
+    /// Video only.
+    pub fn video_only() -> Self {
+        CallConfig { audio: false, video: true }
+    }
 }
 
 /// One of this node's media sources in a call.
