@@ -136,3 +136,39 @@ fn both_sides_adding_tracks_at_once_end_with_both() {
         assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &ta, wrong)).is_err());
     }
 }
+
+#[test]
+fn bad_media_commands_get_typed_errors_and_change_nothing() {
+    use peerlink::{MediaError, NodeError, SendError};
+    let (mut sim, n) = world(605, 3);
+    let (a, b, c) = (n[0], n[1], n[2]);
+    connect(&mut sim, a, b, Duration::from_secs(10));
+    let (fb, fc) = (sim.fingerprint(b), sim.fingerprint(c));
+    let err = |r: Result<TrackId, NodeError>| r.unwrap_err();
+    // No connection to c.
+    assert_eq!(err(sim.with_node(a, |node, now| node.add_track(now, fc, TrackOptions::audio()))), NodeError::Send(SendError::UnknownPeer(fc)));
+    // Ids that are not msid tokens.
+    for bad in ["", "has space", "é", &"x".repeat(65)] {
+        assert_eq!(err(sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio().id(bad)))), NodeError::Media(MediaError::InvalidId(bad.to_owned())));
+    }
+    assert_eq!(err(sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio().stream("a/b")))), NodeError::Media(MediaError::InvalidId("a/b".into())));
+    let mic = sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio().id("mic"))).unwrap();
+    assert_eq!(err(sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::video().id("mic")))), NodeError::Media(MediaError::DuplicateTrack(mic.clone())));
+    // Unknown tracks, and asking for a keyframe on one's own.
+    let ghost = TrackId::from("ghost");
+    assert_eq!(sim.with_node(a, |node, now| node.set_track_muted(now, fb, &ghost, true)), Err(NodeError::Media(MediaError::UnknownTrack(ghost.clone()))));
+    assert_eq!(sim.with_node(a, |node, now| node.remove_track(now, fb, &ghost)), Err(NodeError::Media(MediaError::UnknownTrack(ghost.clone()))));
+    assert_eq!(sim.with_node(a, |node, now| node.request_keyframe(now, fb, &mic)), Err(NodeError::Media(MediaError::UnknownTrack(mic.clone()))));
+    // Video on an audio track; no call in the room.
+    let wrong = MediaFrame { codec: Codec::H264, rtp_time: 0, data: vec![0, 0, 1] };
+    assert_eq!(sim.with_node(a, |node, now| node.write_frame(now, fb, &mic, wrong)), Err(NodeError::Media(MediaError::CodecNotNegotiated(Codec::H264))));
+    assert_eq!(sim.with_node(a, |node, now| node.end_call(now, "nowhere")), Err(NodeError::Media(MediaError::NoCall("nowhere".into()))));
+    // At most MAX_TRACKS.
+    for i in 1..peerlink::media::MAX_TRACKS {
+        sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio().id(format!("t{i}")))).unwrap();
+    }
+    assert_eq!(err(sim.with_node(a, |node, now| node.add_track(now, fb, TrackOptions::audio()))), NodeError::Media(MediaError::TooManyTracks));
+    // All that negotiated once they settle: the remote sees MAX_TRACKS tracks.
+    let remote = |sim: &Sim| media(sim, b).iter().filter(|e| matches!(e, MediaEvent::TrackAdded { track, .. } if !track.local)).count();
+    assert!(sim.run_until(Duration::from_secs(10), |sim| remote(sim) == peerlink::media::MAX_TRACKS), "{}", remote(&sim));
+}

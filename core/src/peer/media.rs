@@ -21,7 +21,8 @@
 //!
 //! # Bounds
 //!
-//! At most [`MAX_TRACKS`] local tracks per connection ([`MediaError::TooManyTracks`]). Frames
+//! At most [`MAX_TRACKS`] local tracks per connection ([`MediaError::TooManyTracks`]) and
+//! [`MAX_REMOTE_TRACKS`] remote ones reported (more are ignored, with a warning). Frames
 //! are not queued here: str0m paces what it is given, and received frames are events, drained
 //! like every other.
 
@@ -38,6 +39,10 @@ use crate::identity::Fingerprint;
 
 /// Most local tracks on one connection.
 pub const MAX_TRACKS: usize = 32;
+/// Most remote tracks reported on one connection (the description's 32 KiB limit allows a
+/// few hundred m-lines); the rest are negotiated by str0m but not reported, their frames
+/// dropped.
+pub const MAX_REMOTE_TRACKS: usize = 64;
 
 /// Audio or video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -499,6 +504,10 @@ impl Media {
         let Some(media) = rtc.media(mid) else { return };
         if !media.direction().is_receiving() {
             trace!(?mid, "remote media this side does not receive: ignored");
+            return;
+        }
+        if self.remote.len() >= MAX_REMOTE_TRACKS {
+            tracing::warn!(?mid, "more remote tracks than {MAX_REMOTE_TRACKS}: ignored");
             return;
         }
         let mut id = media.track_id().to_owned();
