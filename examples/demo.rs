@@ -427,7 +427,7 @@ fn call(url: &str) -> Result<()> {
     p.otto.join_room("call")?;
     p.until("joining", |p| p.otto.room_info("call").is_some())?;
     for n in [&mut p.nia, &mut p.otto] {
-        n.node().start_call(std::time::Instant::now(), "call", CallConfig::audio_video())?;
+        n.room("call").start_call(CallConfig::audio_video())?;
     }
     let fo = p.otto.fingerprint();
     p.until("tracks", |p| p.nia.get_peer(&fo).is_some_and(|v| v.tracks.iter().filter(|t| t.local).count() == 2))?;
@@ -441,7 +441,7 @@ fn call(url: &str) -> Result<()> {
             p.pump()?;
         }
         let frame = MediaFrame { codec: Codec::Vp8, rtp_time: *rtp_time, data: data.clone() };
-        p.nia.node().send_call_frame(std::time::Instant::now(), "call", Source::Video, frame)?;
+        p.nia.room("call").send_call_frame(Source::Video, frame)?;
     }
     p.until("frames", |p| p.video().len() >= 30)?;
     let first = p.got.iter().find(|(_, e)| matches!(e, MediaEvent::Frame { .. })).map(|(t, _)| t.duration_since(started)).unwrap_or_default();
@@ -449,9 +449,9 @@ fn call(url: &str) -> Result<()> {
     println!("call        otto received {} VP8 frames of {}×{} from nia, the first {first:.1?} after it went, byte-identical", p.video().len(), header.width, header.height);
     let fnia = p.nia.fingerprint();
     let muted = move |p: &CallPair, on: bool| p.got.iter().any(|(_, e)| matches!(e, MediaEvent::Muted { peer, muted, .. } if *peer == fnia && *muted == on));
-    p.nia.node().set_call_muted(std::time::Instant::now(), "call", Source::Video, true)?;
+    p.nia.room("call").set_call_muted(Source::Video, true)?;
     p.until("mute", |p| muted(p, true))?;
-    p.nia.node().set_call_muted(std::time::Instant::now(), "call", Source::Video, false)?;
+    p.nia.room("call").set_call_muted(Source::Video, false)?;
     p.until("unmute", |p| muted(p, false))?;
     println!("call        nia muted her video and unmuted it; otto saw both (a renegotiation each, signed like the first)");
     p.nia.room("call").leave()?;

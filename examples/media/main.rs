@@ -126,7 +126,7 @@ impl Peer {
             }
             let rtp_time = rtp + self.loops * (self.clip.length.as_micros() as u64 * u64::from(self.clip.codec.clock_rate()) / 1_000_000);
             let frame = MediaFrame { codec: self.clip.codec, rtp_time, data: data.clone() };
-            let n = self.node.node().send_call_frame(Instant::now(), &self.room, Source::Video, frame)?;
+            let n = self.node.room(&self.room).send_call_frame(Source::Video, frame)?;
             self.sent += n as u64;
             self.next += 1;
             if self.next == self.clip.frames.len() {
@@ -188,7 +188,7 @@ pub(crate) fn demo(args: &Args) -> Result<()> {
     receiver.node.join_room(&args.room)?;
     wait(&mut [&mut sender, &mut receiver], "joining", |p| p[1].node.room_info(&p[1].room).is_some())?;
     for p in [&mut sender, &mut receiver] {
-        p.node.node().start_call(Instant::now(), &p.room, CallConfig::audio_video())?;
+        p.node.room(&p.room).start_call(CallConfig::audio_video())?;
     }
     let fr = receiver.node.fingerprint();
     wait(&mut [&mut sender, &mut receiver], "call", |p| {
@@ -240,7 +240,7 @@ fn serve(args: &Args) -> Result<()> {
         peer.node.create_room(&args.room, RoomOptions::group(8))?;
         wait(&mut [&mut peer], "creating", |p| p[0].node.room_info(&p[0].room).is_some())?;
     }
-    peer.node.node().start_call(Instant::now(), &args.room, CallConfig::audio_video())?;
+    peer.node.room(&args.room).start_call(CallConfig::audio_video())?;
     peer.start_sending();
     println!("media       in `{}` as {}: streaming the clip to every member", args.room, peer.node.fingerprint().short());
     let stop = (args.seconds > 0).then(|| Instant::now() + Duration::from_secs(args.seconds));
