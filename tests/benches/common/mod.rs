@@ -3,6 +3,9 @@
 //! client that registers for real, RLIMIT_NOFILE, VmRSS, and a small multi-threaded executor.
 #![allow(dead_code)]
 
+pub mod measure;
+pub mod nodes;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
