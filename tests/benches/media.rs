@@ -92,7 +92,7 @@
 //! only price video against audio; the same bytes as room messages would compare SCTP with
 //! SRTP, not say what a conference member's CPU is made of.)
 //!
-//! Run: `cargo bench -p peerlink-tests --bench media` (about 75 s with the defaults).
+//! Run: `cargo bench -p peerlink-tests --bench media` (about 60 s with the defaults, plus the build).
 //! Env: BENCH_MEDIA_RUNS (10), BENCH_MEDIA_WARMUP_RUNS (1), BENCH_MEDIA_TIMEOUT_S (30, per
 //! run and per setup), BENCH_MEDIA_MEMBERS (5), BENCH_MEDIA_SECS (20), BENCH_MEDIA_WARMUP_S
 //! (2), BENCH_MEDIA_IDLE_SECS (5), BENCH_MEDIA_FRAME (4167 bytes), BENCH_MEDIA_AUDIO_FRAME
