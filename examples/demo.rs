@@ -440,7 +440,7 @@ fn call(url: &str) -> Result<()> {
         while started.elapsed() < Duration::from_millis(33 * i as u64) {
             p.pump()?;
         }
-        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: *rtp_time, data: data.clone() };
+        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: *rtp_time, data: data.clone().into() };
         p.nia.room("call").send_call_frame(Source::Video, frame)?;
     }
     p.until("frames", |p| p.video().len() >= 30)?;

@@ -1789,28 +1789,23 @@ impl Node {
         let peers: Vec<Fingerprint> = self.peers.iter().filter(|(_, p)| p.state() == PeerState::Connected).map(|(fp, _)| *fp).collect();
         for peer in peers {
             let want = wanted.remove(&peer).unwrap_or_default();
-            let have: Vec<Source> = [Source::Audio, Source::Video, Source::Screen].into_iter().filter(|s| self.peers[&peer].has_local_track(&s.track_id())).collect();
-            for (&source, &muted) in &want {
-                let id = source.track_id();
-                let result = if have.contains(&source) {
-                    let mut r = Ok(());
-                    self.with_peer(peer, |p, ctx| r = p.set_track_muted(&id, muted, ctx));
-                    r
-                } else {
-                    let mut r = Ok(());
-                    self.with_peer(peer, |p, ctx| r = p.add_track(source.options(muted), ctx).map(drop));
-                    r
-                };
-                if let Err(e) = result {
-                    warn!(peer = %peer.short(), ?source, error = %e, "call track not set up");
-                }
-            }
-            for source in have.into_iter().filter(|s| !want.contains_key(s)) {
-                let id = source.track_id();
-                self.with_peer(peer, |p, ctx| {
-                    let _ = p.remove_track(&id, ctx);
-                });
-            }
+            // Every change to this connection's call tracks in one offer.
+            self.with_peer(peer, |p, ctx| {
+                p.change_tracks(ctx, |media, random| {
+                    for source in [Source::Audio, Source::Video, Source::Screen] {
+                        let id = source.track_id();
+                        let result = match (want.get(&source), media.has_local(&id)) {
+                            (Some(&muted), true) => media.set_muted(&id, muted),
+                            (Some(&muted), false) => media.add(source.options(muted), random).map(drop),
+                            (None, true) => media.remove(&id),
+                            (None, false) => Ok(()),
+                        };
+                        if let Err(e) = result {
+                            warn!(?source, error = %e, "call track not set up");
+                        }
+                    }
+                })
+            });
         }
     }
 

@@ -125,7 +125,7 @@ impl Peer {
                 break;
             }
             let rtp_time = rtp + self.loops * (self.clip.length.as_micros() as u64 * u64::from(self.clip.codec.clock_rate()) / 1_000_000);
-            let frame = MediaFrame { codec: self.clip.codec, rtp_time, data: data.clone() };
+            let frame = MediaFrame { codec: self.clip.codec, rtp_time, data: data.clone().into() };
             let n = self.node.room(&self.room).send_call_frame(Source::Video, frame)?;
             self.sent += n as u64;
             self.next += 1;

@@ -275,7 +275,7 @@ fn first_frame_on(nodes: &mut [PollNode], room: &str, plan: &Plan, deadline: Ins
         if now >= next_tick {
             let key = u64::from(seq).is_multiple_of(KEYFRAME_EVERY) || std::mem::take(&mut p.keyframe_pending);
             let data = make_frame(plan.video_bytes, if key { VP8_KEY } else { VP8_DELTA }, 0, seq, 0);
-            let frame = MediaFrame { codec: Codec::Vp8, rtp_time: u64::from(seq) * (90_000 / FPS), data };
+            let frame = MediaFrame { codec: Codec::Vp8, rtp_time: u64::from(seq) * (90_000 / FPS), data: data.into() };
             nodes[0].node().send_call_frame(now, room, Source::Video, frame)?;
             match nodes[0].node().room_send(now, room, None, RoomData::Binary(seq.to_le_bytes().repeat(4))) {
                 Ok(()) | Err(NodeError::Room(RoomError::WouldBlock { .. })) => {}
@@ -685,7 +685,7 @@ impl Outgoing {
             let t = Instant::now();
             let data = make_frame(self.bytes, tag, m.idx as u8, self.next as u32, (t - tl.base).as_nanos() as u64);
             let rtp_time = (self.before + self.next) * u64::from(self.codec.clock_rate()) / self.fps;
-            let to = m.node.node().send_call_frame(t, room, self.source, MediaFrame { codec: self.codec, rtp_time, data })? as u64;
+            let to = m.node.node().send_call_frame(t, room, self.source, MediaFrame { codec: self.codec, rtp_time, data: data.into() })? as u64;
             if self.window.contains(&self.next) {
                 self.sent += 1;
                 self.deliveries += to;

@@ -15,11 +15,11 @@ fn vp8(i: u64, key: bool) -> Vec<u8> {
 }
 
 fn video(i: u64) -> MediaFrame {
-    MediaFrame { codec: Codec::Vp8, rtp_time: i * 3000, data: vp8(i, i.is_multiple_of(30)) }
+    MediaFrame { codec: Codec::Vp8, rtp_time: i * 3000, data: vp8(i, i.is_multiple_of(30)).into() }
 }
 
 fn audio(i: u64) -> MediaFrame {
-    MediaFrame { codec: Codec::Opus, rtp_time: i * 960, data: vec![0xfc, i as u8, 1, 2, 3] }
+    MediaFrame { codec: Codec::Opus, rtp_time: i * 960, data: vec![0xfc, i as u8, 1, 2, 3].into() }
 }
 
 /// The media events in a log.
@@ -112,7 +112,7 @@ mod blocking {
         let mut sent = Vec::new();
         for i in 0..60 {
             let frame = video(i);
-            let want = (frame.rtp_time, frame.data.clone());
+            let want = (frame.rtp_time, frame.data.to_vec());
             assert!(p.nodes[0].write_frame(fb, &id, frame).unwrap(), "frame {i} went");
             sent.push(want);
             p.pump_for(Duration::from_millis(33));
@@ -268,7 +268,7 @@ macro_rules! group_call {
                 for i in 0..3 {
                     for j in (0..3).filter(|&j| j != i) {
                         let got: Vec<_> = frames(&c.logs[i], c.fps[j], "video").into_iter().map(|(t, d, _)| (t, d)).collect();
-                        let want: Vec<_> = (0..30).map(video).map(|f| (f.rtp_time, f.data)).collect();
+                        let want: Vec<_> = (0..30).map(video).map(|f| (f.rtp_time, f.data.to_vec())).collect();
                         assert!(got == want, "n{i}: video from n{j} intact and in order");
                         assert_eq!(frames(&c.logs[i], c.fps[j], "audio").len(), 30, "n{i}: audio from n{j}");
                     }

@@ -55,9 +55,9 @@ fn a_group_call_of_three() {
     // One frame each, to everyone.
     for round in 0..30u64 {
         for &x in &n {
-            let video = MediaFrame { codec: Codec::Vp8, rtp_time: round * 3000, data: vec![if round == 0 { 0x10 } else { 0x11 }, round as u8, 7, 7] };
+            let video = MediaFrame { codec: Codec::Vp8, rtp_time: round * 3000, data: vec![if round == 0 { 0x10 } else { 0x11 }, round as u8, 7, 7].into() };
             assert_eq!(sim.with_node(x, |node, now| node.send_call_frame(now, ROOM, Source::Video, video)).unwrap(), 2, "to both others");
-            let audio = MediaFrame { codec: Codec::Opus, rtp_time: round * 960, data: vec![0xfc, round as u8] };
+            let audio = MediaFrame { codec: Codec::Opus, rtp_time: round * 960, data: vec![0xfc, round as u8].into() };
             assert_eq!(sim.with_node(x, |node, now| node.send_call_frame(now, ROOM, Source::Audio, audio)).unwrap(), 2);
         }
         sim.run_for(Duration::from_millis(33));
@@ -77,7 +77,7 @@ fn a_group_call_of_three() {
     };
     assert!(sim.run_until(Duration::from_secs(5), |sim| muted(sim, n[1], true) && muted(sim, n[2], true)));
     sim.run_for(Duration::from_millis(200));
-    let audio = MediaFrame { codec: Codec::Opus, rtp_time: 99_000, data: vec![0xfc, 1] };
+    let audio = MediaFrame { codec: Codec::Opus, rtp_time: 99_000, data: vec![0xfc, 1].into() };
     assert_eq!(sim.with_node(n[0], |node, now| node.send_call_frame(now, ROOM, Source::Audio, audio)).unwrap(), 0, "muted");
     sim.with_node(n[0], |node, now| node.set_call_muted(now, ROOM, Source::Audio, false)).unwrap();
     assert!(sim.run_until(Duration::from_secs(5), |sim| muted(sim, n[1], false) && muted(sim, n[2], false)));
@@ -88,7 +88,7 @@ fn a_group_call_of_three() {
     let screen = |sim: &Sim, x: NodeId| media(sim, x).iter().any(|e| matches!(e, MediaEvent::TrackAdded { peer, track, .. } if *peer == f1 && track.id.0 == "screen" && track.stream == "screen"));
     assert!(sim.run_until(Duration::from_secs(5), |sim| screen(sim, n[0]) && screen(sim, n[2])));
     sim.run_for(Duration::from_millis(200));
-    let shot = MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![0x10, 1, 2, 3] };
+    let shot = MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![0x10, 1, 2, 3].into() };
     assert_eq!(sim.with_node(n[1], |node, now| node.send_call_frame(now, ROOM, Source::Screen, shot)).unwrap(), 2);
 
     // n2 ends its call: its stream is gone at both others; it hears theirs no more.
@@ -96,7 +96,7 @@ fn a_group_call_of_three() {
     let f2 = sim.fingerprint(n[2]);
     let removed = |sim: &Sim, x: NodeId, who| calls(sim, x).iter().any(|e| matches!(e, CallEvent::RemoteStreamRemoved { peer, .. } if *peer == who));
     assert!(sim.run_until(Duration::from_secs(5), |sim| removed(sim, n[0], f2) && removed(sim, n[1], f2)));
-    assert!(sim.with_node(n[2], |node, now| node.send_call_frame(now, ROOM, Source::Audio, MediaFrame { codec: Codec::Opus, rtp_time: 0, data: vec![1] })).is_err());
+    assert!(sim.with_node(n[2], |node, now| node.send_call_frame(now, ROOM, Source::Audio, MediaFrame { codec: Codec::Opus, rtp_time: 0, data: vec![1].into() })).is_err());
     // n1 leaves the room: n0 loses its stream.
     sim.with_node(n[1], |node, now| node.leave_room(now, ROOM)).unwrap();
     assert!(sim.run_until(Duration::from_secs(10), |sim| removed(sim, n[0], f1)));

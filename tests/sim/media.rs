@@ -47,7 +47,7 @@ fn stream(sim: &mut Sim, from: NodeId, to: NodeId, id: &TrackId, first: u64, cou
     let mut sent = Vec::new();
     for i in first..first + count {
         let data = vp8(i, i % 30 == 0);
-        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: i * 3000, data: data.clone() };
+        let frame = MediaFrame { codec: Codec::Vp8, rtp_time: i * 3000, data: data.clone().into() };
         if sim.with_node(from, |n, now| n.write_frame(now, peer, id, frame)).unwrap() {
             sent.push((i * 3000, data));
         }
@@ -104,7 +104,7 @@ fn a_video_track_renegotiates_streams_mutes_and_goes() {
     // Removed: the receiver's track ends.
     sim.with_node(a, |node, now| node.remove_track(now, fb, &id)).unwrap();
     assert!(sim.run_until(Duration::from_secs(5), |sim| media(sim, b).iter().any(|e| matches!(e, MediaEvent::TrackRemoved { track, .. } if track == &id))));
-    assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &id, MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![1] })).is_err());
+    assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &id, MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![1].into() })).is_err());
 }
 
 #[test]
@@ -125,14 +125,14 @@ fn both_sides_adding_tracks_at_once_end_with_both() {
         );
         // Audio both ways works after the glare.
         for i in 0..20u64 {
-            let frame = MediaFrame { codec: Codec::Opus, rtp_time: i * 960, data: vec![0xfc, i as u8, 1, 2, 3] };
+            let frame = MediaFrame { codec: Codec::Opus, rtp_time: i * 960, data: vec![0xfc, i as u8, 1, 2, 3].into() };
             assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &ta, frame)).unwrap());
             sim.run_for(Duration::from_millis(20));
         }
         sim.run_for(Duration::from_millis(200));
         assert_eq!(frames(&sim, b, &ta).len(), 20, "seed {seed}");
         // A video frame on an audio track is refused.
-        let wrong = MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![0x10] };
+        let wrong = MediaFrame { codec: Codec::Vp8, rtp_time: 0, data: vec![0x10].into() };
         assert!(sim.with_node(a, |node, now| node.write_frame(now, fb, &ta, wrong)).is_err());
     }
 }
@@ -160,7 +160,7 @@ fn bad_media_commands_get_typed_errors_and_change_nothing() {
     assert_eq!(sim.with_node(a, |node, now| node.remove_track(now, fb, &ghost)), Err(NodeError::Media(MediaError::UnknownTrack(ghost.clone()))));
     assert_eq!(sim.with_node(a, |node, now| node.request_keyframe(now, fb, &mic)), Err(NodeError::Media(MediaError::UnknownTrack(mic.clone()))));
     // Video on an audio track; no call in the room.
-    let wrong = MediaFrame { codec: Codec::H264, rtp_time: 0, data: vec![0, 0, 1] };
+    let wrong = MediaFrame { codec: Codec::H264, rtp_time: 0, data: vec![0, 0, 1].into() };
     assert_eq!(sim.with_node(a, |node, now| node.write_frame(now, fb, &mic, wrong)), Err(NodeError::Media(MediaError::CodecNotNegotiated(Codec::H264))));
     assert_eq!(sim.with_node(a, |node, now| node.end_call(now, "nowhere")), Err(NodeError::Media(MediaError::NoCall("nowhere".into()))));
     // At most MAX_TRACKS.

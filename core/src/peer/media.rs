@@ -219,8 +219,8 @@ pub struct MediaFrame {
     /// the wire).
     pub rtp_time: u64,
     /// The encoded frame (a whole VP8/VP9 frame, H.264 access unit in Annex B, or Opus
-    /// packet).
-    pub data: Vec<u8>,
+    /// packet); shared, so that sending it to many peers copies nothing (`vec.into()`).
+    pub data: Arc<[u8]>,
 }
 
 /// An encoded frame received.

@@ -932,9 +932,12 @@ impl Peer {
         self.media.tracks()
     }
 
-    /// Whether this side has a track `id` (negotiated or not).
-    pub(crate) fn has_local_track(&self, id: &TrackId) -> bool {
-        self.media.has_local(id)
+    /// Changes several tracks at once (`f` gets the tracks and a random number for ids);
+    /// one renegotiation carries them all.
+    pub(crate) fn change_tracks<R: RngCore + rand::CryptoRng, T>(&mut self, ctx: &mut Ctx<'_, R>, f: impl FnOnce(&mut Media, u64) -> T) -> T {
+        let out = f(&mut self.media, ctx.rng.next_u64());
+        self.negotiate(ctx);
+        out
     }
 
     /// Offers the media changes waiting, unless an offer is in flight (its answer brings
