@@ -6,11 +6,17 @@
 //! core at once, and every transmit the core produces is encoded straight into its target's
 //! tungstenite write buffer. Once the turn's events are handled, each connection written to is
 //! flushed with one `write` call. Nothing crosses a thread and nothing is boxed per message.
+//!
+//! With a static directory to serve, a fresh connection's request head is read first: a
+//! WebSocket upgrade is handed to tungstenite with the bytes read so far replayed in front of
+//! the socket, any other request gets its file (or an error) and the connection is closed once
+//! the response is written.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -28,6 +34,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Message, WebSocketConfig};
 use tungstenite::{Bytes, Utf8Bytes, WebSocket};
 
+use crate::static_files::{self, Refusal, Request};
 use crate::{CLOSE_TIMEOUT, Control, HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT};
 
 pub(crate) const LISTENER: Token = Token(0);
@@ -91,50 +98,83 @@ impl Write for Socket {
 }
 
 /// Plain TCP, or TLS over it.
-pub(crate) enum Stream {
+pub(crate) enum Transport {
     Plain(Socket),
     Tls(Box<rustls::StreamOwned<rustls::ServerConnection, Socket>>),
 }
 
-impl Stream {
-    fn socket_mut(&mut self) -> &mut Socket {
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => &mut t.sock,
+            Transport::Plain(s) => s.read(buf),
+            Transport::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+/// A connection's byte stream: its transport, and the bytes of it read ahead of tungstenite
+/// (a request head looked at to route it), which reads return first.
+pub(crate) struct Stream {
+    transport: Transport,
+    ahead: Vec<u8>,
+}
+
+impl Stream {
+    fn new(transport: Transport) -> Self {
+        Stream { transport, ahead: Vec::new() }
+    }
+
+    fn socket_mut(&mut self) -> &mut Socket {
+        match &mut self.transport {
+            Transport::Plain(s) => s,
+            Transport::Tls(t) => &mut t.sock,
         }
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(t) => t.read(buf),
+        if !self.ahead.is_empty() {
+            let n = buf.len().min(self.ahead.len());
+            buf[..n].copy_from_slice(&self.ahead[..n]);
+            self.ahead.drain(..n);
+            return Ok(n);
         }
+        self.transport.read(buf)
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(t) => t.write(buf),
+        match &mut self.transport {
+            Transport::Plain(s) => s.write(buf),
+            Transport::Tls(t) => t.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(t) => t.flush(),
+        match &mut self.transport {
+            Transport::Plain(s) => s.flush(),
+            Transport::Tls(t) => t.flush(),
         }
     }
+}
+
+/// A static file response being written; the connection closes once it is out.
+pub(crate) struct HttpReply {
+    stream: Stream,
+    out: Vec<u8>,
+    written: usize,
 }
 
 type Handshake = MidHandshake<ServerHandshake<Stream, NoCallback>>;
 
 enum State {
-    /// Accepted; TLS (if any) and the WebSocket handshake not started.
+    /// Accepted; TLS (if any) and the WebSocket handshake not started (with a static
+    /// directory: the request head is being read into the stream's read-ahead).
     Fresh(Stream),
+    /// Answering a plain HTTP request (static files).
+    Http(Box<HttpReply>),
     /// In the TLS or WebSocket handshake.
     Handshake(Handshake),
     /// Serving: the core knows this connection.
@@ -187,6 +227,8 @@ pub(crate) struct EventLoop {
     stats_rx: mpsc::Receiver<mpsc::SyncSender<ServerStats>>,
     /// Set once shutdown began: when everything must be gone.
     shutdown_by: Option<Instant>,
+    /// The directory whose files plain HTTP requests get (canonical), if any.
+    serve_dir: Option<PathBuf>,
 }
 
 fn close_frame(code: CloseCode) -> CloseFrame {
@@ -219,6 +261,7 @@ fn log_refused(result: Result<(), ServerError>) {
 }
 
 impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         poll: Poll,
         listener: TcpListener,
@@ -227,6 +270,7 @@ impl EventLoop {
         server: Server,
         control: Arc<Control>,
         stats_rx: mpsc::Receiver<mpsc::SyncSender<ServerStats>>,
+        serve_dir: Option<PathBuf>,
     ) -> Self {
         EventLoop {
             poll,
@@ -242,6 +286,7 @@ impl EventLoop {
             control,
             stats_rx,
             shutdown_by: None,
+            serve_dir,
         }
     }
 
@@ -338,9 +383,9 @@ impl EventLoop {
             }
             let socket = Socket::new(tcp);
             let stream = match &self.tls {
-                None => Stream::Plain(socket),
+                None => Stream::new(Transport::Plain(socket)),
                 Some(config) => match rustls::ServerConnection::new(config.clone()) {
-                    Ok(tls) => Stream::Tls(Box::new(rustls::StreamOwned::new(tls, socket))),
+                    Ok(tls) => Stream::new(Transport::Tls(Box::new(rustls::StreamOwned::new(tls, socket)))),
                     Err(e) => {
                         warn!(id, error = %e, "TLS session setup failed");
                         continue;
@@ -362,6 +407,11 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         match conn.state {
             State::Fresh(_) | State::Handshake(_) => self.on_readable(id, now),
+            State::Http(_) => {
+                if let Step::Drop = self.write_http(id) {
+                    self.remove(id);
+                }
+            }
             State::Open(_) | State::Closing(_) | State::Draining(_) => {
                 if conn.write_blocked {
                     self.flush(id, now);
@@ -374,9 +424,15 @@ impl EventLoop {
     fn on_readable(&mut self, id: u64, now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let step = match std::mem::replace(&mut conn.state, State::Gone) {
+            State::Fresh(stream) if self.serve_dir.is_some() => self.read_head(id, now, stream),
             State::Fresh(stream) => {
                 let result = tungstenite::accept_with_config(stream, Some(self.ws_config));
                 self.handshake_step(id, now, result)
+            }
+            State::Http(reply) => {
+                // Nothing more is read from a plain HTTP client; the response goes on.
+                conn.state = State::Http(reply);
+                self.write_http(id)
             }
             State::Handshake(mid) => {
                 let result = mid.handshake();
@@ -401,6 +457,91 @@ impl EventLoop {
         if let Step::Drop = step {
             self.remove(id);
         }
+    }
+
+    /// Reads a fresh connection's request head (static files are served): a WebSocket upgrade
+    /// goes on to the handshake, with what was read replayed; any other request is answered.
+    fn read_head(&mut self, id: u64, now: Instant, mut stream: Stream) -> Step {
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = static_files::head_end(&stream.ahead) {
+                break Some(end).filter(|&end| end <= static_files::MAX_HEAD);
+            }
+            if stream.ahead.len() > static_files::MAX_HEAD {
+                break None;
+            }
+            match stream.transport.read(&mut buf) {
+                Ok(0) => return Step::Drop,
+                Ok(n) => stream.ahead.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.state = State::Fresh(stream);
+                    }
+                    return Step::Keep;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!(id, error = %e, "reading a request failed");
+                    return Step::Drop;
+                }
+            }
+        };
+        let out = match end {
+            None => static_files::refusal(Refusal::HeadTooLarge),
+            Some(end) => match static_files::parse(&stream.ahead[..end]) {
+                Request::Upgrade => {
+                    let result = tungstenite::accept_with_config(stream, Some(self.ws_config));
+                    return self.handshake_step(id, now, result);
+                }
+                Request::Malformed => static_files::refusal(Refusal::BadRequest),
+                Request::Http { method, target } => {
+                    // Only called with a directory to serve.
+                    let Some(root) = self.serve_dir.as_deref() else { return Step::Drop };
+                    let out = static_files::respond(root, method, target);
+                    debug!(id, method, target, status = %String::from_utf8_lossy(&out[9..12]), "http");
+                    out
+                }
+            },
+        };
+        stream.ahead = Vec::new();
+        let Some(conn) = self.conns.get_mut(&id) else { return Step::Drop };
+        conn.state = State::Http(Box::new(HttpReply { stream, out, written: 0 }));
+        Self::set_deadline(&mut self.deadlines, conn, id, now + HANDSHAKE_TIMEOUT);
+        self.write_http(id)
+    }
+
+    /// Writes what is left of a static file response; done: the connection goes.
+    fn write_http(&mut self, id: u64) -> Step {
+        let Some(conn) = self.conns.get_mut(&id) else { return Step::Drop };
+        let State::Http(reply) = &mut conn.state else { return Step::Keep };
+        while reply.written < reply.out.len() {
+            match reply.stream.write(&reply.out[reply.written..]) {
+                Ok(0) => return Step::Drop,
+                Ok(n) => reply.written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Keep,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Step::Drop,
+            }
+        }
+        match reply.stream.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Keep,
+            Err(_) => return Step::Drop,
+        }
+        if let Transport::Tls(tls) = &mut reply.stream.transport {
+            // Everything written is in the socket only once rustls has nothing left to send.
+            tls.conn.send_close_notify();
+            while tls.conn.wants_write() {
+                match tls.conn.write_tls(&mut tls.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Keep,
+                    Err(_) => return Step::Drop,
+                }
+            }
+        }
+        // Half-close: the client reads to the end of the response, then closes its side.
+        let _ = reply.stream.socket_mut().tcp.shutdown(Shutdown::Write);
+        Step::Drop
     }
 
     fn handshake_step(&mut self, id: u64, now: Instant, result: Result<WebSocket<Stream>, HandshakeError<ServerHandshake<Stream, NoCallback>>>) -> Step {
@@ -531,7 +672,7 @@ impl EventLoop {
                 Self::set_deadline(&mut self.deadlines, conn, id, now + CLOSE_TIMEOUT);
                 Self::mark_dirty(&mut self.dirty, conn, id);
             }
-            handshaking @ (State::Fresh(_) | State::Handshake(_)) => {
+            handshaking @ (State::Fresh(_) | State::Handshake(_) | State::Http(_)) => {
                 // Nothing to say before the handshake: just go.
                 conn.state = handshaking;
                 self.remove(id);
@@ -664,6 +805,7 @@ impl EventLoop {
             let mut state = conn.state;
             let socket = match &mut state {
                 State::Fresh(s) => Some(s.socket_mut()),
+                State::Http(reply) => Some(reply.stream.socket_mut()),
                 State::Handshake(mid) => Some(mid.get_mut().get_mut().socket_mut()),
                 State::Open(ws) | State::Closing(ws) | State::Draining(ws) => Some(ws.get_mut().socket_mut()),
                 State::Gone => None,

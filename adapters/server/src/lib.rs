@@ -32,6 +32,18 @@
 //! the kernel (two TCP syscalls on loopback) as in the core, and every hand-off between threads
 //! (a channel to a core thread, or a lock and a wake-up for the target's task) cost more than
 //! the work it moved. The benchmark figures are in the repository README.
+//!
+//! ## Static files
+//!
+//! With [`ServerOptions::serve_dir`] (the binary's `--serve-examples [DIR]`) the same port also
+//! answers plain HTTP `GET` and `HEAD` requests with the files of that directory, so a browser
+//! can load a web client from the server it signals through: a request that asks for a
+//! WebSocket upgrade goes to signaling as before, any other request is answered with a file
+//! (`/` is `/index.html`) and the connection is closed. Only regular files inside the directory
+//! with a known type are served (`.html`, `.js`, `.mjs`, `.css`, `.json`, `.ivf`, `.webm`; at
+//! most 32 MiB each); `..`, hidden names and symbolic links that lead outside are refused, and
+//! directories are never listed. Files are read on the event loop's thread, so this is meant
+//! for small demo and test pages, not as a general web server.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -39,7 +51,7 @@ mod event_loop;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
@@ -69,6 +81,10 @@ pub struct ServerOptions {
     pub tls: Option<TlsConfig>,
     /// Seed for the core's nonces and ids; `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// Also serve the static files of this directory over HTTP `GET` on the same port (see
+    /// the [crate docs](crate#static-files)); `None` (the default) serves only WebSocket
+    /// signaling. [`spawn`] fails if it is not a directory.
+    pub serve_dir: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -80,6 +96,7 @@ impl ServerOptions {
             config: ServerConfig::default(),
             tls: None,
             seed: None,
+            serve_dir: None,
         }
     }
 }
@@ -172,6 +189,16 @@ impl ServerHandle {
         }
     }
 
+    /// Returns the URL of the static files served with [`ServerOptions::serve_dir`]:
+    /// `http://IP:PORT`, or `https://localhost:PORT` with TLS (no trailing slash).
+    pub fn http_url(&self) -> String {
+        match self.url().split_once("://") {
+            Some(("wss", rest)) => format!("https://{rest}"),
+            Some((_, rest)) => format!("http://{rest}"),
+            None => self.url(),
+        }
+    }
+
     /// Asks the event loop for the core's counts and waits for the answer (one loop turn).
     /// Returns the default (all zero) once the server has stopped.
     pub fn stats(&self) -> ServerStats {
@@ -234,7 +261,17 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let waker = mio::Waker::new(poll.registry(), event_loop::WAKER)?;
     let (stats_tx, stats_rx) = mpsc::channel();
     let control = Arc::new(Control { stop: AtomicBool::new(false), waker, stats: Mutex::new(Some(stats_tx)) });
-    let ServerOptions { config, tls, seed, .. } = options;
+    let ServerOptions { config, tls, seed, serve_dir, .. } = options;
+    let serve_dir = match serve_dir {
+        Some(dir) => {
+            let canonical = std::fs::canonicalize(&dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+            if !canonical.is_dir() {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", dir.display())));
+            }
+            Some(canonical)
+        }
+        None => None,
+    };
     let ws_config = ws_config(config.max_frame_size);
     let seed = seed.unwrap_or_else(os_seed);
     let server = Server::new(config, seed, Instant::now(), unix_ms());
@@ -244,8 +281,12 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let thread = thread::Builder::new().name("peerlink-server".into()).spawn(move || {
         let scheme = if is_tls { "wss" } else { "ws" };
         info!(url = %format!("{scheme}://{addr}"), "listening");
+        if let Some(dir) = &serve_dir {
+            let http = if is_tls { "https" } else { "http" };
+            info!(dir = %dir.display(), url = %format!("{http}://{addr}/"), "serving static files");
+        }
         let control = loop_control.clone();
-        let result = event_loop::EventLoop::new(poll, listener, tls_config, ws_config, server, loop_control, stats_rx).run();
+        let result = event_loop::EventLoop::new(poll, listener, tls_config, ws_config, server, loop_control, stats_rx, serve_dir).run();
         // Refuse later stats requests (the loop, and with it the receiver, is gone).
         if let Ok(mut guard) = control.stats.lock() {
             guard.take();
@@ -280,4 +321,253 @@ fn ws_config(max_frame_size: usize) -> WebSocketConfig {
     config.max_message_size = Some(hard_limit);
     config.max_frame_size = Some(hard_limit);
     config
+}
+
+/// Plain HTTP for [`ServerOptions::serve_dir`]: telling a WebSocket upgrade from a file request,
+/// and answering the latter. Pure functions over bytes and the file system; the event loop
+/// moves the bytes.
+pub(crate) mod static_files {
+    use std::path::{Component, Path, PathBuf};
+
+    /// Longest request head read before refusing it (431).
+    pub(crate) const MAX_HEAD: usize = 8 * 1024;
+    /// Largest file served.
+    pub(crate) const MAX_FILE: u64 = 32 * 1024 * 1024;
+
+    /// What a complete request head asks for.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(crate) enum Request<'a> {
+        /// A WebSocket upgrade: hand the connection to signaling.
+        Upgrade,
+        /// Anything else.
+        Http {
+            /// The request method.
+            method: &'a str,
+            /// The request target (path and query).
+            target: &'a str,
+        },
+        /// Not an HTTP/1.x request head.
+        Malformed,
+    }
+
+    /// Where the head (request line and headers, through the blank line) ends in `buf`.
+    pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
+        buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    }
+
+    /// Reads a request head.
+    pub(crate) fn parse(head: &[u8]) -> Request<'_> {
+        let Ok(text) = std::str::from_utf8(head) else { return Request::Malformed };
+        let mut lines = text.split("\r\n");
+        let mut parts = lines.next().unwrap_or_default().split(' ');
+        let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Request::Malformed;
+        };
+        if method.is_empty() || target.is_empty() || !version.starts_with("HTTP/1.") {
+            return Request::Malformed;
+        }
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else { continue };
+            if name.trim().eq_ignore_ascii_case("upgrade") && value.split(',').any(|v| v.trim().eq_ignore_ascii_case("websocket")) {
+                return Request::Upgrade;
+            }
+        }
+        Request::Http { method, target }
+    }
+
+    /// The content type of the files served, by extension; other files are not served.
+    pub(crate) fn content_type(path: &Path) -> Option<&'static str> {
+        Some(match path.extension()?.to_str()? {
+            "html" => "text/html; charset=utf-8",
+            "js" | "mjs" => "text/javascript; charset=utf-8",
+            "css" => "text/css; charset=utf-8",
+            "json" => "application/json",
+            "ivf" => "video/x-ivf",
+            "webm" => "video/webm",
+            _ => return None,
+        })
+    }
+
+    /// Why a request gets no file.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Refusal {
+        /// 400: the target is not a usable path.
+        BadRequest,
+        /// 403: the path tries to leave the directory.
+        Forbidden,
+        /// 404: no such servable file.
+        NotFound,
+        /// 405: not `GET` or `HEAD`.
+        MethodNotAllowed,
+        /// 431: the request head is too long.
+        HeadTooLarge,
+    }
+
+    impl Refusal {
+        fn status(self) -> &'static str {
+            match self {
+                Refusal::BadRequest => "400 Bad Request",
+                Refusal::Forbidden => "403 Forbidden",
+                Refusal::NotFound => "404 Not Found",
+                Refusal::MethodNotAllowed => "405 Method Not Allowed",
+                Refusal::HeadTooLarge => "431 Request Header Fields Too Large",
+            }
+        }
+    }
+
+    fn percent_decode(s: &str) -> Option<String> {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    /// The file `target` names under `root` (canonical), or why none is served. The target's
+    /// query and fragment are ignored; it is percent-decoded; `..`, `.` and hidden segments,
+    /// backslashes and NULs are refused; the result, symbolic links resolved, must be a
+    /// regular file inside `root` with a [`content_type`].
+    pub(crate) fn resolve(root: &Path, target: &str) -> Result<PathBuf, Refusal> {
+        let path = target.split(['?', '#']).next().unwrap_or_default();
+        if !path.starts_with('/') {
+            return Err(Refusal::BadRequest);
+        }
+        let decoded = percent_decode(path).ok_or(Refusal::BadRequest)?;
+        if decoded.contains(['\\', '\0']) {
+            return Err(Refusal::Forbidden);
+        }
+        let mut relative = PathBuf::new();
+        for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+            if segment.starts_with('.') {
+                // `..`, `.`, and hidden files alike.
+                return Err(Refusal::Forbidden);
+            }
+            relative.push(segment);
+        }
+        if decoded.ends_with('/') {
+            relative.push("index.html");
+        }
+        if relative.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(Refusal::Forbidden);
+        }
+        let full = std::fs::canonicalize(root.join(&relative)).map_err(|_| Refusal::NotFound)?;
+        if !full.starts_with(root) {
+            // A symbolic link that leads out of the directory.
+            return Err(Refusal::Forbidden);
+        }
+        let meta = std::fs::metadata(&full).map_err(|_| Refusal::NotFound)?;
+        if !meta.is_file() || meta.len() > MAX_FILE || content_type(&full).is_none() {
+            return Err(Refusal::NotFound);
+        }
+        Ok(full)
+    }
+
+    fn response(status: &str, content_type: &str, body: &[u8], send_body: bool, extra: &str) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\n\
+             X-Content-Type-Options: nosniff\r\nConnection: close\r\n{extra}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        if send_body {
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// The error response for `refusal`.
+    pub(crate) fn refusal(refusal: Refusal) -> Vec<u8> {
+        let extra = if refusal == Refusal::MethodNotAllowed { "Allow: GET, HEAD\r\n" } else { "" };
+        let status = refusal.status();
+        response(status, "text/plain; charset=utf-8", format!("{status}\n").as_bytes(), true, extra)
+    }
+
+    /// The whole response to a request for `target` (status line, headers and body).
+    pub(crate) fn respond(root: &Path, method: &str, target: &str) -> Vec<u8> {
+        let head_only = match method {
+            "GET" => false,
+            "HEAD" => true,
+            _ => return refusal(Refusal::MethodNotAllowed),
+        };
+        let file = match resolve(root, target) {
+            Ok(file) => file,
+            Err(r) => return refusal(r),
+        };
+        match std::fs::read(&file) {
+            // `resolve` checked the type.
+            Ok(body) => response("200 OK", content_type(&file).unwrap_or("application/octet-stream"), &body, !head_only, ""),
+            Err(_) => refusal(Refusal::NotFound),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn requests_are_told_apart() {
+            let ws = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\nSec-WebSocket-Version: 13\r\n\r\n";
+            assert_eq!(head_end(ws), Some(ws.len()));
+            assert_eq!(parse(ws), Request::Upgrade);
+            assert_eq!(parse(b"GET /a.js?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"), Request::Http { method: "GET", target: "/a.js?x=1" });
+            assert_eq!(parse(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n"), Request::Http { method: "GET", target: "/" });
+            assert_eq!(parse(b"GET /\r\n\r\n"), Request::Malformed);
+            assert_eq!(parse(b"GET / SPDY/3\r\n\r\n"), Request::Malformed);
+            assert_eq!(parse(b"GET / HTTP/1.1 extra\r\n\r\n"), Request::Malformed);
+            assert_eq!(parse(b"\xff\xfe / HTTP/1.1\r\n\r\n"), Request::Malformed);
+            assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        }
+
+        #[test]
+        fn paths_stay_inside_the_directory() {
+            let root = std::env::temp_dir().join(format!("peerlink-static-unit-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(root.join("sub")).unwrap();
+            std::fs::write(root.join("index.html"), "<p>hi</p>").unwrap();
+            std::fs::write(root.join("sub/app.js"), "export {}").unwrap();
+            std::fs::write(root.join("sub/notes.txt"), "no").unwrap();
+            std::fs::write(root.join(".secret.json"), "{}").unwrap();
+            let root = std::fs::canonicalize(&root).unwrap();
+            assert_eq!(resolve(&root, "/"), Ok(root.join("index.html")));
+            assert_eq!(resolve(&root, "/index.html?cache=1#top"), Ok(root.join("index.html")));
+            assert_eq!(resolve(&root, "//sub//app.js"), Ok(root.join("sub/app.js")));
+            assert_eq!(resolve(&root, "/sub/%61pp.js"), Ok(root.join("sub/app.js")));
+            for bad in ["/../etc/passwd", "/sub/../index.html", "/%2e%2e/etc/passwd", "/sub%2F..%2F..%2Fetc%2Fpasswd", "/./index.html", "/.secret.json", "/a\\b.js", "/x%00.js"] {
+                assert_eq!(resolve(&root, bad), Err(Refusal::Forbidden), "{bad}");
+            }
+            for bad in ["index.html", "http://example.com/index.html", "/%zz.js", "/%e2%28.js"] {
+                assert_eq!(resolve(&root, bad), Err(Refusal::BadRequest), "{bad}");
+            }
+            for missing in ["/nope.html", "/sub", "/sub/", "/sub/notes.txt"] {
+                assert_eq!(resolve(&root, missing), Err(Refusal::NotFound), "{missing}");
+            }
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+
+        #[test]
+        fn responses_carry_type_and_length() {
+            let root = std::env::temp_dir().join(format!("peerlink-static-resp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::write(root.join("a.css"), "p{}").unwrap();
+            let root = std::fs::canonicalize(&root).unwrap();
+            let ok = String::from_utf8(respond(&root, "GET", "/a.css")).unwrap();
+            assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("Content-Type: text/css; charset=utf-8\r\n"), "{ok}");
+            assert!(ok.contains("Content-Length: 3\r\n") && ok.ends_with("\r\n\r\np{}"), "{ok}");
+            let head = String::from_utf8(respond(&root, "HEAD", "/a.css")).unwrap();
+            assert!(head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+            let post = String::from_utf8(respond(&root, "POST", "/a.css")).unwrap();
+            assert!(post.starts_with("HTTP/1.1 405") && post.contains("Allow: GET, HEAD\r\n"), "{post}");
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+    }
 }

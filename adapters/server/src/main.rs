@@ -3,6 +3,11 @@
 //! Prints exactly one line, `listening on ws://ADDR` (or `wss://`), to stdout once it listens;
 //! logs go to stderr (`RUST_LOG`, default `info`). SIGINT or SIGTERM shut it down gracefully
 //! (every client gets close 1001) and it exits 0.
+//!
+//! `--serve-examples [DIR]` also serves the static files of DIR (default: the browser example,
+//! `examples/browser` of the workspace this binary was built from) over plain HTTP on the same
+//! port: `cargo run -p peerlink-server -- --serve-examples`, then open
+//! `http://127.0.0.1:8080/index.html`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -69,7 +74,14 @@ struct Args {
     /// Raise the soft open-files limit to the hard limit (for many connections).
     #[arg(long)]
     raise_nofile: bool,
+    /// Also serve the static files of DIR over HTTP GET on the same port (default: the
+    /// workspace's examples/browser, the browser client and its demo page).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = EXAMPLES_DIR)]
+    serve_examples: Option<PathBuf>,
 }
+
+/// The browser example of the workspace this binary was built from.
+const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/browser");
 
 fn config(args: &Args) -> anyhow::Result<ServerConfig> {
     let mut config = ServerConfig::default();
@@ -164,7 +176,7 @@ fn main() -> anyhow::Result<()> {
     let std_listener = std::net::TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
     let addr = std_listener.local_addr()?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let options = ServerOptions { addr, config, tls, seed: None };
+    let options = ServerOptions { addr, config, tls, seed: None, serve_dir: args.serve_examples.clone() };
     let server = peerlink_server::spawn_on(std_listener, options).context("starting the server")?;
     {
         let mut out = std::io::stdout().lock();

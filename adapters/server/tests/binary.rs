@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -11,15 +10,7 @@ use peerlink::protocol::{ClientMessage, ServerMessage};
 
 #[test]
 fn binary_serves_and_exits_cleanly_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_peerlink-server"))
-        .args(["--listen", "127.0.0.1:0", "--server-id", "bin-test", "--rate", "1000", "--burst", "2000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("bad line {line:?}")).to_owned();
+    let (mut child, url) = spawn_binary(&["--listen", "127.0.0.1:0", "--server-id", "bin-test", "--rate", "1000", "--burst", "2000"]);
     assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
 
     let mut ws = connect(&url);

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -117,18 +116,9 @@ fn tls() {
     let url = server.url();
     assert_eq!(url, format!("wss://localhost:{}", server.local_addr().port()));
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = tls_client_config(cert.der());
     let stream = std::net::TcpStream::connect(server.local_addr()).unwrap();
-    let (mut ws, _) =
-        tungstenite::client_tls_with_config(url.as_str(), stream, None, Some(tungstenite::Connector::Rustls(Arc::new(config))))
-            .unwrap();
+    let (mut ws, _) = tungstenite::client_tls_with_config(url.as_str(), stream, None, Some(tungstenite::Connector::Rustls(config))).unwrap();
     set_timeout(&ws);
     register(&mut ws, &identity(8), "tls");
     send(&mut ws, &ClientMessage::Ping { id: 2 });

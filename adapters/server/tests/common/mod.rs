@@ -1,7 +1,11 @@
-//! Shared helpers: a blocking tungstenite client that registers for real.
+//! Shared helpers: a blocking tungstenite client that registers for real, a TLS client
+//! configuration trusting one certificate, and the server binary on a free port.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use peerlink::identity::Identity;
@@ -78,4 +82,27 @@ pub fn connect_registered(url: &str, seed: u64) -> Ws {
     let mut ws = connect(url);
     register(&mut ws, &identity(seed), &format!("peer{seed}"));
     ws
+}
+
+/// A rustls client configuration that trusts exactly `cert`.
+pub fn tls_client_config(cert: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Starts the `peerlink-server` binary with `args` (add `--listen 127.0.0.1:0`) and reads the
+/// URL of its one stdout line (`listening on URL`).
+pub fn spawn_binary(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peerlink-server")).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("bad line {line:?}")).to_owned();
+    (child, url)
 }
