@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use tungstenite::Message;
 
 pub use peerlink_server::{ServerHandle, ServerOptions};
+pub mod chromium;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
