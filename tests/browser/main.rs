@@ -17,13 +17,9 @@
 //! at `/usr/bin/chromium` (the tests fail, not skip, without it). The tests take turns: one
 //! browser at a time.
 //!
-//! The two data channel tests are ignored until the node's DTLS certificate carries the
-//! `digitalSignature` key usage: `core/src/peer/crypto.rs` builds it with x509-cert's
-//! `Profile::Root` (key usage `keyCertSign | cRLSign` only), and Chromium's BoringSSL refuses
-//! such a certificate for ECDHE-ECDSA (`KEY_USAGE_BIT_INCORRECT`): the browser fails the
-//! connection within milliseconds while the node keeps resending its DTLS flight until its
-//! connect timeout. With `Profile::Leaf` (key usage `digitalSignature | nonRepudiation`) both
-//! pass; `cargo test -p peerlink-tests --test browser -- --include-ignored` runs them.
+//! The node's DTLS certificate is a self-signed leaf with the `digitalSignature` key usage:
+//! Chromium's BoringSSL refuses one without it for ECDHE-ECDSA (`KEY_USAGE_BIT_INCORRECT`),
+//! which these tests found (the node used to make a CA-profile certificate).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -289,7 +285,6 @@ fn exchange(h: &mut Harness, page: &Page, browser: peerlink::Fingerprint) {
 }
 
 #[test]
-#[ignore = "needs the DTLS certificate fix in core/src/peer/crypto.rs (Chromium refuses the node's Profile::Root certificate: BoringSSL KEY_USAGE_BIT_INCORRECT); run with --include-ignored"]
 fn browser_offers_to_a_rust_node() {
     let mut h = Harness::new("offer");
     let page = h.open(&format!("role=offer&big={BIG}&chat=1&room=browser-room-offer"));
@@ -308,7 +303,6 @@ fn browser_offers_to_a_rust_node() {
 }
 
 #[test]
-#[ignore = "needs the DTLS certificate fix in core/src/peer/crypto.rs (Chromium refuses the node's Profile::Root certificate: BoringSSL KEY_USAGE_BIT_INCORRECT); run with --include-ignored"]
 fn rust_node_offers_to_the_browser() {
     let mut h = Harness::new("answer");
     let page = h.open(&format!("role=answer&big={BIG}&chat=1"));

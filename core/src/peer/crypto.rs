@@ -54,7 +54,11 @@ pub(crate) fn generate_certificate(rng: &mut impl RngCore, unix_ms: u64) -> Resu
     let validity = Validity { not_before: Time::UtcTime(not_before), not_after: Time::UtcTime(not_after) };
     let subject: Name = "CN=peerlink".parse().map_err(|e: x509_cert::der::Error| e.to_string())?;
     let spki = SubjectPublicKeyInfoOwned::from_key(*key.verifying_key()).map_err(|e| e.to_string())?;
-    let builder = CertificateBuilder::new(Profile::Root, serial, validity, subject, spki, &key).map_err(|e| e.to_string())?;
+    // A self-signed leaf, not a CA: its key usage must include digitalSignature, which
+    // ECDHE-ECDSA needs (BoringSSL, in Chromium, refuses a certificate with only
+    // keyCertSign | cRLSign, the root profile's: KEY_USAGE_BIT_INCORRECT).
+    let profile = Profile::Leaf { issuer: subject.clone(), enable_key_agreement: false, enable_key_encipherment: false };
+    let builder = CertificateBuilder::new(profile, serial, validity, subject, spki, &key).map_err(|e| e.to_string())?;
     let cert = builder.build::<DerSignature>().map_err(|e| e.to_string())?;
     let certificate = cert.to_der().map_err(|e| e.to_string())?;
     let private_key = key.to_pkcs8_der().map_err(|e| e.to_string())?.as_bytes().to_vec();
