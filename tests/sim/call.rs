@@ -21,15 +21,6 @@ fn calls(sim: &Sim, n: NodeId) -> Vec<CallEvent> {
         .collect()
 }
 
-fn media(sim: &Sim, n: NodeId) -> Vec<MediaEvent> {
-    sim.events(n)
-        .iter()
-        .filter_map(|(_, e)| match e {
-            NodeEvent::Media(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
 
 fn streams(sim: &Sim, n: NodeId) -> usize {
     calls(sim, n).iter().filter(|e| matches!(e, CallEvent::RemoteStream { .. })).count()

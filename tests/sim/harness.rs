@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use peerlink::{NodeConfig, NodeEvent, PeerState, RoomEvent, RoomOptions};
+use peerlink::{MediaEvent, NodeConfig, NodeEvent, PeerState, RoomEvent, RoomOptions};
 use peerlink_sim::{NodeId, Sim};
 
 pub fn config() -> NodeConfig {
@@ -89,4 +89,15 @@ pub fn room_world(room: &str, seed: u64, n: usize, config: NodeConfig) -> (Sim, 
 
 pub fn joined(sim: &Sim, n: NodeId) -> bool {
     sim.events(n).iter().any(|(_, e)| matches!(e, NodeEvent::Room(RoomEvent::Joined { .. })))
+}
+
+/// The media events `n` saw, in order.
+pub fn media(sim: &Sim, n: NodeId) -> Vec<MediaEvent> {
+    sim.events(n)
+        .iter()
+        .filter_map(|(_, e)| match e {
+            NodeEvent::Media(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
 }

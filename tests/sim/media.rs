@@ -5,20 +5,11 @@
 
 use std::time::Duration;
 
-use peerlink::{Codec, MediaEvent, MediaFrame, NodeEvent, TrackId, TrackOptions};
+use peerlink::{Codec, MediaEvent, MediaFrame, TrackId, TrackOptions};
 use peerlink_sim::{NodeId, Sim};
 
 use crate::harness::*;
 
-fn media(sim: &Sim, n: NodeId) -> Vec<MediaEvent> {
-    sim.events(n)
-        .iter()
-        .filter_map(|(_, e)| match e {
-            NodeEvent::Media(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
 
 fn track_added(sim: &Sim, n: NodeId, local: bool, id: &TrackId) -> bool {
     media(sim, n).iter().any(|e| matches!(e, MediaEvent::TrackAdded { track, .. } if track.local == local && &track.id == id))
