@@ -35,13 +35,11 @@ use std::cell::{Cell, RefCell};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use peerlink::{ClientEvent, Fingerprint, NodeConfig, NodeEvent, Response, RoomEvent, RoomOptions, RoomPath};
-use peerlink_blocking::{PollNode, PollOptions, UdpBind};
+use peerlink::{ClientEvent, Fingerprint, NodeEvent, Response, RoomEvent, RoomOptions, RoomPath};
+use peerlink_blocking::PollNode;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+type Error = common::BenchError;
 
-/// Sleep after a round of all members in which no event came.
-const IDLE_SLEEP: Duration = Duration::from_micros(50);
 
 fn env_u64(name: &str, default: u64) -> Result<u64, Error> {
     match std::env::var(name) {
@@ -81,61 +79,7 @@ impl Plan {
 }
 
 
-/// Polls every node once and hands their events to `on`; returns whether there was any.
-fn pump(nodes: &mut [PollNode], on: &mut impl FnMut(&mut PollNode, usize, NodeEvent) -> Result<(), Error>) -> Result<bool, Error> {
-    let mut any = false;
-    for (i, n) in nodes.iter_mut().enumerate() {
-        n.poll(Instant::now())?;
-        while let Some(e) = n.poll_event() {
-            any = true;
-            on(n, i, e)?;
-        }
-    }
-    Ok(any)
-}
-
-/// Pumps until `done` (checked after every round); returns when it became true.
-fn until(
-    nodes: &mut [PollNode],
-    what: &str,
-    deadline: Instant,
-    mut on: impl FnMut(&mut PollNode, usize, NodeEvent) -> Result<(), Error>,
-    mut done: impl FnMut(&mut [PollNode]) -> bool,
-) -> Result<Instant, Error> {
-    loop {
-        let now = Instant::now();
-        if done(nodes) {
-            return Ok(now);
-        }
-        if now >= deadline {
-            return Err(format!("{what}: timed out (BENCH_JOIN_TIMEOUT_S)").into());
-        }
-        if !pump(nodes, &mut on)? {
-            std::thread::sleep(IDLE_SLEEP);
-        }
-    }
-}
-
-/// Fails on events that mean something went wrong.
-fn check_event(i: usize, e: &NodeEvent) -> Result<(), Error> {
-    match e {
-        NodeEvent::PeerError { error, .. } => Err(format!("member {i}: {error}").into()),
-        NodeEvent::Room(RoomEvent::Error { error, .. }) => Err(format!("member {i}: room: {error}").into()),
-        NodeEvent::Signaling(ClientEvent::Error(error)) => Err(format!("member {i}: signaling: {error}").into()),
-        NodeEvent::Signaling(ClientEvent::Response { result: Err(error), .. }) => {
-            Err(format!("member {i}: request refused: {error}").into())
-        }
-        _ => Ok(()),
-    }
-}
-
-/// `n` fresh nodes, registered, their events drained.
-fn fresh_nodes(url: &str, n: usize, deadline: Instant) -> Result<Vec<PollNode>, Error> {
-    let options = || PollOptions { udp: UdpBind::Loopback, ..Default::default() };
-    let mut nodes = (0..n).map(|_| PollNode::new(NodeConfig::new(url), options())).collect::<Result<Vec<_>, _>>()?;
-    until(&mut nodes, "registration", deadline, |_, i, e| check_event(i, &e), |ns| ns.iter().all(PollNode::is_registered))?;
-    Ok(nodes)
-}
+use common::nodes::{failure as check_event, fresh_nodes, until_nodes as until};
 
 fn close(mut nodes: Vec<PollNode>) {
     let now = Instant::now();
@@ -163,12 +107,12 @@ fn time_room(nodes: &mut [PollNode], room: &str, deadline: Instant) -> Result<(D
     };
     let start = Instant::now();
     nodes[0].node().create_room(start, room, RoomOptions::group(n as u32))?;
-    until(nodes, "room created", deadline, &on, |ns| ns[0].node().room(room).is_some())?;
+    until(nodes, "room created", deadline, on, |ns| ns[0].node().room(room).is_some())?;
     let now = Instant::now();
     for node in &mut nodes[1..] {
         node.node().join_room(now, room)?;
     }
-    let end = until(nodes, "full direct mesh", deadline, &on, |ns| {
+    let end = until(nodes, "full direct mesh", deadline, on, |ns| {
         ns.iter_mut().all(|node| {
             node.node().room(room).is_some_and(|r| r.members.len() == n - 1 && r.members.iter().all(|m| m.path == RoomPath::Direct))
         })
@@ -215,12 +159,12 @@ fn time_mesh(nodes: &mut [PollNode], namespace: &str, deadline: Instant) -> Resu
     };
     let start = Instant::now();
     nodes[0].client().join(start, namespace, None, None)?;
-    until(nodes, "namespace joined", deadline, &on, |_| answered.borrow()[0])?;
+    until(nodes, "namespace joined", deadline, on, |_| answered.borrow()[0])?;
     let now = Instant::now();
     for node in &mut nodes[1..] {
         node.client().join(now, namespace, None, None)?;
     }
-    let end = until(nodes, "full mesh of default channels", deadline, &on, |_| opened.get() == n * (n - 1))?;
+    let end = until(nodes, "full mesh of default channels", deadline, on, |_| opened.get() == n * (n - 1))?;
     let last_answered = last_answered.get().ok_or("the mesh was complete before every join was answered")?;
     Ok((end - start, last_answered - start))
 }
