@@ -228,8 +228,15 @@ export async function verifyDescription({ expected, me, kind, sid, sdp, key, sig
  * Events: `state` (state), `connected` (the default channel is open), `disconnected`,
  * `data` (value, channel, {binary, text}): text is parsed as JSON when it is JSON, binary
  * arrives as a Uint8Array; `datachannel:open` (label), `datachannel:close` (label),
- * `error` (PeerlinkError), `closed`.
+ * `error` (PeerlinkError), `closed`, `track` (track, stream, transceiver): a remote audio or
+ * video track (`stream` is its MediaStream, from the offer's `msid`; a track the remote muted
+ * fires `mute` on the MediaStreamTrack, and `unmute` once media flows again).
  * States: `connecting`, `connected`, `disconnected`, `failed`, `closed`.
+ *
+ * Media: `addTrack(track, stream)` and `removeTrack(sender)` renegotiate the connection (an
+ * offer for the same session, signed and verified like the first); re-offers from the remote
+ * are verified and answered. When both sides offer at once, the polite side (the lower
+ * fingerprint) rolls its offer back, answers, and offers again (perfect negotiation).
  */
 export class Peer extends Emitter {
   constructor(client, fingerprint) {
@@ -260,6 +267,7 @@ export class Peer extends Emitter {
     this._remoteCandidates = [];
     this._restarts = 0;
     this._dtlsError = null;
+    this._makingOffer = false;
   }
 
   /** Labels of the open channels (the default channel first). */
@@ -314,6 +322,30 @@ export class Peer extends Emitter {
   /** The channel called `label`, if any. */
   getChannel(label) {
     return this.channels.get(label);
+  }
+
+  /** Sends a local audio or video track (a MediaStreamTrack, e.g. from getUserMedia) in
+   *  `stream` (its MediaStream: the remote sees the tracks of one stream together); the
+   *  connection renegotiates. Returns the RTCRtpSender (for `removeTrack`). */
+  addTrack(track, stream) {
+    if (!this.pc || this.closed) throw new PeerlinkError('not_connected', 'no connection yet');
+    return stream ? this.pc.addTrack(track, stream) : this.pc.addTrack(track);
+  }
+
+  /** Stops sending a track added with `addTrack` (its sender); the connection renegotiates. */
+  removeTrack(sender) {
+    if (!this.pc || this.closed) throw new PeerlinkError('not_connected', 'no connection yet');
+    this.pc.removeTrack(sender);
+  }
+
+  /** The RTCRtpSenders of this side's tracks. */
+  get senders() {
+    return this.pc ? this.pc.getSenders().filter((s) => s.track) : [];
+  }
+
+  /** The remote's live tracks. */
+  get remoteTracks() {
+    return this.pc ? this.pc.getReceivers().map((r) => r.track).filter((t) => t && t.readyState === 'live') : [];
   }
 
   /** Restarts ICE: an offer with new credentials for the same session. */
@@ -397,6 +429,11 @@ export class Peer extends Emitter {
     };
     pc.onconnectionstatechange = () => this.#onConnectionState(pc.connectionState);
     pc.ondatachannel = (e) => this.#wireChannel(e.channel);
+    pc.ontrack = (e) => {
+      this.client._log('remote track', e.track.kind, e.track.id, e.streams[0]?.id ?? '-');
+      this.emit('track', e.track, e.streams[0] ?? null, e.transceiver);
+    };
+    pc.onnegotiationneeded = () => this.#renegotiate(pc);
     // The pre-negotiated channels: `default` on stream 0; peerlink's own streams reserved.
     this.#wireChannel(pc.createDataChannel(DEFAULT_CHANNEL, { negotiated: true, id: 0 }));
     for (const [label, id] of RESERVED_CHANNELS) {
@@ -483,6 +520,27 @@ export class Peer extends Emitter {
       this._restarts += 1;
       this.#scheduleRestart(1000 * 2 ** Math.min(this._restarts, 4));
     }, delay);
+  }
+
+  /** A renegotiation (tracks added or removed): an offer for the same session. Only once the
+   *  first exchange is done and nothing is in flight; otherwise the browser fires
+   *  `negotiationneeded` again when the connection is back to stable. */
+  async #renegotiate(pc) {
+    if (this.pc !== pc || this.closed || this._makingOffer || this._pendingOffer) return;
+    if (pc.signalingState !== 'stable' || !pc.remoteDescription || !pc.localDescription) return;
+    this.client._log('renegotiating with', this.fingerprint.slice(0, 8));
+    this._makingOffer = true;
+    this._pendingOffer = true;
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      if (this.pc !== pc) return;
+      await this.#sendDescription('offer');
+    } catch (e) {
+      this._pendingOffer = false;
+      this.client._log('renegotiation failed', String(e));
+    } finally {
+      this._makingOffer = false;
+    }
   }
 
   /** Starts a fresh session by offering. */
@@ -581,8 +639,23 @@ export class Peer extends Emitter {
       case 'offer': {
         // A renegotiation or ICE restart of this session.
         if (!pc) return;
-        if (this._pendingOffer && !this.polite) return; // glare: ours stands
+        const glare = this._makingOffer || pc.signalingState !== 'stable';
+        if (glare && !this.polite) {
+          this.client._log('glare: keeping our offer to', this.fingerprint.slice(0, 8));
+          return; // ours stands: the polite remote rolls back and answers it
+        }
         if (!(await this.#verify('offer', msg))) return;
+        if (this.pc !== pc) return;
+        if (pc.signalingState === 'have-local-offer') {
+          // Glare on the polite side: ours is rolled back (negotiationneeded offers it again).
+          this.client._log('glare: rolling back our offer to', this.fingerprint.slice(0, 8));
+          try {
+            await pc.setLocalDescription({ type: 'rollback' });
+          } catch (e) {
+            this.client._log('rollback failed', String(e));
+          }
+          this._pendingOffer = false;
+        }
         await this.#applyOffer(pc, msg);
         break;
       }

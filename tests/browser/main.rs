@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use peerlink::peer::signal::BindingError;
-use peerlink::{ChannelOptions, ClientEvent, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, SendError};
+use peerlink::{ChannelOptions, ClientEvent, Codec, Fingerprint, MediaEvent, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, SendError, TrackKind};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 use peerlink_server::{ServerHandle, ServerOptions};
 use peerlink_tests::chromium::{Chromium, Page};
@@ -58,6 +58,8 @@ struct Harness {
     node: PollNode,
     /// Every event of the node, in order.
     events: Vec<NodeEvent>,
+    /// When each of `events` was polled.
+    times: Vec<Instant>,
     browser: Chromium,
     /// The pages opened, for failure reports.
     pages: Vec<Page>,
@@ -77,7 +79,7 @@ impl Harness {
         let config = NodeConfig::with_client(client_config(&server.url(), "rust"));
         let node = PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).expect("the node starts");
         let browser = Chromium::launch();
-        let mut h = Harness { _turn: turn, server, node, events: Vec::new(), browser, pages: Vec::new(), ns: format!("browser-{name}"), started };
+        let mut h = Harness { _turn: turn, server, node, events: Vec::new(), times: Vec::new(), browser, pages: Vec::new(), ns: format!("browser-{name}"), started };
         h.until_node("the node registers", |h| h.node.is_registered());
         let ns = h.ns.clone();
         h.node.client().join(Instant::now(), &ns, None, None).expect("join");
@@ -100,6 +102,7 @@ impl Harness {
         }
         while let Some(e) = self.node.poll_event() {
             self.events.push(e);
+            self.times.push(Instant::now());
         }
     }
 
@@ -148,9 +151,25 @@ impl Harness {
             .iter()
             .map(|e| match e {
                 NodeEvent::Data { peer, channel, data: Payload::Binary(b) } => format!("Data {{ peer: {}, channel: {channel}, binary: {} bytes }}", peer.short(), b.len()),
+                NodeEvent::Media(MediaEvent::Frame { peer, track, frame }) => {
+                    format!("Frame {{ peer: {}, track: {track}, {:?}, {} bytes, keyframe: {} }}", peer.short(), frame.codec, frame.data.len(), frame.keyframe)
+                }
+                NodeEvent::Media(MediaEvent::KeyframeRequested { peer, track }) => format!("KeyframeRequested {{ peer: {}, track: {track} }}", peer.short()),
                 other => format!("{other:?}"),
             })
             .collect();
+        // Frames and keyframe requests: the first few of each kind, then a count.
+        let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut events: Vec<String> = events
+            .into_iter()
+            .filter(|e| {
+                let kind = if e.starts_with("Frame") { e.split(',').take(3).collect::<String>() } else if e.starts_with("KeyframeRequested") { e.clone() } else { return true };
+                let n = seen.entry(kind).or_default();
+                *n += 1;
+                *n <= 3
+            })
+            .collect();
+        events.extend(seen.into_iter().filter(|(_, n)| *n > 3).map(|(k, n)| format!("... {n} in all of: {k}")));
         let results = match results {
             Some(r) => serde_json::to_string_pretty(r).unwrap_or_default(),
             None => {
@@ -410,4 +429,112 @@ fn identity_keys_move_between_rust_and_the_browser() {
     let restored = peerlink::Identity::restore(&exported).expect("the browser's keys restore in Rust");
     assert_eq!(restored.fingerprint(), h.browser_fp(&r));
     eprintln!("identity_keys_move_between_rust_and_the_browser: {:?}", h.started.elapsed());
+}
+
+// ---- media ----------------------------------------------------------------------------------
+
+/// How long the media streams are watched.
+const MEDIA_WATCH: Duration = Duration::from_secs(10);
+/// The window frame rates are checked over.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// The fewest video frames per second the node must get from the fake camera in every window
+/// (measured at the node: 19.5 to 20 fps from Chromium's fake camera, in every window).
+const MIN_VIDEO_FPS: f64 = 10.0;
+/// The fewest audio frames per second (Opus packets of 20 ms: 50/s, as measured).
+const MIN_AUDIO_FPS: f64 = 30.0;
+
+impl Harness {
+    /// The remote tracks the node got from `peer` (kind, id, stream).
+    fn remote_tracks(&self, peer: Fingerprint) -> Vec<(TrackKind, String, String)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                NodeEvent::Media(MediaEvent::TrackAdded { peer: p, track }) if *p == peer && !track.local => Some((track.kind, track.id.0.clone(), track.stream.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// When each frame of `peer`'s track `track` was polled, with its codec.
+    fn frame_times(&self, peer: Fingerprint, track: &str) -> Vec<(Instant, Codec, bool)> {
+        self.events
+            .iter()
+            .zip(&self.times)
+            .filter_map(|(e, t)| match e {
+                NodeEvent::Media(MediaEvent::Frame { peer: p, track: id, frame }) if *p == peer && id.0 == track => Some((*t, frame.codec, frame.keyframe)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Pumps the node for `how_long` (and sends what `each` sends meanwhile).
+    fn pump_for(&mut self, how_long: Duration, mut each: impl FnMut(&mut Harness)) {
+        let end = Instant::now() + how_long;
+        while Instant::now() < end {
+            self.pump();
+            each(self);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Frames per second of `times` in each [`RATE_WINDOW`] from `start` to `end`.
+fn rates(times: &[Instant], start: Instant, end: Instant) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut from = start;
+    while from + RATE_WINDOW <= end {
+        let to = from + RATE_WINDOW;
+        let n = times.iter().filter(|t| **t >= from && **t < to).count();
+        out.push(n as f64 / RATE_WINDOW.as_secs_f64());
+        from = to;
+    }
+    out
+}
+
+/// Chromium's fake camera and microphone reach the Rust node: the browser adds both tracks to
+/// an open connection (a renegotiation the browser offers, signed like the first offer), the
+/// node reports a remote video and audio track in one stream, and frames keep arriving on both
+/// at a steady rate for [`MEDIA_WATCH`].
+#[test]
+fn browser_camera_reaches_the_rust_node() {
+    let mut h = Harness::new("camera");
+    let page = h.open("role=offer&media=send");
+    let r = h.until(&page, "the page to join", |_, r| r["phase"] == "joined" || r["phase"] == "connected");
+    let browser = h.browser_fp(&r);
+    h.until_node("the default channel to open on the node", |h| h.channel_open("default"));
+    let r = h.until(&page, "the page to add its camera", |_, r| !r["media"].is_null());
+    let added = Instant::now();
+    h.until_node("the browser's audio and video tracks", |h| {
+        let tracks = h.remote_tracks(browser);
+        tracks.iter().any(|t| t.0 == TrackKind::Video) && tracks.iter().any(|t| t.0 == TrackKind::Audio)
+    });
+    let tracks = h.remote_tracks(browser);
+    eprintln!("  tracks {tracks:?} after {:?} (page: {})", added.elapsed(), r["media"]);
+    // One stream (the page adds both with the camera's MediaStream).
+    assert_eq!(tracks.len(), 2, "{tracks:?}");
+    assert_eq!(tracks[0].2, tracks[1].2, "{tracks:?}");
+    let video = tracks.iter().find(|t| t.0 == TrackKind::Video).expect("checked").1.clone();
+    let audio = tracks.iter().find(|t| t.0 == TrackKind::Audio).expect("checked").1.clone();
+    h.until_node("the first video frame", |h| !h.frame_times(browser, &video).is_empty());
+    let first = h.frame_times(browser, &video)[0].0;
+    eprintln!("  first video frame {:?} after the tracks were added", first.duration_since(added));
+    let start = Instant::now();
+    h.pump_for(MEDIA_WATCH, |_| {});
+    let end = Instant::now();
+    let video_frames = h.frame_times(browser, &video);
+    let audio_frames = h.frame_times(browser, &audio);
+    let codecs: std::collections::BTreeSet<_> = video_frames.iter().map(|f| format!("{:?}", f.1)).chain(audio_frames.iter().map(|f| format!("{:?}", f.1))).collect();
+    let keyframes = video_frames.iter().filter(|f| f.2).count();
+    let video_rates = rates(&video_frames.iter().map(|f| f.0).collect::<Vec<_>>(), start, end);
+    let audio_rates = rates(&audio_frames.iter().map(|f| f.0).collect::<Vec<_>>(), start, end);
+    eprintln!("  video fps per {RATE_WINDOW:?}: {video_rates:?}; audio fps: {audio_rates:?}; codecs {codecs:?}; {keyframes} keyframes");
+    assert_eq!(video_rates.len(), 5);
+    for (i, (v, a)) in video_rates.iter().zip(&audio_rates).enumerate() {
+        if *v < MIN_VIDEO_FPS || *a < MIN_AUDIO_FPS {
+            h.fail(&format!("window {i}: {v} video fps (at least {MIN_VIDEO_FPS}), {a} audio fps (at least {MIN_AUDIO_FPS}): {video_rates:?} {audio_rates:?}"), None);
+        }
+    }
+    assert!(video_frames[0].2, "the first video frame is not a keyframe");
+    assert!(h.node.node().get_peer(&browser).is_some_and(|v| v.state == PeerState::Connected));
+    eprintln!("browser_camera_reaches_the_rust_node: {:?}", h.started.elapsed());
 }
