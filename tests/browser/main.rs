@@ -26,7 +26,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use peerlink::peer::signal::BindingError;
-use peerlink::{ChannelOptions, ClientEvent, Codec, Fingerprint, MediaEvent, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, SendError, TrackKind};
+use peerlink::media::ivf::IvfReader;
+use peerlink::{ChannelOptions, ClientEvent, Codec, Fingerprint, MediaEvent, MediaFrame, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, SendError, TrackId, TrackKind, TrackOptions};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 use peerlink_server::{ServerHandle, ServerOptions};
 use peerlink_tests::chromium::{Chromium, Page};
@@ -478,6 +479,16 @@ impl Harness {
     }
 }
 
+/// A harness whose page (`role=offer&{query}`) called the node: the default channel is open.
+fn page_calls_the_node(name: &str, query: &str) -> (Harness, Page, Fingerprint) {
+    let mut h = Harness::new(name);
+    let page = h.open(&format!("role=offer&{query}"));
+    let r = h.until(&page, "the page to join", |_, r| r["phase"] == "joined" || r["phase"] == "connected");
+    let browser = h.browser_fp(&r);
+    h.until_node("the default channel to open on the node", |h| h.channel_open("default"));
+    (h, page, browser)
+}
+
 /// Frames per second of `times` in each [`RATE_WINDOW`] from `start` to `end`.
 fn rates(times: &[Instant], start: Instant, end: Instant) -> Vec<f64> {
     let mut out = Vec::new();
@@ -497,11 +508,7 @@ fn rates(times: &[Instant], start: Instant, end: Instant) -> Vec<f64> {
 /// at a steady rate for [`MEDIA_WATCH`].
 #[test]
 fn browser_camera_reaches_the_rust_node() {
-    let mut h = Harness::new("camera");
-    let page = h.open("role=offer&media=send");
-    let r = h.until(&page, "the page to join", |_, r| r["phase"] == "joined" || r["phase"] == "connected");
-    let browser = h.browser_fp(&r);
-    h.until_node("the default channel to open on the node", |h| h.channel_open("default"));
+    let (mut h, page, browser) = page_calls_the_node("camera", "media=send");
     let r = h.until(&page, "the page to add its camera", |_, r| !r["media"].is_null());
     let added = Instant::now();
     h.until_node("the browser's audio and video tracks", |h| {
@@ -537,4 +544,165 @@ fn browser_camera_reaches_the_rust_node() {
     assert!(video_frames[0].2, "the first video frame is not a keyframe");
     assert!(h.node.node().get_peer(&browser).is_some_and(|v| v.state == PeerState::Connected));
     eprintln!("browser_camera_reaches_the_rust_node: {:?}", h.started.elapsed());
+}
+
+/// The committed VP8 test pattern (3 s of ffmpeg's `testsrc`, 320×240, 30 fps, a keyframe
+/// every second), sent in real time and looping, as `examples/media` does.
+struct Clip {
+    codec: Codec,
+    /// (when from the loop's start, RTP time, frame)
+    frames: Vec<(Duration, u64, std::sync::Arc<[u8]>)>,
+    /// One loop, in RTP time and in time.
+    length_rtp: u64,
+    length: Duration,
+    next: usize,
+    loops: u64,
+    started: Option<Instant>,
+    sent: usize,
+}
+
+impl Clip {
+    fn pattern() -> Clip {
+        let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/media/pattern.ivf")).expect("pattern.ivf");
+        let reader = IvfReader::new(&bytes).expect("an IVF file");
+        let header = reader.header();
+        let clock = u64::from(header.codec.clock_rate());
+        let frames: Vec<_> = reader
+            .map(|f| {
+                let f = f.expect("an IVF frame");
+                let rtp = header.rtp_time(f.timestamp);
+                (Duration::from_micros(rtp * 1_000_000 / clock), rtp, f.data.to_vec().into())
+            })
+            .collect();
+        assert!(frames.len() > 1, "the clip has frames");
+        let step_rtp = frames[1].1 - frames[0].1;
+        let length_rtp = frames.last().expect("frames").1 + step_rtp;
+        Clip { codec: header.codec, frames, length_rtp, length: Duration::from_micros(length_rtp * 1_000_000 / clock), next: 0, loops: 0, started: None, sent: 0 }
+    }
+
+    /// Starts over from the first frame (a keyframe), now.
+    fn restart(&mut self) {
+        self.next = 0;
+        self.started = Some(Instant::now());
+    }
+
+    /// Writes the frames that are due on `track` to `peer`.
+    fn send_due(&mut self, node: &mut PollNode, peer: Fingerprint, track: &TrackId) {
+        let mut started = *self.started.get_or_insert_with(Instant::now);
+        while let Some((at, rtp, data)) = self.frames.get(self.next) {
+            if started + *at > Instant::now() {
+                break;
+            }
+            let frame = MediaFrame { codec: self.codec, rtp_time: rtp + self.loops * self.length_rtp, data: data.clone() };
+            if node.write_frame(peer, track, frame).expect("write_frame") {
+                self.sent += 1;
+            }
+            self.next += 1;
+            if self.next == self.frames.len() {
+                self.next = 0;
+                self.loops += 1;
+                started += self.length;
+                self.started = Some(started);
+            }
+        }
+    }
+}
+
+/// The node's video track to the browser, streaming the pattern: set up once the browser's
+/// call is up; the clip starts over on each keyframe request.
+struct VideoOut {
+    peer: Fingerprint,
+    track: TrackId,
+    clip: Clip,
+    /// Events already looked at for keyframe requests.
+    seen: usize,
+    keyframe_requests: usize,
+}
+
+impl VideoOut {
+    fn start(h: &mut Harness, peer: Fingerprint) -> VideoOut {
+        let track = h.node.add_track(peer, TrackOptions::video().id("pattern").stream("rust")).expect("add_track");
+        let t = Instant::now();
+        h.until_node("the node's track to be sending", |h| {
+            h.events.iter().any(|e| matches!(e, NodeEvent::Media(MediaEvent::Sending { peer: p, track: id, sending: true }) if *p == peer && id.0 == "pattern"))
+        });
+        eprintln!("  the node's video track negotiated in {:?}", t.elapsed());
+        VideoOut { peer, track, clip: Clip::pattern(), seen: 0, keyframe_requests: 0 }
+    }
+
+    /// Sends what is due (and starts over after a keyframe request).
+    fn turn(&mut self, h: &mut Harness) {
+        for e in &h.events[self.seen..] {
+            if matches!(e, NodeEvent::Media(MediaEvent::KeyframeRequested { peer, track }) if *peer == self.peer && *track == self.track) {
+                self.keyframe_requests += 1;
+                self.clip.restart();
+            }
+        }
+        self.seen = h.events.len();
+        self.clip.send_due(&mut h.node, self.peer, &self.track);
+    }
+
+    /// Pumps the node and sends for `how_long`.
+    fn run(&mut self, h: &mut Harness, how_long: Duration) {
+        h.pump_for(how_long, |h| self.turn(h));
+    }
+
+    /// Sends while waiting for the page (see [`Harness::until`]).
+    fn until(&mut self, h: &mut Harness, page: &Page, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + STEP;
+        loop {
+            self.run(h, Duration::from_millis(100));
+            let results = h.results(page);
+            if done(&results) {
+                return results;
+            }
+            if Instant::now() >= deadline || results.get("failed").is_some_and(|f| !f.is_null()) {
+                h.fail(&format!("timed out waiting for {what}"), Some(&results));
+            }
+        }
+    }
+}
+
+/// The page's framesDecoded samples for `peer`: (ms since the page loaded, frames decoded).
+fn decoded(results: &Value, peer: Fingerprint) -> Vec<(f64, u64)> {
+    results["stats"][peer.to_string()]
+        .as_array()
+        .map(|a| a.iter().map(|s| (s["at"].as_f64().unwrap_or(0.0), s["framesDecoded"].as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
+fn last_decoded(results: &Value, peer: Fingerprint) -> u64 {
+    decoded(results, peer).last().map_or(0, |s| s.1)
+}
+
+/// The page's remote video tracks from `peer`.
+fn page_video_tracks(results: &Value, peer: Fingerprint) -> Vec<Value> {
+    results["tracks"].as_array().map(|a| a.iter().filter(|t| t["kind"] == "video" && t["peer"] == peer.to_string()).cloned().collect()).unwrap_or_default()
+}
+
+/// The Rust node streams the VP8 pattern to the browser in real time: the page plays the
+/// remote track in a `<video>` and Chromium decodes its frames, steadily.
+#[test]
+fn rust_vp8_is_decoded_by_the_browser() {
+    let (mut h, page, browser) = page_calls_the_node("vp8", "");
+    let node = h.node.fingerprint();
+    let mut out = VideoOut::start(&mut h, browser);
+    let t = Instant::now();
+    let r = out.until(&mut h, &page, "the page to get the node's video track", |r| !page_video_tracks(r, node).is_empty());
+    let track = page_video_tracks(&r, node).remove(0);
+    assert_eq!(track["stream"], "rust", "the stream id (msid) of the node's track: {track}");
+    let r = out.until(&mut h, &page, "the first decoded frame", |r| last_decoded(r, node) > 0);
+    eprintln!("  first frame decoded {:?} after the track was negotiated ({} sent)", t.elapsed(), out.clip.sent);
+    let first = last_decoded(&r, node);
+    let mut samples = vec![first];
+    for _ in 0..4 {
+        out.run(&mut h, Duration::from_secs(1));
+        samples.push(last_decoded(&h.results(&page), node));
+    }
+    eprintln!("  framesDecoded each second: {samples:?} ({} frames sent, {} keyframe requests)", out.clip.sent, out.keyframe_requests);
+    for pair in samples.windows(2) {
+        // 30 fps sent: at least 10 decoded in every second.
+        assert!(pair[1] >= pair[0] + 10, "framesDecoded stalled: {samples:?}");
+    }
+    eprintln!("rust_vp8_is_decoded_by_the_browser: {:?}", h.started.elapsed());
 }
