@@ -706,3 +706,46 @@ fn rust_vp8_is_decoded_by_the_browser() {
     }
     eprintln!("rust_vp8_is_decoded_by_the_browser: {:?}", h.started.elapsed());
 }
+
+/// The mute and unmute events of the page's first video track from `peer`, in order, and its
+/// `muted` now.
+fn page_mute_events(results: &Value, peer: Fingerprint) -> (Vec<String>, bool) {
+    let track = page_video_tracks(results, peer).into_iter().next().unwrap_or(Value::Null);
+    let events = track["events"].as_array().map(|a| a.iter().filter_map(|e| e["type"].as_str().filter(|t| *t != "track").map(str::to_owned)).collect()).unwrap_or_default();
+    (events, track["muted"] == true)
+}
+
+/// The node mutes its video track (direction `inactive`, a renegotiation the node offers): the
+/// browser's remote track (unmuted by its first packets) fires `mute` and is `muted`, and no frames are decoded; unmuting
+/// (`sendonly` again) fires `unmute` and frames are decoded again.
+#[test]
+fn rust_mute_is_seen_by_the_browser() {
+    let (mut h, page, browser) = page_calls_the_node("mute", "");
+    let node = h.node.fingerprint();
+    let mut out = VideoOut::start(&mut h, browser);
+    out.until(&mut h, &page, "the first decoded frame", |r| last_decoded(r, node) > 0);
+    let r = h.results(&page);
+    // A remote track starts muted and fires `unmute` with its first packets.
+    let unmute = || "unmute".to_owned();
+    let mute = || "mute".to_owned();
+    assert_eq!(page_mute_events(&r, node), (vec![unmute()], false), "before muting");
+    let track = out.track.clone();
+    let t = Instant::now();
+    h.node.set_track_muted(browser, &track, true).expect("mute");
+    let r = out.until(&mut h, &page, "the page to see the track muted", |r| page_mute_events(r, node) == (vec![unmute(), mute()], true));
+    eprintln!("  muted on the page {:?} after set_track_muted", t.elapsed());
+    assert!(h.events.iter().any(|e| matches!(e, NodeEvent::Media(MediaEvent::Sending { track: id, sending: false, .. }) if *id == track)));
+    // Nothing is decoded while muted (a frame in flight may still be).
+    let before = last_decoded(&r, node);
+    out.run(&mut h, Duration::from_secs(1));
+    let after = last_decoded(&h.results(&page), node);
+    assert!(after <= before + 2, "frames decoded while muted: {before} then {after}");
+    let t = Instant::now();
+    h.node.set_track_muted(browser, &track, false).expect("unmute");
+    let r = out.until(&mut h, &page, "the page to see the track unmuted", |r| page_mute_events(r, node) == (vec![unmute(), mute(), unmute()], false));
+    eprintln!("  unmuted on the page {:?} after set_track_muted", t.elapsed());
+    let resumed = last_decoded(&r, node);
+    out.until(&mut h, &page, "frames decoded after unmuting", |r| last_decoded(r, node) >= resumed + 15);
+    eprintln!("  decoded: {before} when muted, {after} a second later, {resumed} at the unmute; {} keyframe requests", out.keyframe_requests);
+    eprintln!("rust_mute_is_seen_by_the_browser: {:?}", h.started.elapsed());
+}
