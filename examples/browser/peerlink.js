@@ -329,13 +329,19 @@ export class Peer extends Emitter {
    *  connection renegotiates. Returns the RTCRtpSender (for `removeTrack`). */
   addTrack(track, stream) {
     if (!this.pc || this.closed) throw new PeerlinkError('not_connected', 'no connection yet');
-    return stream ? this.pc.addTrack(track, stream) : this.pc.addTrack(track);
+    // A new send-only m-line per track, as the Rust nodes make theirs (`pc.addTrack` would
+    // reuse the transceiver of a remote track of the same kind, sending on the remote's
+    // send-only m-line, which peerlink's media model has no place for).
+    return this.pc.addTransceiver(track, { direction: 'sendonly', streams: stream ? [stream] : [] }).sender;
   }
 
-  /** Stops sending a track added with `addTrack` (its sender); the connection renegotiates. */
+  /** Stops sending a track added with `addTrack` (its sender): its m-line is stopped (port 0)
+   *  and the connection renegotiates. */
   removeTrack(sender) {
     if (!this.pc || this.closed) throw new PeerlinkError('not_connected', 'no connection yet');
-    this.pc.removeTrack(sender);
+    const transceiver = this.pc.getTransceivers().find((t) => t.sender === sender);
+    if (transceiver) transceiver.stop();
+    else this.pc.removeTrack(sender);
   }
 
   /** The RTCRtpSenders of this side's tracks. */

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use peerlink::peer::signal::BindingError;
 use peerlink::media::ivf::IvfReader;
-use peerlink::{ChannelOptions, ClientEvent, Codec, Fingerprint, MediaEvent, MediaFrame, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, SendError, TrackId, TrackKind, TrackOptions};
+use peerlink::{CallConfig, ChannelOptions, ClientEvent, Codec, Fingerprint, MediaEvent, MediaFrame, NodeConfig, NodeError, NodeEvent, Payload, PeerError, PeerState, RoomEvent, RoomOptions, SendError, Source, TrackId, TrackKind, TrackOptions};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 use peerlink_server::{ServerHandle, ServerOptions};
 use peerlink_tests::chromium::{Chromium, Page};
@@ -61,6 +61,8 @@ struct Harness {
     events: Vec<NodeEvent>,
     /// When each of `events` was polled.
     times: Vec<Instant>,
+    /// More Rust nodes (a group call), polled with the first, and their events.
+    others: Vec<(PollNode, Vec<NodeEvent>)>,
     browser: Chromium,
     /// The pages opened, for failure reports.
     pages: Vec<Page>,
@@ -80,7 +82,7 @@ impl Harness {
         let config = NodeConfig::with_client(client_config(&server.url(), "rust"));
         let node = PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).expect("the node starts");
         let browser = Chromium::launch();
-        let mut h = Harness { _turn: turn, server, node, events: Vec::new(), times: Vec::new(), browser, pages: Vec::new(), ns: format!("browser-{name}"), started };
+        let mut h = Harness { _turn: turn, server, node, events: Vec::new(), times: Vec::new(), others: Vec::new(), browser, pages: Vec::new(), ns: format!("browser-{name}"), started };
         h.until_node("the node registers", |h| h.node.is_registered());
         let ns = h.ns.clone();
         h.node.client().join(Instant::now(), &ns, None, None).expect("join");
@@ -104,6 +106,12 @@ impl Harness {
         while let Some(e) = self.node.poll_event() {
             self.events.push(e);
             self.times.push(Instant::now());
+        }
+        for (node, events) in &mut self.others {
+            if let Err(e) = node.poll(Instant::now()) {
+                panic!("node poll failed: {e}");
+            }
+            events.extend(std::iter::from_fn(|| node.poll_event()));
         }
     }
 
@@ -524,7 +532,8 @@ fn browser_camera_reaches_the_rust_node() {
     let audio = tracks.iter().find(|t| t.0 == TrackKind::Audio).expect("checked").1.clone();
     h.until_node("the first video frame", |h| !h.frame_times(browser, &video).is_empty());
     let first = h.frame_times(browser, &video)[0].0;
-    eprintln!("  first video frame {:?} after the tracks were added", first.duration_since(added));
+    let open = h.events.iter().zip(&h.times).find(|(e, _)| matches!(e, NodeEvent::ChannelOpen { channel, .. } if channel == "default")).map(|(_, t)| *t).expect("checked");
+    eprintln!("  first video frame {:?} after the tracks were added, {:?} after the connection opened", first.duration_since(added), first.duration_since(open));
     let start = Instant::now();
     h.pump_for(MEDIA_WATCH, |_| {});
     let end = Instant::now();
@@ -586,15 +595,15 @@ impl Clip {
         self.started = Some(Instant::now());
     }
 
-    /// Writes the frames that are due on `track` to `peer`.
-    fn send_due(&mut self, node: &mut PollNode, peer: Fingerprint, track: &TrackId) {
+    /// Writes the frames that are due with `write` (which says whether the frame went).
+    fn send_due(&mut self, mut write: impl FnMut(MediaFrame) -> bool) {
         let mut started = *self.started.get_or_insert_with(Instant::now);
         while let Some((at, rtp, data)) = self.frames.get(self.next) {
             if started + *at > Instant::now() {
                 break;
             }
             let frame = MediaFrame { codec: self.codec, rtp_time: rtp + self.loops * self.length_rtp, data: data.clone() };
-            if node.write_frame(peer, track, frame).expect("write_frame") {
+            if write(frame) {
                 self.sent += 1;
             }
             self.next += 1;
@@ -639,7 +648,8 @@ impl VideoOut {
             }
         }
         self.seen = h.events.len();
-        self.clip.send_due(&mut h.node, self.peer, &self.track);
+        let (peer, track) = (self.peer, &self.track);
+        self.clip.send_due(|frame| h.node.write_frame(peer, track, frame).expect("write_frame"));
     }
 
     /// Pumps the node and sends for `how_long`.
@@ -748,4 +758,77 @@ fn rust_mute_is_seen_by_the_browser() {
     out.until(&mut h, &page, "frames decoded after unmuting", |r| last_decoded(r, node) >= resumed + 15);
     eprintln!("  decoded: {before} when muted, {after} a second later, {resumed} at the unmute; {} keyframe requests", out.keyframe_requests);
     eprintln!("rust_mute_is_seen_by_the_browser: {:?}", h.started.elapsed());
+}
+
+/// Whether `events` have a frame of a remote video track from `peer`.
+fn has_video_frame_from(events: &[NodeEvent], peer: Fingerprint) -> bool {
+    let videos: Vec<&TrackId> = events
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Media(MediaEvent::TrackAdded { peer: p, track }) if *p == peer && !track.local && track.kind == TrackKind::Video => Some(&track.id),
+            _ => None,
+        })
+        .collect();
+    events.iter().any(|e| matches!(e, NodeEvent::Media(MediaEvent::Frame { peer: p, track, .. }) if *p == peer && videos.contains(&track)))
+}
+
+/// A group call of the browser and two Rust nodes: the nodes are in a managed room with a
+/// video call; the page joins the server room, calls both members and adds its camera to
+/// each connection. The nodes' call layer adds their video track to the connection with the
+/// browser (a room member): the page decodes both nodes' pattern, and both nodes get the
+/// browser's camera.
+#[test]
+fn group_call_of_the_browser_and_two_rust_nodes() {
+    let mut h = Harness::new("group");
+    let room = "browser-call";
+    h.node.create_room(room, RoomOptions::group(4)).expect("create_room");
+    h.until_node("the room", |h| h.events.iter().any(|e| matches!(e, NodeEvent::Room(RoomEvent::Joined { .. }))));
+    h.node.room(room).start_call(CallConfig::video_only()).expect("start_call");
+    let config = NodeConfig::with_client(client_config(&h.server.url(), "rust-2"));
+    let second = PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).expect("the second node starts");
+    h.others.push((second, Vec::new()));
+    h.until_node("the second node registers", |h| h.others[0].0.is_registered());
+    h.others[0].0.join_room(room).expect("join_room");
+    h.until_node("the second node joins", |h| h.others[0].1.iter().any(|e| matches!(e, NodeEvent::Room(RoomEvent::Joined { .. }))));
+    h.others[0].0.room(room).start_call(CallConfig::video_only()).expect("start_call");
+    let nodes = [h.node.fingerprint(), h.others[0].0.fingerprint()];
+    let page = h.open(&format!("call={room}&media=send"));
+    let r = h.until(&page, "the page to join", |_, r| r["phase"] == "joined" || r["phase"] == "connected");
+    let browser = h.browser_fp(&r);
+    let joined = Instant::now();
+    let mut clips = [Clip::pattern(), Clip::pattern()];
+    let deadline = Instant::now() + STEP;
+    let mut first_frame: [Option<Duration>; 2] = [None, None];
+    let mut seen = [0, 0];
+    loop {
+        h.pump_for(Duration::from_millis(20), |h| {
+            let [first, second] = &mut clips;
+            // A keyframe request (the browser's decoder starting): the clip starts over.
+            for (i, (clip, events)) in [(&mut *first, &h.events), (&mut *second, &h.others[0].1)].into_iter().enumerate() {
+                if events[seen[i]..].iter().any(|e| matches!(e, NodeEvent::Media(MediaEvent::KeyframeRequested { .. }))) {
+                    clip.restart();
+                }
+                seen[i] = events.len();
+            }
+            first.send_due(|frame| h.node.room(room).send_call_frame(Source::Video, frame).expect("send_call_frame") > 0);
+            second.send_due(|frame| h.others[0].0.room(room).send_call_frame(Source::Video, frame).expect("send_call_frame") > 0);
+        });
+        let r = h.results(&page);
+        for (i, fp) in nodes.iter().enumerate() {
+            if first_frame[i].is_none() && last_decoded(&r, *fp) > 0 {
+                first_frame[i] = Some(joined.elapsed());
+            }
+        }
+        let decoded_both = nodes.iter().all(|fp| last_decoded(&r, *fp) >= 30);
+        let received_both = has_video_frame_from(&h.events, browser) && has_video_frame_from(&h.others[0].1, browser);
+        if decoded_both && received_both {
+            eprintln!("  decoded {:?} frames of the nodes; first decoded {first_frame:?} after the page joined", nodes.map(|fp| last_decoded(&r, fp)));
+            break;
+        }
+        if Instant::now() >= deadline || r.get("failed").is_some_and(|f| !f.is_null()) {
+            let others: Vec<String> = h.others[0].1.iter().filter(|e| !matches!(e, NodeEvent::Media(MediaEvent::Frame { .. }))).map(|e| format!("{e:?}")).collect();
+            h.fail(&format!("the group call: decoded {decoded_both}, received {received_both}; the second node's events:\n{}", others.join("\n")), Some(&r));
+        }
+    }
+    eprintln!("group_call_of_the_browser_and_two_rust_nodes: {:?}", h.started.elapsed());
 }
