@@ -12,6 +12,12 @@
 //!   (`PeerError::IdentityMismatch`), and a browser that receives a description whose DTLS
 //!   fingerprint was altered on the way, or that expects another signer, refuses it.
 //!
+//! - media: Chromium's fake camera and microphone reach the node (the browser adds its tracks
+//!   to an open connection: a signed renegotiation it offers) at a steady rate; the node's VP8
+//!   pattern is decoded by Chromium; the node's mute and unmute fire `mute` and `unmute` on the
+//!   browser's remote track; a group call of the browser and two nodes (a managed room with a
+//!   call, which the browser joins as a server room, calling each member).
+//!
 //! The page is `examples/browser/test.html`; its scenario comes from the query string and its
 //! results are read from `window.results` (see `peerlink_tests::chromium`). Chromium must be
 //! at `/usr/bin/chromium` (the tests fail, not skip, without it). The tests take turns: one
@@ -745,7 +751,9 @@ fn rust_mute_is_seen_by_the_browser() {
     let r = out.until(&mut h, &page, "the page to see the track muted", |r| page_mute_events(r, node) == (vec![unmute(), mute()], true));
     eprintln!("  muted on the page {:?} after set_track_muted", t.elapsed());
     assert!(h.events.iter().any(|e| matches!(e, NodeEvent::Media(MediaEvent::Sending { track: id, sending: false, .. }) if *id == track)));
-    // Nothing is decoded while muted (a frame in flight may still be).
+    // Nothing is decoded while muted (a frame in flight may still be): Chromium drops the
+    // receive stream while the m-line is inactive (no inbound-rtp: framesDecoded reads 0) and
+    // makes it again, same SSRC, on unmute (the counter starts over).
     let before = last_decoded(&r, node);
     out.run(&mut h, Duration::from_secs(1));
     let after = last_decoded(&h.results(&page), node);
@@ -756,7 +764,9 @@ fn rust_mute_is_seen_by_the_browser() {
     eprintln!("  unmuted on the page {:?} after set_track_muted", t.elapsed());
     let resumed = last_decoded(&r, node);
     out.until(&mut h, &page, "frames decoded after unmuting", |r| last_decoded(r, node) >= resumed + 15);
-    eprintln!("  decoded: {before} when muted, {after} a second later, {resumed} at the unmute; {} keyframe requests", out.keyframe_requests);
+    let r = h.results(&page);
+    let ssrcs: std::collections::BTreeSet<String> = r["stats"][node.to_string()].as_array().into_iter().flatten().map(|s| s["videoSsrcs"].to_string()).collect();
+    eprintln!("  decoded: {before} when muted, {after} a second later, {resumed} at the unmute; {} keyframe requests; inbound video SSRCs over time: {ssrcs:?}", out.keyframe_requests);
     eprintln!("rust_mute_is_seen_by_the_browser: {:?}", h.started.elapsed());
 }
 
