@@ -233,20 +233,6 @@ impl Plan {
 // ----------------------------------------------------------------------------------------
 
 
-/// CPU time (user + system) of the calling thread (`RUSAGE_THREAD`) or the whole process.
-fn cpu_time(who: libc::c_int) -> Duration {
-    // SAFETY: getrusage writes into a zeroed plain C struct on our stack.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(who, &mut usage) != 0 {
-            return Duration::ZERO;
-        }
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 fn b64_encode(data: &[u8]) -> String {
@@ -771,7 +757,7 @@ impl Member {
 /// the grace period is over. Returns this thread's CPU time and its rounds (turns of every
 /// member).
 fn drive(members: &mut [Member], shared: &Shared, plan: &Plan) -> Result<(Duration, u64), Error> {
-    let cpu_start = cpu_time(libc::RUSAGE_THREAD);
+    let cpu_start = common::measure::thread_cpu();
     let mut grace_end: Option<Instant> = None;
     let mut rounds = 0;
     loop {
@@ -801,7 +787,7 @@ fn drive(members: &mut [Member], shared: &Shared, plan: &Plan) -> Result<(Durati
         if shared.complete.load(Ordering::Acquire) == plan.members {
             let end = *grace_end.get_or_insert(now + plan.grace);
             if now >= end {
-                return Ok((cpu_time(libc::RUSAGE_THREAD).saturating_sub(cpu_start), rounds));
+                return Ok((common::measure::thread_cpu().saturating_sub(cpu_start), rounds));
             }
         }
         if !progress {
@@ -857,7 +843,7 @@ fn run_once(url: &str, plan: &Plan, kind: Kind, run: usize) -> Result<RunStats, 
     for m in &mut members {
         m.tokens_at = start;
     }
-    let process_cpu_start = cpu_time(libc::RUSAGE_SELF);
+    let process_cpu_start = common::measure::process_cpu();
     let threads = plan.threads.min(plan.members);
     let per_thread = plan.members.div_ceil(threads);
     let results: Vec<Result<(Duration, u64), Error>> = if threads == 1 {
@@ -882,7 +868,7 @@ fn run_once(url: &str, plan: &Plan, kind: Kind, run: usize) -> Result<RunStats, 
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
         })
     };
-    let process_cpu = cpu_time(libc::RUSAGE_SELF).saturating_sub(process_cpu_start);
+    let process_cpu = common::measure::process_cpu().saturating_sub(process_cpu_start);
     let mut node_cpu = Duration::ZERO;
     let mut rounds = 0;
     let mut failures = Vec::new();
