@@ -27,6 +27,8 @@
 //! Chromium's BoringSSL refuses one without it for ECDHE-ECDSA (`KEY_USAGE_BIT_INCORRECT`),
 //! which these tests found (the node used to make a CA-profile certificate).
 
+mod interop;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};

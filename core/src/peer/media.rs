@@ -338,10 +338,15 @@ enum Want {
 }
 
 impl Want {
-    fn direction(self) -> Direction {
-        match self {
-            Want::Send => Direction::SendOnly,
-            Want::Muted | Want::Stopped => Direction::Inactive,
+    /// The direction of the track's m-line: sending as wanted, and receiving too when the
+    /// remote sends on the same m-line (`recv`: a WebRTC client's `addTrack` reuses the
+    /// transceiver this side's track made).
+    fn direction(self, recv: bool) -> Direction {
+        match (self == Want::Send, recv) {
+            (true, false) => Direction::SendOnly,
+            (true, true) => Direction::SendRecv,
+            (false, true) => Direction::RecvOnly,
+            (false, false) => Direction::Inactive,
         }
     }
 }
@@ -369,7 +374,14 @@ pub(crate) struct Media {
     remote: Vec<RemoteTrack>,
     /// A random id counter for tracks added without one.
     next_id: u64,
+    /// What the remote's last offer named each of its m-lines (`msid` stream and track ids;
+    /// at most [`MAX_OFFER_LINES`]): the name of what it sends there, also on an m-line that
+    /// one of this side's tracks made.
+    remote_msids: Vec<(Mid, String, String)>,
 }
+
+/// Most m-lines of a remote offer whose names are kept.
+const MAX_OFFER_LINES: usize = 256;
 
 fn valid_token(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| matches!(b, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'0'..=b'9' | b'A'..=b'Z' | b'^'..=b'~'))
@@ -425,17 +437,20 @@ impl Media {
     pub(crate) fn stage(&mut self, api: &mut str0m::change::SdpApi<'_>) {
         // Stopped before ever negotiated: nothing to tell.
         self.local.retain(|t| !(t.want == Want::Stopped && t.agreed.is_none() && t.mid.is_none()));
+        let remote = &self.remote;
         for t in &mut self.local {
             if t.offered.is_some() || Some(t.want) == t.agreed {
                 continue;
             }
+            // The remote sends on this m-line too: it stays, receiving.
+            let recv = t.mid.is_some_and(|mid| remote.iter().any(|r| r.mid == mid));
             match (t.mid, t.want) {
                 (None, want) => {
-                    let mid = api.add_media(t.info.kind.to_str0m(), want.direction(), Some(t.info.stream.clone()), Some(t.info.id.0.clone()), None);
+                    let mid = api.add_media(t.info.kind.to_str0m(), want.direction(false), Some(t.info.stream.clone()), Some(t.info.id.0.clone()), None);
                     t.mid = Some(mid);
                 }
-                (Some(mid), Want::Stopped) => api.stop_media(mid),
-                (Some(mid), want) => api.set_direction(mid, want.direction()),
+                (Some(mid), Want::Stopped) if !recv => api.stop_media(mid),
+                (Some(mid), want) => api.set_direction(mid, want.direction(recv)),
             }
             t.offered = Some(t.want);
         }
@@ -495,27 +510,105 @@ impl Media {
         self.local.iter().any(|t| &t.info.id == id && t.want != Want::Stopped)
     }
 
-    /// str0m reports media on `mid` negotiated (either side's offer).
-    pub(crate) fn on_added(&mut self, peer: Fingerprint, mid: Mid, rtc: &str0m::Rtc, out: &mut Vec<MediaEvent>) {
-        if self.local_by_mid(mid).is_some() {
-            // Ours: reported when the answer agreed to it.
-            return;
+    /// Fits a remote offer to what this side sends, before str0m answers it, and notes
+    /// each m-line's `msid`.
+    ///
+    /// str0m answers an m-line with the inverse of the offer's direction: a browser's
+    /// `sendrecv` transceiver (plain `addTrack`) would be answered `sendrecv` and the browser
+    /// would show a track this side never sends (with its own `msid` echoed back). So an
+    /// m-line the remote offers to receive on is answered sending only when one of this
+    /// side's tracks made it and sends: elsewhere `sendrecv` is read as `sendonly` and
+    /// `recvonly` as `inactive`. Data (`m=application`) and stopped (port 0) m-lines are
+    /// left as they are.
+    pub(crate) fn fit_offer(&mut self, sdp: &str) -> String {
+        let lines: Vec<&str> = sdp.lines().map(|l| l.trim_end_matches('\r')).collect();
+        let mut out: Vec<String> = Vec::with_capacity(lines.len() + 4);
+        self.remote_msids.clear();
+        let mut start = 0;
+        while start < lines.len() {
+            let end = lines[start + 1..].iter().position(|l| l.starts_with("m=")).map_or(lines.len(), |p| start + 1 + p);
+            let section = &lines[start..end];
+            if section[0].starts_with("m=audio ") || section[0].starts_with("m=video ") {
+                self.fit_section(section, &mut out);
+            } else {
+                out.extend(section.iter().map(|l| l.to_string()));
+            }
+            start = end;
         }
+        let mut text = out.join("\r\n");
+        text.push_str("\r\n");
+        text
+    }
+
+    /// One media section of a remote offer (see [`Media::fit_offer`]).
+    fn fit_section(&mut self, section: &[&str], out: &mut Vec<String>) {
+        let stopped = section[0].split(' ').nth(1) == Some("0");
+        let mid = section.iter().find_map(|l| l.strip_prefix("a=mid:")).map(str::trim);
+        let msid = section.iter().find_map(|l| l.strip_prefix("a=msid:")).and_then(|v| {
+            let mut parts = v.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next().unwrap_or("").to_owned()))
+        });
+        if let (Some(mid), Some((stream, track))) = (mid, msid) {
+            if !mid.is_empty() && mid.len() <= 16 && self.remote_msids.len() < MAX_OFFER_LINES {
+                self.remote_msids.push((Mid::from(mid), stream, track));
+            }
+        }
+        let sends = mid.is_some_and(|mid| self.local.iter().any(|t| t.want == Want::Send && t.mid.is_some_and(|m| &*m == mid)));
+        let fit = |dir: &str| -> Option<&'static str> {
+            match dir {
+                "sendrecv" => Some("sendonly"),
+                "recvonly" => Some("inactive"),
+                _ => None,
+            }
+        };
+        let mut has_direction = false;
+        for line in section {
+            let dir = line.strip_prefix("a=").filter(|d| matches!(*d, "sendrecv" | "sendonly" | "recvonly" | "inactive"));
+            match dir {
+                Some(dir) => {
+                    has_direction = true;
+                    match fit(dir).filter(|_| !stopped && !sends) {
+                        Some(fitted) => {
+                            trace!(?mid, from = dir, to = fitted, "remote offer fitted to what this side sends");
+                            out.push(format!("a={fitted}"));
+                        }
+                        None => out.push(line.to_string()),
+                    }
+                }
+                None => out.push(line.to_string()),
+            }
+        }
+        // No direction attribute means `sendrecv`.
+        if !has_direction && !stopped && !sends {
+            out.push("a=sendonly".to_owned());
+        }
+    }
+
+    /// str0m reports media on `mid` negotiated (either side's offer), or a renegotiation
+    /// made it receiving.
+    pub(crate) fn on_added(&mut self, peer: Fingerprint, mid: Mid, rtc: &str0m::Rtc, out: &mut Vec<MediaEvent>) {
         let Some(media) = rtc.media(mid) else { return };
-        if !media.direction().is_receiving() {
-            trace!(?mid, "remote media this side does not receive: ignored");
+        if !media.direction().is_receiving() || self.remote.iter().any(|t| t.mid == mid) {
+            // This side's own sending track (reported when the answer agreed to it), or
+            // media this side does not receive.
+            trace!(?mid, "media this side does not receive: no remote track");
             return;
         }
         if self.remote.len() >= MAX_REMOTE_TRACKS {
             tracing::warn!(?mid, "more remote tracks than {MAX_REMOTE_TRACKS}: ignored");
             return;
         }
-        let mut id = media.track_id().to_owned();
-        if id.is_empty() || self.remote.iter().any(|t| t.info.id.0 == id) {
+        // The remote's name for it; on an m-line this side made, str0m knows only ours.
+        let (stream, mut id) = match self.remote_msids.iter().find(|(m, _, _)| *m == mid) {
+            Some((_, stream, track)) => (stream.clone(), track.clone()),
+            None if self.local_by_mid(mid).is_none() => (media.stream_id().to_owned(), media.track_id().to_owned()),
+            None => (String::new(), String::new()),
+        };
+        if !valid_token(&id) || self.remote.iter().any(|t| t.info.id.0 == id) {
             // Without an msid, or one of its tracks already has it: named by its mid.
             id = format!("mid-{mid}");
         }
-        let info = TrackInfo { id: TrackId(id), stream: media.stream_id().to_owned(), kind: TrackKind::from_str0m(media.kind()), local: false };
+        let info = TrackInfo { id: TrackId(id), stream, kind: TrackKind::from_str0m(media.kind()), local: false };
         debug!(?mid, track = %info.id, "remote track");
         out.push(MediaEvent::TrackAdded { peer, track: info.clone() });
         self.remote.push(RemoteTrack { info, mid, muted: false });
@@ -524,14 +617,17 @@ impl Media {
     /// A renegotiation changed media on `mid`.
     pub(crate) fn on_changed(&mut self, peer: Fingerprint, mid: Mid, direction: Direction, rtc: &str0m::Rtc, out: &mut Vec<MediaEvent>) {
         let Some(pos) = self.remote.iter().position(|t| t.mid == mid) else {
-            if self.local_by_mid(mid).is_none() && direction.is_receiving() {
-                // A remote m-line that starts sending to us now.
+            if direction.is_receiving() {
+                // A remote m-line that starts sending to us now, or the remote sends on one of
+                // this side's m-lines.
                 self.on_added(peer, mid, rtc, out);
             }
             return;
         };
         let stopped = rtc.media(mid).is_none_or(|m| m.stopped() || m.disabled());
-        if stopped {
+        // On an m-line this side made, the remote not sending is its track gone (a WebRTC
+        // client's `removeTrack`); on its own, muted.
+        if stopped || (!direction.is_receiving() && self.local_by_mid(mid).is_some()) {
             let t = self.remote.remove(pos);
             out.push(MediaEvent::TrackRemoved { peer, track: t.info.id });
             return;
@@ -588,4 +684,63 @@ pub(crate) fn request_keyframe(rtc: &mut str0m::Rtc, mid: Mid, id: &TrackId) -> 
     let mut writer = rtc.writer(mid).ok_or_else(|| MediaError::NoKeyframeRequest(id.clone()))?;
     let kind = if writer.is_request_keyframe_possible(KeyframeRequestKind::Pli) { KeyframeRequestKind::Pli } else { KeyframeRequestKind::Fir };
     writer.request_keyframe(None, kind).map_err(|_| MediaError::NoKeyframeRequest(id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The media part of an offer as Chromium makes it after a plain `addTrack` of a camera
+    /// (a `sendrecv` m-line), with a microphone transceiver that only receives and data.
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n\
+        m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\na=sctp-port:5000\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=msid:cam video-track\r\na=rtpmap:96 VP8/90000\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:2\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n";
+
+    fn directions(sdp: &str) -> Vec<String> {
+        sdp.lines().filter_map(|l| l.strip_prefix("a=")).filter(|d| matches!(*d, "sendrecv" | "sendonly" | "recvonly" | "inactive")).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn an_offer_is_answered_sending_only_where_this_side_sends() {
+        let mut media = Media::default();
+        let fitted = media.fit_offer(OFFER);
+        // Answered (inverted by str0m): recvonly on the camera, inactive on the microphone.
+        assert_eq!(directions(&fitted), ["sendonly", "inactive"]);
+        // Everything else is as it was.
+        let strip = |s: &str| s.lines().filter(|l| directions(l).is_empty()).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(strip(&fitted), strip(OFFER));
+        assert_eq!(media.remote_msids, [(Mid::from("1"), "cam".to_owned(), "video-track".to_owned())]);
+        assert!(fitted.ends_with("\r\n"));
+    }
+
+    #[test]
+    fn an_m_line_this_side_sends_on_keeps_its_direction() {
+        let mut media = Media::default();
+        media.add(TrackOptions::video().id("v"), 1).unwrap();
+        media.local[0].mid = Some(Mid::from("1"));
+        // The remote sends and receives on the m-line the track made: both ways.
+        assert_eq!(directions(&media.fit_offer(OFFER)), ["sendrecv", "inactive"]);
+        // Muted: this side no longer sends there, the remote still may.
+        media.set_muted(&TrackId::from("v".to_owned()), true).unwrap();
+        assert_eq!(directions(&media.fit_offer(OFFER)), ["sendonly", "inactive"]);
+    }
+
+    #[test]
+    fn stopped_and_directionless_m_lines() {
+        let mut media = Media::default();
+        let offer = "v=0\r\nm=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=recvonly\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:2\r\n";
+        let fitted = media.fit_offer(offer);
+        // Port 0: left alone; no direction is sendrecv, read as sendonly.
+        assert_eq!(directions(&fitted), ["recvonly", "sendonly"]);
+        assert!(media.remote_msids.is_empty());
+    }
+
+    #[test]
+    fn directions_follow_want_and_receiving() {
+        assert_eq!(Want::Send.direction(false), Direction::SendOnly);
+        assert_eq!(Want::Send.direction(true), Direction::SendRecv);
+        assert_eq!(Want::Muted.direction(true), Direction::RecvOnly);
+        assert_eq!(Want::Stopped.direction(false), Direction::Inactive);
+    }
 }

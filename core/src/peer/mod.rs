@@ -409,6 +409,13 @@ fn build_rtc<R: RngCore>(ctx: &mut Ctx<'_, R>) -> Rtc {
         .set_dtls_cert(ctx.cert.clone())
         .set_local_ice_credentials(ice_creds(ctx.rng))
         .set_dtls_version(config.dtls_version)
+        // The codecs peerlink speaks (`Codec`); str0m's defaults add H.265 and AV1, which
+        // answers would otherwise accept from a browser and frames could not name.
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_vp9(true)
+        .enable_h264(true)
         .set_snap_enabled(config.snap)
         .set_sctp_max_buffered_amount(config.max_buffered_amount)
         .set_mtu(mtu(config, ctx.candidates)..=usize::MAX)
@@ -481,10 +488,9 @@ impl Peer {
         ctx: &mut Ctx<'_, R>,
     ) -> Result<Peer, PeerError> {
         verify(remote, ctx.identity.fingerprint(), SdpKind::Offer, session, sdp, key, sig)?;
-        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::BadDescription(e.to_string()))?;
         let rtc = build_rtc(ctx);
         let mut peer = Peer::new(remote, session, Role::Answerer, rtc, ctx);
-        peer.accept_offer(offer, ctx)?;
+        peer.accept_offer(sdp, ctx)?;
         // The pre-negotiated default channel: the offerer declared it in its offer.
         let id = peer.rtc.direct_api().create_data_channel(ChannelOptions::new(DEFAULT_CHANNEL).to_str0m(Some(DEFAULT_STREAM)));
         peer.channels.push((id, Chan::new(DEFAULT_CHANNEL)));
@@ -736,16 +742,14 @@ impl Peer {
                     debug!(remote = %self.remote.short(), "ignoring a crossing offer (impolite side)");
                     return;
                 }
-                let result = verify(self.remote, ctx.identity.fingerprint(), SdpKind::Offer, session, &sdp, &key, &sig)
-                    .and_then(|()| SdpOffer::from_sdp_string(&sdp).map_err(|e| PeerError::BadDescription(e.to_string())));
-                match result {
-                    Ok(offer) => {
+                match verify(self.remote, ctx.identity.fingerprint(), SdpKind::Offer, session, &sdp, &key, &sig) {
+                    Ok(()) => {
                         // A polite side's own pending offer is rolled back by accepting; its
                         // media changes go again after.
                         if self.pending_offer.take().is_some() {
                             self.media.offer_rolled_back();
                         }
-                        if let Err(e) = self.accept_offer(offer, ctx) {
+                        if let Err(e) = self.accept_offer(&sdp, ctx) {
                             self.reject(e, ctx);
                             return;
                         }
@@ -825,10 +829,13 @@ impl Peer {
         self.max_message = self.config.max_buffered_amount.min(remote);
     }
 
-    fn accept_offer<R: RngCore + rand::CryptoRng>(&mut self, offer: SdpOffer, ctx: &mut Ctx<'_, R>) -> Result<(), PeerError> {
-        let sdp = offer.to_sdp_string();
+    /// Answers a remote offer (verified): fitted to what this side sends (see
+    /// [`Media::fit_offer`]), then str0m's.
+    fn accept_offer<R: RngCore + rand::CryptoRng>(&mut self, sdp: &str, ctx: &mut Ctx<'_, R>) -> Result<(), PeerError> {
+        let fitted = self.media.fit_offer(sdp);
+        let offer = SdpOffer::from_sdp_string(&fitted).map_err(|e| PeerError::BadDescription(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(offer).map_err(|e| PeerError::BadDescription(e.to_string()))?;
-        self.note_max_message(&sdp);
+        self.note_max_message(sdp);
         self.send_description(SdpKind::Answer, answer.to_sdp_string(), ctx);
         self.drain(ctx);
         Ok(())
