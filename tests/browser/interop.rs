@@ -56,6 +56,14 @@ fn a_plain_add_track_is_received_and_not_echoed() {
     let directions = page_directions(&mut h, &page);
     assert!(directions.iter().any(|(_, d)| d == "sendonly"), "the camera's m-line is answered recvonly: {directions:?}");
     assert!(!directions.iter().any(|(_, d)| d == "sendrecv"), "nothing is sendrecv: {directions:?}");
+    // The node's answer names only the codecs it speaks, whatever Chromium offered.
+    let answer = h.browser.eval(&page, "[...window.client.peers.values()][0].pc.currentRemoteDescription.sdp").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let codecs: std::collections::BTreeSet<&str> = answer.lines().filter_map(|l| l.strip_prefix("a=rtpmap:")).filter_map(|l| l.split([' ', '/']).nth(1)).collect();
+    assert!(codecs.contains("VP8"), "VP8 in the answer: {codecs:?}");
+    for other in &codecs {
+        assert!(["VP8", "VP9", "H264", "opus", "rtx"].contains(other), "the answer names {other}: {codecs:?}");
+    }
+    eprintln!("  codecs in the node's answer: {codecs:?}");
     eprintln!("a_plain_add_track_is_received_and_not_echoed: {:?}", h.started.elapsed());
 }
 
