@@ -8,6 +8,7 @@ mod call;
 mod channels;
 mod crdt_convergence;
 mod determinism;
+mod early_checks;
 mod encrypted_room;
 mod full_mesh;
 mod fuzz_replay;

@@ -377,7 +377,14 @@ pub(crate) struct Peer {
     window: SendWindow,
     /// Audio and video tracks, both ways.
     media: Media,
+    /// Datagrams accepted before the remote's ICE credentials are known (an offerer before
+    /// the first answer; `None` once known): STUN checks str0m's ICE agent holds until then
+    /// (see [`Peer::release_early_checks`]).
+    early_checks: Option<usize>,
 }
+
+/// Most STUN requests str0m's ICE agent holds before the remote's credentials are known.
+const ICE_QUEUE: usize = 100;
 
 /// The send window (see [`PeerConfig::min_send_window`]).
 struct SendWindow {
@@ -533,6 +540,23 @@ impl Peer {
                 next_update: None,
             },
             media: Media::default(),
+            early_checks: (role == Role::Offerer).then_some(0),
+        }
+    }
+
+    /// The remote's ICE credentials just became known (the first answer): lets str0m's ICE
+    /// agent answer the checks it held and start its own now.
+    ///
+    /// The agent (`is` 0.11) answers one held request per timeout and returns early without
+    /// moving its clock, and its next timeout is its last clock plus the 50 ms pacing: the
+    /// offerer's own checks (and the answerer's held ones) would wait up to 50 ms. One timeout
+    /// per held request, then one that finds the queue empty and runs the checks, avoids that.
+    fn release_early_checks<R: RngCore>(&mut self, ctx: &mut Ctx<'_, R>) {
+        let Some(held) = self.early_checks.take() else { return };
+        for _ in 0..=held.min(ICE_QUEUE) {
+            if self.rtc.handle_input(Input::Timeout(ctx.now)).is_err() {
+                break;
+            }
         }
     }
 
@@ -667,6 +691,9 @@ impl Peer {
     /// Handles a datagram that [`Peer::accepts`].
     pub(crate) fn handle_input<R: RngCore>(&mut self, input: Input<'_>, ctx: &mut Ctx<'_, R>) {
         self.last_rx = ctx.now;
+        if let Some(n) = &mut self.early_checks {
+            *n += 1;
+        }
         if self.state == PeerState::Disconnected {
             // The path works again (a blip shorter than ICE's own timeout).
             self.maybe_connected(ctx);
@@ -775,6 +802,7 @@ impl Peer {
                             self.reject(PeerError::BadDescription(e.to_string()), ctx);
                             return;
                         }
+                        self.release_early_checks(ctx);
                         let mut events = Vec::new();
                         self.media.offer_answered(self.remote, &mut events);
                         ctx.outputs.extend(events.into_iter().map(PeerOutput::Media));
