@@ -15,6 +15,12 @@
 //! rolled back (perfect negotiation, as for the connection) and offered again after it
 //! answered.
 //!
+//! **Answers** send only where one of this side's tracks sends: a remote's `sendrecv` m-line
+//! (a WebRTC client's plain `addTrack`) is answered `recvonly`, so that client is shown no
+//! track nobody sends. A remote may also send on an m-line this side's track made (`addTrack`
+//! reuses that transceiver): it is reported as the remote's track (named by the `msid` of its
+//! offer) and the m-line goes both ways. Only [`Codec`]'s codecs are offered or accepted.
+//!
 //! **Muting** sets the track's direction to `inactive` (a renegotiation): the remote learns of
 //! it ([`MediaEvent::Muted`]; a browser fires `mute` on its track), and frames written while
 //! muted are dropped. Unmuting restores `sendonly`. **Removing** stops the m-line (port 0).
