@@ -4,7 +4,9 @@
 // ECDSA P-256 identity from WebCrypto, and sets up direct WebRTC connections to peerlink
 // nodes (Rust) and to other browsers with the `rtc/1` negotiation, including identity-bound
 // DTLS: every offer and answer carries a signature over its DTLS fingerprint, and every one
-// received is verified before it is applied.
+// received is verified before it is applied. Rooms it creates or joins speak `room/1` (managed
+// rooms' messages, acknowledgements and presence, as the Rust nodes do: `client.room(id)`),
+// directly on each connection's `peerlink` channel or signed through the server's relay.
 //
 //   import { PeerClient } from './peerlink.js';
 //   const client = new PeerClient({ url: 'ws://127.0.0.1:8080', alias: 'alice' });
@@ -14,13 +16,19 @@
 //   peer.on('connected', () => peer.send({ hello: 'there' }));
 //   peer.on('data', (value, channel) => console.log(channel, value));
 //   client.on('peer', (incoming) => incoming.on('data', console.log));   // calls to us
+//
+//   const room = client.room('chat');                  // a managed room (room/1)
+//   room.on('message', ({ from, kind, data }) => console.log(from, kind, data));
+//   await room.join({ connect: true });
+//   room.send({ hello: 'everyone' });
 
 export const PROTOCOL_VERSION = 1;
 export const SIGNAL_VERSION = 'rtc/1';
 /** The channel every connection has: pre-negotiated, SCTP stream 0, reliable and ordered. */
 export const DEFAULT_CHANNEL = 'default';
 /** peerlink's own pre-negotiated channels (room messages, transfers): the streams are reserved
- *  so that channels this side opens in band never take their ids; they are not exposed. */
+ *  so that channels this side opens in band never take their ids; they are not exposed.
+ *  `peerlink` carries the rooms' batches (`room/1`); `peerlink-transfer` is not spoken here. */
 const RESERVED_CHANNELS = [['peerlink', 2], ['peerlink-transfer', 4]];
 const MAX_SDP_LEN = 32 * 1024;
 const MAX_CANDIDATE_LEN = 512;
@@ -251,6 +259,8 @@ export class Peer extends Emitter {
     this.channels = new Map();
     this._restartTimer = null;
     this._connectTimer = null;
+    /** The `peerlink` channel (room batches), while the connection has one. */
+    this._roomChannel = null;
     this.#resetSession(null, false);
   }
 
@@ -391,6 +401,8 @@ export class Peer extends Emitter {
   #setState(state) {
     if (this.state === state) return;
     this.state = state;
+    // The rooms' direct path follows the connection's state.
+    this.client._rooms.wake();
     this.emit('state', state);
   }
 
@@ -418,6 +430,12 @@ export class Peer extends Emitter {
     }
     this.pc = null;
     this.channels.clear();
+    if (this._roomChannel) {
+      this._roomChannel.onclose = null;
+      this._roomChannel.onmessage = null;
+      this._roomChannel = null;
+      this.client._rooms.wake();
+    }
   }
 
   #newConnection(sid, offerer) {
@@ -444,13 +462,26 @@ export class Peer extends Emitter {
     this.#wireChannel(pc.createDataChannel(DEFAULT_CHANNEL, { negotiated: true, id: 0 }));
     for (const [label, id] of RESERVED_CHANNELS) {
       const reserved = pc.createDataChannel(label, { negotiated: true, id });
-      reserved.onmessage = () => {};
+      if (label === ROOM_CHANNEL) this.#wireRoomChannel(reserved);
+      else reserved.onmessage = () => {};
     }
     clearTimeout(this._connectTimer);
     this._connectTimer = setTimeout(() => {
       if (this.state === 'connecting') this.#fail(new PeerlinkError('connect_timeout', 'not connected within the connect timeout'));
     }, this.client.options.connectTimeout ?? 30000);
     return pc;
+  }
+
+  /** The `peerlink` channel carries room batches (`room/1`) to the client's rooms. */
+  #wireRoomChannel(channel) {
+    const rooms = this.client._rooms;
+    channel.binaryType = 'arraybuffer';
+    channel.bufferedAmountLowThreshold = 64 * 1024;
+    this._roomChannel = channel;
+    channel.onopen = () => rooms.wake();
+    channel.onclose = () => rooms.wake();
+    channel.onbufferedamountlow = () => rooms.wake();
+    channel.onmessage = (e) => rooms.onDirect(this.fingerprint, e.data);
   }
 
   #wireChannel(channel) {
@@ -699,6 +730,886 @@ export class Peer extends Emitter {
   }
 }
 
+// ---- managed rooms (room/1) -----------------------------------------------------------------
+//
+// The `room/1` messages of managed rooms (docs/PROTOCOL.md, "Room messages"; the Rust side is
+// core/src/room/): batches `{"m":[items]}` on each connection's pre-negotiated `peerlink`
+// channel (SCTP stream 2) while it is open, and otherwise as signed relay payloads through the
+// server. Every (room, sender, recipient) is a stream with the sender's epoch and sequence
+// numbers: delivered in order, once, acknowledged cumulatively, resent on an RTO and on a path
+// change. Every room this client creates or joins speaks it (so that the Rust members' messages
+// are acknowledged); `PeerClient.room(id)` is the handle to send and to listen.
+
+/** Marks a relay payload as a room batch. */
+export const ROOM_VERSION = 'room/1';
+/** The label of peerlink's own channel, which carries room batches. */
+const ROOM_CHANNEL = 'peerlink';
+const ROOM_CONTEXT = 'peerlink room/1';
+/** The limits and timers of `room/1`, as the Rust nodes have them (RoomsConfig's defaults). */
+export const ROOM_LIMITS = Object.freeze({
+  /** Items per batch. */
+  maxItems: 1024,
+  /** Bytes of a room id. */
+  maxRoomId: 128,
+  /** Out-of-order messages held per stream. */
+  maxReorder: 1024,
+  /** Unacknowledged messages per member; a send beyond is refused (`would_block`). */
+  maxUnacked: 512,
+  /** Largest room message (encoded: JSON text, text with its JSON escaping, binary as base64). */
+  maxMessage: 16 * 1024,
+  /** Bytes of items per batch on the `peerlink` channel / per relay frame. */
+  directBatch: 16 * 1024,
+  relayBatch: 24 * 1024,
+  /** Bytes of messages per stream in flight by relay. */
+  relayWindow: 64 * 1024,
+  /** Bytes the `peerlink` channel may hold queued before messages wait. */
+  directHighWater: 256 * 1024,
+  /** Resend after no acknowledgement for an RTO: 1 s, doubling to 8 s. */
+  rto: 1000,
+  maxRto: 8000,
+  /** Relay frames per second (and burst) for all rooms: below the server's 200/s. */
+  relayRate: 100,
+  relayBurst: 100,
+  /** Presence: least time between updates sent, time to live (refreshed every third of it),
+   *  longest time to live accepted, largest state, updates accepted per second per member. */
+  presenceInterval: 100,
+  presenceTtl: 30000,
+  maxPresenceTtl: 300000,
+  maxPresence: 1024,
+  presenceRxRate: 20,
+});
+
+const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+function byteLength(text) {
+  return utf8.encode(text).length;
+}
+
+/** A u64 JavaScript reads exactly (Rust's epochs stay below 2^53 for that reason). */
+function isCount(v) {
+  return Number.isSafeInteger(v) && v >= 0;
+}
+
+function badBatch(reason, message, extra = {}) {
+  return new PeerlinkError('bad_room_message', message, { reason, ...extra });
+}
+
+function malformedBatch(why) {
+  return badBatch('malformed', `malformed room batch: ${why}`);
+}
+
+/** Decodes one item as core/src/room/wire.rs does (fields of the wrong type, a room id of 0 or
+ *  more than 128 bytes, a data item without exactly one of j, x, b, y or with a sequence number
+ *  of 0, bad base64, an unknown type: malformed). `null` counts as absent, as in Rust. */
+function decodeRoomItem(w) {
+  if (!w || typeof w !== 'object' || Array.isArray(w)) throw malformedBatch('an item is not an object');
+  const has = (k) => w[k] !== undefined && w[k] !== null;
+  if (typeof w.t !== 'string') throw malformedBatch('an item without a type');
+  if (typeof w.r !== 'string') throw malformedBatch('an item without a room');
+  const roomLen = byteLength(w.r);
+  if (roomLen === 0 || roomLen > ROOM_LIMITS.maxRoomId) throw malformedBatch('room id length');
+  if (!isCount(w.e)) throw malformedBatch('an item without an epoch');
+  for (const k of ['s', 'v', 'ttl']) if (has(k) && !isCount(w[k])) throw malformedBatch(`\`${k}\` is not a count`);
+  for (const k of ['x', 'b', 'y']) if (has(k) && typeof w[k] !== 'string') throw malformedBatch(`\`${k}\` is not a string`);
+  const room = w.r;
+  const epoch = w.e;
+  switch (w.t) {
+    case 'd': {
+      if (!has('s') || w.s === 0) throw malformedBatch('data without a sequence number');
+      const present = ['j', 'x', 'b', 'y'].filter(has);
+      if (present.length !== 1) throw malformedBatch('data needs exactly one of j, x, b, y');
+      const kind = present[0];
+      if ((kind === 'b' || kind === 'y') && !BASE64_RE.test(w[kind])) throw malformedBatch('bad base64');
+      return { t: 'd', room, epoch, seq: w.s, kind, value: w[kind] };
+    }
+    case 'a':
+      if (!has('s')) throw malformedBatch('ack without a sequence number');
+      return { t: 'a', room, epoch, seq: w.s };
+    case 'p': {
+      if (!has('v')) throw malformedBatch('presence without a version');
+      const ttl = Math.min(has('ttl') ? w.ttl : 30000, ROOM_LIMITS.maxPresenceTtl);
+      return { t: 'p', room, epoch, version: w.v, ttl, state: has('st') ? w.st : null };
+    }
+    default:
+      throw malformedBatch(`unknown item type \`${w.t}\``);
+  }
+}
+
+/** Decodes a batch body (`{"m":[...]}`); one bad item refuses the whole batch. A sealed body
+ *  (`{"z":...}`, an end-to-end encrypted room) is refused: the browser does not speak `e2e/1`. */
+export function decodeRoomBatch(text) {
+  let batch;
+  try {
+    batch = JSON.parse(text);
+  } catch {
+    throw malformedBatch('not JSON');
+  }
+  if (!batch || typeof batch !== 'object' || Array.isArray(batch)) throw malformedBatch('not an object');
+  if (typeof batch.z === 'string') throw badBatch('sealed', 'a sealed batch (an end-to-end encrypted room): not supported in the browser');
+  if (!Array.isArray(batch.m)) throw malformedBatch('no items');
+  if (batch.m.length > ROOM_LIMITS.maxItems) throw badBatch('too_many_items', `a batch carries at most ${ROOM_LIMITS.maxItems} items`);
+  return batch.m.map(decodeRoomItem);
+}
+
+/** The bytes a relayed batch's signature covers. */
+function roomSignedMessage(from, to, body) {
+  return utf8.encode(`${ROOM_CONTEXT}\n${from}\n${to}\n${body}`);
+}
+
+/** A message's contents as a data item carries them (`"j":…`, `"x":"…"`, `"b":"…"`), encoded
+ *  once for every member, with its size against the message limit. */
+function roomFragment(kind, data) {
+  let fragment;
+  let size;
+  if (kind === 'json') {
+    if (data === undefined || typeof data === 'function' || typeof data === 'symbol') throw new PeerlinkError('serialize', 'the value is not JSON');
+    const text = JSON.stringify(data);
+    // `"j":null` reads as no `j` at all in Rust (serde's Option): the batch would be refused.
+    if (text === undefined || text === 'null') throw new PeerlinkError('serialize', 'null is not a room message (send text or another value)');
+    if (text.isWellFormed && !text.isWellFormed()) throw new PeerlinkError('serialize', 'the value holds a lone surrogate');
+    fragment = `"j":${text}`;
+    size = byteLength(text);
+  } else if (kind === 'text') {
+    if (typeof data !== 'string') throw new PeerlinkError('serialize', 'text must be a string');
+    if (data.isWellFormed && !data.isWellFormed()) throw new PeerlinkError('serialize', 'the text holds a lone surrogate');
+    const text = JSON.stringify(data);
+    fragment = `"x":${text}`;
+    size = byteLength(text);
+  } else {
+    const bytes = data instanceof ArrayBuffer ? new Uint8Array(data) : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    const b64 = toBase64(bytes);
+    fragment = `"b":"${b64}"`;
+    size = b64.length;
+  }
+  return { fragment, size, bytes: byteLength(fragment) };
+}
+
+class RoomMember {
+  constructor(info, now) {
+    this.info = info;
+    this.fingerprint = info.fingerprint;
+    // Our stream to it.
+    this.nextSeq = 1;
+    /** [{seq, fragment, bytes, sent, relayBytes}] */
+    this.unacked = [];
+    this.rto = ROOM_LIMITS.rto;
+    this.deadline = null;
+    this.blocked = false;
+    this.relayInflight = 0;
+    // Its stream to us.
+    this.inEpoch = null;
+    this.inNext = 1;
+    this.inBuffer = new Map();
+    this.ackDue = false;
+    // Its presence, and ours to it.
+    this.presence = null;
+    this.presenceTokens = [ROOM_LIMITS.presenceRxRate, now];
+    this.presenceDue = true;
+    this.path = null;
+  }
+
+  /** Everything unacknowledged goes again (on whatever path applies then). */
+  unsendAll() {
+    for (const msg of this.unacked) {
+      msg.sent = false;
+      msg.relayBytes = 0;
+    }
+    this.relayInflight = 0;
+    this.deadline = null;
+  }
+}
+
+/**
+ * A managed room as this client sees it: `client.room(id)`. Made on first use, before or after
+ * joining; rooms the client creates or joins (`createRoom`, `joinRoom`, or `join()` /
+ * `create()` here) speak `room/1`.
+ *
+ *   const room = client.room('chat');
+ *   room.on('message', ({ from, kind, data, path }) => ...);   // kind: json | text | binary
+ *   await room.join({ connect: true });    // connect: call every member already there
+ *   room.send({ hello: 1 }); room.sendText('hi'); room.sendBinary(bytes);  // to every member
+ *   room.send(value, { to: fingerprint });                                 // to one
+ *   room.setPresence({ typing: true });
+ *
+ * Sends throw a PeerlinkError: `not_joined`, `not_member`, `message_too_large` (over 16 KiB
+ * encoded), `serialize`, `would_block` (a member has 512 messages unacknowledged: nothing was
+ * sent; `writable` follows when half are acknowledged).
+ *
+ * Events: `joined` ({owner, maxSize, metadata, members}), `member_joined` (peer), `member_left`
+ * (fingerprint, kicked), `message` ({room, from, kind, data, path}): `data` is the parsed JSON
+ * value, the string, or a Uint8Array, `path` `direct` or `relay`; `presence` (fingerprint,
+ * state), `presence_expired` (fingerprint), `path` (fingerprint, path), `writable`, `closed`,
+ * `kicked`. Bad batches (a relay whose signature does not hold, malformed items) are dropped
+ * whole and reported as the client's `error` (code `bad_room_message`, with `from`, `reason`).
+ * Sync frames (`y`) are acknowledged but not delivered: the browser does not speak `sync/1`.
+ */
+export class ManagedRoom extends Emitter {
+  constructor(layer, id) {
+    super();
+    this._layer = layer;
+    this.id = id;
+    this.idJson = JSON.stringify(id);
+    this.idBytes = byteLength(this.idJson);
+    this.joined = false;
+    this.owner = null;
+    this.maxSize = null;
+    this.metadata = null;
+    /** Our streams' epoch in this room. */
+    this.epoch = 0;
+    /** The other members by fingerprint. */
+    this.members = new Map();
+    this._presence = { text: null, version: 0, dirty: false, lastSent: null };
+  }
+
+  /** Joins the server room (`client.joinRoom`); `connect`: call every member already there. */
+  join(options) {
+    return this._layer.client.joinRoom(this.id, options);
+  }
+
+  /** Creates the server room (`client.createRoom`): `config` is `{max_size, metadata}`. */
+  create(config) {
+    return this._layer.client.createRoom(this.id, config);
+  }
+
+  leave() {
+    return this._layer.client.leaveRoom(this.id);
+  }
+
+  /** Sends a JSON value (not `null`) to every member, or to `to`. */
+  send(value, { to } = {}) {
+    this._layer.send(this, 'json', value, to);
+  }
+
+  /** Sends a string. */
+  sendText(text, { to } = {}) {
+    this._layer.send(this, 'text', text, to);
+  }
+
+  /** Sends bytes (ArrayBuffer or a typed array). */
+  sendBinary(data, { to } = {}) {
+    this._layer.send(this, 'binary', data, to);
+  }
+
+  /** Sets our presence state (any JSON value of at most 1 KiB; `null` clears it). */
+  setPresence(state) {
+    this._layer.setPresence(this, state);
+  }
+
+  /** A member's presence state (`null`: none). */
+  presenceOf(fingerprint) {
+    return this.members.get(fingerprint)?.presence?.state ?? null;
+  }
+
+  /** The path messages to a member take now (`direct` or `relay`), `null` before any. */
+  pathTo(fingerprint) {
+    return this.members.get(fingerprint)?.path ?? null;
+  }
+
+  /** Messages to a member not yet acknowledged. */
+  unacked(fingerprint) {
+    return this.members.get(fingerprint)?.unacked.length ?? 0;
+  }
+}
+
+/** The rooms of one client: streams, acknowledgements, paths, relay pacing and signatures. */
+class RoomLayer {
+  constructor(client) {
+    this.client = client;
+    /** ManagedRoom by id. */
+    this.rooms = new Map();
+    /** Members whose direct path is open, as last seen. */
+    this.direct = new Set();
+    this.relayTokens = ROOM_LIMITS.relayBurst;
+    this.relayAt = null;
+    this.relayStarved = false;
+    this.lastEpoch = 0;
+    this.timer = null;
+    this.scheduled = false;
+    /** Relay frames go out in order (signing is asynchronous), and are checked in order. */
+    this.relayOut = Promise.resolve();
+    this.relayIn = Promise.resolve();
+    /** Imported sender keys by base64 (bounded). */
+    this.keys = new Map();
+  }
+
+  room(id) {
+    let room = this.rooms.get(id);
+    if (!room) {
+      room = new ManagedRoom(this, id);
+      this.rooms.set(id, room);
+    }
+    return room;
+  }
+
+  /** A new stream epoch: the wall clock in ms times 1024, above every one given out before. */
+  newEpoch() {
+    this.lastEpoch = Math.max(Date.now() * 1024, this.lastEpoch + 1);
+    return this.lastEpoch;
+  }
+
+  // -- membership --
+
+  /** The create or join request succeeded (again, after a reconnect: new streams). */
+  entered(id, reply, { connect = false } = {}) {
+    const room = this.room(id);
+    const now = performance.now();
+    const me = this.client.fingerprint;
+    const peers = (reply.peers ?? []).filter((p) => p.fingerprint !== me);
+    const rejoined = room.joined;
+    room.owner = reply.owner;
+    room.maxSize = reply.max_size;
+    room.metadata = reply.metadata ?? null;
+    room.epoch = this.newEpoch();
+    if (rejoined) {
+      // The others saw us leave and come back: new streams both ways; what they did not
+      // acknowledge goes again under the new epoch, numbered from 1.
+      for (const m of room.members.values()) {
+        m.inEpoch = null;
+        m.inNext = 1;
+        m.inBuffer.clear();
+        m.ackDue = false;
+        m.unsendAll();
+        m.unacked.forEach((msg, i) => (msg.seq = i + 1));
+        m.nextSeq = m.unacked.length + 1;
+        m.presence = null;
+        m.presenceDue = true;
+      }
+      const present = new Set(peers.map((p) => p.fingerprint));
+      for (const fp of [...room.members.keys()]) if (!present.has(fp)) this.peerLeft(id, fp, false);
+      for (const p of peers) if (!room.members.has(p.fingerprint)) this.peerJoined(id, p);
+    } else {
+      room.joined = true;
+      for (const p of peers) room.members.set(p.fingerprint, new RoomMember(p, now));
+      room.emit('joined', { owner: room.owner, maxSize: room.maxSize, metadata: room.metadata, members: peers });
+    }
+    if (connect) {
+      // Whoever joins calls everyone already there.
+      for (const p of peers) {
+        const existing = this.client.getPeer(p.fingerprint);
+        if (!existing || existing.closed) this.client.connectToPeer(p.fingerprint);
+      }
+    }
+    this.wake();
+  }
+
+  peerJoined(id, info) {
+    const room = this.rooms.get(id);
+    if (!room?.joined || info.fingerprint === this.client.fingerprint) return;
+    const known = room.members.has(info.fingerprint);
+    // Joined again without our hearing it leave: new streams both ways.
+    room.members.set(info.fingerprint, new RoomMember(info, performance.now()));
+    if (!known) room.emit('member_joined', info);
+    this.wake();
+  }
+
+  peerLeft(id, fingerprint, kicked) {
+    const room = this.rooms.get(id);
+    const m = room?.members.get(fingerprint);
+    if (!m) return;
+    room.members.delete(fingerprint);
+    room.emit('member_left', fingerprint, kicked);
+    // Whoever waits for room to send must not wait for a member that is gone.
+    if (m.blocked) room.emit('writable');
+  }
+
+  /** We are no longer in the room (`closed` or `kicked`). */
+  remove(id, event) {
+    const room = this.rooms.get(id);
+    if (!room) return;
+    this.rooms.delete(id);
+    const was = room.joined;
+    room.joined = false;
+    room.members.clear();
+    if (was && event) room.emit(event);
+  }
+
+  /** The signaling connection is back (a resumed session): what goes by relay goes again. */
+  relayRestored() {
+    for (const room of this.rooms.values()) {
+      for (const m of room.members.values()) {
+        if (!this.direct.has(m.fingerprint)) {
+          m.unsendAll();
+          m.ackDue = true;
+        }
+      }
+    }
+    this.wake();
+  }
+
+  // -- sending --
+
+  send(room, kind, data, to) {
+    if (!room.joined) throw new PeerlinkError('not_joined', `not in room \`${room.id}\``);
+    const { fragment, size, bytes } = roomFragment(kind, data);
+    if (size > ROOM_LIMITS.maxMessage) throw new PeerlinkError('message_too_large', `message of ${size} bytes is over the room limit of ${ROOM_LIMITS.maxMessage}`, { size, max: ROOM_LIMITS.maxMessage });
+    let targets;
+    if (to !== undefined) {
+      if (!room.members.has(to)) throw new PeerlinkError('not_member', `${to} is not a member of the room`);
+      targets = [room.members.get(to)];
+    } else {
+      targets = [...room.members.values()];
+    }
+    const full = targets.filter((m) => m.unacked.length >= ROOM_LIMITS.maxUnacked);
+    if (full.length > 0) {
+      for (const m of full) m.blocked = true;
+      throw new PeerlinkError('would_block', `${full[0].fingerprint} has too many unacknowledged messages`, { peer: full[0].fingerprint });
+    }
+    for (const m of targets) m.unacked.push({ seq: m.nextSeq++, fragment, bytes, sent: false, relayBytes: 0 });
+    this.wake();
+  }
+
+  setPresence(room, state) {
+    if (!room.joined) throw new PeerlinkError('not_joined', `not in room \`${room.id}\``);
+    const text = state === null || state === undefined ? null : JSON.stringify(state);
+    if (text !== null && byteLength(text) > ROOM_LIMITS.maxPresence) {
+      throw new PeerlinkError('presence_too_large', `presence state of ${byteLength(text)} bytes is over the limit of ${ROOM_LIMITS.maxPresence}`);
+    }
+    const p = room._presence;
+    if (p.text === text) return;
+    p.text = text;
+    p.version += 1;
+    p.dirty = true;
+    this.wake();
+  }
+
+  // -- the flush: timers, paths, and what can go now --
+
+  /** Flushes soon (once for everything that happens meanwhile). */
+  wake() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setTimeout(() => this.flush(), 0);
+  }
+
+  #directChannel(fingerprint) {
+    const peer = this.client.getPeer(fingerprint);
+    const channel = peer?._roomChannel;
+    return peer && peer.state === 'connected' && channel?.readyState === 'open' ? channel : null;
+  }
+
+  flush() {
+    this.scheduled = false;
+    clearTimeout(this.timer);
+    this.timer = null;
+    if (this.rooms.size === 0) return;
+    const now = performance.now();
+    this.#refill(now);
+    this.#timers(now);
+    this.relayStarved = false;
+    const peers = new Set();
+    for (const room of this.rooms.values()) if (room.joined) for (const fp of room.members.keys()) peers.add(fp);
+    for (const fp of [...this.direct]) if (!peers.has(fp)) this.direct.delete(fp);
+    for (const fp of peers) {
+      const channel = this.#directChannel(fp);
+      if (!!channel !== this.direct.has(fp)) {
+        // The path changed: everything unacknowledged goes again on the one that applies now.
+        if (channel) this.direct.add(fp);
+        else this.direct.delete(fp);
+        for (const room of this.rooms.values()) {
+          const m = room.members.get(fp);
+          if (!m) continue;
+          m.unsendAll();
+          m.ackDue = true;
+          m.presenceDue = true;
+        }
+      }
+      const relayReady = this.client.registered;
+      if (relayReady && this.relayTokens < 1) this.relayStarved = true;
+      const { direct, relay } = this.#collect(fp, channel, relayReady && this.relayTokens >= 1, now);
+      if (direct.length) this.#sendDirect(fp, channel, direct, now);
+      if (relay.length) this.#sendRelay(fp, relay, now);
+    }
+    this.#arm(now);
+  }
+
+  #refill(now) {
+    if (this.relayAt !== null) {
+      this.relayTokens = Math.min(this.relayTokens + ((now - this.relayAt) / 1000) * ROOM_LIMITS.relayRate, ROOM_LIMITS.relayBurst);
+    }
+    this.relayAt = now;
+  }
+
+  /** RTOs, presence refreshes and expiries that are due. */
+  #timers(now) {
+    for (const room of this.rooms.values()) {
+      if (!room.joined) continue;
+      for (const m of room.members.values()) {
+        if (m.deadline !== null && m.deadline <= now) {
+          this.client._log('room: no acknowledgement from', m.fingerprint.slice(0, 8), 'sending', m.unacked.length, 'again');
+          m.unsendAll();
+          m.rto = Math.min(m.rto * 2, ROOM_LIMITS.maxRto);
+        }
+        if (m.presence && m.presence.expires <= now) {
+          m.presence = null;
+          room.emit('presence_expired', m.fingerprint);
+          this.client.emit('room_presence_expired', room.id, m.fingerprint);
+        }
+      }
+      const p = room._presence;
+      const maySend = p.lastSent === null || now >= p.lastSent + ROOM_LIMITS.presenceInterval;
+      const stale = p.text !== null && p.lastSent !== null && now >= p.lastSent + ROOM_LIMITS.presenceTtl / 3;
+      if ((p.dirty && maySend) || stale) {
+        p.dirty = false;
+        p.lastSent = now;
+        for (const m of room.members.values()) m.presenceDue = true;
+      }
+    }
+  }
+
+  /** The next flush without new input. */
+  #arm(now) {
+    let next = Infinity;
+    for (const room of this.rooms.values()) {
+      if (!room.joined) continue;
+      for (const m of room.members.values()) {
+        if (m.deadline !== null) next = Math.min(next, m.deadline);
+        if (m.presence) next = Math.min(next, m.presence.expires);
+      }
+      const p = room._presence;
+      if (p.lastSent !== null && p.dirty) next = Math.min(next, p.lastSent + ROOM_LIMITS.presenceInterval);
+      else if (p.lastSent !== null && p.text !== null) next = Math.min(next, p.lastSent + ROOM_LIMITS.presenceTtl / 3);
+    }
+    if (this.relayStarved) next = Math.min(next, now + ((1 - this.relayTokens) / ROOM_LIMITS.relayRate) * 1000 + 1);
+    if (next !== Infinity) this.timer = setTimeout(() => this.flush(), Math.max(0, next - now));
+  }
+
+  /** What is due to `fp` and can go now, per path: per room an acknowledgement and presence
+   *  first, then unsent messages in order, as much as the path takes now. */
+  #collect(fp, channel, relayOk, now) {
+    const direct = [];
+    const relay = [];
+    let directBudget = channel ? Math.max(0, ROOM_LIMITS.directHighWater - channel.bufferedAmount) : 0;
+    let relayBudget = relayOk ? Math.min(Math.floor(this.relayTokens), 8) * ROOM_LIMITS.relayBatch : 0;
+    for (const room of this.rooms.values()) {
+      const m = room.joined ? room.members.get(fp) : null;
+      if (!m) continue;
+      const path = channel ? 'direct' : 'relay';
+      if (m.path !== path) {
+        if (m.path !== null || path === 'direct') {
+          room.emit('path', fp, path);
+          this.client.emit('room_path', room.id, fp, path);
+        }
+        m.path = path;
+      }
+      const control = channel ? direct : relayOk ? relay : null;
+      if (control) {
+        if (m.ackDue && m.inEpoch !== null) {
+          m.ackDue = false;
+          const text = `{"t":"a","r":${room.idJson},"e":${m.inEpoch},"s":${m.inNext - 1}}`;
+          control.push({ text, bytes: byteLength(text), origin: { kind: 'ack', room } });
+        }
+        const p = room._presence;
+        if (m.presenceDue && p.lastSent !== null) {
+          m.presenceDue = false;
+          const text = `{"t":"p","r":${room.idJson},"e":${room.epoch},"v":${p.version},"ttl":${ROOM_LIMITS.presenceTtl},"st":${p.text ?? 'null'}}`;
+          control.push({ text, bytes: byteLength(text), origin: { kind: 'presence', room } });
+        }
+      }
+      let window = Math.max(0, ROOM_LIMITS.relayWindow - m.relayInflight);
+      for (const msg of m.unacked) {
+        if (msg.sent) continue;
+        const head = `{"t":"d","r":${room.idJson},"e":${room.epoch},"s":${msg.seq},`;
+        const len = head.length - room.idJson.length + room.idBytes + msg.bytes + 1;
+        // In order per stream: once one message has to wait, the rest wait too. A stream with
+        // nothing in flight by relay may always send one.
+        const fits = channel ? directBudget >= len : relayBudget >= len && (len <= window || window === ROOM_LIMITS.relayWindow);
+        if (!fits) break;
+        if (channel) directBudget -= len;
+        else {
+          relayBudget -= len;
+          window = Math.max(0, window - len);
+        }
+        (channel ? direct : relay).push({ text: `${head}${msg.fragment}}`, bytes: len, origin: { kind: 'data', room, m, msg } });
+      }
+    }
+    return { direct, relay };
+  }
+
+  /** Splits items into batches: at most `limit` bytes of items and 1024 items each; with
+   *  `controlFirst`, control items lead in a batch of their own. */
+  #batches(items, limit, controlFirst) {
+    const out = [];
+    let i = 0;
+    let first = true;
+    while (i < items.length) {
+      const control = first && controlFirst && items[0].origin.kind !== 'data';
+      first = false;
+      const batch = [];
+      let bytes = 0;
+      while (i < items.length) {
+        const item = items[i];
+        if (control && item.origin.kind === 'data') break;
+        if (batch.length > 0 && (bytes + item.bytes > limit || batch.length >= ROOM_LIMITS.maxItems)) break;
+        bytes += item.bytes;
+        batch.push(item);
+        i += 1;
+      }
+      out.push(batch);
+    }
+    return out;
+  }
+
+  static body(batch) {
+    return `{"m":[${batch.map((x) => x.text).join(',')}]}`;
+  }
+
+  /** Items to `fp` that did not go: control items are due again, messages stay unsent. */
+  #requeue(fp, items) {
+    for (const { origin } of items) {
+      if (origin.kind === 'data') {
+        const { m, msg } = origin;
+        if (msg.sent && m.unacked.includes(msg)) {
+          m.relayInflight = Math.max(0, m.relayInflight - msg.relayBytes);
+          msg.sent = false;
+          msg.relayBytes = 0;
+        }
+        continue;
+      }
+      const m = origin.room.members.get(fp);
+      if (m && origin.kind === 'ack') m.ackDue = true;
+      else if (m) m.presenceDue = true;
+    }
+  }
+
+  #markSent(fp, batch, now, relay) {
+    for (const { origin, bytes } of batch) {
+      if (origin.kind !== 'data') continue;
+      const { m, msg } = origin;
+      msg.sent = true;
+      if (relay) {
+        msg.relayBytes = bytes;
+        m.relayInflight += bytes;
+      }
+      // The direct path is reliable while it lasts (a path change sends everything again):
+      // its RTO is only a safety net.
+      if (m.deadline === null) m.deadline = now + (relay ? m.rto : ROOM_LIMITS.maxRto);
+    }
+  }
+
+  #sendDirect(fp, channel, items, now) {
+    const batches = this.#batches(items, ROOM_LIMITS.directBatch, true);
+    for (let k = 0; k < batches.length; k++) {
+      try {
+        channel.send(RoomLayer.body(batches[k]));
+      } catch (e) {
+        this.client._log('room: direct send failed', String(e));
+        this.#requeue(fp, batches.slice(k).flat());
+        return;
+      }
+      this.#markSent(fp, batches[k], now, false);
+    }
+  }
+
+  #sendRelay(fp, items, now) {
+    const batches = this.#batches(items, ROOM_LIMITS.relayBatch, false);
+    for (let k = 0; k < batches.length; k++) {
+      if (!this.client.registered || this.relayTokens < 1) {
+        if (this.client.registered) this.relayStarved = true;
+        this.#requeue(fp, batches.slice(k).flat());
+        return;
+      }
+      this.relayTokens -= 1;
+      const batch = batches[k];
+      this.#markSent(fp, batch, now, true);
+      const body = RoomLayer.body(batch);
+      const client = this.client;
+      this.relayOut = this.relayOut.then(async () => {
+        try {
+          const me = client.identity;
+          const sig = await me.sign(roomSignedMessage(me.fingerprint, fp, body));
+          client.relay(fp, { peerlink: ROOM_VERSION, key: me.publicKey, sig: toBase64(sig), to: fp, body });
+        } catch (e) {
+          client._log('room: relay not sent', String(e));
+          this.#requeue(fp, batch);
+          this.wake();
+        }
+      });
+    }
+  }
+
+  // -- receiving --
+
+  /** A text message on a connection's `peerlink` channel. */
+  onDirect(from, data) {
+    if (typeof data !== 'string') {
+      this.#bad(from, 'direct', malformedBatch('binary on the room channel'));
+      return;
+    }
+    let items;
+    try {
+      items = decodeRoomBatch(data);
+    } catch (e) {
+      this.#bad(from, 'direct', e);
+      return;
+    }
+    this.#handleItems(from, items, 'direct');
+  }
+
+  /** A relay payload marked `room/1`: checked (in arrival order), then its items handled. */
+  onRelay(from, payload) {
+    this.relayIn = this.relayIn.then(async () => {
+      let items;
+      try {
+        const body = await this.#openRelayed(from, payload);
+        items = decodeRoomBatch(body);
+      } catch (e) {
+        this.#bad(from, 'relay', e);
+        return;
+      }
+      this.#handleItems(from, items, 'relay');
+    });
+    return this.relayIn;
+  }
+
+  /** The key must be the sender's (its fingerprint is the relay's `from`), the batch addressed
+   *  to us, and the signature must cover sender, recipient and body. */
+  async #openRelayed(from, payload) {
+    const me = this.client.fingerprint;
+    const { key, sig, to, body } = payload;
+    if (typeof key !== 'string' || typeof sig !== 'string' || typeof to !== 'string' || typeof body !== 'string') {
+      throw malformedBatch('a relayed batch needs key, sig, to and body');
+    }
+    if (to.toLowerCase() !== me) throw badBatch('bad_signature', 'the batch is not signed by its sender for us: addressed to another peer', { detail: 'addressed to another peer' });
+    let imported = this.keys.get(key);
+    if (!imported) {
+      try {
+        imported = await importPublicKey(key);
+      } catch {
+        throw badBatch('bad_signature', 'the batch is not signed by its sender for us: malformed key', { detail: 'malformed key' });
+      }
+      if (this.keys.size >= 256) this.keys.clear();
+      this.keys.set(key, imported);
+    }
+    if (imported.fingerprint !== from) throw badBatch('bad_signature', "the batch is not signed by its sender for us: the key is not the sender's", { detail: 'wrong key' });
+    let sigBytes;
+    try {
+      sigBytes = fromBase64(sig);
+    } catch {
+      sigBytes = null;
+    }
+    if (!sigBytes || sigBytes.length !== 64) throw badBatch('bad_signature', 'the batch is not signed by its sender for us: malformed signature', { detail: 'malformed signature' });
+    const ok = await crypto.subtle.verify(ECDSA_SHA256, imported.key, sigBytes, roomSignedMessage(from, me, body));
+    if (!ok) throw badBatch('bad_signature', 'the batch is not signed by its sender for us: signature does not verify', { detail: 'signature does not verify' });
+    return body;
+  }
+
+  #bad(from, path, error) {
+    const e = error instanceof PeerlinkError ? error : malformedBatch(String(error));
+    e.from = from;
+    e.path = path;
+    e.message = `bad room message from ${from}: ${e.message}`;
+    this.client._log(e.message);
+    this.client.emit('error', e);
+  }
+
+  #handleItems(from, items, path) {
+    const now = performance.now();
+    for (const item of items) {
+      const room = this.rooms.get(item.room);
+      // A room we are not in, or a sender that is not (yet) a member: ignored, not
+      // acknowledged (it comes again).
+      if (!room?.joined) continue;
+      const m = room.members.get(from);
+      if (!m) continue;
+      if (item.t === 'd') {
+        if (m.inEpoch !== null && item.epoch < m.inEpoch) continue;
+        if (m.inEpoch !== item.epoch) {
+          m.inEpoch = item.epoch;
+          m.inNext = 1;
+          m.inBuffer.clear();
+        }
+        m.ackDue = true;
+        if (item.seq < m.inNext) continue;
+        if (item.seq > m.inNext) {
+          if (m.inBuffer.size < ROOM_LIMITS.maxReorder && item.seq - m.inNext <= ROOM_LIMITS.maxReorder) m.inBuffer.set(item.seq, item);
+          continue;
+        }
+        this.#deliver(room, from, item, path);
+        m.inNext += 1;
+        for (let next = m.inBuffer.get(m.inNext); next; next = m.inBuffer.get(m.inNext)) {
+          m.inBuffer.delete(m.inNext);
+          this.#deliver(room, from, next, path);
+          m.inNext += 1;
+        }
+      } else if (item.t === 'a') {
+        if (item.epoch !== room.epoch) continue;
+        const before = m.unacked.length;
+        while (m.unacked.length > 0 && m.unacked[0].seq <= item.seq) {
+          const msg = m.unacked.shift();
+          m.relayInflight = Math.max(0, m.relayInflight - msg.relayBytes);
+        }
+        if (m.unacked.length < before) {
+          m.rto = ROOM_LIMITS.rto;
+          m.deadline = m.unacked.some((x) => x.sent) ? now + m.rto : null;
+          if (m.blocked && m.unacked.length <= ROOM_LIMITS.maxUnacked / 2) {
+            m.blocked = false;
+            room.emit('writable');
+            this.client.emit('room_writable', room.id);
+          }
+        }
+      } else {
+        this.#presence(room, m, item, now);
+      }
+    }
+    this.wake();
+  }
+
+  #presence(room, m, item, now) {
+    // The member's own rate, enforced here too.
+    let [tokens, at] = m.presenceTokens;
+    tokens = Math.min(tokens + ((now - at) / 1000) * ROOM_LIMITS.presenceRxRate, ROOM_LIMITS.presenceRxRate);
+    if (tokens < 1) {
+      m.presenceTokens = [tokens, now];
+      return;
+    }
+    m.presenceTokens = [tokens - 1, now];
+    const expires = now + item.ttl;
+    const p = m.presence;
+    if (p && item.epoch < p.epoch) return;
+    const fresh = !p || p.epoch !== item.epoch || item.version > p.version;
+    if (!fresh) {
+      if (item.version === p.version) p.expires = expires;
+      return;
+    }
+    const text = item.state === null ? null : JSON.stringify(item.state);
+    if (text !== null && byteLength(text) > ROOM_LIMITS.maxPresence) {
+      this.#bad(m.fingerprint, m.path ?? 'relay', malformedBatch('presence state over the size limit'));
+      return;
+    }
+    const changed = !p || p.text !== text;
+    m.presence = { epoch: item.epoch, version: item.version, state: item.state, text, expires };
+    if (changed) {
+      room.emit('presence', m.fingerprint, item.state);
+      this.client.emit('room_presence', room.id, m.fingerprint, item.state);
+    }
+  }
+
+  #deliver(room, from, item, path) {
+    let kind;
+    let data;
+    switch (item.kind) {
+      case 'j':
+        kind = 'json';
+        data = item.value;
+        break;
+      case 'x':
+        kind = 'text';
+        data = item.value;
+        break;
+      case 'b':
+        kind = 'binary';
+        data = fromBase64(item.value);
+        break;
+      default:
+        // A sync frame (`sync/1`): not spoken here; acknowledged, not delivered.
+        return;
+    }
+    const msg = { room: room.id, from, kind, data, path };
+    room.emit('message', msg);
+    this.client.emit('room_message', room.id, msg);
+  }
+}
+
 // ---- the signaling client -----------------------------------------------------------------
 
 /**
@@ -717,7 +1628,11 @@ export class Peer extends Emitter {
  * `reconnecting` (attempt), `peer_list` (namespace, peers), `peer_joined` (namespace, peer),
  * `peer_left` (namespace, fingerprint), `relay` (from, payload), `broadcast` (from, namespace,
  * payload), `room_peer_joined` (roomId, peer), `room_peer_left` (roomId, fingerprint, kicked),
- * `room_closed` (roomId), `kicked` (roomId), `peer` (an incoming Peer), `error` (PeerlinkError).
+ * `room_closed` (roomId), `kicked` (roomId), `peer` (an incoming Peer), `error` (PeerlinkError;
+ * `bad_room_message` for a refused room batch); and of the managed rooms (also on each
+ * `ManagedRoom`): `room_message` (roomId, {room, from, kind, data, path}), `room_presence`
+ * (roomId, fingerprint, state), `room_presence_expired` (roomId, fingerprint), `room_path`
+ * (roomId, fingerprint, path), `room_writable` (roomId).
  */
 export class PeerClient extends Emitter {
   constructor(options = {}) {
@@ -741,6 +1656,8 @@ export class PeerClient extends Emitter {
     this.peers = new Map();
     this.namespaces = new Set();
     this.rooms = new Set();
+    /** The managed rooms (`room/1`): see `room(id)`. */
+    this._rooms = new RoomLayer(this);
     this.serverId = null;
     this._ws = null;
     this._nextId = 1;
@@ -851,17 +1768,21 @@ export class PeerClient extends Emitter {
         this.emit('peer_left', frame.namespace, frame.fingerprint);
         return;
       case 'room_peer_joined':
+        this._rooms.peerJoined(frame.room_id, frame.peer);
         this.emit('room_peer_joined', frame.room_id, frame.peer);
         return;
       case 'room_peer_left':
+        this._rooms.peerLeft(frame.room_id, frame.fingerprint, !!frame.kicked);
         this.emit('room_peer_left', frame.room_id, frame.fingerprint, frame.kicked);
         return;
       case 'room_closed':
         this.rooms.delete(frame.room_id);
+        this._rooms.remove(frame.room_id, 'closed');
         this.emit('room_closed', frame.room_id);
         return;
       case 'kicked':
         this.rooms.delete(frame.room_id);
+        this._rooms.remove(frame.room_id, 'kicked');
         this.emit('kicked', frame.room_id);
         return;
       default:
@@ -910,6 +1831,8 @@ export class PeerClient extends Emitter {
     if (rejoin) {
       for (const ns of this.namespaces) this.join(ns).catch((e) => this.emit('error', e));
       for (const room of this.rooms) this.joinRoom(room).catch((e) => this.emit('error', e));
+    } else {
+      this._rooms.relayRestored();
     }
   }
 
@@ -993,23 +1916,35 @@ export class PeerClient extends Emitter {
   }
 
   /** Creates a room (this client owns it and is its first member): `config` is `{max_size,
-   *  metadata}`. Resolves with the `room_created` reply. */
+   *  metadata}`. Resolves with the `room_created` reply. The room speaks `room/1`: see
+   *  `room(id)`. */
   async createRoom(roomId, config) {
     const reply = await this.request('create_room', config ? { room_id: roomId, config } : { room_id: roomId });
     this.rooms.add(roomId);
+    this._rooms.entered(roomId, reply);
     return reply;
   }
 
-  /** Joins a room; resolves with the `room_joined` reply (its `peers` are the members). */
-  async joinRoom(roomId) {
+  /** Joins a room; resolves with the `room_joined` reply (its `peers` are the members). The
+   *  room speaks `room/1` (see `room(id)`); `{connect: true}` calls every member already there
+   *  (as a Rust node joining a managed room does), so that room messages go direct. */
+  async joinRoom(roomId, options = {}) {
     const reply = await this.request('join_room', { room_id: roomId });
     this.rooms.add(roomId);
+    this._rooms.entered(roomId, reply, options);
     return reply;
   }
 
   async leaveRoom(roomId) {
     this.rooms.delete(roomId);
+    this._rooms.remove(roomId, 'closed');
     await this.request('leave_room', { room_id: roomId });
+  }
+
+  /** The managed room `roomId` (`room/1`: messages, acknowledgements, presence), made on first
+   *  use; see `ManagedRoom`. */
+  room(roomId) {
+    return this._rooms.room(roomId);
   }
 
   roomInfo(roomId) {
@@ -1030,6 +1965,7 @@ export class PeerClient extends Emitter {
 
   async closeRoom(roomId) {
     this.rooms.delete(roomId);
+    this._rooms.remove(roomId, 'closed');
     await this.request('close_room', { room_id: roomId });
   }
 
@@ -1060,6 +1996,10 @@ export class PeerClient extends Emitter {
 
   async #onRelay(from, payload) {
     const marker = payload && typeof payload === 'object' && !Array.isArray(payload) ? payload.peerlink : undefined;
+    if (marker === ROOM_VERSION) {
+      await this._rooms.onRelay(from, payload);
+      return;
+    }
     if (marker !== SIGNAL_VERSION) {
       this.emit('relay', from, payload);
       return;
