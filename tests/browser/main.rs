@@ -17,6 +17,11 @@
 //!   pattern is decoded by Chromium; the node's mute and unmute fire `mute` and `unmute` on the
 //!   browser's remote track; a group call of the browser and two nodes (a managed room with a
 //!   call, which the browser joins as a server room, calling each member).
+//! - managed rooms (`room/1`, `rooms.rs`): a node's managed room the browser joins; messages
+//!   both ways (JSON, text, binary; more than the node's 512 unacknowledged) in order, once, on
+//!   the direct `peerlink` channel, by signed relay, and across a path change (the connection
+//!   closed mid-stream); relayed batches with bad signatures refused and reported by the
+//!   browser; presence both ways.
 //!
 //! The page is `examples/browser/test.html`; its scenario comes from the query string and its
 //! results are read from `window.results` (see `peerlink_tests::chromium`). Chromium must be
@@ -41,6 +46,8 @@ use peerlink_server::{ServerHandle, ServerOptions};
 use peerlink_tests::chromium::{Chromium, Page};
 use peerlink_tests::client_config;
 use serde_json::{Value, json};
+
+mod rooms;
 
 /// How long a whole scenario step may take (browser start-up on a loaded 2-core machine
 /// included).
