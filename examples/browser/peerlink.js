@@ -1423,7 +1423,7 @@ class RoomLayer {
           this.#requeue(fp, batch);
           this.wake();
         }
-      });
+      }).catch((e) => console.error('peerlink: room relay failed', e));
     }
   }
 
@@ -1457,7 +1457,7 @@ class RoomLayer {
         return;
       }
       this.#handleItems(from, items, 'relay');
-    });
+    }).catch((e) => console.error('peerlink: room relay handling failed', e));
     return this.relayIn;
   }
 

@@ -70,15 +70,16 @@ impl Harness {
         });
     }
 
-    /// Sends messages `range` of the node to every member; on `WouldBlock` waits for
-    /// `Writable`. Returns how often it was refused and the longest wait.
+    /// Sends messages `range` of the node to every member, as fast as it takes them (no poll
+    /// in between, so no acknowledgement is read: past 512 the node refuses); on `WouldBlock`
+    /// polls until `Writable`. Returns how often it was refused and the longest wait.
     fn node_room_send(&mut self, room: &str, range: std::ops::Range<u32>) -> (usize, Duration) {
         let (mut blocked, mut longest) = (0, Duration::ZERO);
         let mut n = range.start;
         while n < range.end {
-            match self.node.room(room).send_data(None, message("rust", n)) {
+            match self.node.node().room_send(Instant::now(), room, None, message("rust", n)) {
                 Ok(()) => n += 1,
-                Err(peerlink_blocking::Error::Node(NodeError::Room(RoomError::WouldBlock { .. }))) => {
+                Err(NodeError::Room(RoomError::WouldBlock { .. })) => {
                     blocked += 1;
                     let (since, seen) = (Instant::now(), self.events.len());
                     self.until_node("Writable after WouldBlock", |h| {
@@ -162,8 +163,10 @@ fn exchange(h: &mut Harness, page: &Page, room: &str, browser: Fingerprint, to_p
     let r = h.until(page, "the page to get the node's messages", |_, r| page_room_msgs(r).len() >= to_page as usize);
     eprintln!("  node -> page: {to_page} messages in {:?}; WouldBlock {blocked} times, longest wait for Writable {longest:?}", t.elapsed());
     // More than the node may have unacknowledged (512) got through: the page's
-    // acknowledgements came back, each `WouldBlock` was followed by `Writable`.
+    // acknowledgements came back, each `WouldBlock` was followed by `Writable`, soon.
     check_page_got(h, &r, node, to_page as usize, Some(page_path));
+    assert_eq!(blocked > 0, to_page > 512, "WouldBlock {blocked} times for {to_page} messages");
+    assert!(longest < Duration::from_secs(5), "the node waited {longest:?} for Writable");
     let t = Instant::now();
     h.page_room_send(page, 0..to_node);
     h.until(page, "the node to get the page's messages", |h, _| h.node_room_data(browser).len() >= to_node as usize);
@@ -184,6 +187,9 @@ fn exchange(h: &mut Harness, page: &Page, room: &str, browser: Fingerprint, to_p
     let page_unacked = h.browser.eval(page, &format!("window.client.room('{room}').unacked('{node}')"));
     assert_eq!(page_unacked, Some(json!(0)), "the page's messages the node did not acknowledge");
     assert_eq!(r["roomSent"], to_node);
+    // Past 512 unacknowledged the page was refused (`would_block`) and told `writable` later.
+    let page_blocked = r["roomBlocked"].as_u64().unwrap_or(0);
+    assert_eq!(page_blocked > 0, to_node > 512, "the page was refused {page_blocked} times for {to_node} messages");
     let errors = h.node_room_errors();
     assert!(errors.is_empty(), "the node's room errors: {errors:?}");
     assert_eq!(r["errors"], json!([]), "the page's errors");
@@ -243,7 +249,9 @@ fn room_messages_survive_a_path_change() {
     eprintln!("room_messages_survive_a_path_change: {:?}", h.started.elapsed());
 }
 
-/// The relay only: the page opens no connection, so every batch goes through the server,
+/// The relay only, 600 messages each way (more than 512 unacknowledged: both sides are
+/// refused once and go on when acknowledgements come): the page opens no connection, so every
+/// batch goes through the server,
 /// signed by its sender for its recipient and checked by the recipient (a refused batch would
 /// show as an error on either side and its messages would never arrive).
 #[test]
@@ -251,7 +259,7 @@ fn room_messages_both_ways_by_signed_relay() {
     let mut h = Harness::new("rooms-relay");
     let room = "browser-rooms-relay";
     let (page, browser) = h.room_with_page(room, "");
-    exchange(&mut h, &page, room, browser, 600, 200, RoomPath::Relay);
+    exchange(&mut h, &page, room, browser, 600, 600, RoomPath::Relay);
     assert!(h.node.node().get_peer(&browser).is_none(), "a connection to the page");
     let r = h.results(&page);
     assert!(r["roomPaths"].as_array().is_none_or(|a| a.iter().all(|p| p["path"] != "direct")), "{}", r["roomPaths"]);
