@@ -1109,18 +1109,21 @@ class RoomLayer {
     room.members.delete(fingerprint);
     room.emit('member_left', fingerprint, kicked);
     // Whoever waits for room to send must not wait for a member that is gone.
-    if (m.blocked) room.emit('writable');
+    if (m.blocked) {
+      room.emit('writable');
+      this.client.emit('room_writable', room.id);
+    }
   }
 
-  /** We are no longer in the room (`closed` or `kicked`). */
+  /** We are no longer in the room (`closed` or `kicked`): its streams end (the handle and its
+   *  listeners stay, for joining again). */
   remove(id, event) {
     const room = this.rooms.get(id);
-    if (!room) return;
-    this.rooms.delete(id);
-    const was = room.joined;
+    if (!room?.joined) return;
     room.joined = false;
     room.members.clear();
-    if (was && event) room.emit(event);
+    room._presence = { text: null, version: 0, dirty: false, lastSent: null };
+    room.emit(event);
   }
 
   /** The signaling connection is back (a resumed session): what goes by relay goes again. */
