@@ -10,6 +10,13 @@
 //! cargo run --release --example media -- --url ws://127.0.0.1:8080 --room studio --record out/
 //! ```
 //!
+//! Against a browser: run the server with `--serve-examples`, this peer with `--url` and
+//! `--room`, and open `http://127.0.0.1:8080/index.html?room=studio&call=1`; the page joins the
+//! room's call with its camera, plays the pattern and sends its camera back. A member's video
+//! is recorded from its first keyframe (one is requested when its first frame is not) to
+//! `DIR/<fingerprint>.ivf` (`DIR/<fingerprint>-<track>.ivf` for a second video track) when
+//! VP8 or VP9; other codecs (H.264, AV1) are logged and skipped, as is audio.
+//!
 //! `--demo` starts an embedded server, a sender and a receiver (UDP on 127.0.0.1), streams the
 //! pattern once through a call and checks that the receiver recorded every frame byte for byte.
 
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use peerlink::media::ivf::{IvfReader, IvfWriter};
-use peerlink::{CallConfig, CallEvent, ClientConfig, Codec, Fingerprint, MediaEvent, MediaFrame, NodeConfig, NodeEvent, RoomEvent, RoomOptions, Source};
+use peerlink::{CallConfig, CallEvent, ClientConfig, Codec, Fingerprint, MediaEvent, MediaFrame, NodeConfig, NodeEvent, ReceivedFrame, RoomEvent, RoomOptions, Source, TrackId};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 
 /// Streams a VP8 test pattern into a call and records what comes back.
@@ -41,9 +48,13 @@ pub(crate) struct Args {
     /// Write each member's video to `DIR/<fingerprint>.ivf`.
     #[arg(long)]
     record: Option<PathBuf>,
-    /// Stop after this many seconds (0: run until interrupted).
+    /// Stop after this many seconds (0: run until interrupted by SIGINT or SIGTERM).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
+    /// UDP on 127.0.0.1 only (peers on this machine; a browser then needs
+    /// `--allow-loopback-in-peer-connection`). Default: every interface (the demo: loopback).
+    #[arg(long)]
+    loopback: bool,
 }
 
 const PATTERN: &[u8] = include_bytes!("pattern.ivf");
@@ -74,6 +85,25 @@ impl Clip {
     }
 }
 
+/// A remote track's recording.
+enum Recording {
+    /// No keyframe yet: frames are dropped until one comes (one is requested when a frame
+    /// that is not arrives, again every second).
+    Waiting(Option<Instant>),
+    /// Frames from the first keyframe on, with that keyframe's RTP time.
+    Writing(IvfWriter, u64),
+    /// Not VP8 or VP9 (logged once).
+    Skipped,
+}
+
+/// The width and height in a VP8 keyframe's header (RFC 6386, 9.1), if `data` is one.
+fn vp8_size(data: &[u8]) -> Option<(u16, u16)> {
+    if data.len() < 10 || data[0] & 1 != 0 || data[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    Some((u16::from_le_bytes([data[6], data[7]]) & 0x3fff, u16::from_le_bytes([data[8], data[9]]) & 0x3fff))
+}
+
 /// One peer: sends the clip to the call's members in real time and records what arrives.
 struct Peer {
     node: PollNode,
@@ -82,14 +112,47 @@ struct Peer {
     next: usize,
     loops: u64,
     started: Option<Instant>,
-    recordings: BTreeMap<Fingerprint, (IvfWriter, u64)>,
+    recordings: BTreeMap<(Fingerprint, TrackId), Recording>,
     sent: u64,
+    /// The last room error (e.g. joining a room that does not exist).
+    room_error: Option<String>,
 }
 
 impl Peer {
-    fn new(url: &str, alias: &str, room: &str, clip: Clip) -> Result<Peer> {
-        let node = PollNode::new(NodeConfig::with_client(ClientConfig::new(url).alias(alias)), PollOptions { udp: UdpBind::Loopback, ..Default::default() })?;
-        Ok(Peer { node, room: room.to_owned(), clip, next: 0, loops: 0, started: None, recordings: BTreeMap::new(), sent: 0 })
+    fn new(url: &str, alias: &str, room: &str, clip: Clip, udp: UdpBind) -> Result<Peer> {
+        let node = PollNode::new(NodeConfig::with_client(ClientConfig::new(url).alias(alias)), PollOptions { udp, ..Default::default() })?;
+        Ok(Peer { node, room: room.to_owned(), clip, next: 0, loops: 0, started: None, recordings: BTreeMap::new(), sent: 0, room_error: None })
+    }
+
+    /// Records a remote frame (VP8 or VP9 video; anything else is logged once and skipped).
+    fn record(&mut self, peer: Fingerprint, track: TrackId, frame: &ReceivedFrame) -> Result<()> {
+        let key = (peer, track);
+        let recording = match self.recordings.get_mut(&key) {
+            Some(r) => r,
+            None if !matches!(frame.codec, Codec::Vp8 | Codec::Vp9) => {
+                println!("media       not recording {} from {}: {:?} (only VP8 and VP9 go to IVF)", key.1, peer.short(), frame.codec);
+                self.recordings.entry(key.clone()).or_insert(Recording::Skipped)
+            }
+            None => self.recordings.entry(key.clone()).or_insert(Recording::Waiting(None)),
+        };
+        if let Recording::Waiting(asked) = recording {
+            if !frame.keyframe {
+                // A decoder could not start here: ask for a keyframe and drop until it.
+                if asked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    *asked = Some(Instant::now());
+                    self.node.request_keyframe(key.0, &key.1)?;
+                }
+                return Ok(());
+            }
+            let (w, h) = if frame.codec == Codec::Vp8 { vp8_size(&frame.data).unwrap_or(self.clip.size) } else { self.clip.size };
+            println!("media       recording {} from {} ({:?}, {w}×{h})", key.1, peer.short(), frame.codec);
+            let writer = IvfWriter::new(frame.codec, w, h, (1, 90_000)).context("an IVF writer for VP8/VP9")?;
+            *self.recordings.get_mut(&key).expect("inserted above") = Recording::Writing(writer, frame.rtp_time);
+        }
+        if let Some(Recording::Writing(writer, first)) = self.recordings.get_mut(&key) {
+            writer.push(frame.rtp_time.wrapping_sub(*first) & 0xffff_ffff, &frame.data);
+        }
+        Ok(())
     }
 
     /// Polls the node and handles its events; sends the frames that are due.
@@ -97,22 +160,25 @@ impl Peer {
         self.node.poll(Instant::now())?;
         while let Some(e) = self.node.poll_event() {
             match e {
-                NodeEvent::Call(CallEvent::RemoteStream { peer, tracks, .. }) if log => {
-                    let names: Vec<String> = tracks.iter().map(|t| format!("{} ({:?})", t.id, t.kind)).collect();
-                    println!("media       {} sends {}", peer.short(), names.join(", "));
+                // Each remote track (CallEvent::RemoteStream lists a member's first one only).
+                NodeEvent::Media(MediaEvent::TrackAdded { peer, track }) if log && !track.local => {
+                    println!("media       {} sends {:?} track {} (stream {})", peer.short(), track.kind, track.id, track.stream);
                 }
                 NodeEvent::Call(CallEvent::RemoteStreamRemoved { peer, .. }) if log => println!("media       {} stopped", peer.short()),
-                NodeEvent::Media(MediaEvent::Frame { peer, frame, .. }) if matches!(frame.codec, Codec::Vp8 | Codec::Vp9) => {
-                    let (w, h) = self.clip.size;
-                    let (rec, first) = self.recordings.entry(peer).or_insert_with(|| (IvfWriter::new(frame.codec, w, h, (1, 90_000)).expect("VP8/VP9"), frame.rtp_time));
-                    rec.push(frame.rtp_time.wrapping_sub(*first) & 0xffff_ffff, &frame.data);
-                }
+                NodeEvent::Media(MediaEvent::Frame { peer, track, frame }) => self.record(peer, track, &frame)?,
                 NodeEvent::Media(MediaEvent::KeyframeRequested { .. }) => {
                     // The clip's keyframes come every second; start it over for a prompt one.
                     self.next = 0;
                     self.started = Some(Instant::now());
                 }
-                NodeEvent::Room(RoomEvent::PeerJoined { peer, .. }) if log => println!("media       {} joined", peer.alias),
+                NodeEvent::Room(RoomEvent::PeerJoined { peer, .. }) if log => println!("media       {} ({}) joined", peer.alias, peer.fingerprint.short()),
+                NodeEvent::Room(RoomEvent::PeerLeft { peer, .. }) if log => println!("media       {} left", peer.short()),
+                NodeEvent::Room(RoomEvent::Error { error, .. }) => {
+                    if log {
+                        println!("media       room: {error}");
+                    }
+                    self.room_error = Some(error.to_string());
+                }
                 _ => {}
             }
         }
@@ -142,12 +208,24 @@ impl Peer {
         self.started = Some(Instant::now());
     }
 
+    /// The recordings written so far: (member, track, IVF file).
+    fn written(&self) -> impl Iterator<Item = (Fingerprint, &TrackId, &IvfWriter)> {
+        self.recordings.iter().filter_map(|((peer, track), r)| match r {
+            Recording::Writing(writer, _) => Some((*peer, track, writer)),
+            _ => None,
+        })
+    }
+
+    /// Writes each member's video to `DIR/<fingerprint>.ivf` (a second video track of the
+    /// same member to `DIR/<fingerprint>-<track>.ivf`).
     fn save(&self, dir: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        for (peer, (rec, _)) in &self.recordings {
-            let path = dir.join(format!("{}.ivf", peer.short()));
+        let mut named = std::collections::BTreeSet::new();
+        for (peer, track, rec) in self.written() {
+            let name = if named.insert(peer) { format!("{peer}.ivf") } else { format!("{peer}-{}.ivf", track.0.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")) };
+            let path = dir.join(name);
             std::fs::write(&path, rec.bytes())?;
-            println!("media       recorded {} frames from {} to {}", count(rec.bytes()), peer.short(), path.display());
+            println!("media       recorded {} frames of {track} from {} to {}", count(rec.bytes()), peer.short(), path.display());
         }
         Ok(())
     }
@@ -179,8 +257,8 @@ fn wait(peers: &mut [&mut Peer], what: &str, done: impl Fn(&[&mut Peer]) -> bool
 pub(crate) fn demo(args: &Args) -> Result<()> {
     let server = peerlink_server::spawn(peerlink_server::ServerOptions::local())?;
     let url = server.url();
-    let mut sender = Peer::new(&url, "sender", &args.room, clip(args)?)?;
-    let mut receiver = Peer::new(&url, "receiver", &args.room, clip(args)?)?;
+    let mut sender = Peer::new(&url, "sender", &args.room, clip(args)?, UdpBind::Loopback)?;
+    let mut receiver = Peer::new(&url, "receiver", &args.room, clip(args)?, UdpBind::Loopback)?;
     wait(&mut [&mut sender, &mut receiver], "registering", |p| p.iter().all(|p| p.node.is_registered()))?;
     let t0 = Instant::now();
     sender.node.create_room(&args.room, RoomOptions::direct())?;
@@ -212,7 +290,7 @@ pub(crate) fn demo(args: &Args) -> Result<()> {
         receiver.turn(false)?;
         std::thread::sleep(Duration::from_millis(1));
     }
-    let (rec, _) = receiver.recordings.values().next().context("the receiver recorded nothing")?;
+    let (_, _, rec) = receiver.written().next().context("the receiver recorded nothing")?;
     let got: Vec<Vec<u8>> = IvfReader::new(rec.bytes())?.map(|f| f.map(|f| f.data.to_vec())).collect::<Result<_, _>>()?;
     let want: Vec<&Vec<u8>> = sender.clip.frames.iter().map(|(_, _, d)| d).collect();
     anyhow::ensure!(got.len() as u64 >= frames.saturating_sub(first), "received {} of {frames} frames", got.len());
@@ -226,30 +304,38 @@ pub(crate) fn demo(args: &Args) -> Result<()> {
 }
 
 fn serve(args: &Args) -> Result<()> {
-    let mut peer = Peer::new(&args.url, "media", &args.room, clip(args)?)?;
-    wait(&mut [&mut peer], "registering", |p| p[0].node.is_registered())?;
-    peer.node.join_room(&args.room)?;
-    let mut joined = false;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !joined && Instant::now() < deadline {
-        peer.turn(true)?;
-        joined = peer.node.room_info(&args.room).is_some();
-    }
-    if !joined {
-        println!("media       no room `{}`: creating it", args.room);
-        peer.node.create_room(&args.room, RoomOptions::group(8))?;
-        wait(&mut [&mut peer], "creating", |p| p[0].node.room_info(&p[0].room).is_some())?;
-    }
-    peer.node.room(&args.room).start_call(CallConfig::audio_video())?;
-    peer.start_sending();
-    println!("media       in `{}` as {}: streaming the clip to every member", args.room, peer.node.fingerprint().short());
-    let stop = (args.seconds > 0).then(|| Instant::now() + Duration::from_secs(args.seconds));
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, interrupted.clone())?;
+    let udp = if args.loopback { UdpBind::Loopback } else { UdpBind::AllInterfaces };
+    let mut peer = Peer::new(&args.url, "media", &args.room, clip(args)?, udp)?;
+    wait(&mut [&mut peer], "registering", |p| p[0].node.is_registered())?;
+    // Join the room, or create it (a group room) when the server says it does not exist.
+    peer.node.join_room(&args.room)?;
+    wait(&mut [&mut peer], "joining", |p| p[0].node.room_info(&p[0].room).is_some() || p[0].room_error.is_some())?;
+    if let Some(error) = peer.room_error.take() {
+        println!("media       could not join `{}` ({error}): creating it", args.room);
+        peer.node.create_room(&args.room, RoomOptions::group(8))?;
+        wait(&mut [&mut peer], "creating", |p| p[0].node.room_info(&p[0].room).is_some() || p[0].room_error.is_some())?;
+        if let Some(error) = peer.room_error.take() {
+            bail!("could not create `{}`: {error}", args.room);
+        }
+    }
+    // Video only: this peer has no audio to send.
+    peer.node.room(&args.room).start_call(CallConfig::video_only())?;
+    peer.start_sending();
+    println!("media       in `{}` as {}: streaming the clip to every member", args.room, peer.node.fingerprint().short());
+    if let Some(host) = args.url.strip_prefix("ws://").or_else(|| args.url.strip_prefix("wss://")) {
+        let scheme = if args.url.starts_with("wss://") { "https" } else { "http" };
+        println!("media       a browser joins with {scheme}://{}/index.html?room={}&call=1 (a server run with --serve-examples)", host.trim_end_matches('/'), args.room);
+    }
+    let t0 = Instant::now();
+    let stop = (args.seconds > 0).then(|| t0 + Duration::from_secs(args.seconds));
     while !interrupted.load(std::sync::atomic::Ordering::Relaxed) && stop.is_none_or(|s| Instant::now() < s) {
         peer.turn(true)?;
         std::thread::sleep(Duration::from_millis(2));
     }
+    println!("media       stopping after {:.1?}: {} frames sent (to all members)", t0.elapsed(), peer.sent);
     if let Some(dir) = &args.record {
         peer.save(dir)?;
     }
