@@ -958,6 +958,8 @@ export class ManagedRoom extends Emitter {
     this.epoch = 0;
     /** The other members by fingerprint. */
     this.members = new Map();
+    /** Sync frames (`y`) received in order and passed over (acknowledged, not delivered). */
+    this.syncFramesIgnored = 0;
     this._presence = { text: null, version: 0, dirty: false, lastSent: null };
   }
 
@@ -1605,6 +1607,7 @@ class RoomLayer {
         break;
       default:
         // A sync frame (`sync/1`): not spoken here; acknowledged, not delivered.
+        room.syncFramesIgnored += 1;
         return;
     }
     const msg = { room: room.id, from, kind, data, path };

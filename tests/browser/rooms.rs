@@ -359,6 +359,37 @@ fn presence_between_the_node_and_the_browser() {
     eprintln!("presence_between_the_node_and_the_browser: {:?}", h.started.elapsed());
 }
 
+/// Sync frames (`y` items: the node syncs a key-value state in the room) are acknowledged by
+/// the page but not delivered: the messages sent around them arrive in order, and nothing of
+/// the node's stream is left unacknowledged (it would be resent forever otherwise).
+#[test]
+fn sync_frames_are_acknowledged_not_delivered() {
+    let mut h = Harness::new("rooms-sync");
+    let room = "browser-rooms-sync";
+    let (page, browser) = h.room_with_page(room, "connect=1");
+    let node = h.node.fingerprint();
+    h.until_direct(&page, browser);
+    h.node.sync_state(room, peerlink::sync::StateConfig::default()).expect("sync_state");
+    h.node_room_send(room, 0..10);
+    for k in 0..5 {
+        h.node.state_set(room, &format!("key-{k}"), &json!({ "k": k })).expect("state_set");
+        h.pump_for(Duration::from_millis(20), |_| {});
+    }
+    h.node_room_send(room, 10..20);
+    let r = h.until(&page, "the messages around the sync frames and the frames", |_, r| {
+        page_room_msgs(r).len() >= 20 && r["roomSyncIgnored"].as_u64().is_some_and(|n| n > 0)
+    });
+    check_page_got(&mut h, &r, node, 20, Some("direct"));
+    h.pump_for(Duration::from_millis(1500), |_| {});
+    let r = h.results(&page);
+    check_page_got(&mut h, &r, node, 20, Some("direct"));
+    let view = h.node.node().room(room).expect("the node's room");
+    assert_eq!(view.members[0].unacked, 0, "the node's messages (sync frames included) the page did not acknowledge");
+    assert_eq!(r["errors"], json!([]));
+    eprintln!("  {} sync frames passed over by the page", r["roomSyncIgnored"]);
+    eprintln!("sync_frames_are_acknowledged_not_delivered: {:?}", h.started.elapsed());
+}
+
 /// Why the page refuses to send a JSON `null`: `"j":null` reads as no contents at all (a
 /// `null` field counts as absent), so a node drops the whole batch as malformed.
 #[test]
