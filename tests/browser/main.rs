@@ -16,7 +16,9 @@
 //!   to an open connection: a signed renegotiation it offers) at a steady rate; the node's VP8
 //!   pattern is decoded by Chromium; the node's mute and unmute fire `mute` and `unmute` on the
 //!   browser's remote track; a group call of the browser and two nodes (a managed room with a
-//!   call, which the browser joins as a server room, calling each member).
+//!   call, which the browser joins as a server room, calling each member); the `media`
+//!   example run as a child process against the demo page's call (`media_example.rs`): the
+//!   page decodes its pattern and the example records the page's camera as IVF.
 //! - managed rooms (`room/1`, `rooms.rs`): a node's managed room the browser joins; messages
 //!   both ways (JSON, text, binary; more than the node's 512 unacknowledged) in order, once, on
 //!   the direct `peerlink` channel, by signed relay, and across a path change (the connection
@@ -33,6 +35,7 @@
 //! which these tests found (the node used to make a CA-profile certificate).
 
 mod interop;
+mod media_example;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -51,15 +54,15 @@ mod rooms;
 
 /// How long a whole scenario step may take (browser start-up on a loaded 2-core machine
 /// included).
-const STEP: Duration = Duration::from_secs(30);
+pub(crate) const STEP: Duration = Duration::from_secs(30);
 /// Size of the binary messages (above 64 KiB: the SCTP max-message-size both sides announce
 /// is what makes it pass).
 const BIG: usize = 200_000;
 
 /// One browser at a time: Chromium is heavy on a small machine.
-static ONE_BROWSER: Mutex<()> = Mutex::new(());
+pub(crate) static ONE_BROWSER: Mutex<()> = Mutex::new(());
 
-fn examples_dir() -> PathBuf {
+pub(crate) fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/browser")
 }
 
