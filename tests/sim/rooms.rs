@@ -202,6 +202,11 @@ fn bad_room_input_gets_typed_errors_and_affects_nobody_else() {
     assert!(matches!(r, Err(NodeError::Room(RoomError::MessageTooLarge { .. }))), "{r:?}");
     let r = sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Json("not json".into())));
     assert!(matches!(r, Err(NodeError::Room(RoomError::Serialize(_)))), "{r:?}");
+    // JSON null, as text or serialized (`"j":null` reads as an item without contents).
+    let r = sim.with_node(a, |node, now| node.room_send(now, ROOM, None, RoomData::Json(" null ".into())));
+    assert!(matches!(r, Err(NodeError::Room(RoomError::Serialize(_)))), "{r:?}");
+    let r = sim.with_node(a, |node, now| node.room_send_json(now, ROOM, None, &Option::<u8>::None));
+    assert!(matches!(r, Err(NodeError::Room(RoomError::Serialize(_)))), "{r:?}");
     let r = sim.with_node(a, |node, now| node.room_send(now, "elsewhere", None, RoomData::Text("hi".into())));
     assert_eq!(r, Err(NodeError::Room(RoomError::NotJoined("elsewhere".into()))));
     let r = sim.with_node(a, |node, now| node.join_room(now, ROOM));

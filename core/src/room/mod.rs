@@ -246,7 +246,7 @@ pub enum RoomError {
         /// The limit.
         max: usize,
     },
-    /// The value could not be serialized.
+    /// The value could not be serialized, is not JSON, or is JSON `null` (no room message).
     #[error("serialize: {0}")]
     Serialize(String),
     /// The server refused a room request (`room_full`, `room_not_found`, `not_room_owner`, ...).
@@ -764,7 +764,11 @@ impl Rooms {
         }
         if let RoomData::Json(text) = &data {
             // Not JSON would make every batch it rides in unreadable, and its stream stuck.
-            serde_json::from_str::<&serde_json::value::RawValue>(text).map_err(|e| RoomError::Serialize(format!("not JSON: {e}")))?;
+            let raw = serde_json::from_str::<&serde_json::value::RawValue>(text).map_err(|e| RoomError::Serialize(format!("not JSON: {e}")))?;
+            // `"j":null` reads as no contents on the wire (a malformed item), so would `null`.
+            if raw.get().trim() == "null" {
+                return Err(RoomError::Serialize("a JSON null is no room message (send `{}`, `[]` or text)".into()));
+            }
         }
         let max_unacked = self.config.max_unacked;
         let room = self.rooms.get_mut(id).expect("checked");
