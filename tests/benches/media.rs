@@ -46,10 +46,11 @@
 //! first frame still waits up to 33 ms, and the room message likewise; when both are ready
 //! before the same tick they arrive together (a difference of 0). The step "A's video track
 //! at B" (`MediaEvent::TrackAdded`) is when media could first flow, whatever the frame rate.
-//! On loopback the direct path is up about 6 ms after the join, or about 56 ms when A's
-//! first STUN check overtakes its answer (which goes through the server): str0m's ICE agent
-//! (`is` 0.11, `IceAgent::handle_timeout`) queues that request, answers it once the
-//! credentials arrive, and its own checks then wait one pacing interval (Ta, 50 ms).
+//! On loopback the direct path is up about 6 ms after the join. It used to take about 56 ms
+//! when A's first STUN check overtook its answer (which goes through the server): str0m's ICE
+//! agent (`is` 0.11) holds such a request until the credentials arrive and then paced its own
+//! checks from a stale clock (one Ta, 50 ms); the node now releases the held checks when the
+//! answer is applied (`Peer::release_early_checks`, `tests/sim/early_checks.rs`).
 //!
 //! # 2. A 5-member GroupMedia conference
 //!
