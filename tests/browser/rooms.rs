@@ -105,7 +105,7 @@ impl Harness {
     }
 
     fn node_room_errors(&self) -> Vec<String> {
-        self.events.iter().filter_map(|e| matches!(e, NodeEvent::Room(RoomEvent::Error { .. })).then(|| format!("{e:?}"))).collect()
+        self.events.iter().filter(|e| matches!(e, NodeEvent::Room(RoomEvent::Error { .. }))).map(|e| format!("{e:?}")).collect()
     }
 
     /// Has the page send messages `range` (`window.roomSend`).
