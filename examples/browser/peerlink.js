@@ -32,6 +32,9 @@ export const DEFAULT_CHANNEL = 'default';
 const RESERVED_CHANNELS = [['peerlink', 2], ['peerlink-transfer', 4]];
 const MAX_SDP_LEN = 32 * 1024;
 const MAX_CANDIDATE_LEN = 512;
+/** Negotiation messages of one remote peer waiting to be handled (the one being handled
+ *  included); one more is dropped and reported (`signal_overflow`). */
+export const MAX_QUEUED_SIGNALS = 64;
 const REGISTER_CONTEXT = 'peerlink-register-v1';
 const DTLS_CONTEXT = 'peerlink-dtls-v1';
 
@@ -245,6 +248,13 @@ export async function verifyDescription({ expected, me, kind, sid, sdp, key, sig
  * offer for the same session, signed and verified like the first); re-offers from the remote
  * are verified and answered. When both sides offer at once, the polite side (the lower
  * fingerprint) rolls its offer back, answers, and offers again (perfect negotiation).
+ *
+ * The remote's negotiation messages (offers, answers, candidates, `bye`, `reject`) are handled
+ * one at a time, in the order they arrived: each waits until the one before it is verified and
+ * applied (so a polite Rust node's new offer right after its answer is not taken for glare).
+ * At most `MAX_QUEUED_SIGNALS` (64) wait per remote; one more is dropped and reported as the
+ * client's `error` (code `signal_overflow`, with `from`). A message whose handling fails does
+ * not hold up the next.
  */
 export class Peer extends Emitter {
   constructor(client, fingerprint) {
@@ -1635,7 +1645,9 @@ class RoomLayer {
  * `peer_left` (namespace, fingerprint), `relay` (from, payload), `broadcast` (from, namespace,
  * payload), `room_peer_joined` (roomId, peer), `room_peer_left` (roomId, fingerprint, kicked),
  * `room_closed` (roomId), `kicked` (roomId), `peer` (an incoming Peer), `error` (PeerlinkError;
- * `bad_room_message` for a refused room batch); and of the managed rooms (also on each
+ * `bad_room_message` for a refused room batch, `bad_signal` for a malformed negotiation
+ * message, `signal_overflow` for one dropped because 64 of its sender's wait, see `Peer`);
+ * and of the managed rooms (also on each
  * `ManagedRoom`): `room_message` (roomId, {room, from, kind, data, path}), `room_presence`
  * (roomId, fingerprint, state), `room_presence_expired` (roomId, fingerprint), `room_path`
  * (roomId, fingerprint, path), `room_writable` (roomId).
@@ -1673,6 +1685,9 @@ export class PeerClient extends Emitter {
     this._pingTimer = null;
     this._reconnectTimer = null;
     this._connectWaiters = [];
+    /** Each remote peer's negotiation messages, handled one after the other:
+     *  fingerprint -> {tail (a promise that never rejects), queued}. */
+    this._signals = new Map();
   }
 
   _log(...args) {
@@ -2024,6 +2039,35 @@ export class PeerClient extends Emitter {
       if (hooks.onRemoteDescription) msg = hooks.onRemoteDescription({ ...msg });
     }
     if (msg.t === 'candidate' && (typeof msg.candidate !== 'string' || msg.candidate.length > MAX_CANDIDATE_LEN)) return;
+    await this.#queueSignal(from, msg);
+  }
+
+  /** Handles `msg` once every earlier negotiation message of `from` has been handled:
+   *  verifying and applying a description are asynchronous, and a message looked at before the
+   *  one ahead of it is done sees a state that is about to change (an offer that follows an
+   *  answer would be taken for glare and dropped). A failure in one does not hold up the next. */
+  #queueSignal(from, msg) {
+    let queue = this._signals.get(from);
+    if (!queue) {
+      queue = { tail: Promise.resolve(), queued: 0 };
+      this._signals.set(from, queue);
+    }
+    if (queue.queued >= MAX_QUEUED_SIGNALS) {
+      this.emit('error', new PeerlinkError('signal_overflow', `${MAX_QUEUED_SIGNALS} negotiation messages from ${from} are waiting: a ${msg.t} was dropped`, { from }));
+      return queue.tail;
+    }
+    queue.queued += 1;
+    queue.tail = queue.tail
+      .then(() => this.#onSignal(from, msg))
+      .catch((e) => this._log('negotiation message failed', from.slice(0, 8), msg.t, String(e)))
+      .finally(() => {
+        queue.queued -= 1;
+        if (queue.queued === 0 && this._signals.get(from) === queue) this._signals.delete(from);
+      });
+    return queue.tail;
+  }
+
+  async #onSignal(from, msg) {
     const existing = this.peers.get(from);
     const live = existing && !existing.closed ? existing : null;
     if (msg.t !== 'offer') {

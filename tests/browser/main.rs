@@ -18,7 +18,10 @@
 //!   browser's remote track; a group call of the browser and two nodes (a managed room with a
 //!   call, which the browser joins as a server room, calling each member); the `media`
 //!   example run as a child process against the demo page's call (`media_example.rs`): the
-//!   page decodes its pattern and the example records the page's camera as IVF.
+//!   page decodes its pattern and the example records the page's camera as IVF;
+//!   renegotiation glare (`negotiation.rs`): the browser and a polite node add a video track
+//!   at the same moment, round after round, and every track is negotiated and carries frames
+//!   (the node's new offer right after its answer is not dropped as glare).
 //! - managed rooms (`room/1`, `rooms.rs`): a node's managed room the browser joins; messages
 //!   both ways (JSON, text, binary; more than the node's 512 unacknowledged) in order, once, on
 //!   the direct `peerlink` channel, by signed relay, and across a path change (the connection
@@ -36,6 +39,7 @@
 
 mod interop;
 mod media_example;
+mod negotiation;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -436,14 +440,26 @@ fn the_browser_refuses_a_description_altered_on_the_way() {
     eprintln!("the_browser_refuses_a_description_altered_on_the_way: {:?}", h.started.elapsed());
 }
 
+/// The page's `keys` query parameter: `identity`'s exported keys (hex of their JSON), which
+/// the page registers with.
+fn keys_query(identity: &peerlink::Identity) -> String {
+    let keys = serde_json::to_vec(&identity.export()).expect("keys serialize");
+    let hex: String = keys.iter().map(|b| format!("{b:02x}")).collect();
+    format!("keys={hex}")
+}
+
+/// The first of the test identities whose fingerprint satisfies `wanted` (to give the page the
+/// smaller or the larger fingerprint than a node's: the polite side, the side that calls back).
+fn identity_where(wanted: impl Fn(Fingerprint) -> bool) -> peerlink::Identity {
+    (1000..).map(peerlink_tests::identity).find(|i| wanted(i.fingerprint())).expect("an identity")
+}
+
 #[test]
 fn identity_keys_move_between_rust_and_the_browser() {
     let mut h = Harness::new("keys");
     // Keys exported in Rust: the browser registers with them, under the same fingerprint.
     let rust_identity = peerlink_tests::identity(42);
-    let keys = serde_json::to_vec(&rust_identity.export()).expect("keys serialize");
-    let hex: String = keys.iter().map(|b| format!("{b:02x}")).collect();
-    let page = h.open(&format!("role=answer&keys={hex}"));
+    let page = h.open(&format!("role=answer&{}", keys_query(&rust_identity)));
     let r = h.until(&page, "the page to register with the Rust keys and join", |_, r| r["phase"] == "joined");
     assert_eq!(h.browser_fp(&r), rust_identity.fingerprint());
     h.until_node("the node to see the browser join", |h| {
