@@ -411,8 +411,10 @@ export class Peer extends Emitter {
   #setState(state) {
     if (this.state === state) return;
     this.state = state;
-    // The rooms' direct path follows the connection's state.
+    // The rooms' direct path follows the connection's state; a lost one to a room member is
+    // called again (by the smaller fingerprint).
     this.client._rooms.wake();
+    if (state === 'failed' || state === 'closed') this.client._rooms.connectionLost(this.fingerprint);
     this.emit('state', state);
   }
 
@@ -787,6 +789,10 @@ export const ROOM_LIMITS = Object.freeze({
   maxPresenceTtl: 300000,
   maxPresence: 1024,
   presenceRxRate: 20,
+  /** A connection to a member lost (failed or closed) while both are in a room: the member
+   *  with the smaller fingerprint calls again after 2 s, then with backoff up to 60 s. */
+  redial: 2000,
+  maxRedial: 60000,
 });
 
 const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
@@ -941,6 +947,12 @@ class RoomMember {
  *   room.send(value, { to: fingerprint });                                 // to one
  *   room.setPresence({ typing: true });
  *
+ * Connections: `join({ connect: true })` calls every member already there (newcomers call
+ * us). When a connection to a member fails or closes while both are in a room (whoever closed
+ * it), the member with the smaller fingerprint calls again after 2 s, then with backoff
+ * (doubling, up to 60 s) until the direct path is open again or the member is gone; meanwhile
+ * messages go by relay.
+ *
  * Sends throw a PeerlinkError: `not_joined`, `not_member`, `message_too_large` (over 16 KiB
  * encoded), `serialize`, `would_block` (a member has 512 messages unacknowledged: nothing was
  * sent; `writable` follows when half are acknowledged).
@@ -1042,6 +1054,49 @@ class RoomLayer {
     this.relayIn = Promise.resolve();
     /** Imported sender keys by base64 (bounded). */
     this.keys = new Map();
+    /** Members we call again (ours is the smaller fingerprint): fingerprint -> {at, backoff}. */
+    this.redial = new Map();
+  }
+
+  /** Whether `fp` is a member of a room we are in. */
+  #isMember(fp) {
+    for (const room of this.rooms.values()) if (room.joined && room.members.has(fp)) return true;
+    return false;
+  }
+
+  /** The connection to `fp` failed or closed: if it is a member of one of our rooms and ours
+   *  is the smaller fingerprint, we call it again after a backoff (2 s, doubling up to 60 s,
+   *  until the direct path is open again or it is no longer a member), as the Rust nodes do. */
+  connectionLost(fp) {
+    if (!this.#isMember(fp) || !(this.client.fingerprint < fp)) return;
+    const prev = this.redial.get(fp);
+    const backoff = prev ? Math.min(prev.backoff * 2, ROOM_LIMITS.maxRedial) : ROOM_LIMITS.redial;
+    this.redial.set(fp, { at: performance.now() + backoff, backoff });
+    this.client._log('room: calling', fp.slice(0, 8), 'again in', backoff, 'ms');
+    this.wake();
+  }
+
+  /** Calls the members whose redial is due (unless a connection to them is up or under way). */
+  #redials(now) {
+    for (const [fp, r] of [...this.redial]) {
+      if (r.at > now) continue;
+      const peer = this.client.getPeer(fp);
+      if (this.client.registered && (!peer || peer.closed)) {
+        this.client._log('room: calling a member again', fp.slice(0, 8));
+        try {
+          this.client.connectToPeer(fp);
+        } catch (e) {
+          this.client._log('room: calling again failed', String(e));
+        }
+      }
+      // Checked again then; forgotten when the direct path opens.
+      this.redial.set(fp, { at: now + r.backoff, backoff: Math.min(r.backoff * 2, ROOM_LIMITS.maxRedial) });
+    }
+  }
+
+  /** Forgets the redials of `fps` that are no longer members of any room we are in. */
+  #forgetRedials(fps) {
+    for (const fp of fps) if (!this.#isMember(fp)) this.redial.delete(fp);
   }
 
   room(id) {
@@ -1119,6 +1174,7 @@ class RoomLayer {
     const m = room?.members.get(fingerprint);
     if (!m) return;
     room.members.delete(fingerprint);
+    this.#forgetRedials([fingerprint]);
     room.emit('member_left', fingerprint, kicked);
     // Whoever waits for room to send must not wait for a member that is gone.
     if (m.blocked) {
@@ -1133,7 +1189,9 @@ class RoomLayer {
     const room = this.rooms.get(id);
     if (!room?.joined) return;
     room.joined = false;
+    const members = [...room.members.keys()];
     room.members.clear();
+    this.#forgetRedials(members);
     room._presence = { text: null, version: 0, dirty: false, lastSent: null };
     room.emit(event);
   }
@@ -1210,6 +1268,7 @@ class RoomLayer {
     const now = performance.now();
     this.#refill(now);
     this.#timers(now);
+    this.#redials(now);
     this.relayStarved = false;
     const peers = new Set();
     for (const room of this.rooms.values()) if (room.joined) for (const fp of room.members.keys()) peers.add(fp);
@@ -1218,8 +1277,12 @@ class RoomLayer {
       const channel = this.#directChannel(fp);
       if (!!channel !== this.direct.has(fp)) {
         // The path changed: everything unacknowledged goes again on the one that applies now.
-        if (channel) this.direct.add(fp);
-        else this.direct.delete(fp);
+        if (channel) {
+          this.direct.add(fp);
+          this.redial.delete(fp);
+        } else {
+          this.direct.delete(fp);
+        }
         for (const room of this.rooms.values()) {
           const m = room.members.get(fp);
           if (!m) continue;
@@ -1284,6 +1347,7 @@ class RoomLayer {
       if (p.lastSent !== null && p.dirty) next = Math.min(next, p.lastSent + ROOM_LIMITS.presenceInterval);
       else if (p.lastSent !== null && p.text !== null) next = Math.min(next, p.lastSent + ROOM_LIMITS.presenceTtl / 3);
     }
+    for (const r of this.redial.values()) next = Math.min(next, r.at);
     if (this.relayStarved) next = Math.min(next, now + ((1 - this.relayTokens) / ROOM_LIMITS.relayRate) * 1000 + 1);
     if (next !== Infinity) this.timer = setTimeout(() => this.flush(), Math.max(0, next - now));
   }

@@ -25,8 +25,10 @@
 //! - managed rooms (`room/1`, `rooms.rs`): a node's managed room the browser joins; messages
 //!   both ways (JSON, text, binary; more than the node's 512 unacknowledged) in order, once, on
 //!   the direct `peerlink` channel, by signed relay, and across a path change (the connection
-//!   closed mid-stream); relayed batches with bad signatures refused and reported by the
-//!   browser; a node's sync frames acknowledged, not delivered; presence both ways.
+//!   closed mid-stream); the browser, the smaller fingerprint, calling the node back after
+//!   the node closed their connection (the path direct again); relayed batches with bad
+//!   signatures refused and reported by the browser; a node's sync frames acknowledged, not
+//!   delivered; presence both ways.
 //!
 //! The page is `examples/browser/test.html`; its scenario comes from the query string and its
 //! results are read from `window.results` (see `peerlink_tests::chromium`). Chromium must be

@@ -2,6 +2,8 @@
 //! managed room, the page joins it with `client.room(id).join(...)` and both exchange room
 //! messages, acknowledgements and presence, on the direct path (the `peerlink` channel of the
 //! connection the page opens) and by signed relay through the server (the page opens none).
+//! When the connection is lost, the member with the smaller fingerprint calls again: the page,
+//! when that is its own.
 //!
 //! Messages are numbered; message `n` is made the same way on both sides (`message` here,
 //! `roomMessage` in `examples/browser/test.html`): JSON, text with escapes and non-ASCII, and
@@ -16,7 +18,7 @@ use rand::SeedableRng;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::{Harness, pattern};
+use super::{Harness, identity_where, keys_query, pattern};
 
 /// Message `n` of `from` (`rust` or `browser`), as the page's `roomMessage` makes it.
 fn message(from: &str, n: u32) -> RoomData {
@@ -388,6 +390,47 @@ fn sync_frames_are_acknowledged_not_delivered() {
     assert_eq!(r["errors"], json!([]));
     eprintln!("  {} sync frames passed over by the page", r["roomSyncIgnored"]);
     eprintln!("sync_frames_are_acknowledged_not_delivered: {:?}", h.started.elapsed());
+}
+
+/// The browser calls back: its fingerprint is the smaller, so when the node closes the
+/// connection (both still in the room) the page calls the node again after 2 s (PROTOCOL.md,
+/// "Paths"), the room path goes back to direct on both sides, and messages take it. The node,
+/// the larger fingerprint, does not call: the new connection is the page's.
+#[test]
+fn the_browser_calls_a_member_back_after_a_lost_connection() {
+    let mut h = Harness::new("rooms-redial");
+    let room = "browser-rooms-redial";
+    let node = h.node.fingerprint();
+    let identity = identity_where(|fp| fp < node);
+    let (page, browser) = h.room_with_page(room, &format!("connect=1&{}", keys_query(&identity)));
+    assert_eq!(browser, identity.fingerprint());
+    h.until_direct(&page, browser);
+    let calls = |h: &Harness| h.events.iter().filter(|e| matches!(e, NodeEvent::Incoming { peer } if *peer == browser)).count();
+    assert_eq!(calls(&h), 1, "the page's first call");
+    let paths_before = h.results(&page)["roomPaths"].as_array().map_or(0, Vec::len);
+    let closed = Instant::now();
+    h.node.close_peer(browser).expect("close_peer");
+    // The page sees the path go to the relay, then calls again.
+    let node_str = node.to_string();
+    h.until(&page, "the page's path to the node to go to the relay", |_, r| {
+        r["roomPaths"].as_array().is_some_and(|a| a[paths_before..].iter().any(|p| p["peer"] == *node_str && p["path"] == "relay"))
+    });
+    h.until_node("the page to call the node again", |h| calls(h) == 2);
+    let called = closed.elapsed();
+    eprintln!("  the page called again {called:?} after the node closed the connection");
+    assert!(called >= Duration::from_millis(1900), "called again after {called:?}, before the 2 s backoff");
+    let seen = h.events.len();
+    h.until_node("the node's path to the page to be direct again", |h| {
+        h.events[seen..].iter().any(|e| matches!(e, NodeEvent::Room(RoomEvent::PathChanged { peer, path: RoomPath::Direct, .. }) if *peer == browser))
+    });
+    h.until(&page, "the page's path to the node to be direct again", |_, r| {
+        r["roomPaths"].as_array().is_some_and(|a| a.last().is_some_and(|p| p["peer"] == *node_str && p["path"] == "direct") && a.len() >= paths_before + 2)
+    });
+    eprintln!("  direct again {:?} after the close", closed.elapsed());
+    let view = h.node.node().get_peer(&browser).expect("the new connection");
+    assert!(view.state == peerlink::PeerState::Connected && !view.offerer, "the new connection is the page's call: {view:?}");
+    exchange(&mut h, &page, room, browser, 50, 50, RoomPath::Direct);
+    eprintln!("the_browser_calls_a_member_back_after_a_lost_connection: {:?}", h.started.elapsed());
 }
 
 /// Why the page refuses to send a JSON `null`: `"j":null` reads as no contents at all (a
