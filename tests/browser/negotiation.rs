@@ -4,7 +4,8 @@
 //! track again at once, so the browser gets the answer and the new offer back to back. The
 //! browser must finish applying the answer before it looks at the offer (its negotiation
 //! messages are handled one after the other), or it takes that offer for glare too, drops it,
-//! and the node's track is never negotiated.
+//! and the node's track is never negotiated. The queue of a peer's messages is bounded: at
+//! most 64 wait, one more is dropped and reported.
 
 use std::time::{Duration, Instant};
 
@@ -104,4 +105,41 @@ fn renegotiation_glare_leaves_every_track_negotiated() {
     assert!(glares > 0, "no glare in {ROUNDS} rounds: the race was not exercised");
     assert_eq!(r["errors"], json!([]), "the page's errors");
     eprintln!("renegotiation_glare_leaves_every_track_negotiated: {:?}", h.started.elapsed());
+}
+
+/// The queue is bounded: the page answers the node's call but its signature is held, so the
+/// offer stays the message being handled; 100 more negotiation messages of the node (candidates
+/// of another session, ignored once handled) arrive meanwhile. 63 wait behind the offer (64 in
+/// all) and the rest are dropped, each reported as the client's `signal_overflow`. Released, the
+/// answer goes, the queue drains and the connection opens.
+#[test]
+fn at_most_64_negotiation_messages_wait() {
+    let mut h = Harness::new("signal-queue");
+    let page = h.open("role=answer&hold=1");
+    let r = h.until(&page, "the page to join", |_, r| r["phase"] == "joined");
+    let browser = h.browser_fp(&r);
+    let node = h.node.fingerprint();
+    h.node.connect_to_peer(browser).expect("connect_to_peer");
+    h.until(&page, "the page's answer to wait for its signature", |_, r| r["signingHeld"] == true);
+    const SENT: usize = 100;
+    for i in 0..SENT {
+        let candidate = json!({ "peerlink": "rtc/1", "t": "candidate", "sid": format!("{i:032x}"), "candidate": format!("candidate:{i} 1 udp 1 192.0.2.1 {} typ host", 10_000 + i) });
+        h.node.client().relay(browser, &candidate).expect("relay");
+    }
+    let overflow = |r: &Value| r["errors"].as_array().map_or(0, |a| a.iter().filter(|e| e["code"] == "signal_overflow").count());
+    let r = h.until(&page, "the page to drop what does not fit", |_, r| overflow(r) >= SENT - 63);
+    let queued = h.browser.eval(&page, &format!("window.client._signals.get('{node}')?.queued ?? 0"));
+    eprintln!("  {} dropped, {queued:?} waiting", overflow(&r));
+    assert_eq!(queued, Some(json!(64)), "messages waiting (the offer being handled included)");
+    let message = r["errors"].as_array().and_then(|a| a.iter().find(|e| e["code"] == "signal_overflow")).map(|e| e["message"].clone());
+    assert!(message.as_ref().and_then(Value::as_str).is_some_and(|m| m.contains(&node.to_string())), "{message:?}");
+    assert_eq!(h.browser.eval(&page, "window.releaseSigning()"), Some(Value::Bool(true)));
+    h.until(&page, "the connection once the answer went", |h, r| r["phase"] == "connected" && h.channel_open("default"));
+    let left = h.browser.eval(&page, &format!("window.client._signals.has('{node}')"));
+    assert_eq!(left, Some(Value::Bool(false)), "the queue drained");
+    let r = h.results(&page);
+    // Exactly those that did not fit were dropped, and nothing else went wrong.
+    assert_eq!(overflow(&r), SENT - 63, "{}", r["errors"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(SENT - 63), "{}", r["errors"]);
+    eprintln!("at_most_64_negotiation_messages_wait: {:?}", h.started.elapsed());
 }
