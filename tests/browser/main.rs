@@ -21,7 +21,8 @@
 //!   page decodes its pattern and the example records the page's camera as IVF;
 //!   renegotiation glare (`negotiation.rs`): the browser and a polite node add a video track
 //!   at the same moment, round after round, and every track is negotiated and carries frames
-//!   (the node's new offer right after its answer is not dropped as glare).
+//!   (the node's new offer right after its answer is not dropped as glare); at most 64 of a
+//!   peer's negotiation messages wait, the rest are dropped and reported.
 //! - managed rooms (`room/1`, `rooms.rs`): a node's managed room the browser joins; messages
 //!   both ways (JSON, text, binary; more than the node's 512 unacknowledged) in order, once, on
 //!   the direct `peerlink` channel, by signed relay, and across a path change (the connection
