@@ -86,6 +86,38 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [ErrorCode; 25] = {
+        use ErrorCode::*;
+        [
+            BadJson,
+            UnknownType,
+            MissingField,
+            InvalidField,
+            RateLimited,
+            NotRegistered,
+            AlreadyRegistered,
+            UnsupportedVersion,
+            BadSignature,
+            AuthRequired,
+            AuthInvalid,
+            AuthExpired,
+            TooManyNamespaces,
+            TooManyRooms,
+            NotInNamespace,
+            PeerNotFound,
+            QueueFull,
+            RoomExists,
+            RoomNotFound,
+            RoomFull,
+            NotRoomOwner,
+            NotInRoom,
+            MatchTimeout,
+            MatchCancelled,
+            Unavailable,
+        ]
+    };
+
     /// Returns the wire string.
     pub fn as_str(self) -> &'static str {
         use ErrorCode::*;
@@ -152,6 +184,23 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every close code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [CloseCode; 10] = {
+        use CloseCode::*;
+        [
+            Normal,
+            GoingAway,
+            UnsupportedData,
+            PolicyViolation,
+            MessageTooBig,
+            TryAgainLater,
+            IdleTimeout,
+            SlowConsumer,
+            Replaced,
+            RegisterTimeout,
+        ]
+    };
+
     /// Returns the numeric code.
     pub fn code(self) -> u16 {
         match self {
@@ -170,21 +219,7 @@ impl CloseCode {
 
     /// Returns the code for a number, if it is one of ours.
     pub fn from_code(code: u16) -> Option<Self> {
-        use CloseCode::*;
-        [
-            Normal,
-            GoingAway,
-            UnsupportedData,
-            PolicyViolation,
-            MessageTooBig,
-            TryAgainLater,
-            IdleTimeout,
-            SlowConsumer,
-            Replaced,
-            RegisterTimeout,
-        ]
-        .into_iter()
-        .find(|c| c.code() == code)
+        Self::ALL.into_iter().find(|c| c.code() == code)
     }
 
     /// Returns the reason text sent with the close frame.

@@ -35,8 +35,10 @@
 //! (`MAX_PENDING_TRANSMITS`; past it `handle_*` returns [`ServerError::NotDrained`]).
 
 mod jwt;
+mod metrics;
 
 pub use jwt::{AuthConfig, AuthError, AuthKey, sign_hs256};
+pub use metrics::{Health, HealthStatus, MessageType, Metrics};
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -297,6 +299,8 @@ pub struct Server {
     parked_bytes: usize,
     /// The time of the input being handled.
     now: Instant,
+    /// Counters kept as inputs are handled (the gauges are filled in by [`Server::metrics`]).
+    counters: Metrics,
 }
 
 /// What a request handler did: `Ok(Some(frame))` to reply with, `Ok(None)` when it already
@@ -330,6 +334,7 @@ impl Server {
             out: VecDeque::new(),
             parked_bytes: 0,
             now,
+            counters: Metrics::default(),
         }
     }
 
@@ -351,6 +356,26 @@ impl Server {
             parked_bytes: self.parked_bytes,
             timers: self.timers.len(),
         }
+    }
+
+    /// Returns a snapshot of the server's counters and gauges at `now` (which only sets the
+    /// uptime); see [`Metrics::to_prometheus`]. Costs a pass over the sessions, like
+    /// [`Server::stats`]: meant for a scrape every few seconds, not per frame.
+    pub fn metrics(&self, now: Instant) -> Metrics {
+        let mut m = self.counters.clone();
+        m.server_id.clone_from(&self.config.server_id);
+        m.uptime = now.saturating_duration_since(self.start);
+        m.stats = self.stats();
+        m
+    }
+
+    /// Returns the server's health at `now`. A single server has no dependency that can fail,
+    /// so this is always [`HealthStatus::Ok`]; a clustered server adds the state of its broker
+    /// link here (a failing link gives [`HealthStatus::Degraded`] with the reason).
+    pub fn health(&self, now: Instant) -> Health {
+        let reasons = Vec::new();
+        let active = self.sessions.values().filter(|s| s.conn.is_some()).count();
+        Health::new(reasons, now.saturating_duration_since(self.start), self.conns.len(), active)
     }
 
     /// Returns the next output, or `None` when there is nothing to send. Drain after every input.
@@ -383,9 +408,11 @@ impl Server {
         }
         if self.conns.len() >= self.config.max_connections {
             debug!(?conn, "refusing connection: server full");
+            self.counters.count_close(CloseCode::TryAgainLater);
             self.out.push_back(ServerTransmit::Close { conn, code: CloseCode::TryAgainLater });
             return Ok(());
         }
+        self.counters.connections_accepted += 1;
         let mut nonce = [0u8; 32];
         self.rng.fill_bytes(&mut nonce);
         let nonce = B64.encode(nonce);
@@ -441,6 +468,7 @@ impl Server {
         self.begin(now)?;
         if self.conns.contains_key(&conn) {
             trace!(?conn, "disconnected");
+            self.counters.disconnects += 1;
             self.drop_conn(conn, now, true);
         }
         Ok(())
@@ -477,6 +505,7 @@ impl Server {
         c.tokens = (c.tokens + elapsed * rate.per_second as f64).min(rate.burst as f64);
         c.bucket_at = now;
         if c.tokens < 1.0 {
+            self.counters.rate_limited_frames += 1;
             c.dropped_in_row += 1;
             let dropped = c.dropped_in_row;
             if dropped > self.config.flood_close_after {
@@ -492,8 +521,13 @@ impl Server {
         c.dropped_in_row = 0;
         let registered = c.session;
         let msg = match protocol::decode_client(text) {
-            Ok(msg) => msg,
+            Ok(msg) => {
+                self.counters.count_message(MessageType::of(&msg));
+                msg
+            }
             Err(FrameError { code, message, id }) => {
+                let kind = if code == ErrorCode::UnknownType { MessageType::Unknown } else { MessageType::Invalid };
+                self.counters.count_message(kind);
                 self.send_error(conn, id, code, &message);
                 return Ok(());
             }
@@ -618,6 +652,10 @@ impl Server {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.session = Some(fingerprint);
+        }
+        self.counters.registrations += 1;
+        if resumed {
+            self.counters.sessions_resumed += 1;
         }
         let s = &self.sessions[&fingerprint];
         info!(fingerprint = %fingerprint.short(), resumed, ?conn, "registered");
@@ -880,6 +918,7 @@ impl Server {
                 _ => "match request cancelled",
             };
             let frame = ServerMessage::Error { id: Some(waiter.id), code, message: message.into() };
+            self.counters.count_error(code);
             self.send_to_session(&me, frame.encode().into());
         }
     }
@@ -895,6 +934,7 @@ impl Server {
             return err(ErrorCode::QueueFull, format!("peer {} is reconnecting and its queue is full", to.short()));
         }
         self.send_to_session(&to, text);
+        self.counters.relays += 1;
         Ok(id.map(|id| ServerMessage::Ok { id }))
     }
 
@@ -904,6 +944,8 @@ impl Server {
         };
         let others: Vec<Fingerprint> = ns.order.iter().copied().filter(|f| *f != me).collect();
         let text: Arc<str> = protocol::encode_broadcast(&me, namespace, payload).into();
+        self.counters.broadcasts += 1;
+        self.counters.broadcast_deliveries += others.len() as u64;
         for other in others {
             self.send_to_session(&other, text.clone());
         }
@@ -1150,6 +1192,7 @@ impl Server {
     /// Closes `conn`: sends the close frame and forgets the connection, parking its session.
     fn close(&mut self, conn: ConnId, code: CloseCode) {
         if self.conns.contains_key(&conn) {
+            self.counters.count_close(code);
             self.out.push_back(ServerTransmit::Close { conn, code });
             // Closing is immediate for the state machine; `now` only matters for parking.
             self.drop_conn(conn, self.now, code != CloseCode::Normal);
@@ -1223,6 +1266,7 @@ impl Server {
                     s.queue.push_back(text);
                 } else {
                     s.missed += 1;
+                    self.counters.resume_queue_drops += 1;
                 }
             }
         }
@@ -1246,6 +1290,7 @@ impl Server {
     }
 
     fn send_error(&mut self, conn: ConnId, id: Option<u64>, code: ErrorCode, message: &str) {
+        self.counters.count_error(code);
         let frame = ServerMessage::Error { id, code, message: message.to_owned() };
         self.send(conn, frame.encode().into());
     }

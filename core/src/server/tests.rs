@@ -1071,6 +1071,9 @@ fn relays_beyond_a_parked_queue_get_queue_full_and_other_frames_count_as_missed(
     let out = h.register(b2, &ib);
     assert!(matches!(&out[0], ServerMessage::Registered { resumed: true, missed: 1, .. }), "{out:?}");
     assert_eq!(out.len(), 3);
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.relays, m.errors_sent(ErrorCode::QueueFull), m.resume_queue_drops), (2, 2, 1));
+    assert_eq!((m.registrations, m.sessions_resumed, m.disconnects), (3, 1, 1));
 }
 
 #[test]
@@ -1157,6 +1160,7 @@ fn slow_consumer_is_closed_with_4001_and_its_session_parked() {
     }
     assert_eq!(h.closed[&b], CloseCode::SlowConsumer);
     assert!(sent > 10);
+    assert_eq!(h.s.metrics(h.now).closes(CloseCode::SlowConsumer), 1);
     let st = h.s.stats();
     assert_eq!((st.connections, st.parked_sessions, st.outbound_bytes), (1, 1, 0));
     // The frame that did not fit waits in the parked session.
@@ -1348,3 +1352,126 @@ fn peer_meta_and_room_metadata_arrive_decodable() {
     }
 }
 
+
+// ---- metrics ------------------------------------------------------------------------------
+
+#[test]
+fn metrics_count_registrations_messages_relays_and_errors() {
+    let mut h = H::default();
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.connections_accepted, m.registrations, m.relays), (0, 0, 0));
+    let (a, _) = h.peer(1);
+    let (b, ib) = h.peer(2);
+    let (c, _) = h.peer(3);
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.connections_accepted, m.registrations, m.sessions_resumed), (3, 3, 0));
+    assert_eq!((m.stats.connections, m.stats.active_sessions), (3, 3));
+    assert_eq!(m.messages_received(MessageType::Register), 3);
+    assert_eq!(m.server_id, "peerlink");
+    // Relays: two delivered, one to nobody.
+    for _ in 0..2 {
+        h.req(a, json!({"type": "relay", "to": ib.fingerprint().to_string(), "payload": 1}));
+    }
+    let nobody = ident(50).fingerprint().to_string();
+    h.one(a, json!({"type": "relay", "id": 3, "to": nobody, "payload": 1}));
+    // A broadcast to two others in one namespace.
+    for (conn, id) in [(a, 4), (b, 5), (c, 6)] {
+        join(&mut h, conn, "n", id);
+    }
+    h.req(a, json!({"type": "broadcast", "namespace": "n", "payload": "hi"}));
+    h.take(b);
+    h.take(c);
+    h.one(b, json!({"type": "create_room", "id": 7, "room_id": "r"}));
+    // Bad frames: not JSON, a type nobody has (twice, different texts: one label), a
+    // missing field.
+    h.one(c, json!({"type": "ping", "id": 8}));
+    h.send(c, "not json");
+    h.take(c);
+    h.one(c, json!({"type": "teleport", "id": 9}));
+    h.one(c, json!({"type": "warp-drive-xyz", "id": 10}));
+    h.one(c, json!({"type": "join", "id": 11}));
+    h.take(a);
+    h.take(b);
+    h.take(c);
+    h.s.handle_binary(c, h.now, b"\x00").unwrap();
+    h.pump();
+    h.advance(Duration::from_millis(10));
+    let m = h.s.metrics(h.now);
+    assert_eq!(m.relays, 2);
+    assert_eq!((m.broadcasts, m.broadcast_deliveries), (1, 2));
+    // Invalid: bad JSON and a missing field.
+    let received = [(MessageType::Relay, 3), (MessageType::Broadcast, 1), (MessageType::Join, 3), (MessageType::CreateRoom, 1)];
+    let received = received.into_iter().chain([(MessageType::Ping, 1), (MessageType::Unknown, 2), (MessageType::Invalid, 2)]);
+    for kind in MessageType::ALL {
+        let expected = received.clone().find(|(k, _)| *k == kind).map_or(0, |(_, n)| n);
+        let expected = if kind == MessageType::Register { 3 } else { expected };
+        assert_eq!(m.messages_received(kind), expected, "{kind:?}");
+    }
+    let sent = [(ErrorCode::PeerNotFound, 1), (ErrorCode::BadJson, 1), (ErrorCode::UnknownType, 2), (ErrorCode::MissingField, 1)];
+    for code in ErrorCode::ALL {
+        let expected = sent.iter().find(|(c, _)| *c == code).map_or(0, |(_, n)| *n);
+        assert_eq!(m.errors_sent(code), expected, "{code}");
+    }
+    assert_eq!(m.closes(CloseCode::UnsupportedData), 1);
+    assert_eq!((m.stats.connections, m.stats.namespaces, m.stats.rooms), (2, 1, 1));
+    assert_eq!((m.stats.active_sessions, m.stats.parked_sessions), (2, 1), "the binary frame parked c's session");
+    assert_eq!(m.disconnects, 0);
+    assert_eq!(m.uptime, Duration::from_millis(10));
+    // The exposition carries the same figures.
+    let text = m.to_prometheus();
+    for line in [
+        "peerlink_relays_total 2",
+        "peerlink_registrations_total 3",
+        "peerlink_messages_received_total{type=\"unknown\"} 2",
+        "peerlink_errors_sent_total{code=\"peer_not_found\"} 1",
+        "peerlink_closes_total{code=\"1003\"} 1",
+        "peerlink_connections_open 2",
+        "peerlink_namespaces 1",
+        "peerlink_rooms 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    // A disconnect from the client's side; bye closes with 1000.
+    h.disconnect(a);
+    h.req(b, json!({"type": "bye"}));
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.disconnects, m.closes(CloseCode::Normal), m.messages_received(MessageType::Bye)), (1, 1, 1));
+    assert_eq!(m.stats.connections, 0);
+    let health = h.s.health(h.now);
+    assert_eq!((health.status, health.connections, health.sessions), (HealthStatus::Ok, 0, 0));
+}
+
+#[test]
+fn metrics_count_rate_limited_frames_and_flood_closes() {
+    let mut cfg = ServerConfig::default();
+    cfg.rate_limit = RateLimit { per_second: 10, burst: 4 };
+    cfg.flood_close_after = 5;
+    let mut h = H::new(cfg);
+    let (c, _) = h.peer(1);
+    for i in 0..3 {
+        h.one(c, json!({"type": "ping", "id": i}));
+    }
+    for i in 0..6 {
+        h.req(c, json!({"type": "ping", "id": 10 + i}));
+    }
+    assert_eq!(h.closed.get(&c), Some(&CloseCode::PolicyViolation));
+    let m = h.s.metrics(h.now);
+    assert_eq!(m.rate_limited_frames, 6);
+    assert_eq!(m.errors_sent(ErrorCode::RateLimited), 1, "only the first drop is answered");
+    assert_eq!(m.messages_received(MessageType::Ping), 3, "dropped frames are not decoded");
+    assert_eq!(m.closes(CloseCode::PolicyViolation), 1);
+}
+
+#[test]
+fn metrics_count_refused_connections_as_closes_not_accepts() {
+    let mut cfg = ServerConfig::default();
+    cfg.max_connections = 2;
+    let mut h = H::new(cfg);
+    h.connect();
+    h.connect();
+    h.s.handle_connect(ConnId(99), h.now).unwrap();
+    h.pump();
+    assert_eq!(h.closed.get(&ConnId(99)), Some(&CloseCode::TryAgainLater));
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.connections_accepted, m.closes(CloseCode::TryAgainLater), m.stats.connections), (2, 1, 2));
+}
