@@ -7,10 +7,11 @@
 //! tungstenite write buffer. Once the turn's events are handled, each connection written to is
 //! flushed with one `write` call. Nothing crosses a thread and nothing is boxed per message.
 //!
-//! With a static directory to serve, a fresh connection's request head is read first: a
-//! WebSocket upgrade is handed to tungstenite with the bytes read so far replayed in front of
-//! the socket, any other request gets its file (or an error) and the connection is closed once
-//! the response is written.
+//! A fresh connection's request head is read first: a WebSocket upgrade is handed to
+//! tungstenite with the bytes read so far replayed in front of the socket; any other request
+//! gets one response (`/healthz`, `/metrics`, a static file when a directory is served, or an
+//! error) and the connection is closed once it is written. Connections from the separate
+//! metrics listener, if any, get only `/healthz` and `/metrics`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -34,13 +35,16 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Message, WebSocketConfig};
 use tungstenite::{Bytes, Utf8Bytes, WebSocket};
 
+use crate::ops::{self, Endpoint};
 use crate::static_files::{self, Refusal, Request};
 use crate::{CLOSE_TIMEOUT, Control, HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT};
 
 pub(crate) const LISTENER: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
+/// The separate listener for the operations endpoints, if any.
+pub(crate) const METRICS_LISTENER: Token = Token(2);
 /// Connection ids (and tokens) start here.
-const FIRST_CONN: u64 = 2;
+const FIRST_CONN: u64 = 3;
 /// Most frames read from one connection per turn; the rest waits for the next turn, so one
 /// busy client cannot starve the others.
 const READ_BUDGET: usize = 64;
@@ -191,6 +195,8 @@ enum State {
 
 struct Conn {
     peer: SocketAddr,
+    /// Accepted on the metrics listener: plain HTTP for the operations endpoints only.
+    ops_only: bool,
     state: State,
     /// Handshake or close deadline (`None` while open).
     deadline: Option<Instant>,
@@ -209,9 +215,21 @@ enum Step {
     Drop,
 }
 
+/// The listening sockets, registered with the poll as [`LISTENER`] and [`METRICS_LISTENER`].
+pub(crate) struct Listeners {
+    /// Signaling (WebSocket), the operations endpoints and static files.
+    pub(crate) main: TcpListener,
+    /// Plain HTTP for `/metrics` and `/healthz` only.
+    pub(crate) metrics: Option<TcpListener>,
+}
+
 pub(crate) struct EventLoop {
     poll: Poll,
+    /// The listeners; `None` once shutdown began.
     listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    /// There is a metrics listener: the signaling port does not answer `/metrics`.
+    metrics_private: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
     ws_config: WebSocketConfig,
     server: Server,
@@ -264,7 +282,7 @@ impl EventLoop {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         poll: Poll,
-        listener: TcpListener,
+        listeners: Listeners,
         tls: Option<Arc<rustls::ServerConfig>>,
         ws_config: WebSocketConfig,
         server: Server,
@@ -274,7 +292,9 @@ impl EventLoop {
     ) -> Self {
         EventLoop {
             poll,
-            listener: Some(listener),
+            listener: Some(listeners.main),
+            metrics_private: listeners.metrics.is_some(),
+            metrics_listener: listeners.metrics,
             tls,
             ws_config,
             server,
@@ -303,7 +323,7 @@ impl EventLoop {
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER | METRICS_LISTENER => self.accept(now, event.token()),
                     WAKER => {}
                     Token(key) => {
                         let id = key as u64;
@@ -318,8 +338,8 @@ impl EventLoop {
             }
             // Input left over from last turn's budgets.
             for id in std::mem::take(&mut self.again) {
-                if id == LISTENER.0 as u64 {
-                    self.accept(now);
+                if id == LISTENER.0 as u64 || id == METRICS_LISTENER.0 as u64 {
+                    self.accept(now, Token(id as usize));
                 } else {
                     self.on_readable(id, now);
                 }
@@ -356,8 +376,11 @@ impl EventLoop {
         at.map(|at| at.saturating_duration_since(now))
     }
 
-    fn accept(&mut self, now: Instant) {
-        let Some(listener) = &self.listener else { return };
+    /// Accepts from the listener `which` ([`LISTENER`] or [`METRICS_LISTENER`]).
+    fn accept(&mut self, now: Instant, which: Token) {
+        let ops_only = which == METRICS_LISTENER;
+        let listener = if ops_only { &self.metrics_listener } else { &self.listener };
+        let Some(listener) = listener else { return };
         for _ in 0..ACCEPT_BUDGET {
             let (tcp, peer) = match listener.accept() {
                 Ok(x) => x,
@@ -367,7 +390,7 @@ impl EventLoop {
                     // Out of file descriptors and the like: try again next turn rather than
                     // spin (the connection waits in the backlog).
                     warn!(error = %e, "accept failed");
-                    self.again.push(LISTENER.0 as u64);
+                    self.again.push(which.0 as u64);
                     return;
                 }
             };
@@ -383,6 +406,8 @@ impl EventLoop {
             }
             let socket = Socket::new(tcp);
             let stream = match &self.tls {
+                // The metrics listener speaks plain HTTP.
+                _ if ops_only => Stream::new(Transport::Plain(socket)),
                 None => Stream::new(Transport::Plain(socket)),
                 Some(config) => match rustls::ServerConnection::new(config.clone()) {
                     Ok(tls) => Stream::new(Transport::Tls(Box::new(rustls::StreamOwned::new(tls, socket)))),
@@ -396,11 +421,11 @@ impl EventLoop {
             self.deadlines.push(Reverse((deadline, id)));
             self.conns.insert(
                 id,
-                Conn { peer, state: State::Fresh(stream), deadline: Some(deadline), unsent: 0, dirty: false, write_blocked: false },
+                Conn { peer, ops_only, state: State::Fresh(stream), deadline: Some(deadline), unsent: 0, dirty: false, write_blocked: false },
             );
-            trace!(id, %peer, "accepted");
+            trace!(id, %peer, ops_only, "accepted");
         }
-        self.again.push(LISTENER.0 as u64);
+        self.again.push(which.0 as u64);
     }
 
     fn on_writable(&mut self, id: u64, now: Instant) {
@@ -424,11 +449,7 @@ impl EventLoop {
     fn on_readable(&mut self, id: u64, now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let step = match std::mem::replace(&mut conn.state, State::Gone) {
-            State::Fresh(stream) if self.serve_dir.is_some() => self.read_head(id, now, stream),
-            State::Fresh(stream) => {
-                let result = tungstenite::accept_with_config(stream, Some(self.ws_config));
-                self.handshake_step(id, now, result)
-            }
+            State::Fresh(stream) => self.read_head(id, now, stream),
             State::Http(reply) => {
                 // Nothing more is read from a plain HTTP client; the response goes on.
                 conn.state = State::Http(reply);
@@ -459,8 +480,8 @@ impl EventLoop {
         }
     }
 
-    /// Reads a fresh connection's request head (static files are served): a WebSocket upgrade
-    /// goes on to the handshake, with what was read replayed; any other request is answered.
+    /// Reads a fresh connection's request head: a WebSocket upgrade goes on to the handshake,
+    /// with what was read replayed; any other request is answered.
     fn read_head(&mut self, id: u64, now: Instant, mut stream: Stream) -> Step {
         let mut buf = [0u8; 4096];
         let end = loop {
@@ -486,18 +507,28 @@ impl EventLoop {
                 }
             }
         };
+        let ops_only = self.conns.get(&id).is_some_and(|c| c.ops_only);
         let out = match end {
             None => static_files::refusal(Refusal::HeadTooLarge),
             Some(end) => match static_files::parse(&stream.ahead[..end]) {
-                Request::Upgrade => {
+                Request::Upgrade if !ops_only => {
                     let result = tungstenite::accept_with_config(stream, Some(self.ws_config));
                     return self.handshake_step(id, now, result);
                 }
+                // No signaling on the metrics listener.
+                Request::Upgrade => static_files::refusal(Refusal::NotFound),
                 Request::Malformed => static_files::refusal(Refusal::BadRequest),
                 Request::Http { method, target } => {
-                    // Only called with a directory to serve.
-                    let Some(root) = self.serve_dir.as_deref() else { return Step::Drop };
-                    let out = static_files::respond(root, method, target);
+                    // `/metrics` on the signaling port only when there is no metrics listener.
+                    let metrics_here = ops_only || !self.metrics_private;
+                    let out = match ops::endpoint(target, metrics_here) {
+                        Some(Endpoint::Health) => ops::health(method, &self.server.health(now)),
+                        Some(Endpoint::Metrics) => ops::metrics(method, &self.server.metrics(now)),
+                        None => match self.serve_dir.as_deref() {
+                            Some(root) if !ops_only => static_files::respond(root, method, target),
+                            _ => static_files::refusal(Refusal::NotFound),
+                        },
+                    };
                     debug!(id, method, target, status = %String::from_utf8_lossy(&out[9..12]), "http");
                     out
                 }
@@ -790,7 +821,7 @@ impl EventLoop {
         if self.shutdown_by.is_none() && self.control.stop.load(Ordering::Acquire) {
             info!(connections = self.conns.len(), "shutting down: closing every connection (1001)");
             self.shutdown_by = Some(now + SHUTDOWN_TIMEOUT);
-            if let Some(mut listener) = self.listener.take() {
+            for mut listener in [self.listener.take(), self.metrics_listener.take()].into_iter().flatten() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
             let ids: Vec<u64> = self.conns.keys().copied().collect();

@@ -33,6 +33,24 @@
 //! (a channel to a core thread, or a lock and a wake-up for the target's task) cost more than
 //! the work it moved. The benchmark figures are in the repository README.
 //!
+//! ## HTTP on the signaling port
+//!
+//! The port also answers plain HTTP (HTTPS with TLS) requests that do not ask for a WebSocket
+//! upgrade; each gets one response and the connection is closed:
+//!
+//! - `GET /healthz`: the core's [`Health`](peerlink::server::Health) as JSON,
+//!   `{"status":"ok","reasons":[],"uptime_seconds":12.5,"connections":3,"sessions":2}`, with
+//!   200, or 503 when the status is `degraded` (which a clustered server reports when its broker
+//!   link fails; a single server is always `ok`).
+//! - `GET /metrics`: the core's [`Metrics`](peerlink::server::Metrics) in the Prometheus text
+//!   exposition format (`text/plain; version=0.0.4`). With [`ServerOptions::metrics_addr`]
+//!   (the binary's `--metrics-listen ADDR`) `/metrics` is served only on that separate plain
+//!   HTTP listener, which answers `/healthz` too and nothing else, so metrics can stay on a
+//!   private address.
+//! - `HEAD` of either: the headers alone. Other methods get 405, a malformed request 400, a
+//!   request head above 8 KiB 431, other paths 404 (or a static file, below). None of this
+//!   touches the WebSocket connections on the port.
+//!
 //! ## Static files
 //!
 //! With [`ServerOptions::serve_dir`] (the binary's `--serve-examples [DIR]`) the same port also
@@ -48,6 +66,7 @@
 #![forbid(unsafe_code)]
 
 mod event_loop;
+mod ops;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -85,6 +104,10 @@ pub struct ServerOptions {
     /// the [crate docs](crate#static-files)); `None` (the default) serves only WebSocket
     /// signaling. [`spawn`] fails if it is not a directory.
     pub serve_dir: Option<PathBuf>,
+    /// Also listen on this address for plain HTTP `GET /metrics` and `GET /healthz` only (see
+    /// the [crate docs](crate#http-on-the-signaling-port)); the signaling port then no longer
+    /// answers `/metrics`. `None` (the default) serves both on the signaling port.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -97,6 +120,7 @@ impl ServerOptions {
             tls: None,
             seed: None,
             serve_dir: None,
+            metrics_addr: None,
         }
     }
 }
@@ -158,6 +182,7 @@ pub(crate) struct Control {
 /// A running server started by [`spawn`]. Dropping it shuts the server down.
 pub struct ServerHandle {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     tls: bool,
     control: Arc<Control>,
     thread: Option<JoinHandle<()>>,
@@ -165,7 +190,11 @@ pub struct ServerHandle {
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandle").field("addr", &self.addr).field("tls", &self.tls).finish()
+        f.debug_struct("ServerHandle")
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("tls", &self.tls)
+            .finish()
     }
 }
 
@@ -173,6 +202,12 @@ impl ServerHandle {
     /// Returns the address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Returns the address of the separate metrics listener
+    /// ([`ServerOptions::metrics_addr`]), if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Returns the URL clients connect to: `ws://IP:PORT`, or `wss://localhost:PORT` with TLS.
@@ -258,6 +293,22 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let mut listener = mio::net::TcpListener::from_std(listener);
     let poll = mio::Poll::new()?;
     poll.registry().register(&mut listener, event_loop::LISTENER, mio::Interest::READABLE)?;
+    let mut metrics_listener = match options.metrics_addr {
+        Some(metrics_addr) => {
+            let std_listener = std::net::TcpListener::bind(metrics_addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("binding the metrics listener {metrics_addr}: {e}")))?;
+            std_listener.set_nonblocking(true)?;
+            Some(mio::net::TcpListener::from_std(std_listener))
+        }
+        None => None,
+    };
+    let metrics_addr = match &mut metrics_listener {
+        Some(l) => {
+            poll.registry().register(l, event_loop::METRICS_LISTENER, mio::Interest::READABLE)?;
+            Some(l.local_addr()?)
+        }
+        None => None,
+    };
     let waker = mio::Waker::new(poll.registry(), event_loop::WAKER)?;
     let (stats_tx, stats_rx) = mpsc::channel();
     let control = Arc::new(Control { stop: AtomicBool::new(false), waker, stats: Mutex::new(Some(stats_tx)) });
@@ -281,12 +332,17 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let thread = thread::Builder::new().name("peerlink-server".into()).spawn(move || {
         let scheme = if is_tls { "wss" } else { "ws" };
         info!(url = %format!("{scheme}://{addr}"), "listening");
+        let http = if is_tls { "https" } else { "http" };
         if let Some(dir) = &serve_dir {
-            let http = if is_tls { "https" } else { "http" };
             info!(dir = %dir.display(), url = %format!("{http}://{addr}/"), "serving static files");
         }
+        match metrics_addr {
+            Some(m) => info!(health = %format!("http://{m}/healthz"), metrics = %format!("http://{m}/metrics"), "operations endpoints on a separate listener"),
+            None => info!(health = %format!("{http}://{addr}/healthz"), metrics = %format!("{http}://{addr}/metrics"), "operations endpoints"),
+        }
         let control = loop_control.clone();
-        let result = event_loop::EventLoop::new(poll, listener, tls_config, ws_config, server, loop_control, stats_rx, serve_dir).run();
+        let listeners = event_loop::Listeners { main: listener, metrics: metrics_listener };
+        let result = event_loop::EventLoop::new(poll, listeners, tls_config, ws_config, server, loop_control, stats_rx, serve_dir).run();
         // Refuse later stats requests (the loop, and with it the receiver, is gone).
         if let Ok(mut guard) = control.stats.lock() {
             guard.take();
@@ -296,7 +352,7 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
             Err(e) => error!(%addr, error = %e, "server failed"),
         }
     })?;
-    Ok(ServerHandle { addr, tls: is_tls, control, thread: Some(thread) })
+    Ok(ServerHandle { addr, metrics_addr, tls: is_tls, control, thread: Some(thread) })
 }
 
 fn unix_ms() -> u64 {
@@ -471,7 +527,8 @@ pub(crate) mod static_files {
         Ok(full)
     }
 
-    fn response(status: &str, content_type: &str, body: &[u8], send_body: bool, extra: &str) -> Vec<u8> {
+    /// A whole response: status line, headers, and `body` unless `send_body` is false (`HEAD`).
+    pub(crate) fn response(status: &str, content_type: &str, body: &[u8], send_body: bool, extra: &str) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\n\
              X-Content-Type-Options: nosniff\r\nConnection: close\r\n{extra}\r\n",

@@ -1,21 +1,26 @@
 //! `peerlink-server`: the peerlink signaling server.
 //!
 //! Prints exactly one line, `listening on ws://ADDR` (or `wss://`), to stdout once it listens;
-//! logs go to stderr (`RUST_LOG`, default `info`). SIGINT or SIGTERM shut it down gracefully
-//! (every client gets close 1001) and it exits 0.
+//! logs go to stderr (`RUST_LOG`, default `info`), as text or, with `--log-format json`, one
+//! JSON object per line. SIGINT or SIGTERM shut it down gracefully (every client gets close
+//! 1001) and it exits 0.
+//!
+//! The port also answers `GET /healthz` (JSON, 200 or 503) and `GET /metrics` (Prometheus
+//! text format); `--metrics-listen ADDR` moves `/metrics` to a separate plain HTTP listener
+//! (which answers `/healthz` too). `docs/DEPLOY.md` shows a deployment.
 //!
 //! `--serve-examples [DIR]` also serves the static files of DIR (default: the browser example,
 //! `examples/browser` of the workspace this binary was built from) over plain HTTP on the same
 //! port: `cargo run -p peerlink-server -- --serve-examples`, then open
 //! `http://127.0.0.1:8080/index.html`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use peerlink::ServerConfig;
 use peerlink::server::{AuthConfig, AuthKey, RateLimit};
 use peerlink_server::{ServerOptions, TlsConfig};
@@ -78,6 +83,23 @@ struct Args {
     /// workspace's examples/browser, the browser client and its demo page).
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = EXAMPLES_DIR)]
     serve_examples: Option<PathBuf>,
+    /// Serve GET /metrics (and /healthz) on this separate plain HTTP address instead of the
+    /// signaling port, e.g. 127.0.0.1:9090 to keep metrics private (port 0 picks a free one;
+    /// the log tells which).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
 }
 
 /// The browser example of the workspace this binary was built from.
@@ -156,12 +178,17 @@ fn raise_nofile() -> std::io::Result<(u64, u64)> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // Event fields at the top level of each object, beside `timestamp`, `level`, `target`.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     if args.raise_nofile {
         let (before, after) = raise_nofile().context("raising RLIMIT_NOFILE")?;
         info!(before, after, "raised the open-files limit");
@@ -176,7 +203,14 @@ fn main() -> anyhow::Result<()> {
     let std_listener = std::net::TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
     let addr = std_listener.local_addr()?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let options = ServerOptions { addr, config, tls, seed: None, serve_dir: args.serve_examples.clone() };
+    let options = ServerOptions {
+        addr,
+        config,
+        tls,
+        seed: None,
+        serve_dir: args.serve_examples.clone(),
+        metrics_addr: args.metrics_listen,
+    };
     let server = peerlink_server::spawn_on(std_listener, options).context("starting the server")?;
     {
         let mut out = std::io::stdout().lock();

@@ -58,41 +58,6 @@ fn site(name: &str) -> (TempDir, PathBuf) {
     (tmp, root)
 }
 
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
-fn parse_response(raw: &[u8]) -> Response {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..end]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines.map(|l| l.split_once(':').unwrap()).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
-    Response { status, headers, body: raw[end + 4..].to_vec() }
-}
-
-/// Sends `request` as is and reads the response until the server closes.
-fn raw_request(addr: SocketAddr, request: &[u8]) -> Response {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.write_all(request).unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).expect("the server closes after the response");
-    parse_response(&raw)
-}
-
-fn get(addr: SocketAddr, target: &str) -> Response {
-    raw_request(addr, format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n").as_bytes())
-}
-
 fn serve(root: &Path) -> peerlink_server::ServerHandle {
     let mut options = ServerOptions::local();
     options.serve_dir = Some(root.to_path_buf());

@@ -1,9 +1,10 @@
 //! Shared helpers: a blocking tungstenite client that registers for real, a TLS client
-//! configuration trusting one certificate, and the server binary on a free port.
+//! configuration trusting one certificate, the server binary on a free port, and plain HTTP
+//! requests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,4 +106,42 @@ pub fn spawn_binary(args: &[&str]) -> (Child, String) {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("bad line {line:?}")).to_owned();
     (child, url)
+}
+
+/// A plain HTTP response.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses a whole HTTP/1.1 response.
+pub fn parse_response(raw: &[u8]) -> Response {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(raw)));
+    let head = std::str::from_utf8(&raw[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines.map(|l| l.split_once(':').unwrap()).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
+    Response { status, headers, body: raw[end + 4..].to_vec() }
+}
+
+/// Sends `request` as is and reads the response until the server closes.
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).expect("the server closes after the response");
+    parse_response(&raw)
+}
+
+/// `GET target` with a minimal valid head.
+pub fn get(addr: SocketAddr, target: &str) -> Response {
+    raw_request(addr, format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n").as_bytes())
 }
