@@ -166,6 +166,7 @@ pub mod stun;
 pub mod e2e;
 pub mod sync;
 pub mod transfer;
+pub mod turn;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};

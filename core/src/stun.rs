@@ -4,13 +4,15 @@
 //!
 //! Everything here is pure: transaction ids come from the caller, nothing is sent. Decoding
 //! never panics; anything that is not a well-formed STUN message of the kinds below is a
-//! [`StunError`].
+//! [`StunError`]. The TURN codec ([`crate::turn::codec`]) reuses the header, attribute and
+//! address helpers here.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The magic cookie every RFC 5389+ message carries.
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
-const HEADER_LEN: usize = 20;
+/// The length of a STUN header (type, length, cookie, transaction id).
+pub(crate) const HEADER_LEN: usize = 20;
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const BINDING_ERROR: u16 = 0x0111;
@@ -64,6 +66,21 @@ pub enum StunError {
     /// An attribute runs past the end of the message.
     #[error("truncated STUN attribute")]
     Truncated,
+    /// A TURN attribute we read has a malformed value (wrong length, bad address family,
+    /// not UTF-8).
+    #[error("malformed STUN attribute {0:#06x}")]
+    BadAttribute(u16),
+    /// A comprehension-required attribute (type below 0x8000) we do not know: RFC 8489 section
+    /// 6.3.4 has the transaction fail rather than the attribute ignored.
+    #[error("unknown comprehension-required STUN attribute {0:#06x}")]
+    UnknownAttribute(u16),
+    /// A FINGERPRINT that does not match the message, or is not its last attribute.
+    #[error("STUN FINGERPRINT mismatch")]
+    BadFingerprint,
+    /// A TURN ChannelData message with a channel number outside 0x4000..=0x4FFF or a length
+    /// that does not fit the datagram.
+    #[error("malformed TURN ChannelData message")]
+    BadChannelData,
 }
 
 /// Returns true if `datagram` looks like a STUN message (RFC 7983 demultiplexing: first byte
@@ -81,7 +98,8 @@ pub fn transaction_id(datagram: &[u8]) -> Option<TransactionId> {
     })
 }
 
-fn header(out: &mut Vec<u8>, kind: u16, body_len: usize, transaction: TransactionId) {
+/// Appends a STUN header for a body of `body_len` bytes.
+pub(crate) fn header(out: &mut Vec<u8>, kind: u16, body_len: usize, transaction: TransactionId) {
     out.extend_from_slice(&kind.to_be_bytes());
     out.extend_from_slice(&(body_len as u16).to_be_bytes());
     out.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
@@ -104,11 +122,23 @@ pub fn binding_success(transaction: TransactionId, mapped: SocketAddr) -> Vec<u8
     };
     let mut out = Vec::with_capacity(HEADER_LEN + 4 + value_len);
     header(&mut out, BINDING_SUCCESS, 4 + value_len, transaction);
-    out.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
-    out.extend_from_slice(&(value_len as u16).to_be_bytes());
+    push_xor_address(&mut out, ATTR_XOR_MAPPED_ADDRESS, mapped, transaction);
+    out
+}
+
+/// Appends an XOR-encoded address attribute of type `typ` (XOR-MAPPED-ADDRESS and TURN's
+/// XOR-PEER-ADDRESS and XOR-RELAYED-ADDRESS share this layout, RFC 8489 section 14.2): 12
+/// bytes for IPv4, 24 for IPv6, never padded.
+pub(crate) fn push_xor_address(out: &mut Vec<u8>, typ: u16, addr: SocketAddr, transaction: TransactionId) {
+    let value_len: u16 = match addr {
+        SocketAddr::V4(_) => 8,
+        SocketAddr::V6(_) => 20,
+    };
+    out.extend_from_slice(&typ.to_be_bytes());
+    out.extend_from_slice(&value_len.to_be_bytes());
     out.push(0);
-    let port = mapped.port() ^ (MAGIC_COOKIE >> 16) as u16;
-    match mapped.ip() {
+    let port = addr.port() ^ (MAGIC_COOKIE >> 16) as u16;
+    match addr.ip() {
         IpAddr::V4(ip) => {
             out.push(0x01);
             out.extend_from_slice(&port.to_be_bytes());
@@ -121,7 +151,6 @@ pub fn binding_success(transaction: TransactionId, mapped: SocketAddr) -> Vec<u8
             out.extend(ip.octets().iter().zip(mask).map(|(a, m)| a ^ m));
         }
     }
-    out
 }
 
 fn xor_mask_v6(transaction: TransactionId) -> [u8; 16] {
@@ -133,16 +162,7 @@ fn xor_mask_v6(transaction: TransactionId) -> [u8; 16] {
 
 /// Decodes a Binding request or response.
 pub fn decode(datagram: &[u8]) -> Result<StunMessage, StunError> {
-    if !is_stun(datagram) {
-        return Err(StunError::NotStun);
-    }
-    let kind = u16::from_be_bytes([datagram[0], datagram[1]]);
-    let len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
-    if len % 4 != 0 || HEADER_LEN + len != datagram.len() {
-        return Err(StunError::NotStun);
-    }
-    let transaction = transaction_id(datagram).ok_or(StunError::NotStun)?;
-    let body = &datagram[HEADER_LEN..];
+    let (kind, transaction, body) = split_message(datagram)?;
     match kind {
         BINDING_REQUEST => Ok(StunMessage::BindingRequest { transaction }),
         BINDING_SUCCESS => {
@@ -166,11 +186,8 @@ pub fn decode(datagram: &[u8]) -> Result<StunMessage, StunError> {
                 let (typ, value) = attr?;
                 // Class 3 to 6 and number 0 to 99 (RFC 8489 section 14.8); anything else, or a
                 // second ERROR-CODE, is ignored.
-                if typ == ATTR_ERROR_CODE && value.len() >= 4 && code == 0 {
-                    let (class, number) = (u16::from(value[2] & 0x07), u16::from(value[3]));
-                    if (3..=6).contains(&class) && number < 100 {
-                        code = class * 100 + number;
-                    }
+                if typ == ATTR_ERROR_CODE && code == 0 {
+                    code = parse_error_code(value).map_or(0, |(code, _)| code);
                 }
             }
             Ok(StunMessage::BindingError { transaction, code })
@@ -179,8 +196,33 @@ pub fn decode(datagram: &[u8]) -> Result<StunMessage, StunError> {
     }
 }
 
+/// Checks a STUN header (cookie, leading bits, a length that is a multiple of 4 and matches the
+/// datagram) and returns the message type, the transaction and the attribute bytes.
+pub(crate) fn split_message(datagram: &[u8]) -> Result<(u16, TransactionId, &[u8]), StunError> {
+    if !is_stun(datagram) {
+        return Err(StunError::NotStun);
+    }
+    let kind = u16::from_be_bytes([datagram[0], datagram[1]]);
+    let len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
+    if len % 4 != 0 || HEADER_LEN + len != datagram.len() {
+        return Err(StunError::NotStun);
+    }
+    let transaction = transaction_id(datagram).ok_or(StunError::NotStun)?;
+    Ok((kind, transaction, &datagram[HEADER_LEN..]))
+}
+
+/// Reads an ERROR-CODE value: the code (class 3 to 6, number 0 to 99, RFC 8489 section 14.8)
+/// and the reason phrase (lossy UTF-8); `None` if out of range or too short.
+pub(crate) fn parse_error_code(value: &[u8]) -> Option<(u16, String)> {
+    if value.len() < 4 {
+        return None;
+    }
+    let (class, number) = (u16::from(value[2] & 0x07), u16::from(value[3]));
+    ((3..=6).contains(&class) && number < 100).then(|| (class * 100 + number, String::from_utf8_lossy(&value[4..]).into_owned()))
+}
+
 /// Iterates `(type, value)` over a message body, padding skipped.
-fn attributes(mut body: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), StunError>> {
+pub(crate) fn attributes(mut body: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), StunError>> {
     std::iter::from_fn(move || {
         if body.is_empty() {
             return None;
@@ -202,7 +244,8 @@ fn attributes(mut body: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), Stun
     })
 }
 
-fn parse_address(value: &[u8], xor: Option<TransactionId>) -> Option<SocketAddr> {
+/// Reads a (XOR-)MAPPED-ADDRESS-style value; `xor` carries the transaction for the XOR forms.
+pub(crate) fn parse_address(value: &[u8], xor: Option<TransactionId>) -> Option<SocketAddr> {
     if value.len() < 4 {
         return None;
     }
