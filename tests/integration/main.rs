@@ -20,3 +20,4 @@ mod rooms;
 mod stun_server;
 mod sync;
 mod tls;
+mod turn;
