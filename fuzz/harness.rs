@@ -24,6 +24,8 @@
 //!   message), or as a program of deliveries of sealed messages, edited or not, to a derived
 //!   `E2e` session (only genuine messages open, once, as a model of the replay window and
 //!   epochs says; a refusal changes nothing).
+//! * [`turn_decode`]: arbitrary bytes through the TURN codec and into an allocated
+//!   `TurnClient` as a datagram from its server.
 //!
 //! The `node_inputs` target (real `Node`s on `peerlink-sim`) keeps its harness in its own file,
 //! `fuzz_targets/node_inputs.rs`: it needs `peerlink-sim`, which `peerlink`'s tests cannot
@@ -2022,4 +2024,56 @@ pub fn e2e_seeds() -> Vec<(String, Vec<u8>)> {
     // Rekeying by bytes (bit 4: a few bytes per key) with sealing on the way.
     seeds.push(("d-bytes-limit".to_owned(), d(&[0x38, 0, 0, 6, 0, 1, 2, 0, 1, 2, 1, 1, 14, 0, 0, 1, 16, 0, 0, 1, 13, 0, 0, 1, 17, 0, 0, 1, 3, 0, 0])));
     seeds
+}
+
+/// `turn_decode`: arbitrary bytes through the TURN codec (never panics; ChannelData that
+/// decodes re-encodes to the same channel and data) and, as a datagram from the server, into a
+/// `TurnClient` with an allocation, a permission being created and a channel being bound:
+/// whatever it hands back as relayed data is part of the input, and its next deadline after
+/// `handle_timeout` is later than the time it was called with.
+pub fn turn_decode(data: &[u8]) {
+    use peerlink::turn::codec::{self, Class, Encoder, LongTermKey};
+    use peerlink::turn::{TurnClient, TurnConfig, TurnCredentials};
+    if let Ok(m) = codec::decode(data) {
+        let _ = m.verify(&LongTermKey::new("u", "r", "p"));
+    }
+    if let Ok((channel, payload)) = codec::decode_channel_data(data) {
+        let again = codec::encode_channel_data(channel, payload, true);
+        assert_eq!(codec::decode_channel_data(&again), Ok((channel, payload)));
+    }
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], 3478));
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 2], 4000));
+    let now = Instant::now();
+    let credentials = TurnCredentials { username: "u".into(), password: "p".into() };
+    let mut client = TurnClient::new(server, server, credentials, TurnConfig::default(), 0, now);
+    // 401, then a signed success: the scripted server's half of the Allocate.
+    let answer = |client: &mut TurnClient, reply: &dyn Fn(&codec::Message<'_>) -> Vec<u8>| {
+        let request = client.poll_transmit().expect("a request").contents;
+        let request = codec::decode(&request).expect("our own request decodes");
+        let bytes = reply(&request);
+        client.handle_datagram(now, server, &bytes);
+    };
+    answer(&mut client, &|r| {
+        let mut e = Encoder::new(r.method, Class::Error, r.transaction);
+        e.error_code(401, "Unauthorized").realm("r").nonce("n");
+        e.finish(None, true)
+    });
+    answer(&mut client, &|r| {
+        let mut e = Encoder::new(r.method, Class::Success, r.transaction);
+        e.xor_relayed_address(server).xor_mapped_address(server).lifetime(600);
+        e.finish(Some(&LongTermKey::new("u", "r", "p")), true)
+    });
+    assert!(client.relayed().is_some(), "the scripted allocation succeeds");
+    client.create_permission(now, peer.ip()).unwrap();
+    client.bind_channel(now, peer).unwrap();
+    while client.poll_transmit().is_some() {}
+    if let Some((_, payload)) = client.handle_datagram(now, server, data) {
+        let range = data.as_ptr_range();
+        assert!(range.contains(&payload.as_ptr()) || payload.is_empty(), "relayed data comes from the datagram");
+    }
+    while client.poll_event().is_some() {}
+    if let Some(t) = client.poll_timeout() {
+        client.handle_timeout(t);
+        assert!(client.poll_timeout().is_none_or(|next| next > t), "the deadline moves forward");
+    }
 }

@@ -65,6 +65,11 @@ fn server_core_seeds_reach_registered_states() {
 }
 
 #[test]
+fn turn_decode_corpus() {
+    replay("turn_decode", harness::turn_decode);
+}
+
+#[test]
 fn stun_decode_corpus() {
     replay("stun_decode", harness::stun_decode);
 }
