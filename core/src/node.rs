@@ -45,6 +45,7 @@ use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, Transfer
 use crate::client::{RequestId, Response};
 use crate::room::keys::RoomKeys;
 use crate::room::call::Call;
+use crate::turn::{TurnClient, TurnConfig, TurnCredentials, TurnEvent};
 use crate::room::{self, CallConfig, CallEvent, EncryptionEvent, JoinOptions, Source, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
 use crate::sync::host::{SyncEvent, Syncs};
@@ -56,14 +57,18 @@ pub const MAX_PENDING_OUTPUTS: usize = 65_536;
 pub const MAX_LOCAL_CANDIDATES: usize = 32;
 /// Most STUN servers.
 pub const MAX_STUN_SERVERS: usize = 8;
+/// Most TURN servers (each gets an allocation per local address of its IP family).
+pub const MAX_TURN_SERVERS: usize = 4;
 /// STUN binding retransmissions: the first after 500 ms, then doubling.
 const STUN_ATTEMPTS: u32 = 4;
 
-/// A STUN or TURN server as in the reference `iceServers` (`stun:` URLs are used for
-/// server-reflexive candidates).
+/// A STUN or TURN server as in the reference `iceServers`: `stun:` URLs give
+/// server-reflexive candidates, `turn:` URLs (UDP; with `username` and `credential`) relayed
+/// ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IceServer {
-    /// URLs, e.g. `stun:stun.example.org:3478`.
+    /// URLs, e.g. `stun:stun.example.org:3478` or `turn:turn.example.org:3478`
+    /// (`?transport=udp` or none; TCP and `turns:` are not spoken and are skipped).
     pub urls: Vec<String>,
     /// User name (TURN).
     pub username: Option<String>,
@@ -76,6 +81,35 @@ impl IceServer {
     pub fn new(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
         IceServer { urls: urls.into_iter().map(Into::into).collect(), username: None, credential: None }
     }
+
+    /// A TURN server at these URLs with long-term credentials.
+    pub fn turn(urls: impl IntoIterator<Item = impl Into<String>>, username: impl Into<String>, credential: impl Into<String>) -> Self {
+        IceServer { urls: urls.into_iter().map(Into::into).collect(), username: Some(username.into()), credential: Some(credential.into()) }
+    }
+}
+
+/// Which local candidates connections offer (the reference's `iceTransportPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IceTransportPolicy {
+    /// Host, server-reflexive and relayed candidates.
+    #[default]
+    All,
+    /// Relayed candidates only: every connection goes through a TURN server (nothing about
+    /// this host's addresses is told to the remote).
+    Relay,
+}
+
+/// A `turn:` server of [`NodeConfig::ice_servers`], for the adapter to resolve and hand to
+/// [`Node::add_turn_server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnServerUrl {
+    /// Its host name or address.
+    pub host: String,
+    /// Its port (3478 when the URL names none).
+    pub port: u16,
+    /// The credentials of its [`IceServer`].
+    pub credentials: TurnCredentials,
 }
 
 /// Where an adapter binds a node's UDP sockets; each socket becomes a host candidate.
@@ -123,9 +157,14 @@ pub struct NodeConfig {
     pub client: ClientConfig,
     /// Every direct connection.
     pub peer: PeerConfig,
-    /// STUN (and, later, TURN) servers. Adapters resolve the `stun:` hosts and call
-    /// [`Node::add_stun_server`]. Default none.
+    /// STUN and TURN servers. Adapters resolve the `stun:` hosts and call
+    /// [`Node::add_stun_server`], and the `turn:` ones for [`Node::add_turn_server`]. Default
+    /// none.
     pub ice_servers: Vec<IceServer>,
+    /// Which local candidates connections offer. Default [`IceTransportPolicy::All`].
+    pub ice_transport_policy: IceTransportPolicy,
+    /// Tuning of the TURN allocations.
+    pub turn: TurnConfig,
     /// Answer offers from peers that were not called (the reference auto-accepts). Default
     /// `true`; when `false` such offers are refused with `refused`.
     pub accept_incoming: bool,
@@ -149,6 +188,8 @@ impl NodeConfig {
             client,
             peer: PeerConfig::default(),
             ice_servers: Vec::new(),
+            ice_transport_policy: IceTransportPolicy::All,
+            turn: TurnConfig::default(),
             accept_incoming: true,
             max_peers: 256,
             rooms: RoomsConfig::default(),
@@ -159,6 +200,27 @@ impl NodeConfig {
     /// The `stun:` servers' hosts and ports, for the adapter to resolve.
     pub fn stun_hosts(&self) -> Vec<(String, u16)> {
         self.ice_servers.iter().flat_map(|s| s.urls.iter()).filter_map(|u| stun::parse_stun_url(u)).collect()
+    }
+
+    /// The `turn:` servers (UDP) with their credentials, for the adapter to resolve. A `turn:`
+    /// URL without both `username` and `credential` is skipped (with a warning), as are TCP
+    /// and `turns:` ones.
+    pub fn turn_servers(&self) -> Vec<TurnServerUrl> {
+        let mut out = Vec::new();
+        for server in &self.ice_servers {
+            for url in server.urls.iter().filter(|u| u.starts_with("turn:") || u.starts_with("turns:")) {
+                let Some((host, port)) = stun::parse_turn_url(url) else {
+                    warn!(%url, "TURN URL skipped: only turn: over UDP is spoken");
+                    continue;
+                };
+                let (Some(username), Some(password)) = (&server.username, &server.credential) else {
+                    warn!(%url, "TURN URL skipped: it needs a username and a credential");
+                    continue;
+                };
+                out.push(TurnServerUrl { host, port, credentials: TurnCredentials { username: username.clone(), password: password.clone() } });
+            }
+        }
+        out
     }
 }
 
@@ -296,6 +358,17 @@ pub enum NodeEvent {
         /// The STUN server.
         server: SocketAddr,
     },
+    /// Something happened to a TURN allocation: [`TurnEvent::Allocated`] (its relayed
+    /// address is now a candidate of every connection), or [`TurnEvent::Failed`] (e.g.
+    /// [`TurnError::Unauthorized`](crate::turn::TurnError::Unauthorized) for wrong credentials), among others.
+    Turn {
+        /// Our local address the allocation is made from.
+        local: SocketAddr,
+        /// The TURN server.
+        server: SocketAddr,
+        /// What happened.
+        event: TurnEvent,
+    },
     /// Something happened in a managed room.
     Room(RoomEvent),
     /// Something happened to a file, JSON or image transfer.
@@ -368,7 +441,12 @@ pub struct Node {
     cert: str0m::config::DtlsCert,
     peers: BTreeMap<Fingerprint, Peer>,
     candidates: Vec<Candidate>,
+    /// The local UDP addresses (host candidates, also under the relay policy).
+    local_addrs: Vec<SocketAddr>,
     stun_servers: Vec<SocketAddr>,
+    turn_servers: Vec<(SocketAddr, TurnCredentials)>,
+    /// One allocation per TURN server and local address of its family.
+    turns: Vec<TurnClient>,
     stun: BTreeMap<TransactionId, StunRequest>,
     transmits: VecDeque<NodeTransmit>,
     events: VecDeque<NodeEvent>,
@@ -423,7 +501,10 @@ impl Node {
             cert,
             peers: BTreeMap::new(),
             candidates: Vec::new(),
+            local_addrs: Vec::new(),
             stun_servers: Vec::new(),
+            turn_servers: Vec::new(),
+            turns: Vec::new(),
             stun: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -494,7 +575,8 @@ impl Node {
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         let syncs = self.syncs.poll_timeout(self.now);
         let keys = self.keys.poll_timeout().map(|t| t.max(self.now));
-        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).min()
+        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).map(|t| t.max(self.now));
+        self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).chain(turns).min()
     }
 
     fn begin(&mut self, now: Instant) -> Result<(), NodeError> {
@@ -599,19 +681,34 @@ impl Node {
                 return Ok(());
             }
         }
+        if let Some(i) = self.turns.iter().position(|t| t.local() == destination && t.is_from_server(source)) {
+            // The TURN server: its answers, or a peer's data through the relay, which is the
+            // peer's datagram to our relayed address.
+            let relayed = self.turns[i].handle_datagram(now, source, contents).and_then(|(peer, data)| Some((peer, self.turns[i].relayed()?, data)));
+            self.pump_turns();
+            if let Some((peer, relayed, data)) = relayed {
+                self.peer_datagram(now, peer, relayed, data);
+            }
+            return Ok(());
+        }
+        self.peer_datagram(now, source, destination, contents);
+        Ok(())
+    }
+
+    /// A datagram for one of the connections.
+    fn peer_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
         let Some(input) = Peer::parse_datagram(now, source, destination, contents) else {
             trace!(%source, len = contents.len(), "undecodable datagram dropped");
-            return Ok(());
+            return;
         };
         let Some(fp) = self.peers.iter().find(|(_, p)| p.accepts(&input)).map(|(fp, _)| *fp) else {
             trace!(%source, "datagram for no connection dropped");
-            return Ok(());
+            return;
         };
         self.with_peer(fp, |peer, ctx| peer.handle_input(input, ctx));
         if self.rooms_dirty || self.transfers_dirty {
             self.flush_layers();
         }
-        Ok(())
     }
 
     // ---- time ---------------------------------------------------------------------------
@@ -627,6 +724,12 @@ impl Node {
             self.with_peer(fp, |peer, ctx| peer.handle_timeout(ctx));
         }
         self.stun_timers(now);
+        for t in &mut self.turns {
+            if t.poll_timeout().is_some_and(|at| at <= now) {
+                t.handle_timeout(now);
+            }
+        }
+        self.pump_turns();
         self.rooms_dirty = true;
         if self.transfers.poll_timeout().is_some_and(|t| t <= now) {
             self.transfers.handle_timeout(now);
@@ -651,10 +754,80 @@ impl Node {
         self.begin(now)?;
         let candidate = Candidate::host(addr, "udp").map_err(|e| NodeError::InvalidAddress(e.to_string()))?;
         self.add_candidate(candidate)?;
+        if !self.local_addrs.contains(&addr) {
+            self.local_addrs.push(addr);
+        }
         for server in self.stun_servers.clone() {
             self.start_stun(addr, server);
         }
+        for (server, credentials) in self.turn_servers.clone() {
+            self.start_turn(addr, server, credentials);
+        }
+        self.pump_turns();
         Ok(())
+    }
+
+    /// Adds a TURN server (resolved address) with its long-term credentials: an allocation is
+    /// made from every local address of its IP family, and each relayed address becomes a
+    /// candidate of every connection ([`NodeEvent::Turn`] tells how it goes). Connections
+    /// then reach peers through it when nothing more direct works, or always under
+    /// [`IceTransportPolicy::Relay`]. Errors: more than [`MAX_TURN_SERVERS`]
+    /// ([`NodeError::InvalidAddress`]). Adding the same server again does nothing.
+    pub fn add_turn_server(&mut self, now: Instant, server: SocketAddr, credentials: TurnCredentials) -> Result<(), NodeError> {
+        self.begin(now)?;
+        if self.turn_servers.iter().any(|(s, _)| *s == server) {
+            return Ok(());
+        }
+        if self.turn_servers.len() >= MAX_TURN_SERVERS {
+            return Err(NodeError::InvalidAddress(format!("at most {MAX_TURN_SERVERS} TURN servers")));
+        }
+        self.turn_servers.push((server, credentials.clone()));
+        for local in self.local_addrs.clone() {
+            self.start_turn(local, server, credentials.clone());
+        }
+        self.pump_turns();
+        Ok(())
+    }
+
+    fn start_turn(&mut self, local: SocketAddr, server: SocketAddr, credentials: TurnCredentials) {
+        if local.is_ipv4() != server.is_ipv4() || self.turns.iter().any(|t| t.local() == local && t.server() == server) {
+            return;
+        }
+        info!(%local, %server, "allocating on a TURN server");
+        let seed = self.rng.next_u64();
+        self.turns.push(TurnClient::new(server, local, credentials, self.config.turn.clone(), seed, self.now));
+    }
+
+    /// Drains the TURN clients: their datagrams to the sockets, their events to the
+    /// application (an allocation's relayed address becomes a candidate).
+    fn pump_turns(&mut self) {
+        let mut relayed = Vec::new();
+        for t in &mut self.turns {
+            while let Some(d) = t.poll_transmit() {
+                self.transmits.push_back(NodeTransmit::Datagram(d));
+            }
+            while let Some(event) = t.poll_event() {
+                match &event {
+                    TurnEvent::Allocated { relayed: addr, .. } => {
+                        info!(server = %t.server(), relayed = %addr, "TURN allocation");
+                        relayed.push((*addr, t.local()));
+                    }
+                    TurnEvent::Failed { error } => warn!(server = %t.server(), %error, "TURN allocation failed"),
+                    _ => debug!(server = %t.server(), ?event, "TURN"),
+                }
+                self.events.push_back(NodeEvent::Turn { local: t.local(), server: t.server(), event });
+            }
+        }
+        for (addr, local) in relayed {
+            match Candidate::relayed(addr, local, "udp") {
+                Ok(c) => {
+                    if let Err(e) = self.add_candidate(c) {
+                        warn!(error = %e, "relayed candidate not added");
+                    }
+                }
+                Err(e) => debug!(error = %e, "unusable relayed address"),
+            }
+        }
     }
 
     /// Adds a STUN server (resolved address); every local address is checked against it.
@@ -684,6 +857,10 @@ impl Node {
 
     fn add_candidate(&mut self, candidate: Candidate) -> Result<(), NodeError> {
         if self.candidates.iter().any(|c| c.addr() == candidate.addr() && c.kind() == candidate.kind()) {
+            return Ok(());
+        }
+        if self.config.ice_transport_policy == IceTransportPolicy::Relay && candidate.kind() != str0m::CandidateKind::Relayed {
+            // Known to this node (its sockets), never told to a remote.
             return Ok(());
         }
         if self.candidates.len() >= MAX_LOCAL_CANDIDATES {
@@ -783,7 +960,7 @@ impl Node {
         fp: Option<Fingerprint>,
         f: impl FnOnce(Option<&mut Peer>, &mut Ctx<'_, ChaCha20Rng>) -> T,
     ) -> (T, VecDeque<Signal>, VecDeque<PeerOutput>) {
-        let Node { peers, identity, rng, config, cert, candidates, transmits, now, .. } = self;
+        let Node { peers, identity, rng, config, cert, candidates, transmits, turns, now, .. } = self;
         let peer = fp.and_then(|fp| peers.get_mut(&fp));
         let mut datagrams = VecDeque::new();
         let mut signals = VecDeque::new();
@@ -800,7 +977,12 @@ impl Node {
             outputs: &mut outputs,
         };
         let result = f(peer, &mut ctx);
-        transmits.extend(datagrams.into_iter().map(NodeTransmit::Datagram));
+        for d in datagrams {
+            match turns.iter_mut().find(|t| t.relayed() == Some(d.source)) {
+                Some(turn) => relay_through(turn, *now, d, transmits),
+                None => transmits.push_back(NodeTransmit::Datagram(d)),
+            }
+        }
         (result, signals, outputs)
     }
 
@@ -1363,9 +1545,37 @@ impl Node {
         for fp in all {
             self.with_peer(fp, |p, ctx| p.close(ctx));
         }
+        for t in &mut self.turns {
+            t.close(now);
+        }
+        self.pump_turns();
         self.client.disconnect(now)?;
         self.pump_client();
         Ok(())
+    }
+}
+
+/// Sends a connection's datagram from our relayed address `turn.relayed()`: through a
+/// channel, once bound, else in a Send indication. A peer address without a permission gets
+/// one asked for and this datagram is dropped (ICE sends its checks again; the permission is
+/// there by then); its channel is asked for once the permission holds.
+fn relay_through(turn: &mut TurnClient, now: Instant, d: Datagram, transmits: &mut VecDeque<NodeTransmit>) {
+    let peer = d.destination;
+    let result = if !turn.has_permission(now, peer.ip()) {
+        turn.create_permission(now, peer.ip())
+    } else {
+        if turn.channel(now, peer).is_none() {
+            if let Err(e) = turn.bind_channel(now, peer) {
+                trace!(%peer, error = %e, "no TURN channel");
+            }
+        }
+        turn.send_to(now, peer, &d.contents)
+    };
+    if let Err(e) = result {
+        trace!(%peer, error = %e, "datagram not relayed");
+    }
+    while let Some(t) = turn.poll_transmit() {
+        transmits.push_back(NodeTransmit::Datagram(t));
     }
 }
 

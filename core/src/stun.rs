@@ -282,7 +282,22 @@ pub(crate) fn parse_address(value: &[u8], xor: Option<TransactionId>) -> Option<
 /// `None`; so does anything unparseable.
 pub fn parse_stun_url(url: &str) -> Option<(String, u16)> {
     let rest = url.strip_prefix("stun:")?;
-    let rest = rest.split('?').next().unwrap_or(rest);
+    parse_host_port(rest.split('?').next().unwrap_or(rest))
+}
+
+/// The host and port of a `turn:` URL over UDP (RFC 7065: `turn:host[:port][?transport=udp]`,
+/// port 3478 by default). `None` for anything else: `turns:`, `?transport=tcp`, malformed.
+pub fn parse_turn_url(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("turn:")?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !(query.is_empty() || query.eq_ignore_ascii_case("transport=udp")) {
+        return None;
+    }
+    parse_host_port(rest)
+}
+
+/// `[v6]:port`, `host:port` or `host` (port 3478).
+fn parse_host_port(rest: &str) -> Option<(String, u16)> {
     if rest.is_empty() {
         return None;
     }

@@ -21,3 +21,4 @@ mod stun_server;
 mod sync;
 mod tls;
 mod turn;
+mod turn_relay;

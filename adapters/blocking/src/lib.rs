@@ -396,6 +396,16 @@ impl PollNode {
                 Err(e) => warn!(%host, error = %e, "STUN server not resolved"),
             }
         }
+        for turn in node.core.config().turn_servers() {
+            match (turn.host.as_str(), turn.port).to_socket_addrs() {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        node.core.add_turn_server(now, addr, turn.credentials.clone())?;
+                    }
+                }
+                Err(e) => warn!(host = %turn.host, error = %e, "TURN server not resolved"),
+            }
+        }
         node.drain(now)?;
         Ok(node)
     }

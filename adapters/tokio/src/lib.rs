@@ -565,6 +565,7 @@ async fn start(
     let now = Instant::now();
     let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let stun_hosts = config.stun_hosts();
+    let turn_servers = config.turn_servers();
     let mut core = peerlink::Node::new(config, identity, seed, now, unix_ms)?;
     let mut udp = Vec::new();
     if node {
@@ -583,6 +584,16 @@ async fn start(
                     }
                 }
                 Err(e) => tracing::warn!(%host, error = %e, "STUN server not resolved"),
+            }
+        }
+        for turn in turn_servers {
+            match tokio::net::lookup_host((turn.host.as_str(), turn.port)).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        core.add_turn_server(now, addr, turn.credentials.clone())?;
+                    }
+                }
+                Err(e) => tracing::warn!(host = %turn.host, error = %e, "TURN server not resolved"),
             }
         }
     }

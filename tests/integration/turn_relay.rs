@@ -1,0 +1,124 @@
+//! Connections through a real TURN server: coturn on 127.0.0.1 (which `.ci/run` installs),
+//! long-term credentials from a `turn:` entry of `ice_servers`, the `relay` transport policy.
+//!
+//! - Two nodes that may only use relayed candidates allocate on coturn, connect through it
+//!   (ICE, DTLS and SCTP inside TURN channels) and exchange data both ways.
+//! - The same two nodes without a TURN server cannot connect at all: the policy really keeps
+//!   their host addresses out (the control that makes the first test mean something).
+//! - Wrong credentials are a typed event: `TurnEvent::Failed { error: Unauthorized }`.
+
+use std::time::{Duration, Instant};
+
+use peerlink::turn::{TurnError, TurnEvent};
+use peerlink::{IceServer, IceTransportPolicy, NodeConfig, NodeEvent, Payload, PeerError, PeerState};
+use peerlink_blocking::{PollNode, PollOptions, UdpBind};
+use peerlink_tests::coturn::Coturn;
+use peerlink_tests::{WAIT, client_config, start_server};
+
+fn coturn() -> Coturn {
+    Coturn::start(&["--lt-cred-mech", "--user=u:p", "--realm=peerlink", "--allow-loopback-peers", "--relay-ip=127.0.0.1"])
+}
+
+fn node(url: &str, alias: &str, turn: Option<(u16, &str)>) -> PollNode {
+    let mut config = NodeConfig::with_client(client_config(url, alias));
+    if let Some((port, password)) = turn {
+        config.ice_servers = vec![IceServer::turn([format!("turn:127.0.0.1:{port}?transport=udp")], "u", password)];
+    }
+    config.ice_transport_policy = IceTransportPolicy::Relay;
+    config.peer.connect_timeout = Duration::from_secs(4);
+    PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).unwrap()
+}
+
+/// Polls both nodes until `done` holds for the events seen so far; fails after `limit`.
+fn run(a: &mut PollNode, b: &mut PollNode, ea: &mut Vec<NodeEvent>, eb: &mut Vec<NodeEvent>, limit: Duration, what: &str, done: impl Fn(&[NodeEvent], &[NodeEvent]) -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done(ea, eb) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\nA: {ea:#?}\nB: {eb:#?}");
+        a.poll(Instant::now()).unwrap();
+        b.poll(Instant::now()).unwrap();
+        ea.extend(std::iter::from_fn(|| a.poll_event()));
+        eb.extend(std::iter::from_fn(|| b.poll_event()));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn allocated(events: &[NodeEvent]) -> bool {
+    events.iter().any(|e| matches!(e, NodeEvent::Turn { event: TurnEvent::Allocated { .. }, .. }))
+}
+
+fn channel_open(events: &[NodeEvent]) -> bool {
+    events.iter().any(|e| matches!(e, NodeEvent::ChannelOpen { channel, .. } if channel == "default"))
+}
+
+fn texts(events: &[NodeEvent]) -> Vec<String> {
+    events.iter().filter_map(|e| match e {
+        NodeEvent::Data { data: Payload::Text(t), .. } => Some(t.clone()),
+        _ => None,
+    }).collect()
+}
+
+#[test]
+fn two_relay_only_nodes_connect_through_coturn() {
+    let coturn = coturn();
+    let server = start_server(peerlink::ServerConfig::default());
+    let mut a = node(&server.url(), "a", Some((coturn.port, "p")));
+    let mut b = node(&server.url(), "b", Some((coturn.port, "p")));
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "both allocations", |ea, eb| allocated(ea) && allocated(eb));
+    // Only the relayed candidate is offered: nothing about the host's sockets.
+    for n in [&mut a, &mut b] {
+        let candidates = n.node().local_candidates();
+        assert_eq!(candidates.len(), 1, "{candidates:?}");
+        assert!(candidates[0].contains("typ relay"), "{candidates:?}");
+    }
+    let (fa, fb) = (a.fingerprint(), b.fingerprint());
+    a.connect_to_peer(fb).unwrap();
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "the connection through coturn", |ea, eb| channel_open(ea) && channel_open(eb));
+    for i in 0..20 {
+        a.send(fb, None, &format!("a{i}")).unwrap();
+        b.send(fa, None, &format!("b{i}")).unwrap();
+    }
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "40 messages", |ea, eb| texts(ea).len() == 20 && texts(eb).len() == 20);
+    assert_eq!(texts(&eb), (0..20).map(|i| format!("\"a{i}\"")).collect::<Vec<_>>());
+    assert_eq!(texts(&ea), (0..20).map(|i| format!("\"b{i}\"")).collect::<Vec<_>>());
+    // The relayed path used TURN channels (bound once permissions held): B's view of A.
+    let bound = ea.iter().chain(&eb).filter(|e| matches!(e, NodeEvent::Turn { event: TurnEvent::ChannelBound { .. }, .. })).count();
+    assert!(bound >= 2, "each side bound a channel to the other's relayed address");
+    assert_eq!(a.get_peer(&fb).map(|p| p.state), Some(PeerState::Connected));
+}
+
+#[test]
+fn relay_only_without_a_turn_server_cannot_connect() {
+    let server = start_server(peerlink::ServerConfig::default());
+    let mut a = node(&server.url(), "a", None);
+    let mut b = node(&server.url(), "b", None);
+    assert!(a.node().local_candidates().is_empty());
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "registration", |_, _| true);
+    while !(a.is_registered() && b.is_registered()) {
+        a.poll(Instant::now()).unwrap();
+        b.poll(Instant::now()).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.connect_to_peer(b.fingerprint()).unwrap();
+    let failed = |e: &[NodeEvent]| e.iter().any(|e| matches!(e, NodeEvent::PeerError { error: PeerError::ConnectTimeout, .. }));
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "the connect timeout", |ea, _| failed(ea));
+    assert!(!channel_open(&ea) && !channel_open(&eb));
+}
+
+#[test]
+fn wrong_turn_credentials_are_a_typed_event() {
+    let coturn = coturn();
+    let server = start_server(peerlink::ServerConfig::default());
+    let mut a = node(&server.url(), "a", Some((coturn.port, "wrong")));
+    let deadline = Instant::now() + WAIT;
+    let (local, turn_server, event) = loop {
+        assert!(Instant::now() < deadline, "no TURN outcome");
+        if let Some(NodeEvent::Turn { local, server, event }) = a.next_event(Duration::from_millis(100)).unwrap() {
+            break (local, server, event);
+        }
+    };
+    assert_eq!(event, TurnEvent::Failed { error: TurnError::Unauthorized });
+    assert_eq!((local, turn_server), (a.local_addrs()[0], coturn.addr()));
+    assert!(a.node().local_candidates().is_empty(), "no relayed candidate");
+}
