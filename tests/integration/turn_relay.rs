@@ -122,3 +122,41 @@ fn wrong_turn_credentials_are_a_typed_event() {
     assert_eq!((local, turn_server), (a.local_addrs()[0], coturn.addr()));
     assert!(a.node().local_candidates().is_empty(), "no relayed candidate");
 }
+
+/// coturn grants 10 s allocations: each node refreshes its allocation before it expires, and
+/// the connection through it carries a message each way every second well past the first
+/// lifetime.
+#[test]
+fn a_short_allocation_is_refreshed_under_a_live_connection() {
+    let coturn = Coturn::start(&["--lt-cred-mech", "--user=u:p", "--realm=peerlink", "--allow-loopback-peers", "--relay-ip=127.0.0.1", "--max-allocate-lifetime=10"]);
+    let server = start_server(peerlink::ServerConfig::default());
+    let mut a = node(&server.url(), "a", Some((coturn.port, "p")));
+    let mut b = node(&server.url(), "b", Some((coturn.port, "p")));
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "both allocations", |ea, eb| allocated(ea) && allocated(eb));
+    let lifetime = ea.iter().find_map(|e| match e {
+        NodeEvent::Turn { event: TurnEvent::Allocated { lifetime, .. }, .. } => Some(*lifetime),
+        _ => None,
+    });
+    assert_eq!(lifetime, Some(Duration::from_secs(10)), "coturn grants its maximum");
+    let allocated_at = Instant::now();
+    let (fa, fb) = (a.fingerprint(), b.fingerprint());
+    a.connect_to_peer(fb).unwrap();
+    run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "the connection through coturn", |ea, eb| channel_open(ea) && channel_open(eb));
+    let mut sent = 0;
+    while allocated_at.elapsed() < Duration::from_secs(14) {
+        a.send(fb, None, &format!("a{sent}")).unwrap();
+        b.send(fa, None, &format!("b{sent}")).unwrap();
+        sent += 1;
+        let n = sent;
+        run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "this second's messages", |ea, eb| texts(ea).len() == n && texts(eb).len() == n);
+        let pause = Instant::now() + Duration::from_secs(1);
+        run(&mut a, &mut b, &mut ea, &mut eb, WAIT, "a second", |_, _| Instant::now() >= pause);
+    }
+    let refreshed = |events: &[NodeEvent]| events.iter().any(|e| matches!(e, NodeEvent::Turn { event: TurnEvent::Refreshed { .. }, .. }));
+    assert!(refreshed(&ea) && refreshed(&eb), "both allocations refreshed");
+    let failed = ea.iter().chain(&eb).filter(|e| matches!(e, NodeEvent::Turn { event: TurnEvent::Failed { .. }, .. } | NodeEvent::PeerState { state: PeerState::Disconnected | PeerState::Failed, .. })).count();
+    assert_eq!(failed, 0, "nothing failed or disconnected");
+    assert_eq!(texts(&eb), (0..sent).map(|i| format!("\"a{i}\"")).collect::<Vec<_>>());
+    assert!(sent >= 10, "{sent} seconds of messages");
+}
