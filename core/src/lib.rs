@@ -8,7 +8,9 @@
 //! JSON / image [`transfer`]s, and shared state over rooms ([`sync`]: a key-value map ordered by
 //! hybrid logical clocks, and yrs documents), and end-to-end encryption ([`e2e`]: an
 //! authenticated key exchange, sessions with counter nonces and replay windows, an encrypted
-//! reconnecting stream). Runtime
+//! reconnecting stream). Connections reach peers through TURN relays when nothing more direct
+//! works ([`turn`]: a sans-IO TURN client, RFC 8656 over UDP; [`stun`] for reflexive
+//! addresses). Runtime
 //! adapters (`peerlink-smol`, `peerlink-tokio`, `peerlink-blocking`, `peerlink-server`, and the
 //! deterministic simulator `peerlink-sim`) own the sockets and timers.
 //!
