@@ -5,6 +5,7 @@
 
 pub mod measure;
 pub mod nodes;
+pub mod throughput;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -120,17 +121,32 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 
 /// A blocking-adapter node with UDP on loopback and `peer`'s settings, registered with the
 /// signaling server at `url` (up to 10 s).
-pub fn registered_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_blocking::PollNode, Box<dyn std::error::Error + Send + Sync>> {
+pub fn registered_node(url: &str, peer: &peerlink::PeerConfig) -> Result<peerlink_blocking::PollNode, BenchError> {
     let mut config = peerlink::NodeConfig::new(url);
     config.peer = peer.clone();
+    ready_node(config)
+}
+
+/// A blocking-adapter node with UDP on loopback and `config`, registered with its signaling
+/// server and, when `config` names TURN servers, holding an allocation (up to 10 s).
+pub fn ready_node(config: peerlink::NodeConfig) -> Result<peerlink_blocking::PollNode, BenchError> {
+    use peerlink::NodeEvent;
+    use peerlink::turn::TurnEvent;
+    let mut allocated = config.turn_servers().is_empty();
     let options = peerlink_blocking::PollOptions { udp: peerlink_blocking::UdpBind::Loopback, ..Default::default() };
     let mut node = peerlink_blocking::PollNode::new(config, options)?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.is_registered() {
+    while !(node.is_registered() && allocated) {
         if Instant::now() >= deadline {
-            return Err("not registered".into());
+            return Err(if allocated { "not registered" } else { "no TURN allocation" }.into());
         }
-        node.next_event(Duration::from_millis(20))?;
+        match node.next_event(Duration::from_millis(20))? {
+            Some(NodeEvent::Turn { event: TurnEvent::Allocated { .. }, .. }) => allocated = true,
+            Some(NodeEvent::Turn { event: TurnEvent::Failed { error }, server, .. }) => {
+                return Err(format!("TURN allocation on {server} failed: {error}").into());
+            }
+            _ => {}
+        }
     }
     Ok(node)
 }
