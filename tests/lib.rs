@@ -19,6 +19,7 @@ use tungstenite::Message;
 pub use peerlink_server::{ServerHandle, ServerOptions};
 pub mod chromium;
 pub mod coturn;
+pub mod relay_nodes;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -233,6 +233,64 @@ pub struct RoomSummary {
     pub members: usize,
 }
 
+/// Short-lived TURN credentials issued by the signaling server ([`Client::turn_credentials`]),
+/// in the TURN REST API scheme: TURN servers that share the signaling server's secret accept
+/// them until they expire.
+///
+/// To use them, hand [`IssuedTurnCredentials::ice_server`] to a node: put it in
+/// [`NodeConfig::ice_servers`](crate::NodeConfig::ice_servers) of a node created afterwards, or
+/// resolve each of [`IceServer::turn_servers`](crate::IceServer::turn_servers) and call
+/// [`Node::add_turn_server`](crate::Node::add_turn_server) on a running one (the adapters'
+/// `add_turn_servers` does this). Allocations made with them end when they expire: ask again
+/// before [`IssuedTurnCredentials::expires_at`] for connections made later.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedTurnCredentials {
+    /// The TURN servers that accept them, e.g. `turn:turn.example.org:3478?transport=udp`.
+    pub urls: Vec<String>,
+    /// The TURN user name, `<expiry unix seconds>:<fingerprint>`.
+    pub username: String,
+    /// The TURN password.
+    pub credential: String,
+    /// Their lifetime as issued.
+    pub ttl: Duration,
+    /// When the reply was handled (the client's `now`).
+    pub received_at: Instant,
+}
+
+impl IssuedTurnCredentials {
+    /// When they expire, on the client's clock: [`received_at`](Self::received_at) plus the
+    /// TTL (a little late by the reply's travel time).
+    pub fn expires_at(&self) -> Instant {
+        self.received_at + self.ttl
+    }
+
+    /// The expiry the user name carries, in seconds since the Unix epoch, or `None` when the
+    /// server used another user name format.
+    pub fn expiry_unix_secs(&self) -> Option<u64> {
+        self.username.split_once(':')?.0.parse().ok()
+    }
+
+    /// The credentials as an ICE server entry: its URLs with the user name and password.
+    pub fn ice_server(&self) -> crate::IceServer {
+        crate::IceServer::turn(self.urls.iter().cloned(), self.username.clone(), self.credential.clone())
+    }
+
+    /// The user name and password for [`Node::add_turn_server`](crate::Node::add_turn_server).
+    pub fn credentials(&self) -> crate::turn::TurnCredentials {
+        crate::turn::TurnCredentials { username: self.username.clone(), password: self.credential.clone() }
+    }
+}
+
+impl std::fmt::Debug for IssuedTurnCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedTurnCredentials")
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A successful reply to a request.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -278,6 +336,8 @@ pub enum Response {
         /// Time from sending the ping to handling the pong.
         rtt: Duration,
     },
+    /// `turn_credentials`: short-lived TURN credentials.
+    TurnCredentials(IssuedTurnCredentials),
     /// Any request without a richer result (`leave`, `leave_room`, `kick`, `close_room`,
     /// `cancel_match`).
     Ok,
@@ -843,6 +903,14 @@ impl Client {
         self.request(now, |id| ClientMessage::Ping { id })
     }
 
+    /// Asks the server for short-lived TURN credentials. The reply is
+    /// [`Response::TurnCredentials`]; a server without a TURN secret answers with
+    /// [`ErrorCode::TurnUnavailable`]. Made before registration, it waits in the outbox like
+    /// every request (the server answers only registered clients).
+    pub fn turn_credentials(&mut self, now: Instant) -> Result<RequestId, ClientError> {
+        self.request(now, |id| ClientMessage::TurnCredentials { id })
+    }
+
     // ---- internals ------------------------------------------------------------------------
 
     fn alloc_id(&mut self) -> u64 {
@@ -1008,6 +1076,10 @@ impl Client {
                     let rtt = now.saturating_duration_since(*sent_at);
                     self.complete(id, Response::Pong { rtt });
                 }
+            }
+            ServerMessage::TurnCredentials { id, username, credential, ttl, urls } => {
+                let issued = IssuedTurnCredentials { urls, username, credential, ttl: Duration::from_secs(ttl), received_at: now };
+                self.complete(id, Response::TurnCredentials(issued));
             }
             ServerMessage::Error { id, code, message } => self.on_error(id, code, message),
         }

@@ -170,7 +170,7 @@ pub mod sync;
 pub mod transfer;
 pub mod turn;
 
-pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, RequestId, Response, RoomDetails, RoomSummary};
+pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, IssuedTurnCredentials, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
 pub use node::{IceServer, IceTransportPolicy, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, TurnServerUrl, UdpBind};
 pub use peer::media::{self, Codec, MediaError, MediaEvent, MediaFrame, ReceivedFrame, TrackId, TrackInfo, TrackKind, TrackOptions};

@@ -86,6 +86,25 @@ impl IceServer {
     pub fn turn(urls: impl IntoIterator<Item = impl Into<String>>, username: impl Into<String>, credential: impl Into<String>) -> Self {
         IceServer { urls: urls.into_iter().map(Into::into).collect(), username: Some(username.into()), credential: Some(credential.into()) }
     }
+
+    /// Its `turn:` URLs (UDP) with its credentials, for the adapter to resolve and hand to
+    /// [`Node::add_turn_server`]. Without both `username` and `credential` every `turn:` URL is
+    /// skipped (with a warning), as are TCP and `turns:` ones.
+    pub fn turn_servers(&self) -> Vec<TurnServerUrl> {
+        let mut out = Vec::new();
+        for url in self.urls.iter().filter(|u| u.starts_with("turn:") || u.starts_with("turns:")) {
+            let Some((host, port)) = stun::parse_turn_url(url) else {
+                warn!(%url, "TURN URL skipped: only turn: over UDP is spoken");
+                continue;
+            };
+            let (Some(username), Some(password)) = (&self.username, &self.credential) else {
+                warn!(%url, "TURN URL skipped: it needs a username and a credential");
+                continue;
+            };
+            out.push(TurnServerUrl { host, port, credentials: TurnCredentials { username: username.clone(), password: password.clone() } });
+        }
+        out
+    }
 }
 
 /// Which local candidates connections offer (the reference's `iceTransportPolicy`).
@@ -202,25 +221,10 @@ impl NodeConfig {
         self.ice_servers.iter().flat_map(|s| s.urls.iter()).filter_map(|u| stun::parse_stun_url(u)).collect()
     }
 
-    /// The `turn:` servers (UDP) with their credentials, for the adapter to resolve. A `turn:`
-    /// URL without both `username` and `credential` is skipped (with a warning), as are TCP
-    /// and `turns:` ones.
+    /// The `turn:` servers (UDP) with their credentials, for the adapter to resolve (see
+    /// [`IceServer::turn_servers`]).
     pub fn turn_servers(&self) -> Vec<TurnServerUrl> {
-        let mut out = Vec::new();
-        for server in &self.ice_servers {
-            for url in server.urls.iter().filter(|u| u.starts_with("turn:") || u.starts_with("turns:")) {
-                let Some((host, port)) = stun::parse_turn_url(url) else {
-                    warn!(%url, "TURN URL skipped: only turn: over UDP is spoken");
-                    continue;
-                };
-                let (Some(username), Some(password)) = (&server.username, &server.credential) else {
-                    warn!(%url, "TURN URL skipped: it needs a username and a credential");
-                    continue;
-                };
-                out.push(TurnServerUrl { host, port, credentials: TurnCredentials { username: username.clone(), password: password.clone() } });
-            }
-        }
-        out
+        self.ice_servers.iter().flat_map(IceServer::turn_servers).collect()
     }
 }
 

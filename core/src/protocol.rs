@@ -83,11 +83,13 @@ pub enum ErrorCode {
     MatchCancelled,
     /// The server is shutting down or otherwise cannot serve the request.
     Unavailable,
+    /// `turn_credentials` on a server that has no TURN shared secret configured.
+    TurnUnavailable,
 }
 
 impl ErrorCode {
     /// Every error code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 25] = {
+    pub const ALL: [ErrorCode; 26] = {
         use ErrorCode::*;
         [
             BadJson,
@@ -115,6 +117,7 @@ impl ErrorCode {
             MatchTimeout,
             MatchCancelled,
             Unavailable,
+            TurnUnavailable,
         ]
     };
 
@@ -147,6 +150,7 @@ impl ErrorCode {
             MatchTimeout => "match_timeout",
             MatchCancelled => "match_cancelled",
             Unavailable => "unavailable",
+            TurnUnavailable => "turn_unavailable",
         }
     }
 }
@@ -428,6 +432,12 @@ pub enum ClientMessage<'a> {
         /// Request id.
         id: u64,
     },
+    /// Asks for short-lived TURN credentials; answered by `turn_credentials`, or
+    /// `turn_unavailable` when the server has no TURN secret.
+    TurnCredentials {
+        /// Request id.
+        id: u64,
+    },
     /// Ends the session now: no resume grace, peers see it leave at once.
     Bye,
 }
@@ -482,7 +492,8 @@ impl ClientMessage<'_> {
             | ListRooms { id, .. }
             | Kick { id, .. }
             | CloseRoom { id, .. }
-            | Ping { id } => Some(*id),
+            | Ping { id }
+            | TurnCredentials { id } => Some(*id),
             Relay { id, .. } | Broadcast { id, .. } => *id,
             Bye => None,
         }
@@ -753,6 +764,7 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, FrameError> {
             fingerprint: fingerprint(raw.fingerprint, "fingerprint", id)?,
         },
         "ping" => ClientMessage::Ping { id: req()? },
+        "turn_credentials" => ClientMessage::TurnCredentials { id: req()? },
         "bye" => ClientMessage::Bye,
         other => {
             let mut shown: String = other.chars().take(32).collect();
@@ -1043,6 +1055,20 @@ pub enum ServerMessage {
         /// The request id.
         id: u64,
     },
+    /// Reply to `turn_credentials`: TURN REST API credentials (username
+    /// `<expiry unix seconds>:<fingerprint>`, credential base64(HMAC-SHA1(secret, username))).
+    TurnCredentials {
+        /// The request id.
+        id: u64,
+        /// The TURN user name, `<expiry unix seconds>:<fingerprint>`.
+        username: String,
+        /// The TURN password: base64 of HMAC-SHA1 of `username` keyed with the shared secret.
+        credential: String,
+        /// Seconds from issue to expiry.
+        ttl: u64,
+        /// The TURN servers that accept them (`turn:host:port?transport=udp`, ...).
+        urls: Vec<String>,
+    },
     /// A request failed, or a frame could not be processed.
     Error {
         /// The request id, when the failed frame had one.
@@ -1165,6 +1191,7 @@ mod tests {
             (r#"{"type":"list_rooms","id":14,"prefix":"a\u0007"}"#, ErrorCode::InvalidField, Some(14)),
             (r#"{"type":"list_rooms","id":15,"prefix":7}"#, ErrorCode::InvalidField, Some(15)),
             (r#"{"type":"list_rooms","id":16,"limit":-1}"#, ErrorCode::InvalidField, Some(16)),
+            (r#"{"type":"turn_credentials"}"#, ErrorCode::MissingField, None),
         ];
         for (text, code, id) in cases {
             let err = decode_client(text).unwrap_err();
@@ -1191,6 +1218,7 @@ mod tests {
             ClientMessage::ListRooms { id: 6, prefix: None, limit: None },
             ClientMessage::ListRooms { id: 7, prefix: Some("".into()), limit: Some(3) },
             ClientMessage::ListRooms { id: 8, prefix: Some("game-\"x\"".into()), limit: Some(0) },
+            ClientMessage::TurnCredentials { id: 9 },
             ClientMessage::Bye,
         ];
         for m in msgs {
@@ -1209,6 +1237,13 @@ mod tests {
             ServerMessage::Broadcast { from: fp(), namespace: "n".into(), payload: RawJson(payload.clone()) },
             ServerMessage::Error { id: Some(2), code: ErrorCode::RoomFull, message: "full".into() },
             ServerMessage::Pong { id: 9 },
+            ServerMessage::TurnCredentials {
+                id: 10,
+                username: format!("1700000000:{}", fp()),
+                credential: "c2VjcmV0".into(),
+                ttl: 3600,
+                urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+            },
             ServerMessage::Rooms { id: 4, rooms: vec![] },
             ServerMessage::Rooms {
                 id: 5,

@@ -21,4 +21,5 @@ mod stun_server;
 mod sync;
 mod tls;
 mod turn;
+mod turn_credentials;
 mod turn_relay;

@@ -10,9 +10,10 @@
 use std::time::{Duration, Instant};
 
 use peerlink::turn::{TurnError, TurnEvent};
-use peerlink::{IceServer, IceTransportPolicy, NodeConfig, NodeEvent, Payload, PeerError, PeerState};
+use peerlink::{IceServer, IceTransportPolicy, NodeConfig, NodeEvent, PeerError, PeerState};
 use peerlink_blocking::{PollNode, PollOptions, UdpBind};
 use peerlink_tests::coturn::Coturn;
+use peerlink_tests::relay_nodes::{allocated, channel_open, run, texts};
 use peerlink_tests::{WAIT, client_config, start_server};
 
 fn coturn() -> Coturn {
@@ -27,34 +28,6 @@ fn node(url: &str, alias: &str, turn: Option<(u16, &str)>) -> PollNode {
     config.ice_transport_policy = IceTransportPolicy::Relay;
     config.peer.connect_timeout = Duration::from_secs(4);
     PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).unwrap()
-}
-
-/// Polls both nodes until `done` holds for the events seen so far; fails after `limit`.
-fn run(a: &mut PollNode, b: &mut PollNode, ea: &mut Vec<NodeEvent>, eb: &mut Vec<NodeEvent>, limit: Duration, what: &str, done: impl Fn(&[NodeEvent], &[NodeEvent]) -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done(ea, eb) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\nA: {ea:#?}\nB: {eb:#?}");
-        a.poll(Instant::now()).unwrap();
-        b.poll(Instant::now()).unwrap();
-        ea.extend(std::iter::from_fn(|| a.poll_event()));
-        eb.extend(std::iter::from_fn(|| b.poll_event()));
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn allocated(events: &[NodeEvent]) -> bool {
-    events.iter().any(|e| matches!(e, NodeEvent::Turn { event: TurnEvent::Allocated { .. }, .. }))
-}
-
-fn channel_open(events: &[NodeEvent]) -> bool {
-    events.iter().any(|e| matches!(e, NodeEvent::ChannelOpen { channel, .. } if channel == "default"))
-}
-
-fn texts(events: &[NodeEvent]) -> Vec<String> {
-    events.iter().filter_map(|e| match e {
-        NodeEvent::Data { data: Payload::Text(t), .. } => Some(t.clone()),
-        _ => None,
-    }).collect()
 }
 
 #[test]

@@ -126,7 +126,7 @@ use peerlink::client::{
 use peerlink::node::{NodeTransmit, PeerView};
 use peerlink::{
     CallConfig, ChannelOptions, ClientConfig, ClientError, ClientEvent, Datagram, Fingerprint,
-    Identity, MediaFrame, Node, NodeConfig, NodeError, NodeEvent, PeerInfo, Source,
+    IceServer, Identity, IssuedTurnCredentials, MediaFrame, Node, NodeConfig, NodeError, NodeEvent, PeerInfo, Source,
     TrackId, TrackOptions,
 };
 use rand::{RngCore, SeedableRng};
@@ -520,6 +520,49 @@ impl PollNode {
     /// Returns the addresses of the bound UDP sockets.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.udp.iter().map(|p| p.local).collect()
+    }
+
+    /// Asks the signaling server for short-lived TURN credentials (see
+    /// [`peerlink::Client::turn_credentials`]) and waits up to `timeout` for them, polling;
+    /// other events stay queued in order. Pass `issued.ice_server()` to
+    /// [`PollNode::add_turn_servers`]. Errors: the server's refusal (`turn_unavailable` when
+    /// it has no TURN secret) as [`Error::Request`], or [`RequestError::TimedOut`].
+    pub fn turn_credentials(&mut self, timeout: Duration) -> Result<IssuedTurnCredentials, Error> {
+        let deadline = Instant::now() + timeout;
+        let id = self.core.client_mut().turn_credentials(Instant::now())?;
+        let mut scanned = 0;
+        loop {
+            self.poll(Instant::now())?;
+            let found = self.events.iter().skip(scanned).position(
+                |e| matches!(e, NodeEvent::Signaling(ClientEvent::Response { request, .. }) if *request == id),
+            );
+            if let Some(NodeEvent::Signaling(ClientEvent::Response { result, .. })) = found.and_then(|pos| self.events.remove(scanned + pos)) {
+                return match result.map_err(Error::Request)? {
+                    Response::TurnCredentials(issued) => Ok(issued),
+                    other => Err(unexpected(other)),
+                };
+            }
+            scanned = self.events.len();
+            if Instant::now() >= deadline {
+                return Err(Error::Request(RequestError::TimedOut));
+            }
+            self.wait(Some(deadline));
+        }
+    }
+
+    /// Resolves the `turn:` URLs of `server` and adds each address with its credentials
+    /// ([`Node::add_turn_server`]): allocations start from every local socket. Returns how
+    /// many addresses were added; a host that does not resolve is an [`Error::Io`].
+    pub fn add_turn_servers(&mut self, server: &IceServer) -> Result<usize, Error> {
+        let mut added = 0;
+        for turn in server.turn_servers() {
+            for addr in (turn.host.as_str(), turn.port).to_socket_addrs()? {
+                self.core.add_turn_server(Instant::now(), addr, turn.credentials.clone())?;
+                added += 1;
+            }
+        }
+        self.poll(Instant::now())?;
+        Ok(added)
     }
 
     /// Starts a direct connection to `peer` (see [`Node::connect_to_peer`]).
@@ -1710,6 +1753,17 @@ impl Client {
     pub fn ping(&mut self) -> Result<Duration, Error> {
         match self.request(|c, now| c.ping(now))? {
             Response::Pong { rtt } => Ok(rtt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the server for short-lived TURN credentials (see
+    /// [`peerlink::Client::turn_credentials`]); a server without a TURN secret answers
+    /// `turn_unavailable`. Hand `issued.ice_server()` to a node
+    /// ([`PollNode::add_turn_servers`], or `NodeConfig::ice_servers` of a new one).
+    pub fn turn_credentials(&mut self) -> Result<IssuedTurnCredentials, Error> {
+        match self.request(|c, now| c.turn_credentials(now))? {
+            Response::TurnCredentials(issued) => Ok(issued),
             other => Err(unexpected(other)),
         }
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use peerlink::ServerConfig;
-use peerlink::server::{AuthConfig, AuthKey, RateLimit};
+use peerlink::server::{AuthConfig, AuthKey, RateLimit, TurnSecretConfig};
 use peerlink_server::{ServerOptions, TlsConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::info;
@@ -76,6 +76,17 @@ struct Args {
     /// Required `aud` claim.
     #[arg(long)]
     jwt_audience: Option<String>,
+    /// Issue short-lived TURN credentials (TURN REST API) signed with this secret, the one
+    /// coturn has as `--static-auth-secret` (with `--use-auth-secret`). Needs --turn-url.
+    #[arg(long, env = "PEERLINK_TURN_SECRET", hide_env_values = true, requires = "turn_url")]
+    turn_secret: Option<String>,
+    /// A TURN URL handed out with the credentials, e.g.
+    /// `turn:turn.example.org:3478?transport=udp`; repeat for several.
+    #[arg(long, value_name = "URL", requires = "turn_secret")]
+    turn_url: Vec<String>,
+    /// Lifetime of issued TURN credentials, in seconds (default 86400, a day).
+    #[arg(long, value_name = "SECONDS", requires = "turn_secret")]
+    turn_ttl: Option<u64>,
     /// Raise the soft open-files limit to the hard limit (for many connections).
     #[arg(long)]
     raise_nofile: bool,
@@ -156,6 +167,19 @@ fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         }
         None => {}
     }
+    if let Some(secret) = &args.turn_secret {
+        if secret.is_empty() {
+            bail!("the TURN secret is empty");
+        }
+        if let Some(url) = args.turn_url.iter().find(|u| !(u.starts_with("turn:") || u.starts_with("turns:"))) {
+            bail!("--turn-url {url}: a TURN URL starts with turn: or turns:");
+        }
+        let mut turn = TurnSecretConfig::new(secret.clone().into_bytes(), args.turn_url.iter().cloned());
+        if let Some(ttl) = args.turn_ttl {
+            turn = turn.ttl(Duration::from_secs(ttl));
+        }
+        config.turn = Some(turn);
+    }
     Ok(config)
 }
 
@@ -222,4 +246,34 @@ fn main() -> anyhow::Result<()> {
     }
     server.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<ServerConfig> {
+        let args = Args::try_parse_from(std::iter::once("peerlink-server").chain(args.iter().copied()))?;
+        config(&args)
+    }
+
+    #[test]
+    fn turn_flags_configure_the_turn_secret() {
+        let config = parse(&["--turn-secret", "s3cret", "--turn-url", "turn:a.example:3478", "--turn-url", "turn:10.0.0.1:3478?transport=udp", "--turn-ttl", "600"]).unwrap();
+        let turn = config.turn.expect("configured");
+        assert_eq!(turn.secret, b"s3cret");
+        assert_eq!(turn.urls, ["turn:a.example:3478", "turn:10.0.0.1:3478?transport=udp"]);
+        assert_eq!(turn.ttl, Duration::from_secs(600));
+        let turn = parse(&["--turn-secret", "s3cret", "--turn-url", "turn:a.example"]).unwrap().turn.unwrap();
+        assert_eq!(turn.ttl, peerlink::server::DEFAULT_TURN_TTL);
+        assert!(parse(&[]).unwrap().turn.is_none());
+    }
+
+    #[test]
+    fn incomplete_or_bad_turn_flags_are_refused() {
+        assert!(parse(&["--turn-secret", "s3cret"]).is_err(), "a secret without URLs");
+        assert!(parse(&["--turn-url", "turn:a.example"]).is_err(), "URLs without a secret");
+        assert!(parse(&["--turn-secret", "", "--turn-url", "turn:a.example"]).is_err(), "an empty secret");
+        assert!(parse(&["--turn-secret", "s", "--turn-url", "stun:a.example"]).is_err(), "not a TURN URL");
+    }
 }

@@ -93,7 +93,7 @@ use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, StreamExt};
 use peerlink::node::{NodeTransmit, PeerView};
 use peerlink::transfer::{ChunkSink, ChunkSource, FileInfo, TransferError};
-use peerlink::{CallConfig, ChannelOptions, Datagram, MediaFrame, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView, Source, TrackId, TrackOptions};
+use peerlink::{CallConfig, ChannelOptions, Datagram, IceServer, IssuedTurnCredentials, MediaFrame, NodeConfig, NodeError, NodeEvent, RoomData, RoomEvent, RoomOptions, RoomSummary, RoomView, Source, TrackId, TrackOptions};
 use smol::Async;
 use rand::TryRngCore;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -192,6 +192,7 @@ enum Op {
     CloseRoom { room_id: String },
     ListRooms { prefix: Option<String>, limit: Option<u32> },
     Ping,
+    TurnCredentials,
 }
 
 /// A managed-room command for the driver.
@@ -435,6 +436,16 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, Error> {
         match self.request(Op::Ping).await? {
             Response::Pong { rtt } => Ok(rtt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the server for short-lived TURN credentials (see
+    /// [`peerlink::Client::turn_credentials`]); a server without a TURN secret answers
+    /// `turn_unavailable`. Hand them to a node with [`Node::add_turn_servers`].
+    pub async fn turn_credentials(&self) -> Result<IssuedTurnCredentials, Error> {
+        match self.request(Op::TurnCredentials).await? {
+            Response::TurnCredentials(issued) => Ok(issued),
             other => Err(unexpected(other)),
         }
     }
@@ -770,6 +781,28 @@ impl Node {
     /// Lists rooms that have space (see [`Client::list_rooms`]).
     pub async fn list_rooms(&self, prefix: Option<&str>, limit: Option<u32>) -> Result<Vec<RoomSummary>, Error> {
         self.client().list_rooms(prefix, limit).await
+    }
+
+    /// Asks the signaling server for short-lived TURN credentials (see
+    /// [`Client::turn_credentials`]); pass `issued.ice_server()` to [`Node::add_turn_servers`].
+    pub async fn turn_credentials(&self) -> Result<IssuedTurnCredentials, Error> {
+        self.client().turn_credentials().await
+    }
+
+    /// Resolves the `turn:` URLs of `server` and adds each address with its credentials
+    /// ([`peerlink::Node::add_turn_server`]): allocations start from every local socket.
+    /// Returns how many addresses were added; a host that does not resolve is an
+    /// [`Error::Io`].
+    pub async fn add_turn_servers(&self, server: &IceServer) -> Result<usize, Error> {
+        let mut resolved = Vec::new();
+        for turn in server.turn_servers() {
+            for addr in smol::net::resolve((turn.host.as_str(), turn.port)).await? {
+                resolved.push((addr, turn.credentials.clone()));
+            }
+        }
+        let n = resolved.len();
+        self.core_call(move |node, now| resolved.into_iter().try_for_each(|(addr, credentials)| node.add_turn_server(now, addr, credentials))).await?;
+        Ok(n)
     }
 }
 
@@ -1503,6 +1536,7 @@ impl Driver {
                     Op::CloseRoom { room_id } => core.close_room(now, room_id),
                     Op::ListRooms { prefix, limit } => core.list_rooms(now, prefix.as_deref(), *limit),
                     Op::Ping => core.ping(now),
+                    Op::TurnCredentials => core.turn_credentials(now),
                 };
                 match result {
                     Ok(id) => {

@@ -660,6 +660,45 @@ fn list_rooms_reply_decodes_into_rooms() {
     assert_eq!(net.nodes[a].sent.len(), sent, "nothing sent for a bad prefix");
 }
 
+#[test]
+fn turn_credentials_reply_decodes_into_issued_credentials() {
+    let mut server = ServerConfig::default();
+    server.turn = Some(crate::server::TurnSecretConfig::new("s3cret", ["turn:10.0.0.1:3478", "turn:turn.example.org"]).ttl(Duration::from_secs(300)));
+    let mut net = Net::new(server);
+    let a = net.registered(cfg(), 1);
+    let now = net.now;
+    let r = net.nodes[a].c.turn_credentials(now).unwrap();
+    net.pump();
+    let issued = match &responses(&net.events(a))[..] {
+        [(id, Ok(Response::TurnCredentials(issued)))] if *id == r => issued.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(issued.ttl, Duration::from_secs(300));
+    assert_eq!(issued.expires_at(), net.now + Duration::from_secs(300));
+    let expiry = issued.expiry_unix_secs().expect("the user name starts with the expiry");
+    assert_eq!(issued.username, format!("{expiry}:{}", net.fp(a)));
+    assert_eq!(issued.credential, crate::server::turn_rest_credentials(b"s3cret", expiry, &net.fp(a)).1);
+    assert!(!format!("{issued:?}").contains(&issued.credential), "the password stays out of Debug");
+    // Ready for a node: both URLs as TURN servers with these credentials.
+    let servers = issued.ice_server().turn_servers();
+    let hosts: Vec<(&str, u16)> = servers.iter().map(|s| (s.host.as_str(), s.port)).collect();
+    assert_eq!(hosts, [("10.0.0.1", 3478), ("turn.example.org", 3478)]);
+    assert!(servers.iter().all(|s| s.credentials == issued.credentials()));
+}
+
+#[test]
+fn turn_credentials_from_a_server_without_a_secret_fail_with_turn_unavailable() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.registered(cfg(), 1);
+    let now = net.now;
+    let r = net.nodes[a].c.turn_credentials(now).unwrap();
+    net.pump();
+    match &responses(&net.events(a))[..] {
+        [(id, Err(e))] if *id == r => assert_eq!(e.code(), Some(ErrorCode::TurnUnavailable)),
+        other => panic!("{other:?}"),
+    }
+}
+
 // ---- fatal conditions ----------------------------------------------------------------------------
 
 #[test]

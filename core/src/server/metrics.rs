@@ -66,6 +66,8 @@ pub enum MessageType {
     CloseRoom,
     /// `ping`.
     Ping,
+    /// `turn_credentials`.
+    TurnCredentials,
     /// `bye`.
     Bye,
     /// A `type` the protocol does not have (answered with `unknown_type`), whatever its text.
@@ -76,7 +78,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every message type, in declaration order.
-    pub const ALL: [MessageType; 19] = [
+    pub const ALL: [MessageType; 20] = [
         MessageType::Register,
         MessageType::Join,
         MessageType::Leave,
@@ -93,6 +95,7 @@ impl MessageType {
         MessageType::Kick,
         MessageType::CloseRoom,
         MessageType::Ping,
+        MessageType::TurnCredentials,
         MessageType::Bye,
         MessageType::Unknown,
         MessageType::Invalid,
@@ -117,6 +120,7 @@ impl MessageType {
             MessageType::Kick => "kick",
             MessageType::CloseRoom => "close_room",
             MessageType::Ping => "ping",
+            MessageType::TurnCredentials => "turn_credentials",
             MessageType::Bye => "bye",
             MessageType::Unknown => "unknown",
             MessageType::Invalid => "invalid",
@@ -142,13 +146,14 @@ impl MessageType {
             ClientMessage::Kick { .. } => MessageType::Kick,
             ClientMessage::CloseRoom { .. } => MessageType::CloseRoom,
             ClientMessage::Ping { .. } => MessageType::Ping,
+            ClientMessage::TurnCredentials { .. } => MessageType::TurnCredentials,
             ClientMessage::Bye => MessageType::Bye,
         }
     }
 }
 
 /// Every error code, indexed by `code as usize` (a unit test checks it).
-pub(crate) const ERROR_CODES: [ErrorCode; 25] = ErrorCode::ALL;
+pub(crate) const ERROR_CODES: [ErrorCode; 26] = ErrorCode::ALL;
 
 /// Every close code, indexed by `code as usize` (a unit test checks it).
 pub(crate) const CLOSE_CODES: [CloseCode; 10] = CloseCode::ALL;
@@ -434,7 +439,7 @@ mod tests {
         }
         // Complete: the last declared variant is the last entry (a variant added after it
         // would have a discriminant past the table).
-        assert_eq!(ErrorCode::Unavailable as usize + 1, ERROR_CODES.len());
+        assert_eq!(ErrorCode::TurnUnavailable as usize + 1, ERROR_CODES.len());
         assert_eq!(CloseCode::RegisterTimeout as usize + 1, CLOSE_CODES.len());
         assert_eq!(MessageType::Invalid as usize + 1, MessageType::ALL.len());
         // Every wire error code parses back to one in the table.

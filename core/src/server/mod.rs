@@ -36,9 +36,11 @@
 
 mod jwt;
 mod metrics;
+mod turn;
 
 pub use jwt::{AuthConfig, AuthError, AuthKey, sign_hs256};
 pub use metrics::{Health, HealthStatus, MessageType, Metrics};
+pub use turn::{DEFAULT_TURN_TTL, TurnSecretConfig, turn_rest_credentials};
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -131,6 +133,9 @@ pub struct ServerConfig {
     pub max_list_rooms: u32,
     /// Access control at registration, off by default.
     pub auth: Option<AuthConfig>,
+    /// Short-lived TURN credentials for registered clients (`turn_credentials`), off by
+    /// default: without it the request fails with `turn_unavailable`.
+    pub turn: Option<TurnSecretConfig>,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +164,7 @@ impl Default for ServerConfig {
             max_discover: 100,
             max_list_rooms: 100,
             auth: None,
+            turn: None,
         }
     }
 }
@@ -569,6 +575,7 @@ impl Server {
             }
             ClientMessage::CloseRoom { id, room_id } => (Some(id), self.close_room(me, id, &room_id)),
             ClientMessage::Ping { id } => (Some(id), reply(ServerMessage::Pong { id })),
+            ClientMessage::TurnCredentials { id } => (Some(id), self.turn_credentials(me, id, now)),
             ClientMessage::Bye => {
                 self.end_session(me, now);
                 self.close(conn, CloseCode::Normal);
@@ -1134,6 +1141,20 @@ impl Server {
             }
         }
         reply(ServerMessage::Ok { id })
+    }
+
+    // ---- TURN credentials ---------------------------------------------------------------
+
+    /// Issues TURN REST API credentials for `me`, valid `ttl` from now (wall clock).
+    fn turn_credentials(&self, me: Fingerprint, id: u64, now: Instant) -> Reply {
+        let Some(turn) = &self.config.turn else {
+            return err(ErrorCode::TurnUnavailable, "this server issues no TURN credentials");
+        };
+        let ttl = turn.ttl.as_secs();
+        let expiry = (self.unix_ms(now) / 1000).saturating_add(ttl);
+        let (username, credential) = turn::turn_rest_credentials(&turn.secret, expiry, &me);
+        debug!(fingerprint = %me.short(), expiry, "TURN credentials issued");
+        reply(ServerMessage::TurnCredentials { id, username, credential, ttl, urls: turn.urls.clone() })
     }
 
     // ---- sessions, connections, timers ----------------------------------------------------

@@ -1475,3 +1475,51 @@ fn metrics_count_refused_connections_as_closes_not_accepts() {
     let m = h.s.metrics(h.now);
     assert_eq!((m.connections_accepted, m.closes(CloseCode::TryAgainLater), m.stats.connections), (2, 1, 2));
 }
+
+// ---- TURN credentials -------------------------------------------------------------------------
+
+fn turn_config() -> ServerConfig {
+    let mut cfg = ServerConfig::default();
+    cfg.turn = Some(TurnSecretConfig::new("s3cret", ["turn:127.0.0.1:3478?transport=udp"]).ttl(Duration::from_secs(600)));
+    cfg
+}
+
+#[test]
+fn turn_credentials_before_registering_are_not_registered() {
+    let mut h = H::new(turn_config());
+    let c = h.connect();
+    assert_eq!(error_of(&h.one(c, json!({"type": "turn_credentials", "id": 4}))), (Some(4), ErrorCode::NotRegistered));
+    assert_eq!(h.s.metrics(h.now).errors_sent(ErrorCode::NotRegistered), 1);
+}
+
+#[test]
+fn turn_credentials_without_a_secret_are_turn_unavailable() {
+    let mut h = H::default();
+    let (c, _) = h.peer(1);
+    assert_eq!(error_of(&h.one(c, json!({"type": "turn_credentials", "id": 5}))), (Some(5), ErrorCode::TurnUnavailable));
+    let m = h.s.metrics(h.now);
+    assert_eq!((m.errors_sent(ErrorCode::TurnUnavailable), m.messages_received(MessageType::TurnCredentials)), (1, 1));
+}
+
+#[test]
+fn turn_credentials_expire_ttl_after_the_servers_wall_clock() {
+    let mut h = H::new(turn_config());
+    let (c, id) = h.peer(1);
+    // 90.5 s after the server started: its wall clock is UNIX_MS + 90.5 s.
+    h.set_now(h.base + Duration::from_millis(90_500));
+    let (username, credential, ttl, urls) = match h.one(c, json!({"type": "turn_credentials", "id": 6})) {
+        ServerMessage::TurnCredentials { id: 6, username, credential, ttl, urls } => (username, credential, ttl, urls),
+        other => panic!("{other:?}"),
+    };
+    let expiry = UNIX_MS / 1000 + 90 + 600;
+    assert_eq!(username, format!("{expiry}:{}", id.fingerprint()));
+    assert_eq!(ttl, 600);
+    assert_eq!(urls, ["turn:127.0.0.1:3478?transport=udp"]);
+    assert_eq!(credential, turn_rest_credentials(b"s3cret", expiry, &id.fingerprint()).1);
+    // Each client gets its own user name.
+    let (c2, id2) = h.peer(2);
+    match h.one(c2, json!({"type": "turn_credentials", "id": 7})) {
+        ServerMessage::TurnCredentials { username, .. } => assert_eq!(username, format!("{expiry}:{}", id2.fingerprint())),
+        other => panic!("{other:?}"),
+    }
+}
