@@ -241,8 +241,9 @@ pub struct RoomSummary {
 /// [`NodeConfig::ice_servers`](crate::NodeConfig::ice_servers) of a node created afterwards, or
 /// resolve each of [`IceServer::turn_servers`](crate::IceServer::turn_servers) and call
 /// [`Node::add_turn_server`](crate::Node::add_turn_server) on a running one (the adapters'
-/// `add_turn_servers` does this). Allocations made with them end when they expire: ask again
-/// before [`IssuedTurnCredentials::expires_at`] for connections made later.
+/// `add_turn_servers` does this). The expiry limits new allocations (an allocation made
+/// before it is refreshed as usual): ask again before [`IssuedTurnCredentials::expires_at`] for
+/// allocations made later, e.g. from a node created after it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct IssuedTurnCredentials {
     /// The TURN servers that accept them, e.g. `turn:turn.example.org:3478?transport=udp`.

@@ -16,8 +16,8 @@ use ring::hmac;
 use crate::identity::Fingerprint;
 
 /// Default lifetime of issued credentials: 24 hours, the TURN REST API draft's recommendation.
-/// coturn ends an allocation when the credentials it was made with expire, so this also bounds
-/// how long one relayed connection lasts before the client must ask for new credentials.
+/// The expiry limits new allocations: coturn checks it when it authenticates an Allocate, and
+/// keeps refreshing an allocation made before it (on the key it cached for that session).
 pub const DEFAULT_TURN_TTL: Duration = Duration::from_secs(86_400);
 
 /// The TURN shared secret and the servers that know it, for [`ServerConfig::turn`](super::ServerConfig::turn).
