@@ -34,10 +34,15 @@
 //! other frames are counted in `missed`), and the transmits waiting to be drained
 //! (`MAX_PENDING_TRANSMITS`; past it `handle_*` returns [`ServerError::NotDrained`]).
 
+mod cluster;
 mod jwt;
 mod metrics;
 mod turn;
 
+pub use cluster::{
+    ClusterConfig, ClusterDecodeError, ClusterMessage, ClusterTarget, ClusterTransmit, NamespaceEntry, NodeId, decode_cluster,
+    encode_cluster,
+};
 pub use jwt::{AuthConfig, AuthError, AuthKey, sign_hs256};
 pub use metrics::{Health, HealthStatus, MessageType, Metrics};
 pub use turn::{DEFAULT_TURN_TTL, TurnSecretConfig, turn_rest_credentials};
@@ -307,6 +312,8 @@ pub struct Server {
     now: Instant,
     /// Counters kept as inputs are handled (the gauges are filled in by [`Server::metrics`]).
     counters: Metrics,
+    /// The cluster this server is a node of, if any (see [`Server::enable_cluster`]).
+    cluster: Option<cluster::Cluster>,
 }
 
 /// What a request handler did: `Ok(Some(frame))` to reply with, `Ok(None)` when it already
@@ -341,6 +348,7 @@ impl Server {
             parked_bytes: 0,
             now,
             counters: Metrics::default(),
+            cluster: None,
         }
     }
 
@@ -376,10 +384,13 @@ impl Server {
     }
 
     /// Returns the server's health at `now`. A single server has no dependency that can fail,
-    /// so this is always [`HealthStatus::Ok`]; a clustered server adds the state of its broker
-    /// link here (a failing link gives [`HealthStatus::Degraded`] with the reason).
+    /// so this is always [`HealthStatus::Ok`]; a clustered server whose link to the other nodes
+    /// is down (see [`Server::handle_cluster_link`]) is [`HealthStatus::Degraded`].
     pub fn health(&self, now: Instant) -> Health {
-        let reasons = Vec::new();
+        let mut reasons = Vec::new();
+        if self.cluster_link_down() {
+            reasons.push("cluster link down".to_owned());
+        }
         let active = self.sessions.values().filter(|s| s.conn.is_some()).count();
         Health::new(reasons, now.saturating_duration_since(self.start), self.conns.len(), active)
     }
@@ -398,7 +409,7 @@ impl Server {
 
     /// Starts handling an input at `now`: refuses it if outputs were not drained.
     fn begin(&mut self, now: Instant) -> Result<(), ServerError> {
-        if self.out.len() > MAX_PENDING_TRANSMITS {
+        if self.out.len() + self.cluster_pending() > MAX_PENDING_TRANSMITS {
             return Err(ServerError::NotDrained);
         }
         self.now = self.now.max(now);
@@ -622,6 +633,10 @@ impl Server {
         let mut resumed = false;
         let mut queued = VecDeque::new();
         let mut missed = 0;
+        if !self.sessions.contains_key(&fingerprint) {
+            // Known as a session of another node until now: the identity moved here.
+            self.forget_remote(fingerprint);
+        }
         match self.sessions.entry(fingerprint) {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
@@ -676,6 +691,7 @@ impl Server {
             missed,
         };
         self.send(conn, reply.encode().into());
+        self.announce(fingerprint);
         // Through the session, not the connection: if the flush overflows the outbound queue
         // and parks the session again, the rest waits in its queue instead of being dropped.
         for text in queued {
@@ -724,7 +740,10 @@ impl Server {
     }
 
     fn peer_info(&self, fp: &Fingerprint, member: Option<&Member>) -> PeerInfo {
-        let s = &self.sessions[fp];
+        let Some(s) = self.sessions.get(fp) else {
+            // Namespaces also list the sessions of other nodes of a cluster.
+            return self.remote_peer_info(fp, member);
+        };
         PeerInfo {
             fingerprint: *fp,
             alias: s.alias.clone(),
@@ -762,6 +781,7 @@ impl Server {
             ns.order.push(me);
             ns.members.insert(me, member);
             self.sessions.get_mut(&me).expect("registered").namespaces.push(namespace.to_string());
+            self.publish_join(me, &namespace);
             let notice: Arc<str> =
                 ServerMessage::PeerJoined { namespace: namespace.to_string(), peer: info }.encode().into();
             let others: Vec<Fingerprint> = self.namespaces[namespace.as_ref()].order.iter().copied().filter(|f| *f != me).collect();
@@ -797,6 +817,7 @@ impl Server {
         }
         let s = self.sessions.get_mut(&me).expect("registered");
         s.namespaces.retain(|n| n != namespace);
+        self.publish(ClusterTarget::All, ClusterMessage::Left { fingerprint: me, namespace: namespace.to_owned() });
         reply(ServerMessage::Ok { id })
     }
 
@@ -934,6 +955,11 @@ impl Server {
 
     fn relay(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Reply {
         let Some(target) = self.sessions.get(&to) else {
+            if let Some(node) = self.remote_of(&to) {
+                // On another node of the cluster, which answers (`ok` or an error) itself.
+                self.forward_relay(node, me, to, id, payload)?;
+                return Ok(None);
+            }
             return err(ErrorCode::PeerNotFound, format!("no peer {}", to.short()));
         };
         let text: Arc<str> = protocol::encode_relay(&me, payload).into();
@@ -953,6 +979,7 @@ impl Server {
         let text: Arc<str> = protocol::encode_broadcast(&me, namespace, payload).into();
         self.counters.broadcasts += 1;
         self.counters.broadcast_deliveries += others.len() as u64;
+        self.forward_broadcast(me, namespace, &others, payload);
         for other in others {
             self.send_to_session(&other, text.clone());
         }
@@ -1257,6 +1284,7 @@ impl Server {
             self.withdraw_match(fp, &key, None);
         }
         if let Some(s) = self.sessions.remove(&fp) {
+            self.publish(ClusterTarget::All, ClusterMessage::SessionDown { fingerprint: fp });
             self.parked_bytes -= s.queue_bytes;
             if let Some(conn) = s.conn {
                 if let Some(c) = self.conns.get_mut(&conn) {

@@ -1523,3 +1523,5 @@ fn turn_credentials_expire_ttl_after_the_servers_wall_clock() {
         other => panic!("{other:?}"),
     }
 }
+
+mod cluster;
