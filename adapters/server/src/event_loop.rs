@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use peerlink::protocol::CloseCode;
-use peerlink::server::{ConnId, Server, ServerError, ServerStats, ServerTransmit};
+use peerlink::server::{ConnId, Server, ServerError, ServerStats, ServerTransmit, decode_cluster, encode_cluster};
 use tracing::{debug, error, info, trace, warn};
 use tungstenite::error::Error as WsError;
 use tungstenite::handshake::HandshakeError;
@@ -35,6 +35,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Message, WebSocketConfig};
 use tungstenite::{Bytes, Utf8Bytes, WebSocket};
 
+use crate::cluster::{LinkEvent, RedisLink};
 use crate::ops::{self, Endpoint};
 use crate::static_files::{self, Refusal, Request};
 use crate::{CLOSE_TIMEOUT, Control, HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT};
@@ -52,6 +53,8 @@ const READ_BUDGET: usize = 64;
 const ACCEPT_BUDGET: usize = 256;
 /// Readiness events taken per `poll`.
 const EVENTS: usize = 1024;
+/// Most cluster messages handled per turn; the rest waits for the next turn.
+const CLUSTER_BUDGET: usize = 1024;
 
 /// A TCP stream that remembers whether its last write would have blocked (so the loop knows to
 /// wait for writability) and answers a read that follows a short read with `WouldBlock`
@@ -247,6 +250,10 @@ pub(crate) struct EventLoop {
     shutdown_by: Option<Instant>,
     /// The directory whose files plain HTTP requests get (canonical), if any.
     serve_dir: Option<PathBuf>,
+    /// The link to the other nodes of a cluster, if clustered.
+    cluster: Option<RedisLink>,
+    /// The cluster link has messages left over from this turn's budget.
+    cluster_again: bool,
 }
 
 fn close_frame(code: CloseCode) -> CloseFrame {
@@ -289,6 +296,7 @@ impl EventLoop {
         control: Arc<Control>,
         stats_rx: mpsc::Receiver<mpsc::SyncSender<ServerStats>>,
         serve_dir: Option<PathBuf>,
+        cluster: Option<RedisLink>,
     ) -> Self {
         EventLoop {
             poll,
@@ -307,6 +315,8 @@ impl EventLoop {
             stats_rx,
             shutdown_by: None,
             serve_dir,
+            cluster,
+            cluster_again: false,
         }
     }
 
@@ -346,6 +356,7 @@ impl EventLoop {
             }
             self.timers(now);
             self.control(now);
+            self.cluster_io(now);
             self.flush_dirty(now);
             if let Some(by) = self.shutdown_by {
                 if self.conns.is_empty() {
@@ -362,7 +373,7 @@ impl EventLoop {
 
     /// How long to sleep: until the earliest deadline, not at all when input is left over.
     fn timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.again.is_empty() {
+        if !self.again.is_empty() || self.cluster_again {
             return Some(Duration::ZERO);
         }
         let mut at = self.server.poll_timeout();
@@ -820,6 +831,7 @@ impl EventLoop {
         }
         if self.shutdown_by.is_none() && self.control.stop.load(Ordering::Acquire) {
             info!(connections = self.conns.len(), "shutting down: closing every connection (1001)");
+            log_refused(self.server.leave_cluster(now));
             self.shutdown_by = Some(now + SHUTDOWN_TIMEOUT);
             for mut listener in [self.listener.take(), self.metrics_listener.take()].into_iter().flatten() {
                 let _ = self.poll.registry().deregister(&mut listener);
@@ -828,6 +840,31 @@ impl EventLoop {
             for id in ids {
                 self.begin_close(id, now, Some(CloseCode::GoingAway));
             }
+        }
+    }
+
+    /// Hands the core what the cluster link received (up to [`CLUSTER_BUDGET`]) and publishes
+    /// what the core has for the other nodes.
+    fn cluster_io(&mut self, now: Instant) {
+        let Some(link) = &self.cluster else { return };
+        let events: Vec<LinkEvent> = (0..CLUSTER_BUDGET).map_while(|_| link.try_recv()).collect();
+        let handled = events.len();
+        for event in events {
+            match event {
+                LinkEvent::Up => log_refused(self.server.handle_cluster_link(now, true)),
+                LinkEvent::Down => log_refused(self.server.handle_cluster_link(now, false)),
+                LinkEvent::Message(text) => match decode_cluster(&text) {
+                    Ok((from, message)) => log_refused(self.server.handle_cluster(now, from, message)),
+                    Err(e) => warn!(error = %e, "undecodable cluster message dropped"),
+                },
+            }
+            self.drain(now);
+        }
+        self.cluster_again = handled == CLUSTER_BUDGET;
+        let Some(link) = &self.cluster else { return };
+        let Some(node) = self.server.node_id() else { return };
+        while let Some(t) = self.server.poll_cluster() {
+            link.publish(t.target, encode_cluster(node, &t.message));
         }
     }
 

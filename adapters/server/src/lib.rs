@@ -65,6 +65,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod event_loop;
 mod ops;
 
@@ -76,7 +77,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use peerlink::server::{Server, ServerStats};
+use peerlink::server::{ClusterConfig, NodeId, Server, ServerStats};
 use tracing::{error, info};
 use tungstenite::protocol::WebSocketConfig;
 
@@ -108,6 +109,12 @@ pub struct ServerOptions {
     /// the [crate docs](crate#http-on-the-signaling-port)); the signaling port then no longer
     /// answers `/metrics`. `None` (the default) serves both on the signaling port.
     pub metrics_addr: Option<SocketAddr>,
+    /// Make this server a node of a cluster on the Redis at this URL (`redis://host:port/`;
+    /// the binary's `--redis URL`): clients of every node see each other in namespaces and
+    /// relay to each other (see `docs/CLUSTER.md`). Nodes of one cluster must share
+    /// `config.server_id`, which also names their Redis channels. `None` (the default) runs
+    /// a single server.
+    pub redis: Option<String>,
 }
 
 impl ServerOptions {
@@ -121,6 +128,7 @@ impl ServerOptions {
             seed: None,
             serve_dir: None,
             metrics_addr: None,
+            redis: None,
         }
     }
 }
@@ -312,7 +320,7 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let waker = mio::Waker::new(poll.registry(), event_loop::WAKER)?;
     let (stats_tx, stats_rx) = mpsc::channel();
     let control = Arc::new(Control { stop: AtomicBool::new(false), waker, stats: Mutex::new(Some(stats_tx)) });
-    let ServerOptions { config, tls, seed, serve_dir, .. } = options;
+    let ServerOptions { config, tls, seed, serve_dir, redis, .. } = options;
     let serve_dir = match serve_dir {
         Some(dir) => {
             let canonical = std::fs::canonicalize(&dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
@@ -325,7 +333,19 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     };
     let ws_config = ws_config(config.max_frame_size);
     let seed = seed.unwrap_or_else(os_seed);
-    let server = Server::new(config, seed, Instant::now(), unix_ms());
+    let cluster_name = config.server_id.clone();
+    let mut server = Server::new(config, seed, Instant::now(), unix_ms());
+    let cluster = match redis {
+        Some(url) => {
+            let node = NodeId(os_seed());
+            server.enable_cluster(ClusterConfig::new(node));
+            let link = cluster::RedisLink::start(&url, &cluster_name, node, control.clone())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("--redis {url}: {e}")))?;
+            info!(%node, redis = %url, "clustered: this server is a node");
+            Some(link)
+        }
+        None => None,
+    };
     let tls_config = tls.map(|t| t.config);
     let is_tls = tls_config.is_some();
     let loop_control = control.clone();
@@ -342,7 +362,7 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
         }
         let control = loop_control.clone();
         let listeners = event_loop::Listeners { main: listener, metrics: metrics_listener };
-        let result = event_loop::EventLoop::new(poll, listeners, tls_config, ws_config, server, loop_control, stats_rx, serve_dir).run();
+        let result = event_loop::EventLoop::new(poll, listeners, tls_config, ws_config, server, loop_control, stats_rx, serve_dir, cluster).run();
         // Refuse later stats requests (the loop, and with it the receiver, is gone).
         if let Ok(mut guard) = control.stats.lock() {
             guard.take();

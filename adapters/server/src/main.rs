@@ -99,6 +99,11 @@ struct Args {
     /// the log tells which).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Run as one node of a cluster on the Redis at URL (e.g. redis://127.0.0.1:6379/): clients
+    /// of every node with the same --server-id see each other in namespaces and relay to each
+    /// other. Without it the server runs alone.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -234,6 +239,7 @@ fn main() -> anyhow::Result<()> {
         seed: None,
         serve_dir: args.serve_examples.clone(),
         metrics_addr: args.metrics_listen,
+        redis: args.redis.clone(),
     };
     let server = peerlink_server::spawn_on(std_listener, options).context("starting the server")?;
     {

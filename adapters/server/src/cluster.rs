@@ -1,0 +1,271 @@
+//! The link to the other nodes of a cluster: Redis pub/sub (see `docs/CLUSTER.md`).
+//!
+//! Two threads of their own, so the event loop never blocks on Redis: a *subscriber* holds a
+//! connection subscribed to the cluster's broadcast channel and this node's own channel, and
+//! hands what arrives (and the link going up or down) to the loop through a bounded channel,
+//! waking it with the loop's [`mio::Waker`]; a *publisher* holds a second connection and
+//! publishes what the loop queues through another bounded channel. Both reconnect with
+//! exponential backoff (100 ms doubling to 5 s).
+//!
+//! Overflow: the loop queues at most [`OUTBOUND`] messages; past that a message is dropped
+//! (counted, and logged once per burst), as a lost message is during a broker outage. The
+//! subscriber waits while [`INBOUND`] messages wait for the loop; Redis then buffers for it,
+//! up to its `client-output-buffer-limit` for pub/sub, past which Redis drops the connection:
+//! the subscriber reconnects and the core's `hello` resynchronises membership.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use peerlink::server::{ClusterTarget, NodeId};
+use tracing::{debug, info, warn};
+
+use crate::Control;
+
+/// Most messages queued for publishing.
+pub(crate) const OUTBOUND: usize = 65_536;
+/// Most received messages waiting for the event loop.
+pub(crate) const INBOUND: usize = 65_536;
+/// How often the threads look at the stop flag while idle.
+const POLL: Duration = Duration::from_millis(250);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the subscriber reports to the event loop.
+#[derive(Debug)]
+pub(crate) enum LinkEvent {
+    /// Subscribed (first time, or again after a reconnect).
+    Up,
+    /// The subscription was lost; reconnecting.
+    Down,
+    /// A message published by a node (possibly this one).
+    Message(String),
+}
+
+/// The Redis channel names of one cluster.
+#[derive(Debug, Clone)]
+struct Channels {
+    prefix: String,
+}
+
+impl Channels {
+    fn all(&self) -> String {
+        format!("{}:all", self.prefix)
+    }
+
+    fn node(&self, node: NodeId) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+}
+
+/// A running link; dropping it publishes what is queued and stops both threads.
+pub(crate) struct RedisLink {
+    outbound: Option<SyncSender<(ClusterTarget, String)>>,
+    inbound: Receiver<LinkEvent>,
+    stop: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RedisLink {
+    /// Starts the link for node `node` of the cluster named `cluster` (the servers'
+    /// `server_id`: nodes of one cluster share it) on the Redis at `url`.
+    pub(crate) fn start(
+        url: &str,
+        cluster: &str,
+        node: NodeId,
+        control: Arc<Control>,
+    ) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let channels = Channels {
+            prefix: format!("peerlink:{cluster}"),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (out_tx, out_rx) = mpsc::sync_channel(OUTBOUND);
+        let (in_tx, in_rx) = mpsc::sync_channel(INBOUND);
+        let sub = {
+            let (client, channels, stop) = (client.clone(), channels.clone(), stop.clone());
+            thread::Builder::new()
+                .name("peerlink-redis-sub".into())
+                .spawn(move || subscriber(client, channels, node, stop, in_tx, control))
+                .map_err(redis_io)?
+        };
+        let publ = {
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name("peerlink-redis-pub".into())
+                .spawn(move || publisher(client, channels, stop, out_rx))
+                .map_err(redis_io)?
+        };
+        Ok(RedisLink {
+            outbound: Some(out_tx),
+            inbound: in_rx,
+            stop,
+            dropped,
+            threads: vec![sub, publ],
+        })
+    }
+
+    /// Queues a message for publishing; drops it (counted) when [`OUTBOUND`] are queued.
+    pub(crate) fn publish(&self, target: ClusterTarget, text: String) {
+        let Some(tx) = &self.outbound else { return };
+        match tx.try_send((target, text)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                if self.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+                    warn!(
+                        dropped = self.dropped.load(Ordering::Relaxed),
+                        "cluster publish queue full: message dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The next event from the subscriber, if one waits.
+    pub(crate) fn try_recv(&self) -> Option<LinkEvent> {
+        self.inbound.try_recv().ok()
+    }
+}
+
+impl Drop for RedisLink {
+    fn drop(&mut self) {
+        // The publisher sends what is queued (a `bye` among it) once the sender is gone.
+        self.outbound.take();
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn redis_io(e: std::io::Error) -> redis::RedisError {
+    redis::RedisError::from(e)
+}
+
+/// Sleeps `backoff` in steps (so a stop is seen) and doubles it; false when stopped.
+fn wait(stop: &AtomicBool, backoff: &mut Duration) -> bool {
+    let mut left = *backoff;
+    while !left.is_zero() {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let step = left.min(POLL);
+        thread::sleep(step);
+        left -= step;
+    }
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    !stop.load(Ordering::Acquire)
+}
+
+fn subscriber(
+    client: redis::Client,
+    channels: Channels,
+    node: NodeId,
+    stop: Arc<AtomicBool>,
+    tx: SyncSender<LinkEvent>,
+    control: Arc<Control>,
+) {
+    let send = |event: LinkEvent| {
+        let ok = tx.send(event).is_ok();
+        let _ = control.waker.wake();
+        ok
+    };
+    let mut backoff = BACKOFF_MIN;
+    let mut up = false;
+    while !stop.load(Ordering::Acquire) {
+        let result = (|| -> redis::RedisResult<()> {
+            let mut con = client.get_connection_with_timeout(BACKOFF_MAX)?;
+            let mut pubsub = con.as_pubsub();
+            pubsub.subscribe(&[channels.all(), channels.node(node)])?;
+            pubsub.set_read_timeout(Some(POLL))?;
+            info!(%node, "cluster link up");
+            up = true;
+            backoff = BACKOFF_MIN;
+            if !send(LinkEvent::Up) {
+                return Ok(());
+            }
+            while !stop.load(Ordering::Acquire) {
+                match pubsub.get_message() {
+                    Ok(msg) => {
+                        let Ok(text) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        if !send(LinkEvent::Message(text)) {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.is_timeout() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if up {
+                warn!(error = %e, "cluster link down; reconnecting");
+                up = false;
+                if !send(LinkEvent::Down) {
+                    return;
+                }
+            } else {
+                debug!(error = %e, "cluster link: connecting failed");
+            }
+            if !wait(&stop, &mut backoff) {
+                return;
+            }
+        }
+    }
+}
+
+fn publisher(
+    client: redis::Client,
+    channels: Channels,
+    stop: Arc<AtomicBool>,
+    rx: Receiver<(ClusterTarget, String)>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut con: Option<redis::Connection> = None;
+    let mut pending: Option<(ClusterTarget, String)> = None;
+    loop {
+        let (target, text) = match pending.take() {
+            Some(m) => m,
+            None => match rx.recv_timeout(POLL) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                // The loop is gone and everything queued was published.
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        if con.is_none() {
+            match client.get_connection_with_timeout(BACKOFF_MAX) {
+                Ok(c) => {
+                    con = Some(c);
+                    backoff = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    debug!(error = %e, "cluster publisher: connecting failed");
+                    // Stopping with Redis unreachable: what is queued is lost, as in an outage.
+                    if !wait(&stop, &mut backoff) {
+                        return;
+                    }
+                    pending = Some((target, text));
+                    continue;
+                }
+            }
+        }
+        let channel = match target {
+            ClusterTarget::All => channels.all(),
+            ClusterTarget::Node(n) => channels.node(n),
+        };
+        let c = con.as_mut().expect("connected above");
+        if let Err(e) = redis::cmd("PUBLISH").arg(channel).arg(text).query::<i64>(c) {
+            // At most once: a message whose PUBLISH failed is not retried.
+            warn!(error = %e, "cluster publish failed; reconnecting");
+            con = None;
+        }
+    }
+}
