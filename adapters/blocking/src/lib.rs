@@ -397,13 +397,11 @@ impl PollNode {
             }
         }
         for turn in node.core.config().turn_servers() {
-            match (turn.host.as_str(), turn.port).to_socket_addrs() {
-                Ok(addrs) => {
-                    for addr in addrs {
-                        node.core.add_turn_server(now, addr, turn.credentials.clone())?;
-                    }
+            match add_turn_url(&mut node.core, now, &turn) {
+                Err(Error::Io(e)) => warn!(host = %turn.host, error = %e, "TURN server not resolved"),
+                other => {
+                    other?;
                 }
-                Err(e) => warn!(host = %turn.host, error = %e, "TURN server not resolved"),
             }
         }
         node.drain(now)?;
@@ -556,10 +554,7 @@ impl PollNode {
     pub fn add_turn_servers(&mut self, server: &IceServer) -> Result<usize, Error> {
         let mut added = 0;
         for turn in server.turn_servers() {
-            for addr in (turn.host.as_str(), turn.port).to_socket_addrs()? {
-                self.core.add_turn_server(Instant::now(), addr, turn.credentials.clone())?;
-                added += 1;
-            }
+            added += add_turn_url(&mut self.core, Instant::now(), &turn)?;
         }
         self.poll(Instant::now())?;
         Ok(added)
@@ -1856,4 +1851,14 @@ fn unexpected(response: Response) -> Error {
     Error::Client(ClientError::Protocol(format!(
         "unexpected reply {response:?}"
     )))
+}
+
+/// Resolves a `turn:` server's host and hands every address to the node; the number added.
+fn add_turn_url(core: &mut Node, now: Instant, turn: &peerlink::TurnServerUrl) -> Result<usize, Error> {
+    let mut added = 0;
+    for addr in (turn.host.as_str(), turn.port).to_socket_addrs()? {
+        core.add_turn_server(now, addr, turn.credentials.clone())?;
+        added += 1;
+    }
+    Ok(added)
 }
