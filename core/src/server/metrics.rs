@@ -201,6 +201,8 @@ pub struct Metrics {
     /// Frames for a parked session dropped because its resume queue was full (reported to it
     /// as `missed` when it resumes; relays are refused with `queue_full` instead).
     pub resume_queue_drops: u64,
+    /// The node's view of its cluster, when clustered.
+    pub cluster: Option<super::ClusterStats>,
     messages: [u64; MessageType::ALL.len()],
     errors: [u64; ERROR_CODES.len()],
     closes: [u64; CLOSE_CODES.len()],
@@ -294,6 +296,38 @@ impl Metrics {
         out.gauge("peerlink_namespaces", "Non-empty namespaces.", s.namespaces as u64);
         out.gauge("peerlink_rooms", "Rooms, empty ones awaiting their TTL included.", s.rooms as u64);
         out.gauge("peerlink_pending_matches", "Pending match requests.", s.pending_matches as u64);
+        if let Some(c) = &self.cluster {
+            let node = format!("{:016x}", c.node);
+            out.family("peerlink_cluster_link_up", "gauge", "1 while the link to the other cluster nodes (Redis) is up, else 0; labelled with this node's id.");
+            out.sample_labels("peerlink_cluster_link_up", &[("node", &node)], u64::from(c.link_up));
+            out.gauge("peerlink_cluster_nodes", "Other cluster nodes heard from within the node timeout.", c.nodes as u64);
+            out.gauge("peerlink_cluster_remote_sessions", "Sessions of other nodes in this node's replica.", c.remote_sessions as u64);
+            out.gauge(
+                "peerlink_cluster_waiting_sessions",
+                "Sessions of gone nodes waiting for their clients to resume on another node.",
+                c.waiting_sessions as u64,
+            );
+            out.gauge("peerlink_cluster_pending_relays", "Relays forwarded to other nodes and not yet answered.", c.pending_relays as u64);
+            out.counter("peerlink_cluster_messages_published_total", "Cluster messages this node published.", c.messages_out);
+            out.counter("peerlink_cluster_messages_received_total", "Cluster messages received from other nodes.", c.messages_in);
+            out.counter("peerlink_cluster_nodes_gone_total", "Nodes found gone (silent past the timeout, or said bye).", c.nodes_gone);
+            out.counter("peerlink_cluster_sessions_adopted_total", "Sessions of other nodes whose clients resumed here.", c.sessions_adopted);
+            out.counter(
+                "peerlink_cluster_sessions_handed_over_total",
+                "Sessions of this node whose clients registered on another node.",
+                c.sessions_handed_over,
+            );
+            out.counter(
+                "peerlink_cluster_relays_timed_out_total",
+                "Relays forwarded to another node that got no answer in time (answered unavailable).",
+                c.relays_timed_out,
+            );
+            out.counter(
+                "peerlink_cluster_dropped_total",
+                "Cluster announcements not recorded because a bound was reached.",
+                c.dropped,
+            );
+        }
         out.0
     }
 }

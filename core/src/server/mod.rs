@@ -40,7 +40,8 @@ mod metrics;
 mod turn;
 
 pub use cluster::{
-    ClusterConfig, ClusterDecodeError, ClusterMessage, ClusterTarget, ClusterTransmit, NamespaceEntry, NodeId, decode_cluster,
+    ClusterConfig, ClusterDecodeError, ClusterMessage, ClusterStats, ClusterTarget, ClusterTransmit, NamespaceEntry, NodeId, RoomOp,
+    decode_cluster,
     encode_cluster,
 };
 pub use jwt::{AuthConfig, AuthError, AuthKey, sign_hs256};
@@ -249,6 +250,11 @@ struct Session {
     namespaces: Vec<String>,
     rooms: Vec<String>,
     matches: Vec<String>,
+    /// Of `matches`, those whose queue another node of the cluster holds.
+    remote_matches: Vec<cluster::RemoteMatch>,
+    /// How many times the session moved between the nodes of a cluster (see
+    /// [`ClusterMessage::SessionUp`]): of two placements of one identity the higher wins.
+    generation: u64,
     queue: VecDeque<Arc<str>>,
     queue_bytes: usize,
     missed: u64,
@@ -271,12 +277,22 @@ struct Room {
     metadata: Option<RawJson>,
     members: Vec<Fingerprint>,
     empty_since: Option<Instant>,
+    /// The node that holds the room, when it is another node of the cluster (this node's copy
+    /// is then a replica, changed only by that node's `room_state`).
+    home: Option<cluster::NodeId>,
+    /// Which room this is across the cluster: wall-clock ms of its creation and the creating
+    /// node (a creation race between two nodes is settled by it: the earlier room wins).
+    stamp: (u64, u64),
+    /// A replica not confirmed since its home's latest resynchronisation began.
+    stale: bool,
 }
 
 struct MatchWaiter {
     fingerprint: Fingerprint,
     id: u64,
     deadline: Instant,
+    /// The node of a waiter that is another node's session (its replies go through it).
+    node: Option<cluster::NodeId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -286,6 +302,10 @@ enum Timer {
     Park(Fingerprint, u64),
     RoomTtl(String),
     Match(String),
+    /// The cluster's heartbeat and liveness check.
+    ClusterTick,
+    /// A session of a node that is gone: its resume grace ends.
+    Limbo(Fingerprint),
 }
 
 /// The signaling server state machine. See the [module docs](self).
@@ -380,6 +400,7 @@ impl Server {
         m.server_id.clone_from(&self.config.server_id);
         m.uptime = now.saturating_duration_since(self.start);
         m.stats = self.stats();
+        m.cluster = self.cluster_stats();
         m
     }
 
@@ -633,10 +654,9 @@ impl Server {
         let mut resumed = false;
         let mut queued = VecDeque::new();
         let mut missed = 0;
-        if !self.sessions.contains_key(&fingerprint) {
-            // Known as a session of another node until now: the identity moved here.
-            self.forget_remote(fingerprint);
-        }
+        // Known as a session of another node until now: the identity moved here, keeping its
+        // namespaces, rooms and what was queued for it while it was between nodes.
+        let adopted = if self.sessions.contains_key(&fingerprint) { None } else { self.adopt_remote(fingerprint) };
         match self.sessions.entry(fingerprint) {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
@@ -658,14 +678,24 @@ impl Server {
                 }
             }
             Entry::Vacant(e) => {
+                let (namespaces, rooms, generation) = match adopted {
+                    Some(a) => {
+                        resumed = true;
+                        queued = a.queue;
+                        (a.namespaces, a.rooms, a.generation + 1)
+                    }
+                    None => (Vec::new(), Vec::new(), 1),
+                };
                 e.insert(Session {
                     alias: alias.into_owned(),
                     meta: meta.map(RawJson::from),
                     conn: Some(conn),
                     park_gen: 0,
-                    namespaces: Vec::new(),
-                    rooms: Vec::new(),
+                    namespaces,
+                    rooms,
                     matches: Vec::new(),
+                    remote_matches: Vec::new(),
+                    generation,
                     queue: VecDeque::new(),
                     queue_bytes: 0,
                     missed: 0,
@@ -888,34 +918,69 @@ impl Server {
                 format!("at most {} pending matches per client", self.config.max_namespaces_per_client),
             );
         }
-        let deadline = now + self.config.match_timeout;
-        let queue = self.matches.entry(key.clone()).or_default();
-        queue.push(MatchWaiter { fingerprint: me, id, deadline });
-        let full = queue.len() >= group_size as usize;
-        if !full {
-            self.sessions.get_mut(&me).expect("registered").matches.push(key.clone());
-            self.schedule(deadline, Timer::Match(key));
+        if let Some(owner) = self.match_owner(&key) {
+            // Another node of the cluster holds this queue.
+            if self.cluster_link_down() {
+                return err(ErrorCode::Unavailable, "this match queue is held by another node and the cluster link is down");
+            }
+            self.place_remote_match(me, id, key, owner);
             return Ok(None);
+        }
+        let waiter = MatchWaiter { fingerprint: me, id, deadline: now + self.config.match_timeout, node: None };
+        self.enqueue_waiter(waiter, key);
+        Ok(None)
+    }
+
+    /// Adds a waiter to the queue under `key`, held by this node, and forms the group once the
+    /// queue holds `group_size` waiters. A waiter already in the queue is replaced.
+    fn enqueue_waiter(&mut self, waiter: MatchWaiter, key: String) {
+        let group_size = key_group_size(&key);
+        let (me, deadline, local) = (waiter.fingerprint, waiter.deadline, waiter.node.is_none());
+        let queue = self.matches.entry(key.clone()).or_default();
+        queue.retain(|w| w.fingerprint != me);
+        queue.push(waiter);
+        if queue.len() < group_size {
+            if local {
+                let s = self.sessions.get_mut(&me).expect("registered");
+                if !s.matches.contains(&key) {
+                    s.matches.push(key.clone());
+                }
+            }
+            self.schedule(deadline, Timer::Match(key));
+            return;
         }
         let group = self.matches.remove(&key).unwrap_or_default();
         let mut sid = [0u8; 16];
         self.rng.fill_bytes(&mut sid);
         let session_id: String = sid.iter().map(|b| format!("{b:02x}")).collect();
         let peers: Vec<PeerInfo> = group.iter().map(|w| self.peer_info(&w.fingerprint, None)).collect();
+        let namespace = key_namespace(&key).to_owned();
         debug!(%namespace, size = group.len(), "match formed");
         for w in &group {
-            if let Some(s) = self.sessions.get_mut(&w.fingerprint) {
-                s.matches.retain(|k| *k != key);
-            }
             let frame = ServerMessage::Matched {
                 id: w.id,
-                namespace: namespace.to_string(),
+                namespace: namespace.clone(),
                 session_id: session_id.clone(),
                 peers: peers.clone(),
             };
-            self.send_to_session(&w.fingerprint, frame.encode().into());
+            self.finish_match(w, &key, frame.encode().into());
         }
-        Ok(None)
+    }
+
+    /// Tells a waiter its match is over (formed, timed out or cancelled), through its node.
+    fn finish_match(&mut self, w: &MatchWaiter, key: &str, text: Arc<str>) {
+        match w.node {
+            None => {
+                if let Some(s) = self.sessions.get_mut(&w.fingerprint) {
+                    s.matches.retain(|k| k != key);
+                }
+                self.send_to_session(&w.fingerprint, text);
+            }
+            Some(node) => self.publish(
+                ClusterTarget::Node(node),
+                ClusterMessage::MatchDone { to: w.fingerprint, key: key.to_owned(), text: text.to_string() },
+            ),
+        }
     }
 
     fn cancel_match(&mut self, me: Fingerprint, id: u64, namespace: &str) -> Reply {
@@ -929,37 +994,56 @@ impl Server {
         }
     }
 
-    /// Removes `me`'s waiter under `key`, answering its request with `reply` if given.
+    /// Withdraws local session `me`'s request under `key` (from this node's queue, or from the
+    /// node holding it), answering the request with `reply` if given.
     fn withdraw_match(&mut self, me: Fingerprint, key: &str, reply: Option<ErrorCode>) {
+        let mut remote = None;
         if let Some(s) = self.sessions.get_mut(&me) {
             s.matches.retain(|k| k != key);
+            if let Some(pos) = s.remote_matches.iter().position(|m| m.key == key) {
+                remote = Some(s.remote_matches.remove(pos));
+            }
         }
+        match remote {
+            Some(m) => {
+                self.publish(ClusterTarget::Node(m.owner), ClusterMessage::MatchCancel { from: me, key: key.to_owned() });
+                if let Some(code) = reply {
+                    let frame = match_error(m.id, code);
+                    self.counters.count_error(code);
+                    self.send_to_session(&me, frame.encode().into());
+                }
+            }
+            None => self.remove_waiter(me, key, reply),
+        }
+    }
+
+    /// Removes `fp`'s waiter from this node's queue under `key`, answering it with `reply`.
+    fn remove_waiter(&mut self, fp: Fingerprint, key: &str, reply: Option<ErrorCode>) {
         let Some(queue) = self.matches.get_mut(key) else { return };
-        let Some(pos) = queue.iter().position(|w| w.fingerprint == me) else { return };
+        let Some(pos) = queue.iter().position(|w| w.fingerprint == fp) else { return };
         let waiter = queue.remove(pos);
         if queue.is_empty() {
             self.matches.remove(key);
         }
         if let Some(code) = reply {
-            let message = match code {
-                ErrorCode::MatchTimeout => "no match formed in time",
-                _ => "match request cancelled",
-            };
-            let frame = ServerMessage::Error { id: Some(waiter.id), code, message: message.into() };
             self.counters.count_error(code);
-            self.send_to_session(&me, frame.encode().into());
+            self.finish_match(&waiter, key, match_error(waiter.id, code).encode().into());
         }
     }
 
     // ---- messaging ----------------------------------------------------------------------
 
     fn relay(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Reply {
+        if !self.sessions.contains_key(&to) && self.remote_of(&to).is_some() {
+            // A session of another node of the cluster, which answers (`ok` or an error).
+            return self.route_relay(me, to, id, &RawJson::from(payload), self.now);
+        }
+        self.relay_local(me, id, to, payload)
+    }
+
+    /// A relay to a session of this node.
+    fn relay_local(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Reply {
         let Some(target) = self.sessions.get(&to) else {
-            if let Some(node) = self.remote_of(&to) {
-                // On another node of the cluster, which answers (`ok` or an error) itself.
-                self.forward_relay(node, me, to, id, payload)?;
-                return Ok(None);
-            }
             return err(ErrorCode::PeerNotFound, format!("no peer {}", to.short()));
         };
         let text: Arc<str> = protocol::encode_relay(&me, payload).into();
@@ -1010,12 +1094,23 @@ impl Server {
             return err(ErrorCode::Unavailable, "the server holds as many rooms as it allows");
         }
         let metadata = metadata.map(RawJson::from);
+        let stamp = (self.unix_ms(self.now), self.node_id().map_or(0, |n| n.0));
         self.rooms.insert(
             room_id.to_string(),
-            Room { owner: me, max_size, metadata: metadata.clone(), members: vec![me], empty_since: None },
+            Room {
+                owner: me,
+                max_size,
+                metadata: metadata.clone(),
+                members: vec![me],
+                empty_since: None,
+                home: None,
+                stamp,
+                stale: false,
+            },
         );
         self.sessions.get_mut(&me).expect("registered").rooms.push(room_id.to_string());
         self.sync_open(&room_id);
+        self.publish_room(&room_id, None);
         reply(ServerMessage::RoomCreated { id, room_id: room_id.into_owned(), owner: me, max_size, metadata })
     }
 
@@ -1027,8 +1122,14 @@ impl Server {
             if room.members.len() >= room.max_size as usize {
                 return err(ErrorCode::RoomFull, format!("room `{room_id}` is full ({})", room.max_size));
             }
-            if self.sessions[&me].rooms.len() >= self.config.max_rooms_per_client {
+            // The requester's own bound (a request forwarded by its node was checked there).
+            if self.sessions.get(&me).is_some_and(|s| s.rooms.len() >= self.config.max_rooms_per_client) {
                 return err(ErrorCode::TooManyRooms, format!("at most {} rooms per client", self.config.max_rooms_per_client));
+            }
+            if let Some(home) = room.home {
+                // Held by another node of the cluster, which adds the member and answers.
+                self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Join, 0)?;
+                return Ok(None);
             }
             let notice: Arc<str> =
                 ServerMessage::RoomPeerJoined { room_id: room_id.to_owned(), peer: self.peer_info(&me, None) }
@@ -1038,24 +1139,36 @@ impl Server {
             let room = self.rooms.get_mut(room_id).expect("checked above");
             room.members.push(me);
             room.empty_since = None;
-            self.sessions.get_mut(&me).expect("registered").rooms.push(room_id.to_owned());
+            if let Some(s) = self.sessions.get_mut(&me) {
+                s.rooms.push(room_id.to_owned());
+            }
             self.sync_open(room_id);
+            self.publish_room(room_id, None);
             for other in others {
                 self.send_to_session(&other, notice.clone());
             }
         }
+        reply(self.room_joined(me, id, room_id))
+    }
+
+    /// The `room_joined` reply for member `me`.
+    fn room_joined(&self, me: Fingerprint, id: u64, room_id: &str) -> ServerMessage {
         let room = &self.rooms[room_id];
-        reply(ServerMessage::RoomJoined {
+        ServerMessage::RoomJoined {
             id,
             room_id: room_id.to_owned(),
             owner: room.owner,
             max_size: room.max_size,
             metadata: room.metadata.clone(),
             peers: room.members.iter().filter(|f| **f != me).map(|f| self.peer_info(f, None)).collect(),
-        })
+        }
     }
 
     fn leave_room(&mut self, me: Fingerprint, id: u64, room_id: &str, now: Instant) -> Reply {
+        if let Some(home) = self.rooms.get(room_id).filter(|r| r.members.contains(&me)).and_then(|r| r.home) {
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Leave, 0)?;
+            return Ok(None);
+        }
         if !self.remove_from_room(me, room_id, false, now) {
             return err(ErrorCode::NotInRoom, format!("not in room `{room_id}`"));
         }
@@ -1063,8 +1176,10 @@ impl Server {
     }
 
     /// Removes `who` from a room and tells the rest. Returns whether it was a member.
+    /// Removes `who` from a room held by this node and tells the rest. Returns whether it was
+    /// a member.
     fn remove_from_room(&mut self, who: Fingerprint, room_id: &str, kicked: bool, now: Instant) -> bool {
-        let Some(room) = self.rooms.get_mut(room_id) else { return false };
+        let Some(room) = self.rooms.get_mut(room_id).filter(|r| r.home.is_none()) else { return false };
         let Some(pos) = room.members.iter().position(|f| *f == who) else { return false };
         room.members.remove(pos);
         let others = room.members.clone();
@@ -1076,6 +1191,7 @@ impl Server {
             s.rooms.retain(|r| r != room_id);
         }
         self.sync_open(room_id);
+        self.publish_room(room_id, kicked.then_some(who));
         let notice: Arc<str> =
             ServerMessage::RoomPeerLeft { room_id: room_id.to_owned(), fingerprint: who, kicked }.encode().into();
         for other in others {
@@ -1141,6 +1257,10 @@ impl Server {
         if target == me {
             return err(ErrorCode::InvalidField, "the owner cannot kick itself; use leave_room or close_room");
         }
+        if let Some(home) = room.home {
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Kick { target }, 0)?;
+            return Ok(None);
+        }
         if !self.remove_from_room(target, room_id, true, now) {
             return err(ErrorCode::NotInRoom, format!("{} is not in room `{room_id}`", target.short()));
         }
@@ -1156,8 +1276,13 @@ impl Server {
         if room.owner != me {
             return err(ErrorCode::NotRoomOwner, "only the room's owner may close it");
         }
+        if let Some(home) = room.home {
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Close, 0)?;
+            return Ok(None);
+        }
         let room = self.rooms.remove(room_id).expect("checked above");
         self.sync_open(room_id);
+        self.publish_room_gone(room_id, room.stamp, Some(me));
         let notice: Arc<str> = ServerMessage::RoomClosed { room_id: room_id.to_owned() }.encode().into();
         for member in room.members {
             if let Some(s) = self.sessions.get_mut(&member) {
@@ -1217,10 +1342,12 @@ impl Server {
                 }
             }
             Timer::RoomTtl(room_id) => {
-                let expired = self.rooms.get(&room_id).and_then(|r| r.empty_since).is_some_and(|t| t + self.config.room_ttl <= now);
+                let expired = self.rooms.get(&room_id).filter(|r| r.home.is_none()).and_then(|r| r.empty_since).is_some_and(|t| t + self.config.room_ttl <= now);
                 if expired {
                     debug!(%room_id, "empty room removed");
-                    self.rooms.remove(&room_id);
+                    if let Some(room) = self.rooms.remove(&room_id) {
+                        self.publish_room_gone(&room_id, room.stamp, None);
+                    }
                     self.sync_open(&room_id);
                 }
             }
@@ -1231,9 +1358,11 @@ impl Server {
                     .map(|q| q.iter().filter(|w| w.deadline <= now).map(|w| w.fingerprint).collect())
                     .unwrap_or_default();
                 for fp in expired {
-                    self.withdraw_match(fp, &key, Some(ErrorCode::MatchTimeout));
+                    self.remove_waiter(fp, &key, Some(ErrorCode::MatchTimeout));
                 }
             }
+            Timer::ClusterTick => self.cluster_tick(now),
+            Timer::Limbo(fp) => self.limbo_expired(fp, now),
         }
     }
 
@@ -1278,7 +1407,15 @@ impl Server {
             self.remove_from_namespace(fp, &ns);
         }
         for room in rooms {
-            self.remove_from_room(fp, &room, false, now);
+            match self.rooms.get(&room).and_then(|r| r.home) {
+                // Held by another node: it removes the member (and tells every node).
+                Some(home) => {
+                    let _ = self.forward_room_op(home, fp, None, &room, cluster::RoomOp::Leave, 0);
+                }
+                None => {
+                    self.remove_from_room(fp, &room, false, now);
+                }
+            }
         }
         for key in matches {
             self.withdraw_match(fp, &key, None);
@@ -1347,6 +1484,20 @@ impl Server {
 
 fn key_namespace(key: &str) -> &str {
     key.split('\n').nth(1).unwrap_or("")
+}
+
+/// The group size a match key was made for (see [`Server::match_key`]).
+fn key_group_size(key: &str) -> usize {
+    key.split('\n').next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+}
+
+/// The error frame ending a match request.
+fn match_error(id: u64, code: ErrorCode) -> ServerMessage {
+    let message = match code {
+        ErrorCode::MatchTimeout => "no match formed in time",
+        _ => "match request cancelled",
+    };
+    ServerMessage::Error { id: Some(id), code, message: message.into() }
 }
 
 #[cfg(test)]

@@ -78,6 +78,45 @@ impl Net {
         self.settle();
         p
     }
+
+    /// Moves every node's clock on by `d` in 100 ms steps, handling timers (heartbeats
+    /// included) and settling the cluster after each step. Every live client pings each
+    /// second, so no connection idles out.
+    fn advance(&mut self, d: Duration) {
+        let step = Duration::from_millis(100);
+        let mut done = Duration::ZERO;
+        while done < d {
+            done += step;
+            for (i, h) in self.nodes.iter_mut().enumerate() {
+                if self.cut.contains(&i) {
+                    continue;
+                }
+                h.now += step;
+                if done.subsec_millis() == 0 {
+                    let conns: Vec<ConnId> = h.s.conns.iter().filter(|(_, c)| c.session.is_some()).map(|(id, _)| *id).collect();
+                    for conn in conns {
+                        h.s.handle_message(conn, h.now, r#"{"type":"ping","id":0}"#).unwrap();
+                        h.pump();
+                        let inbox = h.inbox.entry(conn).or_default();
+                        inbox.retain(|m| !matches!(m, ServerMessage::Pong { id: 0 }));
+                    }
+                }
+                h.s.handle_timeout(h.now).unwrap();
+                h.pump();
+            }
+            self.settle();
+        }
+    }
+
+    /// Registers identity `seed` on node `n` with a new connection; returns it and the replies.
+    fn register(&mut self, n: usize, seed: u64) -> (ConnId, Vec<ServerMessage>) {
+        let conn = self.nodes[n].connect();
+        let out = self.nodes[n].register(conn, &ident(seed));
+        self.settle();
+        let mut all = out;
+        all.extend(self.nodes[n].take(conn));
+        (conn, all)
+    }
 }
 
 fn relay(to: &Identity, id: Option<u64>, payload: Value) -> Value {
@@ -258,7 +297,7 @@ fn a_node_that_links_up_late_learns_the_existing_sessions() {
 }
 
 #[test]
-fn a_node_leaving_or_gone_takes_its_sessions_out_of_the_cluster() {
+fn a_node_leaving_or_gone_keeps_its_sessions_for_the_resume_grace_then_drops_them() {
     let mut net = Net::new(3);
     let (a, _) = net.peer(0, 1);
     let (b, ib) = net.peer(1, 2);
@@ -269,32 +308,35 @@ fn a_node_leaving_or_gone_takes_its_sessions_out_of_the_cluster() {
     for (n, conn) in [(0, a), (1, b), (2, c)] {
         net.nodes[n].take(conn);
     }
-    // Node 1 leaves cleanly: its `bye` takes b out everywhere.
+    // Node 1 leaves cleanly, node 2 vanishes without a word (the adapter reports it gone).
     let now = net.nodes[1].now;
     net.nodes[1].s.leave_cluster(now).unwrap();
     net.settle();
     net.cut.insert(1);
-    assert!(
-        matches!(&net.nodes[0].take(a)[..], [ServerMessage::PeerLeft { fingerprint, .. }] if *fingerprint == ib.fingerprint())
-    );
-    assert!(
-        matches!(&net.nodes[2].take(c)[..], [ServerMessage::PeerLeft { fingerprint, .. }] if *fingerprint == ib.fingerprint())
-    );
-    let out = net.req(0, a, relay(&ib, Some(5), json!(1)));
-    assert_eq!(error_of(&out[0]), (Some(5), ErrorCode::PeerNotFound));
-    // Node 2 vanishes without a word; the adapter reports it gone.
     net.cut.insert(2);
     let now = net.nodes[0].now;
     net.nodes[0].s.handle_node_gone(now, NodeId(3)).unwrap();
     net.nodes[0].pump();
-    assert!(
-        matches!(&net.nodes[0].take(a)[..], [ServerMessage::PeerLeft { fingerprint, .. }] if *fingerprint == ic.fingerprint())
-    );
+    // Their clients may resume elsewhere: no peer_left yet, and relays to them are held (ok).
+    assert!(net.nodes[0].take(a).is_empty());
+    assert_eq!(net.nodes[0].s.cluster_stats().unwrap().waiting_sessions, 2);
+    assert_eq!(net.req(0, a, relay(&ib, Some(5), json!(1))), vec![ServerMessage::Ok { id: 5 }]);
+    // The grace ends: they leave.
+    net.advance(Duration::from_secs(31));
+    let out = net.nodes[0].take(a);
+    let left: HashSet<Fingerprint> = out
+        .iter()
+        .map(|m| match m {
+            ServerMessage::PeerLeft { fingerprint, .. } => *fingerprint,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(left, HashSet::from([ib.fingerprint(), ic.fingerprint()]));
     assert_eq!(net.nodes[0].s.remote_sessions(), 0);
-    assert!(
-        joined_peers(&net.req(0, a, json!({"type": "join", "id": 2, "namespace": "ns"})))
-            .is_empty()
-    );
+    let out = net.req(0, a, relay(&ib, Some(6), json!(1)));
+    assert_eq!(error_of(&out[0]), (Some(6), ErrorCode::PeerNotFound));
+    assert!(joined_peers(&net.req(0, a, json!({"type": "join", "id": 2, "namespace": "ns"}))).is_empty());
+    assert_eq!(net.nodes[0].s.metrics(net.nodes[0].now).resume_queue_drops, 1, "the held relay was never picked up");
 }
 
 #[test]
@@ -341,6 +383,7 @@ fn a_single_server_publishes_nothing_and_ignores_cluster_input() {
         alias: "x".into(),
         meta: None,
         namespaces: vec![],
+        generation: 1,
     };
     h.s.handle_cluster(h.now, NodeId(9), up).unwrap();
     assert_eq!(h.s.remote_sessions(), 0);
@@ -360,6 +403,7 @@ fn remote_sessions_beyond_the_bound_are_not_recorded_and_counted() {
             alias: String::new(),
             meta: None,
             namespaces: vec![],
+            generation: 1,
         };
         h.s.handle_cluster(h.now, NodeId(2), up).unwrap();
     }
@@ -370,6 +414,9 @@ fn remote_sessions_beyond_the_bound_are_not_recorded_and_counted() {
 #[test]
 fn cluster_messages_round_trip_through_their_wire_form() {
     let msg = ClusterMessage::Relay {
+        seq: 9,
+        origin: NodeId(77),
+        hops: 0,
         from: ident(1).fingerprint(),
         to: ident(2).fingerprint(),
         id: Some(4),
@@ -381,4 +428,364 @@ fn cluster_messages_round_trip_through_their_wire_form() {
         decode_cluster("{\"from\":1}"),
         Err(ClusterDecodeError::Malformed(_))
     ));
+}
+
+#[test]
+fn rooms_span_nodes_join_leave_kick_and_close_from_any_node() {
+    let mut net = Net::new(3);
+    let (a, ia) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    let (c, ic) = net.peer(2, 3);
+    // a creates the room on node 0, which holds it.
+    let out = net.req(0, a, json!({"type": "create_room", "id": 1, "room_id": "r", "config": {"max_size": 3, "metadata": {"m": 1}}}));
+    assert!(matches!(&out[..], [ServerMessage::RoomCreated { .. }]), "{out:?}");
+    // Every node lists it and answers room_info from its replica.
+    for (n, conn) in [(1, b), (2, c)] {
+        match &net.req(n, conn, json!({"type": "room_info", "id": 2, "room_id": "r"}))[..] {
+            [ServerMessage::RoomInfo { owner, members: 1, max_size: 3, .. }] => assert_eq!(*owner, ia.fingerprint()),
+            other => panic!("{other:?}"),
+        }
+        let out = net.req(n, conn, json!({"type": "list_rooms", "id": 3}));
+        assert!(matches!(&out[..], [ServerMessage::Rooms { rooms, .. }] if rooms.len() == 1 && rooms[0].room_id == "r"), "{out:?}");
+    }
+    // b (node 1) joins: its reply comes from node 0, a hears of it.
+    match &net.req(1, b, json!({"type": "join_room", "id": 4, "room_id": "r"}))[..] {
+        [ServerMessage::RoomJoined { id: 4, peers, owner, .. }] => {
+            assert_eq!(*owner, ia.fingerprint());
+            assert_eq!(peers.iter().map(|p| p.fingerprint).collect::<Vec<_>>(), vec![ia.fingerprint()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(&net.nodes[0].take(a)[..], [ServerMessage::RoomPeerJoined { peer, .. }] if peer.fingerprint == ib.fingerprint()));
+    // c (node 2) joins: a and b are told, each by its own node.
+    let out = net.req(2, c, json!({"type": "join_room", "id": 5, "room_id": "r"}));
+    assert!(matches!(&out[..], [ServerMessage::RoomJoined { peers, .. }] if peers.len() == 2), "{out:?}");
+    for (n, conn) in [(0, a), (1, b)] {
+        let out = net.nodes[n].take(conn);
+        assert!(matches!(&out[..], [ServerMessage::RoomPeerJoined { peer, .. }] if peer.fingerprint == ic.fingerprint()), "{out:?}");
+    }
+    // Full now, on every node.
+    let (d, _) = net.peer(1, 4);
+    let out = net.req(1, d, json!({"type": "join_room", "id": 6, "room_id": "r"}));
+    assert_eq!(error_of(&out[0]), (Some(6), ErrorCode::RoomFull));
+    // Only the owner kicks, wherever the request comes from.
+    let out = net.req(1, b, json!({"type": "kick", "id": 7, "room_id": "r", "fingerprint": ic.fingerprint().to_string()}));
+    assert_eq!(error_of(&out[0]), (Some(7), ErrorCode::NotRoomOwner));
+    // a kicks c: c is told `kicked` by node 2, b sees it leave, kicked.
+    let out = net.req(0, a, json!({"type": "kick", "id": 8, "room_id": "r", "fingerprint": ic.fingerprint().to_string()}));
+    assert!(out.contains(&ServerMessage::Ok { id: 8 }), "{out:?}");
+    assert!(matches!(&net.nodes[2].take(c)[..], [ServerMessage::Kicked { room_id }] if room_id == "r"));
+    let out = net.nodes[1].take(b);
+    assert!(matches!(&out[..], [ServerMessage::RoomPeerLeft { fingerprint, kicked: true, .. }] if *fingerprint == ic.fingerprint()), "{out:?}");
+    // c is no longer in it: leave_room from node 2 is refused there.
+    let out = net.req(2, c, json!({"type": "leave_room", "id": 9, "room_id": "r"}));
+    assert_eq!(error_of(&out[0]), (Some(9), ErrorCode::NotInRoom));
+    // b leaves through node 1; a is told.
+    assert_eq!(net.req(1, b, json!({"type": "leave_room", "id": 10, "room_id": "r"})), vec![ServerMessage::Ok { id: 10 }]);
+    assert!(matches!(&net.nodes[0].take(a)[..], [ServerMessage::RoomPeerLeft { kicked: false, .. }]));
+    // b joins again and the room is closed: b is told by node 1.
+    net.req(1, b, json!({"type": "join_room", "id": 11, "room_id": "r"}));
+    net.nodes[0].take(a);
+    assert_eq!(net.req(0, a, json!({"type": "close_room", "id": 12, "room_id": "r"})), vec![ServerMessage::Ok { id: 12 }]);
+    assert!(matches!(&net.nodes[1].take(b)[..], [ServerMessage::RoomClosed { room_id }] if room_id == "r"));
+    for (n, conn) in [(1, b), (2, c)] {
+        let out = net.req(n, conn, json!({"type": "room_info", "id": 13, "room_id": "r"}));
+        assert_eq!(error_of(&out[0]), (Some(13), ErrorCode::RoomNotFound));
+    }
+    // A room id is taken cluster-wide.
+    net.req(1, b, json!({"type": "create_room", "id": 14, "room_id": "s"}));
+    let out = net.req(2, c, json!({"type": "create_room", "id": 15, "room_id": "s"}));
+    assert_eq!(error_of(&out[0]), (Some(15), ErrorCode::RoomExists));
+}
+
+#[test]
+fn a_room_owner_on_another_node_closes_and_the_session_end_leaves() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    net.req(0, a, json!({"type": "create_room", "id": 1, "room_id": "r"}));
+    net.req(1, b, json!({"type": "join_room", "id": 2, "room_id": "r"}));
+    net.nodes[0].take(a);
+    // b's session ends (bye on node 1): node 0 removes it from the room.
+    net.nodes[1].send(b, r#"{"type":"bye"}"#);
+    net.settle();
+    let out = net.nodes[0].take(a);
+    assert!(out.iter().any(|m| matches!(m, ServerMessage::RoomPeerLeft { fingerprint, .. } if *fingerprint == ib.fingerprint())), "{out:?}");
+    match &net.req(0, a, json!({"type": "room_info", "id": 3, "room_id": "r"}))[..] {
+        [ServerMessage::RoomInfo { members: 1, .. }] => {}
+        other => panic!("{other:?}"),
+    }
+    // An owner on node 1 of a room held by node 1 ... and closing from the owner's node when
+    // the room is held elsewhere: b2 creates on node 1, a joins, then b2 closes.
+    let (b2, _) = net.peer(1, 3);
+    net.req(1, b2, json!({"type": "create_room", "id": 4, "room_id": "q"}));
+    net.req(0, a, json!({"type": "join_room", "id": 5, "room_id": "q"}));
+    assert!(matches!(&net.nodes[1].take(b2)[..], [ServerMessage::RoomPeerJoined { .. }]));
+    assert_eq!(net.req(1, b2, json!({"type": "close_room", "id": 6, "room_id": "q"})), vec![ServerMessage::Ok { id: 6 }]);
+    assert!(net.nodes[0].take(a).iter().any(|m| matches!(m, ServerMessage::RoomClosed { .. })));
+}
+
+#[test]
+fn a_match_forms_from_clients_of_three_nodes() {
+    let mut net = Net::new(3);
+    let mut clients = Vec::new();
+    for n in 0..3 {
+        clients.push((n, net.peer(n, 10 + n as u64)));
+    }
+    let mut outs = Vec::new();
+    for (i, (n, (conn, _))) in clients.iter().enumerate() {
+        let out = net.req(*n, *conn, json!({"type": "match", "id": 20 + i, "namespace": "game", "criteria": {"mode": "duel", "lvl": 3}, "group_size": 3}));
+        if i < 2 {
+            assert!(out.is_empty(), "{out:?}");
+        }
+        outs.push(out);
+    }
+    let mut sessions = HashSet::new();
+    for (i, (n, (conn, _))) in clients.iter().enumerate() {
+        let mut out = std::mem::take(&mut outs[i]);
+        out.extend(net.nodes[*n].take(*conn));
+        match &out[..] {
+            [ServerMessage::Matched { id, session_id, peers, namespace }] => {
+                assert_eq!(*id, 20 + i as u64);
+                assert_eq!(namespace, "game");
+                assert_eq!(peers.len(), 3);
+                sessions.insert(session_id.clone());
+            }
+            other => panic!("client {i}: {other:?}"),
+        }
+    }
+    assert_eq!(sessions.len(), 1, "one session id for the group");
+    for (n, (conn, _)) in &clients {
+        net.nodes[*n].take(*conn);
+    }
+    // Cancelling works whichever node holds the queue, and it is gone from there.
+    for (n, (conn, _)) in &clients {
+        assert!(net.req(*n, *conn, json!({"type": "match", "id": 30, "namespace": "g2", "group_size": 2})).is_empty());
+        assert_eq!(net.req(*n, *conn, json!({"type": "cancel_match", "id": 31, "namespace": "g2"})), vec![
+            ServerMessage::Error { id: Some(30), code: ErrorCode::MatchCancelled, message: "match request cancelled".into() },
+            ServerMessage::Ok { id: 31 },
+        ]);
+    }
+    let pending: usize = net.nodes.iter().map(|h| h.s.stats().pending_matches).sum();
+    assert_eq!(pending, 0);
+    // A lone request times out, answered by whichever node holds it.
+    let (n, (conn, _)) = clients[0];
+    assert!(net.req(n, conn, json!({"type": "match", "id": 40, "namespace": "alone", "group_size": 2})).is_empty());
+    net.advance(Duration::from_secs(61));
+    let out = net.nodes[n].take(conn);
+    assert!(out.iter().any(|m| matches!(m, ServerMessage::Error { id: Some(40), code: ErrorCode::MatchTimeout, .. })), "{out:?}");
+}
+
+#[test]
+fn match_queues_spread_over_the_nodes() {
+    let net = Net::new(3);
+    let mut owners = HashSet::new();
+    for k in 0..64 {
+        let key = format!("2\nns{k}\n{{}}");
+        // Every node agrees on the holder.
+        let views: Vec<NodeId> = net
+            .nodes
+            .iter()
+            .map(|h| h.s.match_owner(&key).unwrap_or_else(|| h.s.node_id().unwrap()))
+            .collect();
+        assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+        owners.insert(views[0]);
+    }
+    assert_eq!(owners.len(), 3, "64 queues use every node");
+}
+
+#[test]
+fn a_silent_node_is_gone_after_the_timeout_and_its_client_resumes_on_another_node_with_nothing_lost() {
+    let mut net = Net::new(3);
+    let (a, ia) = net.peer(0, 1);
+    let (b, _) = net.peer(1, 2);
+    let (c, ic) = net.peer(2, 3);
+    for (n, conn) in [(0, a), (1, b), (2, c)] {
+        net.req(n, conn, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    }
+    net.req(0, a, json!({"type": "create_room", "id": 2, "room_id": "r"}));
+    net.req(2, c, json!({"type": "join_room", "id": 3, "room_id": "r"}));
+    for (n, conn) in [(0, a), (1, b), (2, c)] {
+        net.nodes[n].take(conn);
+    }
+    // Node 2 dies. A relay to c sent before anyone notices gets no answer yet...
+    net.cut.insert(2);
+    net.nodes[0].send(a, &relay(&ic, Some(50), json!({"n": 1})).to_string());
+    net.settle();
+    assert!(net.nodes[0].take(a).is_empty());
+    assert_eq!(net.nodes[0].s.cluster_stats().unwrap().pending_relays, 1);
+    // ...until the heartbeats stop for 5 s: then it is held for c, and ok'd.
+    net.advance(Duration::from_millis(5_500));
+    assert_eq!(net.nodes[0].take(a), vec![ServerMessage::Ok { id: 50 }]);
+    assert!(net.nodes[1].take(b).is_empty(), "no peer_left while c may resume");
+    for h in &net.nodes[..2] {
+        let stats = h.s.cluster_stats().unwrap();
+        assert_eq!((stats.nodes, stats.waiting_sessions, stats.nodes_gone), (1, 1, 1));
+    }
+    // More for c while it is between nodes: a relay from node 1, a broadcast from node 0.
+    assert_eq!(net.req(1, b, relay(&ic, Some(51), json!({"n": 2}))), vec![ServerMessage::Ok { id: 51 }]);
+    net.req(0, a, json!({"type": "broadcast", "namespace": "ns", "payload": {"n": 3}}));
+    // c's client reconnects to node 1 with the same identity: resumed, in its namespace and
+    // room, and everything held for it arrives.
+    let (c2, out) = net.register(1, 3);
+    match &out[0] {
+        ServerMessage::Registered { resumed: true, namespaces, rooms, .. } => {
+            assert_eq!(namespaces, &vec!["ns".to_owned()]);
+            assert_eq!(rooms, &vec!["r".to_owned()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let got: Vec<Value> = out[1..]
+        .iter()
+        .map(|m| match m {
+            ServerMessage::Relay { payload, .. } => payload.to_value(),
+            ServerMessage::Broadcast { payload, .. } => payload.to_value(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // Each sender's frames in their order (node 0's relay was held there, node 1's at node 1).
+    assert_eq!(got.len(), 3, "{got:?}");
+    let pos = |v: Value| got.iter().position(|g| *g == v).unwrap_or_else(|| panic!("{v} missing from {got:?}"));
+    assert!(pos(json!({"n": 1})) < pos(json!({"n": 3})));
+    pos(json!({"n": 2}));
+    // Nobody saw c leave, and it is reachable again from every node.
+    assert!(net.nodes[0].take(a).iter().all(|m| !matches!(m, ServerMessage::PeerLeft { .. } | ServerMessage::RoomPeerLeft { .. })));
+    assert_eq!(net.req(0, a, relay(&ic, Some(52), json!(4))), vec![ServerMessage::Ok { id: 52 }]);
+    assert!(matches!(&net.nodes[1].take(c2)[..], [ServerMessage::Relay { from, .. }] if *from == ia.fingerprint()));
+    match &net.req(0, a, json!({"type": "room_info", "id": 4, "room_id": "r"}))[..] {
+        [ServerMessage::RoomInfo { members: 2, .. }] => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(net.nodes[1].s.cluster_stats().unwrap().sessions_adopted, 1);
+    // The grace passes: nothing more happens to c.
+    net.advance(Duration::from_secs(31));
+    assert!(net.nodes[0].take(a).is_empty());
+    assert_eq!(net.nodes[0].s.remote_sessions(), 2);
+}
+
+#[test]
+fn rooms_and_match_queues_of_a_gone_node_move_to_a_live_one() {
+    let mut net = Net::new(3);
+    let (a, _) = net.peer(0, 1);
+    let (b, _) = net.peer(1, 2);
+    let (c, ic) = net.peer(2, 3);
+    // The room is held by node 2, whose client c owns it.
+    net.req(2, c, json!({"type": "create_room", "id": 1, "room_id": "r", "config": {"max_size": 4}}));
+    net.req(0, a, json!({"type": "join_room", "id": 2, "room_id": "r"}));
+    net.req(1, b, json!({"type": "join_room", "id": 3, "room_id": "r"}));
+    net.nodes[0].take(a);
+    // A pending match of a, in a queue node 2 holds (found by trying namespaces).
+    let key_ns = (0..200)
+        .map(|k| format!("m{k}"))
+        .find(|ns| net.nodes[0].s.match_owner(&format!("2\n{ns}\n{{}}")) == Some(NodeId(3)))
+        .expect("some namespace hashes to node 3");
+    assert!(net.req(0, a, json!({"type": "match", "id": 9, "namespace": key_ns, "group_size": 2})).is_empty());
+    net.cut.insert(2);
+    net.advance(Duration::from_secs(6));
+    // The room lives on (node 0 took it over): b can still leave and join, a is told.
+    assert_eq!(net.req(1, b, json!({"type": "leave_room", "id": 4, "room_id": "r"})), vec![ServerMessage::Ok { id: 4 }]);
+    assert!(net.nodes[0].take(a).iter().any(|m| matches!(m, ServerMessage::RoomPeerLeft { .. })));
+    assert!(matches!(&net.req(1, b, json!({"type": "join_room", "id": 5, "room_id": "r"}))[..], [ServerMessage::RoomJoined { .. }]));
+    // c's grace ends without it coming back: it leaves the room it owned.
+    net.advance(Duration::from_secs(31));
+    let out = net.nodes[0].take(a);
+    assert!(out.iter().any(|m| matches!(m, ServerMessage::RoomPeerLeft { fingerprint, .. } if *fingerprint == ic.fingerprint())), "{out:?}");
+    // a's match request moved to a live node: b's request of the same kind completes it.
+    let out = net.req(1, b, json!({"type": "match", "id": 10, "namespace": key_ns, "group_size": 2}));
+    let mut all = out;
+    all.extend(net.nodes[0].take(a));
+    assert_eq!(all.iter().filter(|m| matches!(m, ServerMessage::Matched { .. })).count(), 2, "{all:?}");
+}
+
+#[test]
+fn a_client_moving_to_another_live_node_takes_its_session_along() {
+    let mut net = Net::new(2);
+    let (a, ia) = net.peer(0, 1);
+    let (b, _) = net.peer(1, 2);
+    net.req(0, a, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.req(1, b, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.nodes[0].take(a);
+    // b's client registers on node 0 while its node-1 connection is still open.
+    let (b2, out) = net.register(0, 2);
+    assert!(matches!(&out[0], ServerMessage::Registered { resumed: true, namespaces, .. } if namespaces == &vec!["ns".to_owned()]), "{out:?}");
+    assert_eq!(net.nodes[1].closed.get(&b), Some(&CloseCode::Replaced), "the old connection is closed as replaced");
+    assert!(net.nodes[0].take(a).is_empty(), "a saw no leave and no join");
+    assert_eq!(net.nodes[1].s.cluster_stats().unwrap().sessions_handed_over, 1);
+    // b is reachable on node 0 from both nodes.
+    let (x, _) = net.peer(1, 5);
+    assert_eq!(net.req(1, x, relay(&ident(2), Some(1), json!("hi"))), vec![ServerMessage::Ok { id: 1 }]);
+    assert_eq!(net.req(0, a, relay(&ident(2), Some(2), json!("hi"))), vec![ServerMessage::Ok { id: 2 }]);
+    assert_eq!(net.nodes[0].take(b2).len(), 2);
+    let _ = ia;
+}
+
+#[test]
+fn what_ended_while_the_link_was_down_is_repaired_when_it_returns() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    let (b2, _) = net.peer(1, 3);
+    net.req(0, a, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.req(1, b, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.req(1, b2, json!({"type": "create_room", "id": 2, "room_id": "r"}));
+    net.req(0, a, json!({"type": "join_room", "id": 3, "room_id": "r"}));
+    net.nodes[0].take(a);
+    // Node 1 loses Redis: b leaves for good and the room is closed; nobody hears.
+    let now = net.nodes[1].now;
+    net.nodes[1].s.handle_cluster_link(now, false).unwrap();
+    net.nodes[1].send(b, r#"{"type":"bye"}"#);
+    net.req(1, b2, json!({"type": "close_room", "id": 4, "room_id": "r"}));
+    net.settle();
+    assert!(net.nodes[0].take(a).is_empty());
+    // Back: node 0 learns both.
+    net.nodes[1].s.handle_cluster_link(now, true).unwrap();
+    net.settle();
+    let out = net.nodes[0].take(a);
+    assert!(out.iter().any(|m| matches!(m, ServerMessage::PeerLeft { fingerprint, .. } if *fingerprint == ib.fingerprint())), "{out:?}");
+    assert!(out.iter().any(|m| matches!(m, ServerMessage::RoomClosed { room_id } if room_id == "r")), "{out:?}");
+    assert_eq!(net.nodes[0].s.remote_sessions(), 1);
+}
+
+#[test]
+fn a_room_created_on_two_nodes_at_once_is_settled_for_the_earlier() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    // Both create "r" before hearing of the other's (node 1 a millisecond earlier).
+    net.nodes[1].now += Duration::from_millis(0);
+    net.nodes[0].now += Duration::from_millis(1);
+    net.nodes[1].send(b, &json!({"type": "create_room", "id": 1, "room_id": "r"}).to_string());
+    net.nodes[0].send(a, &json!({"type": "create_room", "id": 1, "room_id": "r"}).to_string());
+    assert!(matches!(&net.nodes[0].take(a)[..], [ServerMessage::RoomCreated { .. }]));
+    assert!(matches!(&net.nodes[1].take(b)[..], [ServerMessage::RoomCreated { .. }]));
+    net.settle();
+    // a's room lost: a is told it closed; both nodes agree on b's.
+    assert!(matches!(&net.nodes[0].take(a)[..], [ServerMessage::RoomClosed { room_id }] if room_id == "r"));
+    assert!(net.nodes[1].take(b).is_empty());
+    for (n, conn) in [(0, a), (1, b)] {
+        match &net.req(n, conn, json!({"type": "room_info", "id": 2, "room_id": "r"}))[..] {
+            [ServerMessage::RoomInfo { owner, members: 1, .. }] => assert_eq!(*owner, ib.fingerprint()),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn cluster_state_shows_in_the_metrics() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    let (_, ib) = net.peer(1, 2);
+    net.req(0, a, relay(&ib, Some(1), json!(1)));
+    let now = net.nodes[0].now;
+    let text = net.nodes[0].s.metrics(now).to_prometheus();
+    assert!(text.contains("peerlink_cluster_link_up{node=\"0000000000000001\"} 1\n"), "{text}");
+    assert!(text.contains("\npeerlink_cluster_nodes 1\n"), "{text}");
+    assert!(text.contains("\npeerlink_cluster_remote_sessions 1\n"), "{text}");
+    assert!(text.contains("\npeerlink_cluster_pending_relays 0\n"), "{text}");
+    net.nodes[0].s.handle_cluster_link(now, false).unwrap();
+    let text = net.nodes[0].s.metrics(now).to_prometheus();
+    assert!(text.contains("peerlink_cluster_link_up{node=\"0000000000000001\"} 0\n"), "{text}");
+    // A single server has no cluster section.
+    let h = H::default();
+    assert!(!h.s.metrics(h.now).to_prometheus().contains("peerlink_cluster_"));
 }
