@@ -41,6 +41,10 @@ pub const MAX_PENDING_OUTPUTS: usize = 65_536;
 pub struct ClientConfig {
     /// The signaling server, `ws://` or `wss://`.
     pub url: String,
+    /// More servers to try, in turn with `url`, each time the connection is lost or cannot be
+    /// made: the other nodes of a signaling cluster, where the session resumes (namespaces,
+    /// rooms and frames held for it kept) within the server's resume grace. Default empty.
+    pub fallback_urls: Vec<String>,
     /// Display name.
     pub alias: String,
     /// Arbitrary metadata shown to other peers (a JSON object).
@@ -76,6 +80,7 @@ impl ClientConfig {
     pub fn new(url: impl Into<String>) -> Self {
         ClientConfig {
             url: url.into(),
+            fallback_urls: Vec::new(),
             alias: String::new(),
             meta: None,
             auto_reconnect: true,
@@ -108,6 +113,20 @@ impl ClientConfig {
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    /// Adds a server to fail over to (see [`ClientConfig::fallback_urls`]).
+    pub fn fallback_url(mut self, url: impl Into<String>) -> Self {
+        self.fallback_urls.push(url.into());
+        self
+    }
+
+    /// The server URL for connection attempt `index`: `url`, then each fallback, in turn.
+    pub fn url_for(&self, index: usize) -> &str {
+        match index % (1 + self.fallback_urls.len()) {
+            0 => &self.url,
+            i => &self.fallback_urls[i - 1],
+        }
     }
 }
 
@@ -522,6 +541,8 @@ pub struct Client {
     state: State,
     /// Failed attempts since the last registration.
     attempt: u32,
+    /// Which server of [`ClientConfig::url_for`] the next connection goes to.
+    url_index: usize,
     ever_registered: bool,
     next_id: u64,
     pending: HashMap<u64, (Pending, Instant)>,
@@ -559,6 +580,7 @@ impl Client {
             rng: ChaCha20Rng::seed_from_u64(seed),
             state: State::Idle,
             attempt: 0,
+            url_index: 0,
             ever_registered: false,
             next_id: 1,
             pending: HashMap::new(),
@@ -950,7 +972,8 @@ impl Client {
 
     fn open(&mut self, now: Instant) {
         self.state = State::Connecting { deadline: now + self.config.connect_timeout };
-        self.transmits.push_back(ClientTransmit::Connect { url: self.config.url.clone() });
+        let url = self.config.url_for(self.url_index).to_owned();
+        self.transmits.push_back(ClientTransmit::Connect { url });
     }
 
     /// The connection is gone: fail in-flight requests, then reconnect or stop.
@@ -964,6 +987,11 @@ impl Client {
         }
         if !was_registered {
             self.attempt += 1;
+        }
+        if !self.config.fallback_urls.is_empty() {
+            // The next attempt goes to the next server in turn.
+            self.url_index = (self.url_index + 1) % (1 + self.config.fallback_urls.len());
+            debug!(url = self.config.url_for(self.url_index), "failing over");
         }
         if let Some(max) = self.config.max_reconnect_attempts {
             if self.attempt >= max {

@@ -826,3 +826,38 @@ fn disconnect_sends_bye_and_stops() {
     net.run_until(Duration::from_secs(100));
     assert_eq!(net.nodes[b].connects, 1);
 }
+
+#[test]
+fn a_lost_connection_fails_over_to_the_next_server_in_turn() {
+    let config = cfg().fallback_url("ws://node-b").fallback_url("ws://node-c");
+    assert_eq!((config.url_for(0), config.url_for(1), config.url_for(2), config.url_for(3)), ("ws://virtual", "ws://node-b", "ws://node-c", "ws://virtual"));
+    let mut now = Instant::now();
+    let mut c = Client::new(config, ident(1), 1, now).unwrap();
+    c.connect(now).unwrap();
+    let mut urls = Vec::new();
+    for _ in 0..4 {
+        while let Some(t) = c.poll_transmit() {
+            if let ClientTransmit::Connect { url } = t {
+                urls.push(url);
+            }
+        }
+        // The socket cannot be opened: the next attempt, after the backoff, goes elsewhere.
+        c.handle_disconnected(now, None).unwrap();
+        now = c.poll_timeout().expect("a reconnect is scheduled");
+        c.handle_timeout(now).unwrap();
+    }
+    assert_eq!(urls, ["ws://virtual", "ws://node-b", "ws://node-c", "ws://virtual"]);
+    // Without fallbacks every attempt goes to `url`.
+    let mut c = Client::new(cfg(), ident(2), 1, now).unwrap();
+    c.connect(now).unwrap();
+    c.handle_disconnected(now, None).unwrap();
+    let t = c.poll_timeout().unwrap();
+    c.handle_timeout(t).unwrap();
+    let urls: Vec<String> = std::iter::from_fn(|| c.poll_transmit())
+        .filter_map(|t| match t {
+            ClientTransmit::Connect { url } => Some(url),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(urls, ["ws://virtual", "ws://virtual"]);
+}
