@@ -4,46 +4,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
 
 use common::*;
 use peerlink::protocol::{ClientMessage, ErrorCode, ServerMessage};
 use peerlink_server::{ServerOptions, spawn};
 use serde_json::value::RawValue;
-
-/// A `redis-server` on 127.0.0.1, killed (by its PID) when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (Debian package redis-server)");
-        let redis = Redis { child, port };
-        wait_until("redis-server listens", || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The binary, killed when dropped.
 struct Binary(Child);
@@ -53,18 +19,6 @@ impl Drop for Binary {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn addr_of(url: &str) -> SocketAddr {
-    url.strip_prefix("ws://").unwrap().parse().unwrap()
 }
 
 fn join(ws: &mut Ws, id: u64, namespace: &str) -> Vec<peerlink::protocol::PeerInfo> {
