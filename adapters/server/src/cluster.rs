@@ -13,8 +13,8 @@
 //! up to its `client-output-buffer-limit` for pub/sub, past which Redis drops the connection:
 //! the subscriber reconnects and the core's `hello` resynchronises membership.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -266,6 +266,117 @@ fn publisher(
             // At most once: a message whose PUBLISH failed is not retried.
             warn!(error = %e, "cluster publish failed; reconnecting");
             con = None;
+        }
+    }
+}
+
+/// An in-process message bus for the nodes of a cluster that run in one process (tests,
+/// examples, a simulation): what [`ServerOptions::redis`](crate::ServerOptions::redis) does
+/// over Redis, through memory. Clone it into the [`ServerOptions::cluster_bus`](crate::ServerOptions::cluster_bus)
+/// of every node; the nodes must share `config.server_id` like nodes on Redis.
+///
+/// Delivery is in order per sender and target, as on Redis pub/sub. Each node's inbox holds at
+/// most 65,536 messages; a message for a full inbox is dropped and counted (as Redis drops a
+/// slow subscriber), and the cluster's resynchronisation repairs what it carried.
+#[derive(Clone, Default)]
+pub struct ClusterBus {
+    inner: Arc<Mutex<BusInner>>,
+}
+
+#[derive(Default)]
+struct BusInner {
+    members: Vec<BusMember>,
+    dropped: u64,
+}
+
+struct BusMember {
+    node: NodeId,
+    tx: SyncSender<LinkEvent>,
+    control: Arc<Control>,
+}
+
+impl std::fmt::Debug for ClusterBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().expect("bus lock");
+        f.debug_struct("ClusterBus").field("nodes", &inner.members.len()).field("dropped", &inner.dropped).finish()
+    }
+}
+
+impl ClusterBus {
+    /// A bus with no node on it yet.
+    pub fn new() -> Self {
+        ClusterBus::default()
+    }
+
+    /// How many nodes are on the bus now.
+    pub fn nodes(&self) -> usize {
+        self.inner.lock().expect("bus lock").members.len()
+    }
+
+    /// Messages dropped because a node's inbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner.lock().expect("bus lock").dropped
+    }
+
+    /// Puts node `node` on the bus; its link is up at once.
+    pub(crate) fn attach(&self, node: NodeId, control: Arc<Control>) -> BusLink {
+        let (tx, rx) = mpsc::sync_channel(INBOUND);
+        let _ = tx.try_send(LinkEvent::Up);
+        let _ = control.waker.wake();
+        self.inner.lock().expect("bus lock").members.push(BusMember { node, tx, control });
+        BusLink { bus: self.clone(), node, inbound: rx }
+    }
+
+    fn publish(&self, target: ClusterTarget, text: String) {
+        let mut inner = self.inner.lock().expect("bus lock");
+        let mut dropped = 0;
+        for m in inner.members.iter().filter(|m| target == ClusterTarget::All || target == ClusterTarget::Node(m.node)) {
+            match m.tx.try_send(LinkEvent::Message(text.clone())) {
+                Ok(()) => {
+                    let _ = m.control.waker.wake();
+                }
+                Err(_) => dropped += 1,
+            }
+        }
+        inner.dropped += dropped;
+    }
+}
+
+/// A node's place on a [`ClusterBus`]; leaving the bus when dropped.
+pub(crate) struct BusLink {
+    bus: ClusterBus,
+    node: NodeId,
+    inbound: Receiver<LinkEvent>,
+}
+
+impl Drop for BusLink {
+    fn drop(&mut self) {
+        self.bus.inner.lock().expect("bus lock").members.retain(|m| m.node != self.node);
+    }
+}
+
+/// The link of a clustered node: Redis, or an in-process bus.
+pub(crate) enum Link {
+    /// Redis pub/sub.
+    Redis(RedisLink),
+    /// A [`ClusterBus`].
+    Bus(BusLink),
+}
+
+impl Link {
+    /// Queues a message for the other nodes (see [`RedisLink::publish`]).
+    pub(crate) fn publish(&self, target: ClusterTarget, text: String) {
+        match self {
+            Link::Redis(l) => l.publish(target, text),
+            Link::Bus(l) => l.bus.publish(target, text),
+        }
+    }
+
+    /// The next event for the loop, if one waits.
+    pub(crate) fn try_recv(&self) -> Option<LinkEvent> {
+        match self {
+            Link::Redis(l) => l.try_recv(),
+            Link::Bus(l) => l.inbound.try_recv().ok(),
         }
     }
 }

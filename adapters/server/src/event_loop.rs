@@ -35,7 +35,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Message, WebSocketConfig};
 use tungstenite::{Bytes, Utf8Bytes, WebSocket};
 
-use crate::cluster::{LinkEvent, RedisLink};
+use crate::cluster::{Link, LinkEvent};
 use crate::ops::{self, Endpoint};
 use crate::static_files::{self, Refusal, Request};
 use crate::{CLOSE_TIMEOUT, Control, HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT};
@@ -251,7 +251,7 @@ pub(crate) struct EventLoop {
     /// The directory whose files plain HTTP requests get (canonical), if any.
     serve_dir: Option<PathBuf>,
     /// The link to the other nodes of a cluster, if clustered.
-    cluster: Option<RedisLink>,
+    cluster: Option<Link>,
     /// The cluster link has messages left over from this turn's budget.
     cluster_again: bool,
 }
@@ -296,7 +296,7 @@ impl EventLoop {
         control: Arc<Control>,
         stats_rx: mpsc::Receiver<mpsc::SyncSender<ServerStats>>,
         serve_dir: Option<PathBuf>,
-        cluster: Option<RedisLink>,
+        cluster: Option<Link>,
     ) -> Self {
         EventLoop {
             poll,

@@ -81,6 +81,7 @@ use peerlink::server::{ClusterConfig, NodeId, Server, ServerStats};
 use tracing::{error, info};
 use tungstenite::protocol::WebSocketConfig;
 
+pub use cluster::ClusterBus;
 pub use peerlink::ServerConfig;
 
 /// Time allowed for the TLS and WebSocket handshakes.
@@ -115,6 +116,9 @@ pub struct ServerOptions {
     /// `config.server_id`, which also names their Redis channels. `None` (the default) runs
     /// a single server.
     pub redis: Option<String>,
+    /// Make this server a node of a cluster whose nodes run in this process, on an in-process
+    /// [`ClusterBus`] instead of Redis (tests, examples). Ignored when `redis` is set.
+    pub cluster_bus: Option<ClusterBus>,
 }
 
 impl ServerOptions {
@@ -129,6 +133,7 @@ impl ServerOptions {
             serve_dir: None,
             metrics_addr: None,
             redis: None,
+            cluster_bus: None,
         }
     }
 }
@@ -320,7 +325,7 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let waker = mio::Waker::new(poll.registry(), event_loop::WAKER)?;
     let (stats_tx, stats_rx) = mpsc::channel();
     let control = Arc::new(Control { stop: AtomicBool::new(false), waker, stats: Mutex::new(Some(stats_tx)) });
-    let ServerOptions { config, tls, seed, serve_dir, redis, .. } = options;
+    let ServerOptions { config, tls, seed, serve_dir, redis, cluster_bus, .. } = options;
     let serve_dir = match serve_dir {
         Some(dir) => {
             let canonical = std::fs::canonicalize(&dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
@@ -335,16 +340,22 @@ pub fn spawn_on(listener: std::net::TcpListener, options: ServerOptions) -> io::
     let seed = seed.unwrap_or_else(os_seed);
     let cluster_name = config.server_id.clone();
     let mut server = Server::new(config, seed, Instant::now(), unix_ms());
-    let cluster = match redis {
-        Some(url) => {
+    let cluster = match (redis, cluster_bus) {
+        (Some(url), _) => {
             let node = NodeId(os_seed());
             server.enable_cluster(ClusterConfig::new(node));
             let link = cluster::RedisLink::start(&url, &cluster_name, node, control.clone())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("--redis {url}: {e}")))?;
             info!(%node, redis = %url, "clustered: this server is a node");
-            Some(link)
+            Some(cluster::Link::Redis(link))
         }
-        None => None,
+        (None, Some(bus)) => {
+            let node = NodeId(os_seed());
+            server.enable_cluster(ClusterConfig::new(node));
+            info!(%node, "clustered on an in-process bus: this server is a node");
+            Some(cluster::Link::Bus(bus.attach(node, control.clone())))
+        }
+        (None, None) => None,
     };
     let tls_config = tls.map(|t| t.config);
     let is_tls = tls_config.is_some();

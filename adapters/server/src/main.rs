@@ -240,6 +240,7 @@ fn main() -> anyhow::Result<()> {
         serve_dir: args.serve_examples.clone(),
         metrics_addr: args.metrics_listen,
         redis: args.redis.clone(),
+        cluster_bus: None,
     };
     let server = peerlink_server::spawn_on(std_listener, options).context("starting the server")?;
     {
