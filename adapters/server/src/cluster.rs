@@ -86,18 +86,22 @@ impl RedisLink {
         let dropped = Arc::new(AtomicU64::new(0));
         let (out_tx, out_rx) = mpsc::sync_channel(OUTBOUND);
         let (in_tx, in_rx) = mpsc::sync_channel(INBOUND);
+        // Set by the subscriber whenever it (re)subscribes: the publisher's connection may be
+        // one Redis dropped meanwhile (a restart), and the first message after it (the core's
+        // `hello`) must not be lost on it.
+        let reset = Arc::new(AtomicBool::new(false));
         let sub = {
-            let (client, channels, stop) = (client.clone(), channels.clone(), stop.clone());
+            let (client, channels, stop, reset) = (client.clone(), channels.clone(), stop.clone(), reset.clone());
             thread::Builder::new()
                 .name("peerlink-redis-sub".into())
-                .spawn(move || subscriber(client, channels, node, stop, in_tx, control))
+                .spawn(move || subscriber(client, channels, node, stop, reset, in_tx, control))
                 .map_err(redis_io)?
         };
         let publ = {
             let stop = stop.clone();
             thread::Builder::new()
                 .name("peerlink-redis-pub".into())
-                .spawn(move || publisher(client, channels, stop, out_rx))
+                .spawn(move || publisher(client, channels, stop, reset, out_rx))
                 .map_err(redis_io)?
         };
         Ok(RedisLink {
@@ -166,6 +170,7 @@ fn subscriber(
     channels: Channels,
     node: NodeId,
     stop: Arc<AtomicBool>,
+    reset: Arc<AtomicBool>,
     tx: SyncSender<LinkEvent>,
     control: Arc<Control>,
 ) {
@@ -185,6 +190,8 @@ fn subscriber(
             info!(%node, "cluster link up");
             up = true;
             backoff = BACKOFF_MIN;
+            // Before the loop hears `Up` (and publishes its `hello`).
+            reset.store(true, Ordering::Release);
             if !send(LinkEvent::Up) {
                 return Ok(());
             }
@@ -225,6 +232,7 @@ fn publisher(
     client: redis::Client,
     channels: Channels,
     stop: Arc<AtomicBool>,
+    reset: Arc<AtomicBool>,
     rx: Receiver<(ClusterTarget, String)>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -240,6 +248,11 @@ fn publisher(
                 Err(RecvTimeoutError::Disconnected) => return,
             },
         };
+        if reset.swap(false, Ordering::AcqRel) && con.is_some() {
+            // The subscriber (re)subscribed: start from a fresh connection too.
+            debug!("cluster publisher: reconnecting after the link came up");
+            con = None;
+        }
         if con.is_none() {
             match client.get_connection_with_timeout(BACKOFF_MAX) {
                 Ok(c) => {

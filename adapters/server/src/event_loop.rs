@@ -359,7 +359,9 @@ impl EventLoop {
             self.cluster_io(now);
             self.flush_dirty(now);
             if let Some(by) = self.shutdown_by {
-                if self.conns.is_empty() {
+                // A cluster node also waits (within the same deadline) to hand what it queued
+                // for parked sessions over to the nodes their clients resume on.
+                if self.conns.is_empty() && !self.server.handing_over() {
                     break;
                 }
                 if now >= by {

@@ -201,6 +201,10 @@ pub enum ClusterMessage {
         /// The frame for the sender.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
+        /// Not taken: the receiver is leaving the cluster (it said `bye`). The origin treats it
+        /// as gone and routes the relay again (its target waits for its client to resume).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retry: bool,
     },
     /// A `broadcast` from a client of the sender, for the receiver's members of `namespace`.
     Broadcast {
@@ -440,8 +444,16 @@ pub(super) struct Cluster {
     pending: BTreeMap<u64, PendingRelay>,
     next_seq: u64,
     ticking: bool,
+    /// This node said `bye` and is draining (see [`Server::leave_cluster`]).
+    leaving: bool,
+    /// Nodes that said `bye` (the latest [`MAX_DEPARTED`]): what they still send is taken
+    /// only as their last deliveries, never as a sign of life.
+    departed: VecDeque<NodeId>,
     stats: ClusterStats,
 }
+
+/// Most departed nodes remembered.
+const MAX_DEPARTED: usize = 1024;
 
 /// Most times a directed message is passed on to where its target moved.
 const MAX_HOPS: u8 = 2;
@@ -460,6 +472,8 @@ impl Server {
             pending: BTreeMap::new(),
             next_seq: 0,
             ticking: false,
+            leaving: false,
+            departed: VecDeque::new(),
         });
     }
 
@@ -540,6 +554,15 @@ impl Server {
             return Ok(());
         }
         c.stats.messages_in += 1;
+        if c.departed.contains(&from) {
+            // A node draining after its `bye`: only its last deliveries count.
+            match message {
+                ClusterMessage::Deliver { to, text, hops } => self.deliver(to, text.into(), hops),
+                ClusterMessage::RelayAck { seq, text, retry } => self.relay_acked(from, seq, text, retry, now),
+                _ => {}
+            }
+            return Ok(());
+        }
         let known = c.nodes.insert(from, now).is_some();
         if !known && !matches!(message, ClusterMessage::Hello | ClusterMessage::Resync | ClusterMessage::Bye) {
             // A node this one did not know (or had found gone) that is not introducing
@@ -548,13 +571,17 @@ impl Server {
             self.publish(ClusterTarget::Node(from), ClusterMessage::Hello);
         }
         match message {
-            ClusterMessage::Hello => self.announce_all(),
+            ClusterMessage::Hello => {
+                if !self.cluster.as_ref().is_some_and(|c| c.leaving) {
+                    self.announce_all();
+                }
+            }
             ClusterMessage::Resync => self.mark_stale(from),
             ClusterMessage::Synced => self.sweep_stale(from, now),
             ClusterMessage::Heartbeat => {}
             ClusterMessage::Bye => {
                 info!(node = %from, "node left the cluster");
-                self.node_gone(now, from);
+                self.depart(now, from);
             }
             ClusterMessage::SessionUp { fingerprint, alias, meta, namespaces, generation } => {
                 self.remote_up(from, fingerprint, alias, meta, namespaces, generation);
@@ -577,12 +604,7 @@ impl Server {
             ClusterMessage::Relay { seq, origin, from: sender, to, id, payload, hops } => {
                 self.remote_relay(seq, origin, sender, to, id, payload, hops);
             }
-            ClusterMessage::RelayAck { seq, text } => {
-                let p = self.cluster.as_mut().and_then(|c| c.pending.remove(&seq));
-                if let (Some(p), Some(text)) = (p, text) {
-                    self.send_to_session(&p.from, text.into());
-                }
-            }
+            ClusterMessage::RelayAck { seq, text, retry } => self.relay_acked(from, seq, text, retry, now),
             ClusterMessage::Broadcast { from: sender, namespace, payload } => {
                 let Some(ns) = self.namespaces.get(&namespace) else {
                     return Ok(());
@@ -639,13 +661,47 @@ impl Server {
     }
 
     /// Leaves the cluster: publishes [`ClusterMessage::Bye`] so the other nodes act at once
-    /// (rather than when its heartbeats stop). Call it on shutdown.
+    /// (rather than when its heartbeats stop) and starts draining. Call it on shutdown, before
+    /// closing the connections.
+    ///
+    /// While draining, relays forwarded to this node are sent back to be held by their origin
+    /// (the other nodes keep this node's sessions for their clients to resume elsewhere), and
+    /// when a client resumes on another node, what this node queued for its parked session is
+    /// handed over there. Keep handling inputs until [`Server::handing_over`] is false (or a
+    /// deadline passes) so nothing queued here is lost.
     pub fn leave_cluster(&mut self, now: Instant) -> Result<(), ServerError> {
         self.begin(now)?;
-        if self.cluster.as_ref().is_some_and(|c| c.link_up) {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        c.leaving = true;
+        if c.link_up {
             self.publish(ClusterTarget::All, ClusterMessage::Bye);
         }
         Ok(())
+    }
+
+    /// A node leaving the cluster still holds frames queued for parked sessions, to hand over
+    /// to the nodes their clients resume on. Always false when not clustered or not leaving.
+    pub fn handing_over(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.leaving && c.link_up)
+            && self.sessions.values().any(|s| s.conn.is_none() && !s.queue.is_empty())
+    }
+
+    /// The answer to a relay this node forwarded.
+    fn relay_acked(&mut self, from: NodeId, seq: u64, text: Option<String>, retry: bool, now: Instant) {
+        let Some(p) = self.cluster.as_mut().and_then(|c| c.pending.remove(&seq)) else { return };
+        if retry {
+            // The node is leaving (its `bye` may still be on its way): its sessions wait for
+            // their clients elsewhere.
+            if !self.cluster.as_ref().is_some_and(|c| c.departed.contains(&from)) {
+                self.depart(now, from);
+            }
+            let reply = self.route_relay(p.from, p.to, p.id, &p.payload, now);
+            self.answer(p.from, p.id, reply);
+            return;
+        }
+        if let Some(text) = text {
+            self.send_to_session(&p.from, text.into());
+        }
     }
 
     // ---- hooks called by the request handlers ----------------------------------------------
@@ -748,7 +804,9 @@ impl Server {
             expired.push(entry.remove());
         }
         c.stats.relays_timed_out += expired.len() as u64;
-        self.publish(ClusterTarget::All, ClusterMessage::Heartbeat);
+        if !self.cluster.as_ref().is_some_and(|c| c.leaving) {
+            self.publish(ClusterTarget::All, ClusterMessage::Heartbeat);
+        }
         for node in gone {
             info!(%node, "node silent past the timeout: gone");
             self.node_gone(now, node);
@@ -835,6 +893,17 @@ impl Server {
                 room.home = Some(adopter);
             }
         }
+    }
+
+    /// Node `node` left the cluster (`bye`, or it sent a relay back): gone now, and what it
+    /// still sends is taken only as its last deliveries.
+    fn depart(&mut self, now: Instant, node: NodeId) {
+        let Some(c) = self.cluster.as_mut() else { return };
+        if c.departed.len() >= MAX_DEPARTED {
+            c.departed.pop_front();
+        }
+        c.departed.push_back(node);
+        self.node_gone(now, node);
     }
 
     /// This node and the other nodes heard from.
@@ -1175,6 +1244,11 @@ impl Server {
             self.publish(ClusterTarget::Node(node), ClusterMessage::Relay { seq, origin, from, to, id, payload, hops });
             return;
         }
+        if self.cluster.as_ref().is_some_and(|c| c.leaving) && self.sessions.contains_key(&to) {
+            // Draining: the origin holds it until the session resumes on another node.
+            self.publish(ClusterTarget::Node(origin), ClusterMessage::RelayAck { seq, text: None, retry: true });
+            return;
+        }
         let answer = if self.sessions.contains_key(&to) {
             self.relay_local(from, id, to, &payload.0)
         } else if waiting {
@@ -1195,7 +1269,7 @@ impl Server {
                 Some(ServerMessage::Error { id, code, message }.encode())
             }
         };
-        self.publish(ClusterTarget::Node(origin), ClusterMessage::RelayAck { seq, text });
+        self.publish(ClusterTarget::Node(origin), ClusterMessage::RelayAck { seq, text, retry: false });
     }
 
     /// A frame for `to`: sent to the local session, held while its node is gone, or passed on

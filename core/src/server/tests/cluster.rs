@@ -789,3 +789,44 @@ fn cluster_state_shows_in_the_metrics() {
     let h = H::default();
     assert!(!h.s.metrics(h.now).to_prometheus().contains("peerlink_cluster_"));
 }
+
+#[test]
+fn a_leaving_node_sends_relays_back_and_hands_queued_frames_to_where_its_clients_resume() {
+    let mut net = Net::new(2);
+    let (a, ia) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    // b's connection drops: its session is parked on node 1, and a relay is queued there.
+    net.nodes[1].disconnect(b);
+    assert_eq!(net.req(0, a, relay(&ib, Some(1), json!({"n": 1}))), vec![ServerMessage::Ok { id: 1 }]);
+    // Node 1 starts leaving; before node 0 hears its bye, a relays again: node 1 sends it back,
+    // and node 0 holds it for b (ok).
+    let now = net.nodes[1].now;
+    net.nodes[1].s.leave_cluster(now).unwrap();
+    let bye: Vec<_> = std::iter::from_fn(|| net.nodes[1].s.poll_cluster()).collect();
+    assert!(matches!(&bye[..], [ClusterTransmit { message: ClusterMessage::Bye, .. }]));
+    assert!(net.nodes[1].s.handing_over(), "a queued frame waits to be handed over");
+    assert_eq!(net.req(0, a, relay(&ib, Some(2), json!({"n": 2}))), vec![ServerMessage::Ok { id: 2 }]);
+    assert_eq!(net.nodes[0].s.cluster_stats().unwrap().waiting_sessions, 1);
+    // b's client resumes on node 0: it gets both, the first handed over by node 1.
+    let (b2, out) = net.register(0, 2);
+    assert!(matches!(&out[0], ServerMessage::Registered { resumed: true, .. }), "{out:?}");
+    let got: Vec<Value> = out[1..]
+        .iter()
+        .map(|m| match m {
+            ServerMessage::Relay { from, payload } => {
+                assert_eq!(*from, ia.fingerprint());
+                payload.to_value()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort_by_key(|v| v["n"].as_u64());
+    assert_eq!(sorted, vec![json!({"n": 1}), json!({"n": 2})], "{got:?}");
+    assert!(!net.nodes[1].s.handing_over());
+    // The departed node's later heartbeats or hellos do not bring it back.
+    net.nodes[1].advance(Duration::from_secs(2));
+    net.settle();
+    assert_eq!(net.nodes[0].s.cluster_stats().unwrap().nodes, 0);
+    let _ = b2;
+}
