@@ -9,7 +9,6 @@ use std::process::Child;
 use common::*;
 use peerlink::protocol::{ClientMessage, ErrorCode, ServerMessage};
 use peerlink_server::{ServerOptions, spawn};
-use serde_json::value::RawValue;
 
 /// The binary, killed when dropped.
 struct Binary(Child);
@@ -19,27 +18,6 @@ impl Drop for Binary {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn join(ws: &mut Ws, id: u64, namespace: &str) -> Vec<peerlink::protocol::PeerInfo> {
-    send(ws, &ClientMessage::Join { id, namespace: namespace.into(), app_type: None, app_version: None });
-    match recv(ws) {
-        ServerMessage::Joined { id: got, peers, .. } if got == id => peers,
-        other => panic!("{other:?}"),
-    }
-}
-
-fn discover(ws: &mut Ws, id: u64, namespace: &str) -> usize {
-    send(ws, &ClientMessage::Discover { id, namespace: namespace.into(), limit: None });
-    match recv(ws) {
-        ServerMessage::Discovered { peers, .. } => peers.len(),
-        other => panic!("{other:?}"),
-    }
-}
-
-fn relay(ws: &mut Ws, id: Option<u64>, to: u64, payload: &str) {
-    let payload = RawValue::from_string(payload.into()).unwrap();
-    send(ws, &ClientMessage::Relay { id, to: identity(to).fingerprint(), payload: &payload });
 }
 
 #[test]

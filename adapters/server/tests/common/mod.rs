@@ -1,13 +1,17 @@
 //! Shared helpers: a blocking tungstenite client that registers for real, a TLS client
 //! configuration trusting one certificate, the server binary on a free port, and plain HTTP
-//! requests.
+//! requests; in `cluster`, a real `redis-server` and the cluster tests' requests.
 #![allow(dead_code)]
 
+mod cluster;
+#[allow(unused_imports)] // Only the cluster tests use them.
+pub use cluster::*;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use peerlink::identity::Identity;
 use peerlink::protocol::{self, ClientMessage, ServerMessage};
@@ -144,53 +148,4 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> Response {
 /// `GET target` with a minimal valid head.
 pub fn get(addr: SocketAddr, target: &str) -> Response {
     raw_request(addr, format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n").as_bytes())
-}
-
-/// A `redis-server` on 127.0.0.1 (a free port, no persistence), killed (by its PID) when dropped.
-pub struct Redis {
-    child: Child,
-    /// Its port.
-    pub port: u16,
-}
-
-impl Redis {
-    /// Starts one and waits until it listens.
-    pub fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (Debian package redis-server)");
-        let redis = Redis { child, port };
-        wait_until("redis-server listens", || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        redis
-    }
-
-    /// Its URL for `--redis`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `done` every 20 ms until it holds; fails the test after 15 s.
-pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The socket address of a `ws://` URL.
-pub fn addr_of(url: &str) -> SocketAddr {
-    url.strip_prefix("ws://").unwrap().parse().unwrap()
 }
