@@ -8,7 +8,8 @@
 //! shares a key-value board (hybrid logical clocks, last writer wins) and a yrs text document
 //! that all three edit at once; last, an end-to-end encrypted room whose members exchange keys
 //! through the server, talk over the relay and directly, and send a file, all sealed; and a
-//! call in which one node streams a VP8 test pattern to another, then mutes and unmutes.
+//! call in which one node streams a VP8 test pattern to another, then mutes and unmutes; and a
+//! signaling cluster of two nodes, one of which shuts down while its client moves to the other.
 //! Prints what happened.
 //!
 //! ```text
@@ -458,6 +459,66 @@ fn call(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// A signaling cluster: two server nodes (on an in-process bus here; on Redis with
+/// `--redis`), a client on each; one node shuts down and its client resumes on the other.
+fn cluster() -> Result<()> {
+    let bus = peerlink_server::ClusterBus::new();
+    let node = || peerlink_server::spawn(peerlink_server::ServerOptions { cluster_bus: Some(bus.clone()), ..peerlink_server::ServerOptions::local() });
+    let (n1, n2) = (node()?, node()?);
+    let (url1, url2) = (n1.url(), n2.url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while bus.nodes() < 2 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the nodes never joined the bus");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("cluster     two server nodes on one bus: {url1} and {url2}");
+    let mut dana_config = config(&url1, "dana").fallback_url(&url2);
+    dana_config.reconnect_delay = Duration::from_millis(100);
+    let mut dana = peerlink_blocking::Client::connect(dana_config)?;
+    let mut erik = peerlink_blocking::Client::connect(config(&url2, "erik"))?;
+    // Membership travels between the nodes: erik (node 2) is told when dana (node 1) joins.
+    erik.join("cluster")?;
+    dana.join("cluster")?;
+    let joined = wait(&mut erik, |e| match e {
+        ClientEvent::PeerJoined { peer, .. } => Some(peer.alias),
+        _ => None,
+    })?;
+    println!("cluster     erik, on node 2, was told {joined} joined on node 1");
+    erik.relay(dana.fingerprint(), &json!({"n": 1}))?;
+    let got = wait(&mut dana, |e| match e {
+        ClientEvent::Relay { payload, .. } => Some(payload.to_value()),
+        _ => None,
+    })?;
+    println!("cluster     erik -> dana across the nodes: {got}");
+    // Node 1 goes away; dana's client fails over to node 2 and resumes its session there.
+    let started = std::time::Instant::now();
+    let stopping = std::thread::spawn(move || n1.shutdown());
+    erik.relay(dana.fingerprint(), &json!({"n": 2, "sent": "while dana moves"}))?;
+    let (mut resumed, mut relay) = (None, None);
+    while resumed.is_none() || relay.is_none() {
+        match dana.next_event(Duration::from_secs(10))?.context("dana never came back")? {
+            ClientEvent::Reconnected { resumed: r } => resumed = Some(r),
+            ClientEvent::Relay { payload, .. } => relay = Some(payload.to_value()),
+            _ => {}
+        }
+    }
+    println!(
+        "cluster     node 1 shut down; dana resumed on node 2 after {:?} (resumed: {}), still in `cluster` with {:?}",
+        started.elapsed(),
+        resumed == Some(true),
+        dana.discover("cluster", None)?.iter().map(|p| p.alias.clone()).collect::<Vec<_>>()
+    );
+    println!("cluster     erik's relay sent meanwhile arrived: {}", relay.context("relay")?);
+    let rtt = erik.ping()?;
+    let left = erik.events().any(|e| matches!(e, ClientEvent::PeerLeft { .. }));
+    println!("cluster     erik saw dana leave: {left} (ping {rtt:?})");
+    stopping.join().expect("node 1 stops");
+    dana.disconnect();
+    erik.disconnect();
+    n2.shutdown();
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let server = peerlink_server::spawn(peerlink_server::ServerOptions::local())?;
     let url = server.url();
@@ -551,6 +612,9 @@ fn main() -> Result<()> {
 
     // A call: VP8 video from a committed test pattern, mute and unmute.
     call(&url)?;
+
+    // A cluster of two server nodes; a client moves when its node goes away.
+    cluster()?;
 
     // A clean disconnect: the others see the peer leave at once.
     carol.disconnect();
