@@ -172,7 +172,7 @@ pub mod turn;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientTransmit, IssuedTurnCredentials, RequestId, Response, RoomDetails, RoomSummary};
 pub use identity::{Fingerprint, Identity, IdentityError, IdentityKeys};
-pub use node::{IceServer, IceTransportPolicy, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, TurnServerUrl, UdpBind};
+pub use node::{IceServer, IceTransportPolicy, Node, NodeConfig, NodeError, NodeEvent, NodeTransmit, PeerView, TURN_RETRY_MAX, TURN_RETRY_MIN, TurnServerUrl, UdpBind};
 pub use peer::media::{self, Codec, MediaError, MediaEvent, MediaFrame, ReceivedFrame, TrackId, TrackInfo, TrackKind, TrackOptions};
 pub use peer::{ChannelOptions, Datagram, Payload, PeerConfig, PeerError, PeerState, Reliability, SendError};
 pub use protocol::{CloseCode, ErrorCode, PeerInfo, RawJson};

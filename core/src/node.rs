@@ -45,7 +45,7 @@ use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, Transfer
 use crate::client::{RequestId, Response};
 use crate::room::keys::RoomKeys;
 use crate::room::call::Call;
-use crate::turn::{TurnClient, TurnConfig, TurnCredentials, TurnEvent};
+use crate::turn::{TurnClient, TurnConfig, TurnCredentials, TurnError, TurnEvent};
 use crate::room::{self, CallConfig, CallEvent, EncryptionEvent, JoinOptions, Source, Pending, RoomData, RoomError, RoomEvent, RoomOptions, RoomPath, RoomView, Rooms, RoomsConfig, Transport};
 use crate::stun::{self, StunMessage, TransactionId};
 use crate::sync::host::{SyncEvent, Syncs};
@@ -59,6 +59,12 @@ pub const MAX_LOCAL_CANDIDATES: usize = 32;
 pub const MAX_STUN_SERVERS: usize = 8;
 /// Most TURN servers (each gets an allocation per local address of its IP family).
 pub const MAX_TURN_SERVERS: usize = 4;
+/// The first wait before an allocation that failed (no answer, refused, or lost) is tried
+/// again; it doubles with each failure in a row, up to [`TURN_RETRY_MAX`]. An allocation
+/// refused for its credentials is not retried.
+pub const TURN_RETRY_MIN: Duration = Duration::from_secs(5);
+/// The longest wait before an allocation is tried again.
+pub const TURN_RETRY_MAX: Duration = Duration::from_secs(120);
 /// STUN binding retransmissions: the first after 500 ms, then doubling.
 const STUN_ATTEMPTS: u32 = 4;
 
@@ -451,6 +457,10 @@ pub struct Node {
     turn_servers: Vec<(SocketAddr, TurnCredentials)>,
     /// One allocation per TURN server and local address of its family.
     turns: Vec<TurnClient>,
+    /// Allocations to make again (local address, server, when, failures in a row so far).
+    turn_retries: Vec<(SocketAddr, SocketAddr, Instant, u32)>,
+    /// Failures in a row per (local address, server), reset by an allocation.
+    turn_failures: BTreeMap<(SocketAddr, SocketAddr), u32>,
     stun: BTreeMap<TransactionId, StunRequest>,
     transmits: VecDeque<NodeTransmit>,
     events: VecDeque<NodeEvent>,
@@ -509,6 +519,8 @@ impl Node {
             stun_servers: Vec::new(),
             turn_servers: Vec::new(),
             turns: Vec::new(),
+            turn_retries: Vec::new(),
+            turn_failures: BTreeMap::new(),
             stun: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -579,7 +591,7 @@ impl Node {
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         let syncs = self.syncs.poll_timeout(self.now);
         let keys = self.keys.poll_timeout().map(|t| t.max(self.now));
-        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).map(|t| t.max(self.now));
+        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).chain(self.turn_retries.iter().map(|r| r.2)).map(|t| t.max(self.now));
         self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).chain(turns).min()
     }
 
@@ -733,6 +745,14 @@ impl Node {
                 t.handle_timeout(now);
             }
         }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.turn_retries).into_iter().partition(|r| r.2 <= now);
+        self.turn_retries = later;
+        for (local, server, _, _) in due {
+            if let Some((_, credentials)) = self.turn_servers.iter().find(|(s, _)| *s == server).cloned() {
+                info!(%local, %server, "allocating on the TURN server again");
+                self.start_turn(local, server, credentials);
+            }
+        }
         self.pump_turns();
         self.rooms_dirty = true;
         if self.transfers.poll_timeout().is_some_and(|t| t <= now) {
@@ -806,6 +826,7 @@ impl Node {
     /// application (an allocation's relayed address becomes a candidate).
     fn pump_turns(&mut self) {
         let mut relayed = Vec::new();
+        let mut failed = Vec::new();
         for t in &mut self.turns {
             while let Some(d) = t.poll_transmit() {
                 self.transmits.push_back(NodeTransmit::Datagram(d));
@@ -815,12 +836,31 @@ impl Node {
                     TurnEvent::Allocated { relayed: addr, .. } => {
                         info!(server = %t.server(), relayed = %addr, "TURN allocation");
                         relayed.push((*addr, t.local()));
+                        self.turn_failures.remove(&(t.local(), t.server()));
                     }
-                    TurnEvent::Failed { error } => warn!(server = %t.server(), %error, "TURN allocation failed"),
+                    TurnEvent::Failed { error } => {
+                        warn!(server = %t.server(), %error, "TURN allocation failed");
+                        failed.push((t.local(), t.server(), error.clone()));
+                    }
                     _ => debug!(server = %t.server(), ?event, "TURN"),
                 }
                 self.events.push_back(NodeEvent::Turn { local: t.local(), server: t.server(), event });
             }
+        }
+        for (local, server, error) in failed {
+            self.turns.retain(|t| !(t.local() == local && t.server() == server));
+            if matches!(error, TurnError::Unauthorized) {
+                // Wrong credentials stay wrong: add the server again with others.
+                self.turn_servers.retain(|(s, _)| *s != server);
+                continue;
+            }
+            // Timeouts, refusals (quota, capacity) and lost allocations: try again later,
+            // 5 s doubling to 2 min.
+            let failures = self.turn_failures.entry((local, server)).or_insert(0);
+            *failures += 1;
+            let delay = (TURN_RETRY_MIN * 2u32.saturating_pow(failures.saturating_sub(1).min(10))).min(TURN_RETRY_MAX);
+            debug!(%local, %server, ?delay, failures = *failures, "TURN allocation retry scheduled");
+            self.turn_retries.push((local, server, self.now + delay, *failures));
         }
         for (addr, local) in relayed {
             match Candidate::relayed(addr, local, "udp") {

@@ -133,3 +133,99 @@ fn a_short_allocation_is_refreshed_under_a_live_connection() {
     assert_eq!(texts(&eb), (0..sent).map(|i| format!("\"a{i}\"")).collect::<Vec<_>>());
     assert!(sent >= 10, "{sent} seconds of messages");
 }
+
+/// A UDP forwarder on 127.0.0.1 in front of coturn that drops everything until opened: the TURN
+/// server is unreachable, then reachable, with no stale allocation left behind on coturn (it
+/// never saw the first requests).
+struct UdpGate {
+    addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpGate {
+    fn start(upstream: std::net::SocketAddr) -> UdpGate {
+        use std::sync::atomic::Ordering;
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        front.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+        back.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+        let addr = front.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (open, stop) = (open.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut client = None;
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Acquire) {
+                    if let Ok((n, from)) = front.recv_from(&mut buf) {
+                        client = Some(from);
+                        if open.load(Ordering::Acquire) {
+                            let _ = back.send_to(&buf[..n], upstream);
+                        }
+                    }
+                    if let (Ok((n, _)), Some(c)) = (back.recv_from(&mut buf), client) {
+                        let _ = front.send_to(&buf[..n], c);
+                    }
+                }
+            })
+        };
+        UdpGate { addr, open, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for UdpGate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TURN server that does not answer at first: the allocation fails with a timeout (a typed
+/// event), the node tries again after `TURN_RETRY_MIN`, and once the server answers the
+/// allocation is made and its relayed candidate offered.
+#[test]
+fn an_allocation_that_timed_out_is_tried_again_and_made() {
+    let coturn = coturn();
+    let gate = UdpGate::start(coturn.addr());
+    let server = start_server(peerlink::ServerConfig::default());
+    let mut config = NodeConfig::with_client(client_config(&server.url(), "a"));
+    config.ice_servers = vec![IceServer::turn([format!("turn:{}?transport=udp", gate.addr)], "u", "p")];
+    config.ice_transport_policy = IceTransportPolicy::Relay;
+    // Give up on an unanswered request after about a second.
+    config.turn.rto = Duration::from_millis(100);
+    config.turn.max_transmits = 3;
+    config.turn.last_wait = 4;
+    let mut a = PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).unwrap();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let failed_at = loop {
+        assert!(Instant::now() < deadline, "no TURN outcome: {events:?}");
+        if let Some(e) = a.next_event(Duration::from_millis(50)).unwrap() {
+            let failed = matches!(&e, NodeEvent::Turn { event: TurnEvent::Failed { error: TurnError::Timeout { request: "Allocate" } }, .. });
+            events.push(e);
+            if failed {
+                break Instant::now();
+            }
+        }
+    };
+    assert!(a.node().local_candidates().is_empty());
+    gate.open.store(true, std::sync::atomic::Ordering::Release);
+    let deadline = Instant::now() + WAIT;
+    let relayed = loop {
+        assert!(Instant::now() < deadline, "not allocated after the retry: {events:?}");
+        if let Some(e) = a.next_event(Duration::from_millis(50)).unwrap() {
+            if let NodeEvent::Turn { event: TurnEvent::Allocated { relayed, .. }, .. } = &e {
+                break *relayed;
+            }
+            events.push(e);
+        }
+    };
+    assert!(failed_at.elapsed() >= peerlink::TURN_RETRY_MIN - Duration::from_millis(50), "not before the retry delay");
+    let candidates = a.node().local_candidates();
+    assert!(candidates.len() == 1 && candidates[0].contains(&relayed.port().to_string()), "{candidates:?}");
+}
