@@ -133,6 +133,11 @@ impl RedisLink {
     pub(crate) fn try_recv(&self) -> Option<LinkEvent> {
         self.inbound.try_recv().ok()
     }
+
+    /// Messages dropped so far because the publish queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for RedisLink {
@@ -382,6 +387,15 @@ impl Link {
         match self {
             Link::Redis(l) => l.publish(target, text),
             Link::Bus(l) => l.bus.publish(target, text),
+        }
+    }
+
+    /// Messages dropped so far (Redis: this node's full publish queue; a bus: full inboxes of
+    /// any node on it).
+    pub(crate) fn dropped(&self) -> u64 {
+        match self {
+            Link::Redis(l) => l.dropped(),
+            Link::Bus(l) => l.bus.dropped(),
         }
     }
 

@@ -864,6 +864,7 @@ impl EventLoop {
         }
         self.cluster_again = handled == CLUSTER_BUDGET;
         let Some(link) = &self.cluster else { return };
+        self.server.handle_cluster_link_drops(link.dropped());
         let Some(node) = self.server.node_id() else { return };
         while let Some(t) = self.server.poll_cluster() {
             link.publish(t.target, encode_cluster(node, &t.message));

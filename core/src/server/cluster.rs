@@ -384,6 +384,9 @@ pub struct ClusterStats {
     pub relays_timed_out: u64,
     /// Announcements not recorded because a bound was reached.
     pub dropped: u64,
+    /// Messages the adapter's link dropped (its publish queue full), as last reported with
+    /// [`Server::handle_cluster_link_drops`].
+    pub link_dropped: u64,
 }
 
 /// A session of another node, as this node knows it.
@@ -492,6 +495,15 @@ impl Server {
     /// Sessions of other nodes this node knows of; zero when not clustered.
     pub fn remote_sessions(&self) -> usize {
         self.cluster.as_ref().map_or(0, |c| c.remote.len())
+    }
+
+    /// Reports how many cluster messages the adapter's link has dropped so far (a full
+    /// publish queue; lost like messages in an outage, and repaired the same way). Only
+    /// counted, for [`Server::cluster_stats`] and `/metrics`.
+    pub fn handle_cluster_link_drops(&mut self, total: u64) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.stats.link_dropped = total;
+        }
     }
 
     /// This node's view of the cluster; `None` when not clustered.

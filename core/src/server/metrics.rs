@@ -327,6 +327,11 @@ impl Metrics {
                 "Cluster announcements not recorded because a bound was reached.",
                 c.dropped,
             );
+            out.counter(
+                "peerlink_cluster_link_dropped_total",
+                "Cluster messages dropped by the link to the other nodes (publish queue full).",
+                c.link_dropped,
+            );
         }
         out.0
     }

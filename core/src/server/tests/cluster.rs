@@ -782,6 +782,9 @@ fn cluster_state_shows_in_the_metrics() {
     assert!(text.contains("\npeerlink_cluster_nodes 1\n"), "{text}");
     assert!(text.contains("\npeerlink_cluster_remote_sessions 1\n"), "{text}");
     assert!(text.contains("\npeerlink_cluster_pending_relays 0\n"), "{text}");
+    net.nodes[0].s.handle_cluster_link_drops(3);
+    let text = net.nodes[0].s.metrics(now).to_prometheus();
+    assert!(text.contains("\npeerlink_cluster_link_dropped_total 3\n"), "{text}");
     net.nodes[0].s.handle_cluster_link(now, false).unwrap();
     let text = net.nodes[0].s.metrics(now).to_prometheus();
     assert!(text.contains("peerlink_cluster_link_up{node=\"0000000000000001\"} 0\n"), "{text}");
