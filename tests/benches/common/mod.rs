@@ -5,6 +5,7 @@
 
 pub mod measure;
 pub mod nodes;
+pub mod relay_gen;
 pub mod throughput;
 
 use std::collections::HashMap;
@@ -48,10 +49,17 @@ pub fn raise_nofile() -> u64 {
 pub fn pinned() -> bool {
     // Decided once: after `pin_generator`, `available_parallelism` (which follows this
     // process's affinity) says 1.
-    static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PINNED.get_or_init(|| {
         cpus() >= 2 && std::env::var("BENCH_PIN").map_or(true, |v| v != "0")
     })
+}
+
+static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Turns pinning off for this run whatever BENCH_PIN says (for a bench whose processes are
+/// more than two and share the cores); call it before anything asks [`pinned`].
+pub fn never_pin() {
+    let _ = PINNED.set(false);
 }
 
 /// The machine's CPUs, counted before anything was pinned.
@@ -196,6 +204,17 @@ impl ChildServer {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// A server left running when its `ChildServer` goes (a panic before `stop`) is killed by its
+/// PID and reaped.
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
