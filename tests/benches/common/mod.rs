@@ -5,6 +5,7 @@
 
 pub mod measure;
 pub mod nodes;
+pub mod redis;
 pub mod relay_gen;
 pub mod throughput;
 
