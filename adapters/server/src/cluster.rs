@@ -44,6 +44,32 @@ pub(crate) enum LinkEvent {
     Message(String),
 }
 
+/// Wakes the event loop for link events, once per batch: the first event after the loop
+/// began draining wakes it, the rest ride along (one `eventfd` write instead of one per
+/// message).
+pub(crate) struct Wake {
+    control: Arc<Control>,
+    pending: AtomicBool,
+}
+
+impl Wake {
+    fn new(control: Arc<Control>) -> Arc<Wake> {
+        Arc::new(Wake { control, pending: AtomicBool::new(false) })
+    }
+
+    /// After queueing an event: wakes the loop unless a wake is already on its way.
+    fn notify(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let _ = self.control.waker.wake();
+        }
+    }
+
+    /// The loop is about to drain: the next event must wake it again.
+    fn drained(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
 /// The Redis channel names of one cluster.
 #[derive(Debug, Clone)]
 struct Channels {
@@ -66,6 +92,7 @@ pub(crate) struct RedisLink {
     inbound: Receiver<LinkEvent>,
     stop: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
+    wake: Arc<Wake>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -90,11 +117,12 @@ impl RedisLink {
         // one Redis dropped meanwhile (a restart), and the first message after it (the core's
         // `hello`) must not be lost on it.
         let reset = Arc::new(AtomicBool::new(false));
+        let wake = Wake::new(control);
         let sub = {
-            let (client, channels, stop, reset) = (client.clone(), channels.clone(), stop.clone(), reset.clone());
+            let (client, channels, stop, reset, wake) = (client.clone(), channels.clone(), stop.clone(), reset.clone(), wake.clone());
             thread::Builder::new()
                 .name("peerlink-redis-sub".into())
-                .spawn(move || subscriber(client, channels, node, stop, reset, in_tx, control))
+                .spawn(move || subscriber(client, channels, node, stop, reset, in_tx, wake))
                 .map_err(redis_io)?
         };
         let publ = {
@@ -109,6 +137,7 @@ impl RedisLink {
             inbound: in_rx,
             stop,
             dropped,
+            wake,
             threads: vec![sub, publ],
         })
     }
@@ -129,7 +158,8 @@ impl RedisLink {
         }
     }
 
-    /// The next event from the subscriber, if one waits.
+    /// The next event from the subscriber, if one waits. Call [`Link::drained`] before a
+    /// round of these.
     pub(crate) fn try_recv(&self) -> Option<LinkEvent> {
         self.inbound.try_recv().ok()
     }
@@ -177,11 +207,11 @@ fn subscriber(
     stop: Arc<AtomicBool>,
     reset: Arc<AtomicBool>,
     tx: SyncSender<LinkEvent>,
-    control: Arc<Control>,
+    wake: Arc<Wake>,
 ) {
     let send = |event: LinkEvent| {
         let ok = tx.send(event).is_ok();
-        let _ = control.waker.wake();
+        wake.notify();
         ok
     };
     let mut backoff = BACKOFF_MIN;
@@ -233,6 +263,9 @@ fn subscriber(
     }
 }
 
+/// Most messages sent to Redis in one pipeline (one round trip).
+const PIPELINE: usize = 256;
+
 fn publisher(
     client: redis::Client,
     channels: Channels,
@@ -242,17 +275,23 @@ fn publisher(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut con: Option<redis::Connection> = None;
-    let mut pending: Option<(ClusterTarget, String)> = None;
+    let mut batch: Vec<(ClusterTarget, String)> = Vec::with_capacity(PIPELINE);
     loop {
-        let (target, text) = match pending.take() {
-            Some(m) => m,
-            None => match rx.recv_timeout(POLL) {
-                Ok(m) => m,
+        if batch.is_empty() {
+            match rx.recv_timeout(POLL) {
+                Ok(m) => batch.push(m),
                 Err(RecvTimeoutError::Timeout) => continue,
                 // The loop is gone and everything queued was published.
                 Err(RecvTimeoutError::Disconnected) => return,
-            },
-        };
+            }
+        }
+        // Whatever else is queued goes in the same round trip.
+        while batch.len() < PIPELINE {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
         if reset.swap(false, Ordering::AcqRel) && con.is_some() {
             // The subscriber (re)subscribed: start from a fresh connection too.
             debug!("cluster publisher: reconnecting after the link came up");
@@ -270,18 +309,21 @@ fn publisher(
                     if !wait(&stop, &mut backoff) {
                         return;
                     }
-                    pending = Some((target, text));
                     continue;
                 }
             }
         }
-        let channel = match target {
-            ClusterTarget::All => channels.all(),
-            ClusterTarget::Node(n) => channels.node(n),
-        };
+        let mut pipe = redis::pipe();
+        for (target, text) in batch.drain(..) {
+            let channel = match target {
+                ClusterTarget::All => channels.all(),
+                ClusterTarget::Node(n) => channels.node(n),
+            };
+            pipe.cmd("PUBLISH").arg(channel).arg(text).ignore();
+        }
         let c = con.as_mut().expect("connected above");
-        if let Err(e) = redis::cmd("PUBLISH").arg(channel).arg(text).query::<i64>(c) {
-            // At most once: a message whose PUBLISH failed is not retried.
+        if let Err(e) = pipe.query::<()>(c) {
+            // At most once: messages whose PUBLISH failed are not retried.
             warn!(error = %e, "cluster publish failed; reconnecting");
             con = None;
         }
@@ -310,7 +352,7 @@ struct BusInner {
 struct BusMember {
     node: NodeId,
     tx: SyncSender<LinkEvent>,
-    control: Arc<Control>,
+    wake: Arc<Wake>,
 }
 
 impl std::fmt::Debug for ClusterBus {
@@ -339,10 +381,11 @@ impl ClusterBus {
     /// Puts node `node` on the bus; its link is up at once.
     pub(crate) fn attach(&self, node: NodeId, control: Arc<Control>) -> BusLink {
         let (tx, rx) = mpsc::sync_channel(INBOUND);
+        let wake = Wake::new(control);
         let _ = tx.try_send(LinkEvent::Up);
-        let _ = control.waker.wake();
-        self.inner.lock().expect("bus lock").members.push(BusMember { node, tx, control });
-        BusLink { bus: self.clone(), node, inbound: rx }
+        wake.notify();
+        self.inner.lock().expect("bus lock").members.push(BusMember { node, tx, wake: wake.clone() });
+        BusLink { bus: self.clone(), node, inbound: rx, wake }
     }
 
     fn publish(&self, target: ClusterTarget, text: String) {
@@ -350,9 +393,7 @@ impl ClusterBus {
         let mut dropped = 0;
         for m in inner.members.iter().filter(|m| target == ClusterTarget::All || target == ClusterTarget::Node(m.node)) {
             match m.tx.try_send(LinkEvent::Message(text.clone())) {
-                Ok(()) => {
-                    let _ = m.control.waker.wake();
-                }
+                Ok(()) => m.wake.notify(),
                 Err(_) => dropped += 1,
             }
         }
@@ -365,6 +406,7 @@ pub(crate) struct BusLink {
     bus: ClusterBus,
     node: NodeId,
     inbound: Receiver<LinkEvent>,
+    wake: Arc<Wake>,
 }
 
 impl Drop for BusLink {
@@ -396,6 +438,14 @@ impl Link {
         match self {
             Link::Redis(l) => l.dropped(),
             Link::Bus(l) => l.bus.dropped(),
+        }
+    }
+
+    /// Before draining with [`Link::try_recv`]: an event queued from now on wakes the loop.
+    pub(crate) fn drained(&self) {
+        match self {
+            Link::Redis(l) => l.wake.drained(),
+            Link::Bus(l) => l.wake.drained(),
         }
     }
 

@@ -849,6 +849,7 @@ impl EventLoop {
     /// what the core has for the other nodes.
     fn cluster_io(&mut self, now: Instant) {
         let Some(link) = &self.cluster else { return };
+        link.drained();
         let events: Vec<LinkEvent> = (0..CLUSTER_BUDGET).map_while(|_| link.try_recv()).collect();
         let handled = events.len();
         for event in events {
