@@ -787,11 +787,15 @@ impl Server {
     /// [`ClusterMessage::Resync`] and [`ClusterMessage::Synced`].
     fn announce_all(&mut self) {
         self.publish(ClusterTarget::All, ClusterMessage::Resync);
-        let local: Vec<Fingerprint> = self.sessions.keys().copied().collect();
+        // Sorted, here and wherever a map's entries become outputs: the same inputs give the
+        // same outputs in the same order.
+        let mut local: Vec<Fingerprint> = self.sessions.keys().copied().collect();
+        local.sort_unstable();
         for fp in local {
             self.announce(fp);
         }
-        let held: Vec<String> = self.rooms.iter().filter(|(_, r)| r.home.is_none()).map(|(id, _)| id.clone()).collect();
+        let mut held: Vec<String> = self.rooms.iter().filter(|(_, r)| r.home.is_none()).map(|(id, _)| id.clone()).collect();
+        held.sort_unstable();
         for room_id in held {
             self.publish_room(&room_id, None);
         }
@@ -854,6 +858,8 @@ impl Server {
                 waiting.push(*fp);
             }
         }
+        down.sort_unstable();
+        waiting.sort_unstable();
         debug!(%node, sessions = down.len() + waiting.len(), "node gone");
         for fp in waiting {
             self.schedule(now + grace, Timer::Limbo(fp));
@@ -874,7 +880,7 @@ impl Server {
             queue.retain(|w| w.node != Some(node));
         }
         self.matches.retain(|_, q| !q.is_empty());
-        let moved: Vec<(Fingerprint, RemoteMatch)> = self
+        let mut moved: Vec<(Fingerprint, RemoteMatch)> = self
             .sessions
             .iter_mut()
             .flat_map(|(fp, s)| {
@@ -884,13 +890,15 @@ impl Server {
                 gone.into_iter().map(|m| (*fp, m))
             })
             .collect();
+        moved.sort_unstable_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
         for (fp, m) in moved {
             self.place_match(fp, m.id, m.key, now);
         }
         // Its rooms move to the live node with the smallest id.
         let adopter = self.live_nodes().into_iter().min().expect("this node is live");
         let me = self.node_id().expect("clustered");
-        let held: Vec<String> = self.rooms.iter().filter(|(_, r)| r.home == Some(node)).map(|(id, _)| id.clone()).collect();
+        let mut held: Vec<String> = self.rooms.iter().filter(|(_, r)| r.home == Some(node)).map(|(id, _)| id.clone()).collect();
+        held.sort_unstable();
         for room_id in held {
             let room = self.rooms.get_mut(&room_id).expect("listed");
             if adopter == me {
@@ -954,10 +962,12 @@ impl Server {
     /// The end of `node`'s announcement: what it did not confirm is gone.
     fn sweep_stale(&mut self, node: NodeId, now: Instant) {
         let Some(c) = self.cluster.as_ref() else { return };
-        let sessions: Vec<Fingerprint> =
+        let mut sessions: Vec<Fingerprint> =
             c.remote.iter().filter(|(_, r)| r.node == node && r.stale).map(|(fp, _)| *fp).collect();
-        let rooms: Vec<String> =
+        sessions.sort_unstable();
+        let mut rooms: Vec<String> =
             self.rooms.iter().filter(|(_, r)| r.home == Some(node) && r.stale).map(|(id, _)| id.clone()).collect();
+        rooms.sort_unstable();
         if !sessions.is_empty() || !rooms.is_empty() {
             debug!(%node, sessions = sessions.len(), rooms = rooms.len(), "gone while unheard");
         }
@@ -1092,7 +1102,8 @@ impl Server {
             }
             None => VecDeque::new(),
         };
-        let rooms = self.rooms.iter().filter(|(_, room)| room.members.contains(&fp)).map(|(id, _)| id.clone()).collect();
+        let mut rooms: Vec<String> = self.rooms.iter().filter(|(_, room)| room.members.contains(&fp)).map(|(id, _)| id.clone()).collect();
+        rooms.sort_unstable();
         Some(Adopted { namespaces: r.namespaces, rooms, queue, generation: r.generation })
     }
 
@@ -1108,12 +1119,13 @@ impl Server {
         for ns in r.namespaces {
             self.remove_from_namespace(fp, &ns);
         }
-        let held: Vec<String> = self
+        let mut held: Vec<String> = self
             .rooms
             .iter()
             .filter(|(_, room)| room.home.is_none() && room.members.contains(&fp))
             .map(|(id, _)| id.clone())
             .collect();
+        held.sort_unstable();
         for room_id in held {
             self.remove_from_room(fp, &room_id, false, now);
         }
