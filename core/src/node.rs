@@ -42,7 +42,7 @@ use crate::peer::{
 };
 use sha2::{Digest, Sha256};
 use crate::transfer::{ChunkSink, ChunkSource, FileInfo, TransferConfig, TransferError, TransferEvent, TransferKind, TransferTransport, Transfers};
-use crate::client::{RequestId, Response};
+use crate::client::{IssuedTurnCredentials, RequestError, RequestId, Response};
 use crate::room::keys::RoomKeys;
 use crate::room::call::Call;
 use crate::turn::{TurnClient, TurnConfig, TurnCredentials, TurnError, TurnEvent};
@@ -190,6 +190,12 @@ pub struct NodeConfig {
     pub ice_transport_policy: IceTransportPolicy,
     /// Tuning of the TURN allocations.
     pub turn: TurnConfig,
+    /// Ask the signaling server for short-lived TURN credentials once registered (its
+    /// `--turn-secret` scheme), and again before three quarters of their lifetime have passed:
+    /// each answer is a [`NodeEvent::TurnCredentials`], whose servers peerlink's adapters
+    /// resolve and add ([`Node::add_turn_server`]; credentials of a server already added are
+    /// replaced, for its allocations from then on). Default `false`.
+    pub turn_from_server: bool,
     /// Answer offers from peers that were not called (the reference auto-accepts). Default
     /// `true`; when `false` such offers are refused with `refused`.
     pub accept_incoming: bool,
@@ -215,6 +221,7 @@ impl NodeConfig {
             ice_servers: Vec::new(),
             ice_transport_policy: IceTransportPolicy::All,
             turn: TurnConfig::default(),
+            turn_from_server: false,
             accept_incoming: true,
             max_peers: 256,
             rooms: RoomsConfig::default(),
@@ -379,6 +386,11 @@ pub enum NodeEvent {
         /// What happened.
         event: TurnEvent,
     },
+    /// With [`NodeConfig::turn_from_server`]: the signaling server issued TURN credentials
+    /// (add `issued.ice_server()` with [`Node::add_turn_server`] for each resolved address;
+    /// peerlink's adapters do it), or could not (`turn_unavailable` when it issues none: not
+    /// asked again; a lost connection or timeout: asked again after 30 s).
+    TurnCredentials(Result<IssuedTurnCredentials, RequestError>),
     /// Something happened in a managed room.
     Room(RoomEvent),
     /// Something happened to a file, JSON or image transfer.
@@ -461,6 +473,11 @@ pub struct Node {
     turn_retries: Vec<(SocketAddr, SocketAddr, Instant, u32)>,
     /// Failures in a row per (local address, server), reset by an allocation.
     turn_failures: BTreeMap<(SocketAddr, SocketAddr), u32>,
+    /// With `turn_from_server`: the pending credentials request, when to ask (again), and
+    /// whether the server answered for good (credentials issued, or none to issue).
+    turn_request: Option<RequestId>,
+    turn_ask_at: Option<Instant>,
+    turn_servers_issued: bool,
     stun: BTreeMap<TransactionId, StunRequest>,
     transmits: VecDeque<NodeTransmit>,
     events: VecDeque<NodeEvent>,
@@ -521,6 +538,9 @@ impl Node {
             turns: Vec::new(),
             turn_retries: Vec::new(),
             turn_failures: BTreeMap::new(),
+            turn_request: None,
+            turn_ask_at: None,
+            turn_servers_issued: false,
             stun: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -591,7 +611,7 @@ impl Node {
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         let syncs = self.syncs.poll_timeout(self.now);
         let keys = self.keys.poll_timeout().map(|t| t.max(self.now));
-        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).chain(self.turn_retries.iter().map(|r| r.2)).map(|t| t.max(self.now));
+        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).chain(self.turn_retries.iter().map(|r| r.2)).chain(self.turn_ask_at).map(|t| t.max(self.now));
         self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).chain(turns).min()
     }
 
@@ -647,8 +667,17 @@ impl Node {
                 ClientEvent::Reconnected { .. } => {
                     self.rooms_dirty = true;
                     self.room_inputs.push_back(RoomInput::RelayRestored);
+                    self.ask_turn_credentials(false);
                 }
-                ClientEvent::Registered { .. } => self.rooms_dirty = true,
+                ClientEvent::Registered { .. } => {
+                    self.rooms_dirty = true;
+                    self.ask_turn_credentials(false);
+                }
+                ClientEvent::Response { request, result } if self.turn_request == Some(*request) => {
+                    self.turn_request = None;
+                    self.turn_credentials_answered(result.clone());
+                    continue;
+                }
                 _ => {}
             }
             if self.is_room_event(&event) {
@@ -682,6 +711,59 @@ impl Node {
                 other => self.events.push_back(NodeEvent::Signaling(other)),
             }
         }
+    }
+
+    /// With `turn_from_server`, asks the server for TURN credentials: on registration when
+    /// none were issued yet (or a retry is due), or when `due` (the renewal time came).
+    fn ask_turn_credentials(&mut self, due: bool) {
+        if !self.config.turn_from_server || self.turn_request.is_some() || !self.client.is_registered() {
+            return;
+        }
+        let wanted = due
+            || match self.turn_ask_at {
+                Some(at) => at <= self.now,
+                None => !self.turn_servers_issued,
+            };
+        if !wanted {
+            return;
+        }
+        match self.client.turn_credentials(self.now) {
+            Ok(id) => {
+                debug!("asking the signaling server for TURN credentials");
+                self.turn_request = Some(id);
+                self.turn_ask_at = None;
+            }
+            Err(error) => warn!(%error, "TURN credentials not requested"),
+        }
+    }
+
+    fn turn_credentials_answered(&mut self, result: Result<Response, RequestError>) {
+        let result = match result {
+            Ok(Response::TurnCredentials(issued)) => {
+                // Renew at three quarters of their lifetime (at least 10 s on).
+                let renew = (issued.ttl * 3 / 4).max(Duration::from_secs(10));
+                self.turn_ask_at = Some(self.now + renew);
+                self.turn_servers_issued = true;
+                info!(ttl = ?issued.ttl, urls = issued.urls.len(), "TURN credentials issued by the signaling server");
+                Ok(issued)
+            }
+            Ok(other) => {
+                warn!(?other, "unexpected answer to a TURN credentials request");
+                return;
+            }
+            Err(error) => {
+                if error.code() == Some(crate::protocol::ErrorCode::TurnUnavailable) {
+                    warn!("the signaling server issues no TURN credentials; not asking again");
+                    self.turn_ask_at = None;
+                    self.turn_servers_issued = true;
+                } else {
+                    debug!(%error, "TURN credentials request failed; asking again in 30 s");
+                    self.turn_ask_at = Some(self.now + Duration::from_secs(30));
+                }
+                Err(error)
+            }
+        };
+        self.events.push_back(NodeEvent::TurnCredentials(result));
     }
 
     // ---- datagrams ----------------------------------------------------------------------
@@ -745,6 +827,14 @@ impl Node {
                 t.handle_timeout(now);
             }
         }
+        if self.turn_ask_at.is_some_and(|at| at <= now) {
+            self.turn_ask_at = None;
+            self.ask_turn_credentials(true);
+            if self.turn_request.is_none() && self.config.turn_from_server {
+                // Not registered now: ask when registered again.
+                self.turn_servers_issued = false;
+            }
+        }
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.turn_retries).into_iter().partition(|r| r.2 <= now);
         self.turn_retries = later;
         for (local, server, _, _) in due {
@@ -796,10 +886,13 @@ impl Node {
     /// candidate of every connection ([`NodeEvent::Turn`] tells how it goes). Connections
     /// then reach peers through it when nothing more direct works, or always under
     /// [`IceTransportPolicy::Relay`]. Errors: more than [`MAX_TURN_SERVERS`]
-    /// ([`NodeError::InvalidAddress`]). Adding the same server again does nothing.
+    /// ([`NodeError::InvalidAddress`]). Adding the same server again replaces its credentials,
+    /// for the allocations made from then on (a retry, say).
     pub fn add_turn_server(&mut self, now: Instant, server: SocketAddr, credentials: TurnCredentials) -> Result<(), NodeError> {
         self.begin(now)?;
-        if self.turn_servers.iter().any(|(s, _)| *s == server) {
+        if let Some(known) = self.turn_servers.iter_mut().find(|(s, _)| *s == server) {
+            // New credentials (renewed, say) for allocations made from now on.
+            known.1 = credentials;
             return Ok(());
         }
         if self.turn_servers.len() >= MAX_TURN_SERVERS {

@@ -7,6 +7,9 @@
 //!   by coturn: `TurnEvent::Failed { error: Unauthorized }`.
 //! - A tampered password, or a user name whose expiry was pushed out, is refused the same way.
 //! - A server without a TURN secret answers `turn_unavailable`.
+//! - Nodes with `turn_from_server` (blocking and smol) get credentials on registering, allocate
+//!   and connect without asking, and ask again before three quarters of the TTL; against a
+//!   server without a secret they are told `turn_unavailable` once.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -139,5 +142,101 @@ fn a_server_without_a_turn_secret_answers_turn_unavailable() {
     match a.turn_credentials(WAIT) {
         Err(Error::Request(e)) => assert_eq!(e.code(), Some(ErrorCode::TurnUnavailable)),
         other => panic!("{other:?}"),
+    }
+}
+
+/// Waits for the node's next `TurnCredentials` event.
+fn next_issued(n: &mut PollNode, within: Duration) -> Result<peerlink::IssuedTurnCredentials, peerlink::client::RequestError> {
+    let deadline = Instant::now() + within;
+    loop {
+        assert!(Instant::now() < deadline, "no TurnCredentials event");
+        if let Some(NodeEvent::TurnCredentials(result)) = n.next_event(Duration::from_millis(50)).unwrap() {
+            return result;
+        }
+    }
+}
+
+fn auto_node(url: &str, alias: &str) -> PollNode {
+    let mut config = NodeConfig::with_client(client_config(url, alias));
+    config.ice_transport_policy = IceTransportPolicy::Relay;
+    config.turn_from_server = true;
+    PollNode::new(config, PollOptions { udp: UdpBind::Loopback, ..Default::default() }).unwrap()
+}
+
+#[test]
+fn nodes_with_turn_from_server_get_credentials_allocate_connect_and_renew() {
+    let coturn = coturn();
+    // 12 s credentials: asked again 10 s on (three quarters, but not under 10 s).
+    let server = server(&coturn, Duration::from_secs(12));
+    let mut a = auto_node(&server.url(), "a");
+    let first = next_issued(&mut a, WAIT).unwrap();
+    let first_at = Instant::now();
+    assert_eq!(first.ttl, Duration::from_secs(12));
+    // The other node on smol: the same, through that adapter's driver.
+    let url = server.url();
+    let (b, mut b_events) = smol::block_on(async move {
+        let mut config = NodeConfig::with_client(client_config(&url, "b"));
+        config.ice_transport_policy = IceTransportPolicy::Relay;
+        config.turn_from_server = true;
+        peerlink_smol::Node::connect_with(config, peerlink_smol::ConnectOptions { udp: UdpBind::Loopback, ..Default::default() }).await
+    })
+    .unwrap();
+    let mut ea = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    // Both allocate with what the server issued (nobody called add_turn_servers) and connect.
+    while !allocated(&ea) {
+        assert!(Instant::now() < deadline, "a never allocated: {ea:?}");
+        ea.extend(a.next_event(Duration::from_millis(20)).unwrap());
+    }
+    let b_allocated = smol::block_on(async {
+        let mut seen = Vec::new();
+        while let Some(e) = futures_lite::future::or(async { b_events.next().await }, async {
+            smol::Timer::after(WAIT).await;
+            None
+        })
+        .await
+        {
+            let done = matches!(e, NodeEvent::Turn { event: TurnEvent::Allocated { .. }, .. });
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+        panic!("b never allocated: {seen:?}");
+    });
+    assert!(b_allocated.iter().any(|e| matches!(e, NodeEvent::TurnCredentials(Ok(_)))), "{b_allocated:?}");
+    let fb = b.fingerprint();
+    a.connect_to_peer(fb).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !channel_open(&ea) {
+        assert!(Instant::now() < deadline, "no connection through coturn: {ea:?}");
+        ea.extend(a.next_event(Duration::from_millis(20)).unwrap());
+    }
+    // Renewed before the first ones expire: a new user name with a later expiry.
+    let second = loop {
+        match a.next_event(Duration::from_millis(50)).unwrap() {
+            Some(NodeEvent::TurnCredentials(result)) => break result.unwrap(),
+            Some(_) | None => assert!(first_at.elapsed() < Duration::from_secs(20), "not renewed"),
+        }
+    };
+    let waited = first_at.elapsed();
+    assert!(waited >= Duration::from_secs(9) && waited < Duration::from_secs(12), "renewed after {waited:?}");
+    assert!(second.expiry_unix_secs().unwrap() > first.expiry_unix_secs().unwrap());
+    assert_eq!(a.get_peer(&fb).map(|p| p.state), Some(PeerState::Connected));
+    smol::block_on(b.close());
+}
+
+#[test]
+fn turn_from_server_against_a_server_without_a_secret_is_told_once() {
+    let server = start_server(ServerConfig::default());
+    let mut a = auto_node(&server.url(), "a");
+    let e = next_issued(&mut a, WAIT).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TurnUnavailable));
+    // Not asked again (the answer will not change): nothing more within 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Some(NodeEvent::TurnCredentials(r)) = a.next_event(Duration::from_millis(50)).unwrap() {
+            panic!("asked again: {r:?}");
+        }
     }
 }

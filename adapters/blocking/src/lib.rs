@@ -916,6 +916,15 @@ impl PollNode {
             }
             while let Some(e) = self.core.poll_event() {
                 busy = true;
+                if let NodeEvent::TurnCredentials(Ok(issued)) = &e {
+                    // `turn_from_server`: the servers of the issued credentials are added here
+                    // (a host name is resolved in this call).
+                    for turn in issued.ice_server().turn_servers() {
+                        if let Err(error) = add_turn_url(&mut self.core, now, &turn) {
+                            warn!(host = %turn.host, %error, "TURN server not added");
+                        }
+                    }
+                }
                 self.events.push_back(e);
             }
             if !busy {

@@ -1369,6 +1369,21 @@ impl Driver {
 
     async fn drain_events(&mut self) {
         while let Some(event) = self.core.poll_event() {
+            if let NodeEvent::TurnCredentials(Ok(issued)) = &event {
+                // `turn_from_server`: the servers of the issued credentials are added here.
+                for turn in issued.ice_server().turn_servers() {
+                    match smol::net::resolve((turn.host.as_str(), turn.port)).await {
+                        Ok(addrs) => {
+                            for addr in addrs {
+                                if let Err(e) = self.core.add_turn_server(Instant::now(), addr, turn.credentials.clone()) {
+                                    tracing::warn!(%addr, error = %e, "TURN server not added");
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(host = %turn.host, error = %e, "TURN server not resolved"),
+                    }
+                }
+            }
             match &event {
                 NodeEvent::Room(RoomEvent::Joined { room, .. }) => {
                     if let Some(done) = self.entering.remove(room) {
