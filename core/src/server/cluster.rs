@@ -655,8 +655,9 @@ impl Server {
                 if let Some(s) = self.sessions.get_mut(&to) {
                     s.matches.retain(|k| *k != key);
                     s.remote_matches.retain(|m| m.key != key);
-                    self.send_to_session(&to, text.into());
                 }
+                // Passed on if the session moved to another node meanwhile.
+                self.deliver(to, text.into(), 0);
             }
         }
         Ok(())
@@ -712,7 +713,8 @@ impl Server {
             return;
         }
         if let Some(text) = text {
-            self.send_to_session(&p.from, text.into());
+            // Passed on if the sender moved to another node meanwhile.
+            self.deliver(p.from, text.into(), 0);
         }
     }
 
@@ -832,7 +834,7 @@ impl Server {
                 self.counters.count_error(ErrorCode::Unavailable);
                 let message = format!("no answer from the node of peer {}", p.to.short());
                 let frame = ServerMessage::Error { id: Some(id), code: ErrorCode::Unavailable, message };
-                self.send_to_session(&p.from, frame.encode().into());
+                self.deliver(p.from, frame.encode().into(), 0);
             }
         }
         self.schedule(next, Timer::ClusterTick);
@@ -869,7 +871,13 @@ impl Server {
         }
         // Relays it did not answer go where their targets are now.
         let c = self.cluster.as_mut().expect("clustered");
-        let seqs: Vec<u64> = c.pending.iter().filter(|(_, p)| p.node == node).map(|(s, _)| *s).collect();
+        // Sent to it, or sent elsewhere and passed on to it (the target moved there).
+        let seqs: Vec<u64> = c
+            .pending
+            .iter()
+            .filter(|(_, p)| p.node == node || c.remote.get(&p.to).is_some_and(|r| r.node == node))
+            .map(|(s, _)| *s)
+            .collect();
         let unanswered: Vec<PendingRelay> = seqs.iter().filter_map(|s| c.pending.remove(s)).collect();
         for p in unanswered {
             let reply = self.route_relay(p.from, p.to, p.id, &p.payload, now);
@@ -903,6 +911,8 @@ impl Server {
             let room = self.rooms.get_mut(&room_id).expect("listed");
             if adopter == me {
                 room.home = None;
+                self.prune_room(&room_id, now);
+                let room = self.rooms.get_mut(&room_id).expect("listed");
                 if room.members.is_empty() {
                     room.empty_since = Some(now);
                     self.schedule(now + self.config.room_ttl, Timer::RoomTtl(room_id.clone()));
@@ -924,6 +934,23 @@ impl Server {
         }
         c.departed.push_back(node);
         self.node_gone(now, node);
+    }
+
+    /// Removes from a room this node holds the members that are sessions nowhere (their
+    /// `leave` was lost with a node that died, say), telling the rest.
+    fn prune_room(&mut self, room_id: &str, now: Instant) {
+        let Some(room) = self.rooms.get(room_id).filter(|r| r.home.is_none()) else { return };
+        let ghosts: Vec<Fingerprint> =
+            room.members.iter().copied().filter(|f| !self.sessions.contains_key(f) && self.remote_of(f).is_none()).collect();
+        for fp in ghosts {
+            debug!(fingerprint = %fp.short(), %room_id, "member that is no session any more removed");
+            self.remove_from_room(fp, room_id, false, now);
+        }
+    }
+
+    /// Whether `fp` is a session anywhere this node knows of (here, or on another node).
+    pub(super) fn is_known_session(&self, fp: &Fingerprint) -> bool {
+        self.sessions.contains_key(fp) || self.remote_of(fp).is_some()
     }
 
     /// This node and the other nodes heard from.
@@ -971,8 +998,16 @@ impl Server {
         if !sessions.is_empty() || !rooms.is_empty() {
             debug!(%node, sessions = sessions.len(), rooms = rooms.len(), "gone while unheard");
         }
+        // Not dropped at once: the session may have moved to another node whose announcement
+        // is still on its way (two publishers, no order between them). It waits like a session
+        // of a gone node, for `node_timeout`.
+        let wait = self.cluster.as_ref().map_or(Duration::ZERO, |c| c.config.node_timeout);
         for fp in sessions {
-            self.remote_down(fp, now);
+            let c = self.cluster.as_mut().expect("clustered");
+            if let Some(r) = c.remote.get_mut(&fp).filter(|r| r.waiting.is_none()) {
+                r.waiting = Some(Waiting { until: now + wait, queue: VecDeque::new(), bytes: 0 });
+                self.schedule(now + wait, Timer::Limbo(fp));
+            }
         }
         for room_id in rooms {
             self.drop_room_copy(&room_id, Notice::Closed(None));
@@ -1244,7 +1279,7 @@ impl Server {
             }
         };
         if let Some(frame) = frame {
-            self.send_to_session(&to, frame.encode().into());
+            self.deliver(to, frame.encode().into(), 0);
         }
     }
 
@@ -1431,12 +1466,21 @@ impl Server {
         now: Instant,
     ) {
         if let Some(home) = self.rooms.get(&room_id).and_then(|r| r.home) {
-            // The room moved on (its node was gone): pass the request to its holder.
+            // The room moved on (its node was gone): pass the request to its holder, or answer
+            // here once it has been passed on enough (the nodes' views differ for now).
             if hops < MAX_HOPS {
                 let message = ClusterMessage::RoomRequest { from, id, room_id, op, hops: hops + 1 };
                 self.publish(ClusterTarget::Node(home), message);
                 return;
             }
+            let message = format!("room `{room_id}` is moving between nodes; try again");
+            self.answer_remote(node, from, id, Err((ErrorCode::Unavailable, message)));
+            return;
+        }
+        if !self.is_known_session(&from) {
+            // Its session ended (its `session_down` overtook this request): nobody to add.
+            debug!(fingerprint = %from.short(), %room_id, "room request of an ended session dropped");
+            return;
         }
         let rid = id.unwrap_or(0);
         let reply = match op {
@@ -1445,6 +1489,11 @@ impl Server {
             RoomOp::Kick { target } => self.kick(from, rid, &room_id, target, now),
             RoomOp::Close => self.close_room(from, rid, &room_id),
         };
+        self.answer_remote(node, from, id, reply);
+    }
+
+    /// Sends the answer to a request of `from`, a client of `node`, when it has an id.
+    fn answer_remote(&mut self, node: NodeId, from: Fingerprint, id: Option<u64>, reply: Reply) {
         let Some(id) = id else { return };
         let frame = match reply {
             Ok(Some(frame)) => frame,
@@ -1483,7 +1532,15 @@ impl Server {
                 }
                 old = Some(r.members.clone());
             }
-            Some(r) => old = Some(r.members.clone()),
+            Some(r) => {
+                let holder = r.home.expect("a replica");
+                if holder != home && self.cluster.as_ref().is_some_and(|c| c.nodes.contains_key(&holder)) {
+                    // The recorded holder is alive: this is an older holder's late state.
+                    debug!(%room_id, %home, %holder, "room state from a node that no longer holds the room ignored");
+                    return;
+                }
+                old = Some(r.members.clone());
+            }
             None => {
                 if self.rooms.len() >= self.config.max_rooms {
                     self.cluster.as_mut().expect("clustered").stats.dropped += 1;

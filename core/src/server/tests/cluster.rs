@@ -3,26 +3,30 @@
 
 use super::*;
 
-/// Nodes of one cluster; `settle` delivers cluster messages until none is left.
+/// Nodes of one cluster; `settle` delivers cluster messages until none is left. Messages of
+/// one publisher on one channel to one subscriber can be held back and released later, in their
+/// order (Redis keeps only per-publisher, per-channel order).
+/// Channel of a cluster message: `true` for the `all` channel, `false` for a node channel.
+type Hold = (usize, usize, bool);
+
 struct Net {
     nodes: Vec<H>,
     /// Nodes cut off: what they publish is lost and nothing reaches them.
     cut: HashSet<usize>,
+    /// (publisher, subscriber, all-channel) pairs whose messages are held back.
+    hold: HashSet<Hold>,
+    held: HashMap<Hold, VecDeque<String>>,
 }
 
 impl Net {
     fn new(n: usize) -> Self {
-        let mut net = Net {
-            nodes: Vec::new(),
-            cut: HashSet::new(),
-        };
+        let mut net = Net { nodes: Vec::new(), cut: HashSet::new(), hold: HashSet::new(), held: HashMap::new() };
         for _ in 0..n {
             net.add();
         }
         net
     }
 
-    /// Adds a node and brings its link up.
     fn add(&mut self) -> usize {
         let i = self.nodes.len();
         let mut h = H::default();
@@ -35,8 +39,16 @@ impl Net {
         i
     }
 
-    fn settle(&mut self) {
-        for _ in 0..100 {
+    fn deliver(&mut self, j: usize, wire: &str) {
+        let (from, message) = decode_cluster(wire).unwrap();
+        let h = &mut self.nodes[j];
+        h.s.handle_cluster(h.now, from, message).unwrap();
+        h.pump();
+    }
+
+    /// Delivers until nothing is left; false if it never settles within `rounds`.
+    fn try_settle(&mut self, rounds: usize) -> bool {
+        for _ in 0..rounds {
             let mut sent = Vec::new();
             for (i, h) in self.nodes.iter_mut().enumerate() {
                 let from = h.s.node_id().unwrap();
@@ -47,26 +59,45 @@ impl Net {
                 }
             }
             if sent.is_empty() {
-                return;
+                return true;
             }
             for (i, target, wire) in sent {
-                let (from, message) = decode_cluster(&wire).unwrap();
-                for (j, h) in self.nodes.iter_mut().enumerate() {
-                    let to_it = match target {
-                        ClusterTarget::All => j != i,
-                        ClusterTarget::Node(n) => h.s.node_id() == Some(n),
+                for j in 0..self.nodes.len() {
+                    let (to_it, all) = match target {
+                        ClusterTarget::All => (j != i, true),
+                        ClusterTarget::Node(n) => (self.nodes[j].s.node_id() == Some(n), false),
                     };
-                    if to_it && !self.cut.contains(&j) {
-                        h.s.handle_cluster(h.now, from, message.clone()).unwrap();
-                        h.pump();
+                    if !to_it || self.cut.contains(&j) {
+                        continue;
                     }
+                    if self.hold.contains(&(i, j, all)) {
+                        self.held.entry((i, j, all)).or_default().push_back(wire.clone());
+                        continue;
+                    }
+                    self.deliver(j, &wire);
                 }
             }
         }
-        panic!("cluster messages never settle");
+        false
     }
 
-    /// A request from a client of node `n`; returns its replies once the cluster settled.
+    fn settle(&mut self) {
+        assert!(self.try_settle(100), "cluster messages never settle");
+    }
+
+    /// Stops holding `key` and delivers what was held, in order (even from a node cut since:
+    /// the broker already has it).
+    fn release(&mut self, key: Hold) {
+        self.hold.remove(&key);
+        let msgs = self.held.remove(&key).unwrap_or_default();
+        for wire in msgs {
+            if !self.cut.contains(&key.1) {
+                self.deliver(key.1, &wire);
+            }
+        }
+        self.settle();
+    }
+
     fn req(&mut self, n: usize, conn: ConnId, v: Value) -> Vec<ServerMessage> {
         self.nodes[n].send(conn, &v.to_string());
         self.settle();
@@ -79,9 +110,6 @@ impl Net {
         p
     }
 
-    /// Moves every node's clock on by `d` in 100 ms steps, handling timers (heartbeats
-    /// included) and settling the cluster after each step. Every live client pings each
-    /// second, so no connection idles out.
     fn advance(&mut self, d: Duration) {
         let step = Duration::from_millis(100);
         let mut done = Duration::ZERO;
@@ -93,7 +121,8 @@ impl Net {
                 }
                 h.now += step;
                 if done.subsec_millis() == 0 {
-                    let conns: Vec<ConnId> = h.s.conns.iter().filter(|(_, c)| c.session.is_some()).map(|(id, _)| *id).collect();
+                    let conns: Vec<ConnId> =
+                        h.s.conns.iter().filter(|(_, c)| c.session.is_some()).map(|(id, _)| *id).collect();
                     for conn in conns {
                         h.s.handle_message(conn, h.now, r#"{"type":"ping","id":0}"#).unwrap();
                         h.pump();
@@ -108,14 +137,25 @@ impl Net {
         }
     }
 
-    /// Registers identity `seed` on node `n` with a new connection; returns it and the replies.
-    fn register(&mut self, n: usize, seed: u64) -> (ConnId, Vec<ServerMessage>) {
+    /// Registers identity `seed` on node `n` with a new connection, without settling.
+    fn register_unsettled(&mut self, n: usize, seed: u64) -> (ConnId, Vec<ServerMessage>) {
         let conn = self.nodes[n].connect();
         let out = self.nodes[n].register(conn, &ident(seed));
+        (conn, out)
+    }
+
+    /// Registers identity `seed` on node `n` with a new connection; returns it and the replies.
+    fn register(&mut self, n: usize, seed: u64) -> (ConnId, Vec<ServerMessage>) {
+        let (conn, out) = self.register_unsettled(n, seed);
         self.settle();
         let mut all = out;
         all.extend(self.nodes[n].take(conn));
         (conn, all)
+    }
+
+    /// The members of `room` in node `n`'s copy, if it has one.
+    fn members(&self, n: usize, room: &str) -> Option<Vec<Fingerprint>> {
+        self.nodes[n].s.rooms.get(room).map(|r| r.members.clone())
     }
 }
 
@@ -737,12 +777,16 @@ fn what_ended_while_the_link_was_down_is_repaired_when_it_returns() {
     net.req(1, b2, json!({"type": "close_room", "id": 4, "room_id": "r"}));
     net.settle();
     assert!(net.nodes[0].take(a).is_empty());
-    // Back: node 0 learns both.
+    // Back: node 0 learns both. The room at once; b after node_timeout (5 s), in case it only
+    // moved to a node whose announcement is still on its way.
     net.nodes[1].s.handle_cluster_link(now, true).unwrap();
     net.settle();
     let out = net.nodes[0].take(a);
-    assert!(out.iter().any(|m| matches!(m, ServerMessage::PeerLeft { fingerprint, .. } if *fingerprint == ib.fingerprint())), "{out:?}");
     assert!(out.iter().any(|m| matches!(m, ServerMessage::RoomClosed { room_id } if room_id == "r")), "{out:?}");
+    assert!(!out.iter().any(|m| matches!(m, ServerMessage::PeerLeft { .. })), "{out:?}");
+    net.advance(Duration::from_secs(6));
+    let out = net.nodes[0].take(a);
+    assert!(matches!(&out[..], [ServerMessage::PeerLeft { fingerprint, .. }] if *fingerprint == ib.fingerprint()), "{out:?}");
     assert_eq!(net.nodes[0].s.remote_sessions(), 1);
 }
 
@@ -832,4 +876,194 @@ fn a_leaving_node_sends_relays_back_and_hands_queued_frames_to_where_its_clients
     net.settle();
     assert_eq!(net.nodes[0].s.cluster_stats().unwrap().nodes, 0);
     let _ = b2;
+}
+
+// ---- regressions found in review (each failed before its fix) ----------------------------
+
+fn relay_payloads(msgs: &[ServerMessage]) -> Vec<Value> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ServerMessage::Relay { payload, .. } => Some(payload.to_value()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A member's session ends (its node sends the holder a `leave`) while the room's holder has
+/// just died, before anyone noticed. The `leave` is lost with the holder; the node that takes
+/// the room over removes the member that is no session anywhere, so the room can empty and
+/// expire. (Before the fix the ghost member stayed for good.)
+#[test]
+fn a_member_ending_while_its_rooms_holder_dies_is_pruned_by_the_node_taking_the_room_over() {
+    let mut net = Net::new(3);
+    let (a, ia) = net.peer(0, 1);
+    let (c, _) = net.peer(2, 3);
+    net.req(2, c, json!({"type": "create_room", "id": 1, "room_id": "r"}));
+    assert!(matches!(&net.req(0, a, json!({"type": "join_room", "id": 2, "room_id": "r"}))[..], [ServerMessage::RoomJoined { .. }]));
+    // Node 2 (the holder) dies; a's client says bye before anyone notices.
+    net.cut.insert(2);
+    net.nodes[0].send(a, r#"{"type":"bye"}"#);
+    net.settle();
+    assert_eq!(net.nodes[0].s.remote_sessions() + net.nodes[0].s.sessions.len(), 1, "only c is known");
+    // Node 0 takes the room over; then c's grace ends and the room should empty and expire.
+    net.advance(Duration::from_secs(6));
+    assert!(net.nodes[0].s.rooms.get("r").is_some_and(|r| r.home.is_none()), "node 0 holds r now");
+    net.advance(Duration::from_secs(31 + 61));
+    let members = net.members(0, "r");
+    assert!(
+        members.is_none(),
+        "room r still exists with members {:?} (a = {}): a ghost member that is no session anywhere",
+        members.unwrap().iter().map(|f| f.short()).collect::<Vec<_>>(),
+        ia.fingerprint().short()
+    );
+}
+
+/// A client joins a room held by another node and its session ends at once. Its node's
+/// `room_request` (node channel) and `session_down` (all channel) may reach the holder in
+/// either order; when `session_down` comes first, the holder drops the request of a session it
+/// knows nowhere instead of adding a ghost member.
+#[test]
+fn a_join_overtaken_by_the_session_down_adds_no_ghost_member() {
+    let mut net = Net::new(2);
+    let (h, _) = net.peer(1, 2);
+    net.req(1, h, json!({"type": "create_room", "id": 1, "room_id": "r"}));
+    let (a, ia) = net.peer(0, 1);
+    // Node 0's node-channel messages to node 1 are slow; its `all` messages are not.
+    net.hold.insert((0, 1, false));
+    net.nodes[0].send(a, &json!({"type": "join_room", "id": 2, "room_id": "r"}).to_string());
+    net.nodes[0].send(a, r#"{"type":"bye"}"#);
+    net.settle();
+    net.release((0, 1, false));
+    let members = net.members(1, "r").unwrap();
+    assert!(
+        !members.contains(&ia.fingerprint()),
+        "the holder lists the ended session {} as a member of r",
+        ia.fingerprint().short()
+    );
+}
+
+/// A client moves from node 1 to node 2 (node 1 alive, hands it over). Node 1's full
+/// announcement (any `hello`: a node starting, a link coming back) reaches node 0 before node
+/// 2's `session_up` (two publishers: no order between them). At node 0's `synced` the session,
+/// still recorded as node 1's and not announced by it, waits `node_timeout` instead of leaving
+/// at once, and node 2's announcement then moves it: nobody sees it leave, it stays in the room.
+#[test]
+fn a_moved_session_stays_when_its_old_nodes_resync_overtakes_the_new_nodes_announcement() {
+    let mut net = Net::new(3);
+    let (h, _) = net.peer(0, 10);
+    let (x, ix) = net.peer(1, 11);
+    net.req(0, h, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.req(1, x, json!({"type": "join", "id": 1, "namespace": "ns"}));
+    net.req(0, h, json!({"type": "create_room", "id": 2, "room_id": "r"}));
+    net.req(1, x, json!({"type": "join_room", "id": 3, "room_id": "r"}));
+    net.nodes[0].take(h);
+    // Node 2's messages to node 0 are slow.
+    net.hold.insert((2, 0, true));
+    net.hold.insert((2, 0, false));
+    let (x2, out) = net.register_unsettled(2, 11);
+    assert!(matches!(&out[0], ServerMessage::Registered { resumed: true, .. }), "{out:?}");
+    net.settle();
+    assert_eq!(net.nodes[1].closed.get(&x), Some(&CloseCode::Replaced));
+    // Node 0's link flaps: it says hello, every node announces itself.
+    let now = net.nodes[0].now;
+    net.nodes[0].s.handle_cluster_link(now, false).unwrap();
+    net.nodes[0].s.handle_cluster_link(now, true).unwrap();
+    net.nodes[0].pump();
+    net.settle();
+    net.release((2, 0, true));
+    net.release((2, 0, false));
+    let seen = net.nodes[0].take(h);
+    let members = net.members(0, "r").unwrap();
+    assert!(
+        members.contains(&ix.fingerprint()),
+        "x was dropped from room r though it only moved (h saw {seen:?})"
+    );
+    assert!(
+        !seen.iter().any(|m| matches!(m, ServerMessage::PeerLeft { .. } | ServerMessage::RoomPeerLeft { .. })),
+        "h saw x leave: {seen:?}"
+    );
+    let _ = x2;
+}
+
+/// A relay reaches the node its target has just left and is passed on (`hops`) to the new
+/// node, which dies before answering. The origin recorded the relay as sent to the first node;
+/// finding the second one gone (where its replica now places the target) routes it again, and
+/// the target gets it when it resumes.
+#[test]
+fn a_relay_passed_on_to_a_node_that_dies_is_routed_again() {
+    let mut net = Net::new(3);
+    let (a, _) = net.peer(0, 1);
+    let (c, ic) = net.peer(1, 3);
+    // c's client moves to node 2; node 2's announcement is slow to reach node 0.
+    net.hold.insert((2, 0, true));
+    net.hold.insert((2, 0, false));
+    net.register_unsettled(2, 3);
+    net.settle();
+    assert_eq!(net.nodes[1].closed.get(&c), Some(&CloseCode::Replaced));
+    // a relays to c through node 1, which passes both on to node 2; node 2 dies meanwhile.
+    net.nodes[0].send(a, &relay(&ic, Some(7), json!({"n": 1})).to_string());
+    net.nodes[0].send(a, &relay(&ic, None, json!({"n": 2})).to_string());
+    net.cut.insert(2);
+    net.settle();
+    // What node 2 published before it died still reaches node 0.
+    net.release((2, 0, true));
+    net.release((2, 0, false));
+    // Both nodes find node 2 gone; c waits for its client, which resumes on node 1.
+    net.advance(Duration::from_secs(6));
+    let (c2, mut got) = net.register_unsettled(1, 3);
+    net.settle();
+    net.advance(Duration::from_secs(10));
+    got.extend(net.nodes[1].take(c2));
+    let from_a = net.nodes[0].take(a);
+    assert_eq!(
+        relay_payloads(&got),
+        vec![json!({"n": 1}), json!({"n": 2})],
+        "c got {got:?}; a got {from_a:?}"
+    );
+}
+
+/// A client with a relay in flight moves to another live node: the relay's answer (`ok`, or
+/// an error) comes back to the old node after the hand-over and is passed on to the new one.
+#[test]
+fn a_relay_answer_arriving_after_the_sender_moved_follows_it() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    let (b, ib) = net.peer(1, 2);
+    net.nodes[0].send(a, &relay(&ib, Some(1), json!("x")).to_string());
+    let (a2, mut got) = net.register_unsettled(1, 1);
+    net.settle();
+    assert_eq!(net.nodes[1].take(b).len(), 1, "b got the relay");
+    got.extend(net.nodes[1].take(a2));
+    let old = net.nodes[0].take(a);
+    assert!(
+        got.contains(&ServerMessage::Ok { id: 1 }) || old.contains(&ServerMessage::Ok { id: 1 }),
+        "the ok for relay 1 reached neither connection: new {got:?}, old {old:?}"
+    );
+}
+
+/// Two nodes whose replicas name each other as the holder (stale `room_state`s applied in the
+/// wrong order) pass a room request back and forth only until `hops` reaches 2; then it is
+/// answered `unavailable` where it is, and the cluster settles.
+#[test]
+fn a_room_request_at_the_hop_limit_is_answered_not_forwarded_again() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    // Both nodes hold a replica of "r" naming the other as its holder.
+    let state = |creator: u64| ClusterMessage::RoomState {
+        room_id: "r".into(),
+        owner: ident(9).fingerprint(),
+        max_size: 4,
+        metadata: None,
+        members: vec![ident(9).fingerprint()],
+        kicked: vec![],
+        created: 5,
+        creator: NodeId(creator),
+    };
+    for (n, from) in [(0, 2), (1, 1)] {
+        let h = &mut net.nodes[n];
+        h.s.handle_cluster(h.now, NodeId(from), state(7)).unwrap();
+        h.pump();
+    }
+    net.nodes[0].send(a, &json!({"type": "join_room", "id": 1, "room_id": "r"}).to_string());
+    assert!(net.try_settle(50), "the room request bounces between the nodes forever");
 }
