@@ -1101,10 +1101,24 @@ impl Server {
         for text in s.queue {
             self.publish(ClusterTarget::Node(to), ClusterMessage::Deliver { to: fp, text: text.to_string(), hops: 0 });
         }
+        // Pending match requests end here (the new node knows nothing of them): withdrawn, and
+        // the client told `match_cancelled` there, so it can ask again.
         for key in &s.matches {
-            match s.remote_matches.iter().find(|m| m.key == *key) {
-                Some(m) => self.publish(ClusterTarget::Node(m.owner), ClusterMessage::MatchCancel { from: fp, key: key.clone() }),
-                None => self.remove_waiter(fp, key, None),
+            let id = match s.remote_matches.iter().find(|m| m.key == *key) {
+                Some(m) => {
+                    self.publish(ClusterTarget::Node(m.owner), ClusterMessage::MatchCancel { from: fp, key: key.clone() });
+                    Some(m.id)
+                }
+                None => {
+                    let id = self.matches.get(key).and_then(|q| q.iter().find(|w| w.fingerprint == fp)).map(|w| w.id);
+                    self.remove_waiter(fp, key, None);
+                    id
+                }
+            };
+            if let Some(id) = id {
+                self.counters.count_error(ErrorCode::MatchCancelled);
+                let text = super::match_error(id, ErrorCode::MatchCancelled).encode();
+                self.publish(ClusterTarget::Node(to), ClusterMessage::Deliver { to: fp, text, hops: 0 });
             }
         }
         let c = self.cluster.as_mut().expect("clustered");

@@ -1067,3 +1067,19 @@ fn a_room_request_at_the_hop_limit_is_answered_not_forwarded_again() {
     net.nodes[0].send(a, &json!({"type": "join_room", "id": 1, "room_id": "r"}).to_string());
     assert!(net.try_settle(50), "the room request bounces between the nodes forever");
 }
+
+#[test]
+fn a_pending_match_of_a_client_that_moves_is_cancelled_and_it_is_told_on_its_new_node() {
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(0, 1);
+    assert!(net.req(0, a, json!({"type": "match", "id": 5, "namespace": "arena", "group_size": 2})).is_empty());
+    // a's client registers on node 1: its request is withdrawn, and it hears so there.
+    let (_, out) = net.register(1, 1);
+    assert!(matches!(&out[0], ServerMessage::Registered { resumed: true, .. }), "{out:?}");
+    assert!(
+        out.iter().any(|m| matches!(m, ServerMessage::Error { id: Some(5), code: ErrorCode::MatchCancelled, .. })),
+        "{out:?}"
+    );
+    let pending: usize = net.nodes.iter().map(|h| h.s.stats().pending_matches).sum();
+    assert_eq!(pending, 0, "no waiter left behind on either node");
+}
