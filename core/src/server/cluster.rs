@@ -576,11 +576,15 @@ impl Server {
             return Ok(());
         }
         let known = c.nodes.insert(from, now).is_some();
-        if !known && !matches!(message, ClusterMessage::Hello | ClusterMessage::Resync | ClusterMessage::Bye) {
-            // A node this one did not know (or had found gone) that is not introducing
-            // itself: ask it for its state.
-            debug!(%from, "heard from an unknown node: asking it to announce");
-            self.publish(ClusterTarget::Node(from), ClusterMessage::Hello);
+        if !known {
+            if !matches!(message, ClusterMessage::Hello | ClusterMessage::Resync | ClusterMessage::Bye) {
+                // A node this one did not know (or had found gone) that is not introducing
+                // itself: ask it for its state.
+                debug!(%from, "heard from an unknown node: asking it to announce");
+                self.publish(ClusterTarget::Node(from), ClusterMessage::Hello);
+            }
+            // Some match queues now belong to it.
+            self.rebalance_matches(now);
         }
         match message {
             ClusterMessage::Hello => {
@@ -1659,6 +1663,45 @@ impl Server {
         }
         s.remote_matches.push(RemoteMatch { key: key.clone(), id, owner });
         self.publish(ClusterTarget::Node(owner), ClusterMessage::MatchRequest { from: me, id, key });
+    }
+
+    /// After a node joined: match queues whose key now hashes to another node move there. This
+    /// node's own clients' waiters are placed there; other nodes' waiters are dropped here (their
+    /// nodes place them again, seeing the same change); and this node's clients' requests held
+    /// elsewhere follow their key to its new holder.
+    fn rebalance_matches(&mut self, now: Instant) {
+        let mut keys: Vec<String> = self.matches.keys().filter(|k| self.match_owner(k).is_some()).cloned().collect();
+        keys.sort_unstable();
+        let mut moved = Vec::new();
+        for key in keys {
+            for w in self.matches.remove(&key).unwrap_or_default() {
+                if w.node.is_none() {
+                    moved.push((w.fingerprint, w.id, key.clone()));
+                }
+            }
+        }
+        let mut elsewhere: Vec<(Fingerprint, RemoteMatch)> = Vec::new();
+        for (fp, s) in &self.sessions {
+            for m in &s.remote_matches {
+                if self.match_owner(&m.key) != Some(m.owner) {
+                    elsewhere.push((*fp, m.clone()));
+                }
+            }
+        }
+        elsewhere.sort_unstable_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
+        for (fp, m) in elsewhere {
+            self.publish(ClusterTarget::Node(m.owner), ClusterMessage::MatchCancel { from: fp, key: m.key.clone() });
+            if let Some(s) = self.sessions.get_mut(&fp) {
+                s.remote_matches.retain(|r| r.key != m.key);
+            }
+            moved.push((fp, m.id, m.key));
+        }
+        if !moved.is_empty() {
+            debug!(requests = moved.len(), "match requests follow their queues to a new node");
+        }
+        for (fp, id, key) in moved {
+            self.place_match(fp, id, key, now);
+        }
     }
 
     /// Places local session `me`'s match request again (its holder is gone).

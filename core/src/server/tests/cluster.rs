@@ -1083,3 +1083,31 @@ fn a_pending_match_of_a_client_that_moves_is_cancelled_and_it_is_told_on_its_new
     let pending: usize = net.nodes.iter().map(|h| h.s.stats().pending_matches).sum();
     assert_eq!(pending, 0, "no waiter left behind on either node");
 }
+
+#[test]
+fn match_requests_follow_their_queue_to_a_node_that_joins() {
+    // A namespace whose queue node 1 holds among nodes 1 and 2, and node 3 once it joins.
+    let probe3 = Net::new(3);
+    let probe2 = Net::new(2);
+    let owner = |net: &Net, key: &str| net.nodes[0].s.match_owner(key).unwrap_or(NodeId(1));
+    let ns = (0..500)
+        .map(|k| format!("q{k}"))
+        .find(|ns| {
+            let key = format!("2\n{ns}\n{{}}");
+            owner(&probe2, &key) == NodeId(1) && owner(&probe3, &key) == NodeId(3)
+        })
+        .expect("some namespace moves to node 3");
+    let mut net = Net::new(2);
+    let (a, _) = net.peer(1, 1);
+    assert!(net.req(1, a, json!({"type": "match", "id": 4, "namespace": ns, "group_size": 2})).is_empty());
+    assert_eq!(net.nodes[0].s.stats().pending_matches, 1, "node 1 holds the queue");
+    // Node 3 joins: the queue moves to it, a's request with it.
+    net.add();
+    assert_eq!(net.nodes[0].s.stats().pending_matches, 0);
+    assert_eq!(net.nodes[2].s.stats().pending_matches, 1);
+    // b's request of the same kind goes to node 3 and completes the group.
+    let (b, _) = net.peer(0, 2);
+    let mut out = net.req(0, b, json!({"type": "match", "id": 6, "namespace": ns, "group_size": 2}));
+    out.extend(net.nodes[1].take(a));
+    assert_eq!(out.iter().filter(|m| matches!(m, ServerMessage::Matched { .. })).count(), 2, "{out:?}");
+}
