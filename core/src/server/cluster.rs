@@ -1,6 +1,8 @@
 //! The server's side of a signaling cluster: several [`Server`]s, each a *node* with its own
-//! [`NodeId`], that share session locations and namespace membership and route relays and
-//! broadcasts to each other. The design is in `docs/CLUSTER.md`.
+//! [`NodeId`], that share sessions, namespace and room membership, and route relays,
+//! broadcasts, room requests and match requests to each other; they watch each other with
+//! heartbeats, and a client whose node dies resumes its session on another. The design is in
+//! `docs/CLUSTER.md`.
 //!
 //! The core stays sans-IO: the adapter enables clustering with [`Server::enable_cluster`],
 //! reports its broker link with [`Server::handle_cluster_link`], hands every message another
@@ -9,18 +11,25 @@
 //! as [`Server::poll_transmit`]. How messages travel (Redis pub/sub in `peerlink-server`) is
 //! the adapter's business: [`encode_cluster`] and [`decode_cluster`] give them a wire form.
 //!
-//! Membership messages ([`ClusterMessage::SessionUp`], [`ClusterMessage::Joined`], ...) are
-//! always sent to [`ClusterTarget::All`], so one node's changes reach every other node in the
-//! order it made them; only replies and deliveries ([`ClusterMessage::Relay`],
-//! [`ClusterMessage::Deliver`], [`ClusterMessage::Broadcast`]) are directed at one node.
+//! Membership messages ([`ClusterMessage::SessionUp`], [`ClusterMessage::Joined`],
+//! [`ClusterMessage::RoomState`], ...) are always sent to [`ClusterTarget::All`], so one node's
+//! changes reach every other node in the order it made them; requests, answers and deliveries
+//! ([`ClusterMessage::Relay`], [`ClusterMessage::RelayAck`], [`ClusterMessage::RoomRequest`],
+//! [`ClusterMessage::MatchRequest`], [`ClusterMessage::Deliver`], ...) are directed at one node.
+//! Nothing is assumed about the order between two nodes' messages, or between the two channels.
 //!
 //! # Bounds
 //!
 //! Each node keeps a replica of the sessions of the others, at most
 //! [`ClusterConfig::max_remote_sessions`] (a session announced beyond it is not recorded: it is
 //! unreachable from this node, and counted in [`Server::cluster_dropped`]), each in at most
-//! `max_namespaces_per_client` namespaces (further ones are ignored the same way). Cluster
-//! messages waiting in [`Server::poll_cluster`] count towards [`MAX_PENDING_TRANSMITS`].
+//! `max_namespaces_per_client` namespaces (further ones are ignored the same way), and of the
+//! rooms of the others within `max_rooms`. Relays forwarded and not yet answered are at most
+//! [`ClusterConfig::max_pending_relays`] (past it a relay to another node fails with
+//! `unavailable`); frames held for a session of a gone node are bounded like a parked session's
+//! queue (`resume_queue_frames`, `resume_queue_bytes`); at most 1,024 departed nodes are
+//! remembered. Cluster messages waiting in [`Server::poll_cluster`] count towards
+//! [`MAX_PENDING_TRANSMITS`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
