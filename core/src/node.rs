@@ -377,7 +377,7 @@ pub enum NodeEvent {
     },
     /// Something happened to a TURN allocation: [`TurnEvent::Allocated`] (its relayed
     /// address is now a candidate of every connection), or [`TurnEvent::Failed`] (e.g.
-    /// [`TurnError::Unauthorized`](crate::turn::TurnError::Unauthorized) for wrong credentials), among others.
+    /// [`TurnError::Unauthorized`] for wrong credentials), among others.
     Turn {
         /// Our local address the allocation is made from.
         local: SocketAddr,
