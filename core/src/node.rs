@@ -65,6 +65,28 @@ pub const MAX_TURN_SERVERS: usize = 4;
 pub const TURN_RETRY_MIN: Duration = Duration::from_secs(5);
 /// The longest wait before an allocation is tried again.
 pub const TURN_RETRY_MAX: Duration = Duration::from_secs(120);
+
+/// When a node with [`NodeConfig::turn_from_server`] asks for TURN credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TurnAsk {
+    /// Not at all (not configured, or the server issues none).
+    Never,
+    /// As soon as the client is registered.
+    OnRegistration,
+    /// At this time (a renewal, or a retry).
+    At(Instant),
+    /// The request is out.
+    Pending(RequestId),
+}
+
+impl TurnAsk {
+    fn at(self) -> Option<Instant> {
+        match self {
+            TurnAsk::At(t) => Some(t),
+            _ => None,
+        }
+    }
+}
 /// STUN binding retransmissions: the first after 500 ms, then doubling.
 const STUN_ATTEMPTS: u32 = 4;
 
@@ -473,11 +495,8 @@ pub struct Node {
     turn_retries: Vec<(SocketAddr, SocketAddr, Instant, u32)>,
     /// Failures in a row per (local address, server), reset by an allocation.
     turn_failures: BTreeMap<(SocketAddr, SocketAddr), u32>,
-    /// With `turn_from_server`: the pending credentials request, when to ask (again), and
-    /// whether the server answered for good (credentials issued, or none to issue).
-    turn_request: Option<RequestId>,
-    turn_ask_at: Option<Instant>,
-    turn_servers_issued: bool,
+    /// With `turn_from_server`: when to ask the signaling server for TURN credentials.
+    turn_ask: TurnAsk,
     stun: BTreeMap<TransactionId, StunRequest>,
     transmits: VecDeque<NodeTransmit>,
     events: VecDeque<NodeEvent>,
@@ -524,6 +543,7 @@ impl Node {
         let fragment = config.rooms.max_message_size.min(room::MAX_ROOM_MESSAGE);
         let syncs = Syncs::new(identity.fingerprint(), sync_seed, now, unix_ms, fragment);
         let keys = RoomKeys::new(identity.clone(), sync_seed.rotate_left(29) ^ 0x4532_4531, config.rooms.e2e_limits);
+        let turn_ask = if config.turn_from_server { TurnAsk::OnRegistration } else { TurnAsk::Never };
         Ok(Node {
             config,
             client,
@@ -538,9 +558,7 @@ impl Node {
             turns: Vec::new(),
             turn_retries: Vec::new(),
             turn_failures: BTreeMap::new(),
-            turn_request: None,
-            turn_ask_at: None,
-            turn_servers_issued: false,
+            turn_ask,
             stun: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -611,7 +629,7 @@ impl Node {
         let transfers = self.transfers.poll_timeout().map(|t| t.max(self.now)).into_iter().chain(self.transfers.wants_flush().then_some(self.now)).min();
         let syncs = self.syncs.poll_timeout(self.now);
         let keys = self.keys.poll_timeout().map(|t| t.max(self.now));
-        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).chain(self.turn_retries.iter().map(|r| r.2)).chain(self.turn_ask_at).map(|t| t.max(self.now));
+        let turns = self.turns.iter().filter_map(TurnClient::poll_timeout).chain(self.turn_retries.iter().map(|r| r.2)).chain(self.turn_ask.at()).map(|t| t.max(self.now));
         self.client.poll_timeout().into_iter().chain(peers).chain(stun).chain(rooms).chain(transfers).chain(syncs).chain(keys).chain(turns).min()
     }
 
@@ -667,14 +685,17 @@ impl Node {
                 ClientEvent::Reconnected { .. } => {
                     self.rooms_dirty = true;
                     self.room_inputs.push_back(RoomInput::RelayRestored);
-                    self.ask_turn_credentials(false);
+                    if self.turn_ask == TurnAsk::OnRegistration {
+                        self.ask_turn_credentials();
+                    }
                 }
                 ClientEvent::Registered { .. } => {
                     self.rooms_dirty = true;
-                    self.ask_turn_credentials(false);
+                    if self.turn_ask == TurnAsk::OnRegistration {
+                        self.ask_turn_credentials();
+                    }
                 }
-                ClientEvent::Response { request, result } if self.turn_request == Some(*request) => {
-                    self.turn_request = None;
+                ClientEvent::Response { request, result } if self.turn_ask == TurnAsk::Pending(*request) => {
                     self.turn_credentials_answered(result.clone());
                     continue;
                 }
@@ -713,27 +734,21 @@ impl Node {
         }
     }
 
-    /// With `turn_from_server`, asks the server for TURN credentials: on registration when
-    /// none were issued yet (or a retry is due), or when `due` (the renewal time came).
-    fn ask_turn_credentials(&mut self, due: bool) {
-        if !self.config.turn_from_server || self.turn_request.is_some() || !self.client.is_registered() {
-            return;
-        }
-        let wanted = due
-            || match self.turn_ask_at {
-                Some(at) => at <= self.now,
-                None => !self.turn_servers_issued,
-            };
-        if !wanted {
+    /// Asks the signaling server for TURN credentials now, or once registered again.
+    fn ask_turn_credentials(&mut self) {
+        if !self.client.is_registered() {
+            self.turn_ask = TurnAsk::OnRegistration;
             return;
         }
         match self.client.turn_credentials(self.now) {
             Ok(id) => {
                 debug!("asking the signaling server for TURN credentials");
-                self.turn_request = Some(id);
-                self.turn_ask_at = None;
+                self.turn_ask = TurnAsk::Pending(id);
             }
-            Err(error) => warn!(%error, "TURN credentials not requested"),
+            Err(error) => {
+                warn!(%error, "TURN credentials not requested; asking again once registered");
+                self.turn_ask = TurnAsk::OnRegistration;
+            }
         }
     }
 
@@ -742,23 +757,22 @@ impl Node {
             Ok(Response::TurnCredentials(issued)) => {
                 // Renew at three quarters of their lifetime (at least 10 s on).
                 let renew = (issued.ttl * 3 / 4).max(Duration::from_secs(10));
-                self.turn_ask_at = Some(self.now + renew);
-                self.turn_servers_issued = true;
+                self.turn_ask = TurnAsk::At(self.now + renew);
                 info!(ttl = ?issued.ttl, urls = issued.urls.len(), "TURN credentials issued by the signaling server");
                 Ok(issued)
             }
             Ok(other) => {
                 warn!(?other, "unexpected answer to a TURN credentials request");
+                self.turn_ask = TurnAsk::OnRegistration;
                 return;
             }
             Err(error) => {
                 if error.code() == Some(crate::protocol::ErrorCode::TurnUnavailable) {
                     warn!("the signaling server issues no TURN credentials; not asking again");
-                    self.turn_ask_at = None;
-                    self.turn_servers_issued = true;
+                    self.turn_ask = TurnAsk::Never;
                 } else {
                     debug!(%error, "TURN credentials request failed; asking again in 30 s");
-                    self.turn_ask_at = Some(self.now + Duration::from_secs(30));
+                    self.turn_ask = TurnAsk::At(self.now + Duration::from_secs(30));
                 }
                 Err(error)
             }
@@ -827,13 +841,8 @@ impl Node {
                 t.handle_timeout(now);
             }
         }
-        if self.turn_ask_at.is_some_and(|at| at <= now) {
-            self.turn_ask_at = None;
-            self.ask_turn_credentials(true);
-            if self.turn_request.is_none() && self.config.turn_from_server {
-                // Not registered now: ask when registered again.
-                self.turn_servers_issued = false;
-            }
+        if self.turn_ask.at().is_some_and(|at| at <= now) {
+            self.ask_turn_credentials();
         }
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.turn_retries).into_iter().partition(|r| r.2 <= now);
         self.turn_retries = later;

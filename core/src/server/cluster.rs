@@ -645,7 +645,7 @@ impl Server {
             ClusterMessage::Deliver { to, text, hops } => self.deliver(to, text.into(), hops),
             ClusterMessage::RoomState { room_id, owner, max_size, metadata, members, kicked, created, creator } => {
                 let state = RoomStateRef { owner, max_size, metadata, members, kicked, stamp: (created, creator.0) };
-                self.room_state(from, room_id, state, now);
+                self.room_state(from, room_id, state);
             }
             ClusterMessage::RoomGone { room_id, created, creator, closed_by } => {
                 if self.rooms.get(&room_id).is_some_and(|r| r.home == Some(from) && r.stamp == (created, creator.0)) {
@@ -1242,9 +1242,9 @@ impl Server {
         payload: &RawJson,
         now: Instant,
     ) -> Reply {
-        if self.sessions.contains_key(&to) {
+        if let Some(reply) = self.relay_local(from, id, to, &payload.0) {
             // It resumed here meanwhile.
-            return self.relay_local(from, id, to, &payload.0);
+            return reply;
         }
         let Some(c) = self.cluster.as_mut() else {
             return Err((ErrorCode::PeerNotFound, format!("no peer {}", to.short())));
@@ -1335,8 +1335,8 @@ impl Server {
             self.publish(ClusterTarget::Node(origin), ClusterMessage::RelayAck { seq, text: None, retry: true });
             return;
         }
-        let answer = if self.sessions.contains_key(&to) {
-            self.relay_local(from, id, to, &payload.0)
+        let answer = if let Some(reply) = self.relay_local(from, id, to, &payload.0) {
+            reply
         } else if waiting {
             let text: Arc<str> = protocol::encode_relay(&from, &payload.0).into();
             if self.wait_for(to, text) {
@@ -1467,7 +1467,6 @@ impl Server {
         id: Option<u64>,
         room_id: &str,
         op: RoomOp,
-        hops: u8,
     ) -> Result<(), (ErrorCode, String)> {
         if self.cluster_link_down() {
             return Err((
@@ -1475,7 +1474,7 @@ impl Server {
                 format!("room `{room_id}` is held by another node and the cluster link is down"),
             ));
         }
-        let message = ClusterMessage::RoomRequest { from, id, room_id: room_id.to_owned(), op, hops };
+        let message = ClusterMessage::RoomRequest { from, id, room_id: room_id.to_owned(), op, hops: 0 };
         self.publish(ClusterTarget::Node(home), message);
         Ok(())
     }
@@ -1535,7 +1534,7 @@ impl Server {
 
     /// A room another node holds, as it is now: the replica follows it and this node's
     /// members are told what changed.
-    fn room_state(&mut self, home: NodeId, room_id: String, state: RoomStateRef, now: Instant) {
+    fn room_state(&mut self, home: NodeId, room_id: String, state: RoomStateRef) {
         let me = self.node_id().expect("clustered");
         let mut old: Option<Vec<Fingerprint>> = None;
         match self.rooms.get(&room_id) {
@@ -1575,7 +1574,6 @@ impl Server {
                 }
             }
         }
-        let _ = now;
         let room = self.rooms.entry(room_id.clone()).or_insert_with(|| Room {
             owner: state.owner,
             max_size: state.max_size,

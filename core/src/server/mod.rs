@@ -1034,25 +1034,26 @@ impl Server {
     // ---- messaging ----------------------------------------------------------------------
 
     fn relay(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Reply {
-        if !self.sessions.contains_key(&to) && self.remote_of(&to).is_some() {
+        if let Some(reply) = self.relay_local(me, id, to, payload) {
+            return reply;
+        }
+        if self.remote_of(&to).is_some() {
             // A session of another node of the cluster, which answers (`ok` or an error).
             return self.route_relay(me, to, id, &RawJson::from(payload), self.now);
         }
-        self.relay_local(me, id, to, payload)
+        err(ErrorCode::PeerNotFound, format!("no peer {}", to.short()))
     }
 
-    /// A relay to a session of this node.
-    fn relay_local(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Reply {
-        let Some(target) = self.sessions.get(&to) else {
-            return err(ErrorCode::PeerNotFound, format!("no peer {}", to.short()));
-        };
+    /// A relay to a session of this node; `None` when `to` has no session here.
+    fn relay_local(&mut self, me: Fingerprint, id: Option<u64>, to: Fingerprint, payload: &RawValue) -> Option<Reply> {
+        let target = self.sessions.get(&to)?;
         let text: Arc<str> = protocol::encode_relay(&me, payload).into();
         if target.conn.is_none() && !self.can_queue(&to, text.len()) {
-            return err(ErrorCode::QueueFull, format!("peer {} is reconnecting and its queue is full", to.short()));
+            return Some(err(ErrorCode::QueueFull, format!("peer {} is reconnecting and its queue is full", to.short())));
         }
         self.send_to_session(&to, text);
         self.counters.relays += 1;
-        Ok(id.map(|id| ServerMessage::Ok { id }))
+        Some(Ok(id.map(|id| ServerMessage::Ok { id })))
     }
 
     fn broadcast(&mut self, me: Fingerprint, id: Option<u64>, namespace: &str, payload: &RawValue) -> Reply {
@@ -1128,7 +1129,7 @@ impl Server {
             }
             if let Some(home) = room.home {
                 // Held by another node of the cluster, which adds the member and answers.
-                self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Join, 0)?;
+                self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Join)?;
                 return Ok(None);
             }
             let notice: Arc<str> =
@@ -1166,7 +1167,7 @@ impl Server {
 
     fn leave_room(&mut self, me: Fingerprint, id: u64, room_id: &str, now: Instant) -> Reply {
         if let Some(home) = self.rooms.get(room_id).filter(|r| r.members.contains(&me)).and_then(|r| r.home) {
-            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Leave, 0)?;
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Leave)?;
             return Ok(None);
         }
         if !self.remove_from_room(me, room_id, false, now) {
@@ -1175,7 +1176,6 @@ impl Server {
         reply(ServerMessage::Ok { id })
     }
 
-    /// Removes `who` from a room and tells the rest. Returns whether it was a member.
     /// Removes `who` from a room held by this node and tells the rest. Returns whether it was
     /// a member.
     fn remove_from_room(&mut self, who: Fingerprint, room_id: &str, kicked: bool, now: Instant) -> bool {
@@ -1258,7 +1258,7 @@ impl Server {
             return err(ErrorCode::InvalidField, "the owner cannot kick itself; use leave_room or close_room");
         }
         if let Some(home) = room.home {
-            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Kick { target }, 0)?;
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Kick { target })?;
             return Ok(None);
         }
         if !self.remove_from_room(target, room_id, true, now) {
@@ -1277,7 +1277,7 @@ impl Server {
             return err(ErrorCode::NotRoomOwner, "only the room's owner may close it");
         }
         if let Some(home) = room.home {
-            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Close, 0)?;
+            self.forward_room_op(home, me, Some(id), room_id, cluster::RoomOp::Close)?;
             return Ok(None);
         }
         let room = self.rooms.remove(room_id).expect("checked above");
@@ -1410,7 +1410,7 @@ impl Server {
             match self.rooms.get(&room).and_then(|r| r.home) {
                 // Held by another node: it removes the member (and tells every node).
                 Some(home) => {
-                    let _ = self.forward_room_op(home, fp, None, &room, cluster::RoomOp::Leave, 0);
+                    let _ = self.forward_room_op(home, fp, None, &room, cluster::RoomOp::Leave);
                 }
                 None => {
                     self.remove_from_room(fp, &room, false, now);

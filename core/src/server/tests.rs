@@ -191,6 +191,19 @@ impl H {
     }
 }
 
+/// The payloads of `msgs`, which must all be relays from `sender`.
+fn relays_from(msgs: &[ServerMessage], sender: &Identity) -> Vec<Value> {
+    msgs.iter()
+        .map(|m| match m {
+            ServerMessage::Relay { from, payload } => {
+                assert_eq!(*from, sender.fingerprint());
+                payload.to_value()
+            }
+            other => panic!("expected a relay from {}, got {other:?}", sender.fingerprint().short()),
+        })
+        .collect()
+}
+
 fn error_of(msg: &ServerMessage) -> (Option<u64>, ErrorCode) {
     match msg {
         ServerMessage::Error { id, code, .. } => (*id, *code),
@@ -1023,16 +1036,7 @@ fn dropped_session_is_parked_then_resumed_with_queued_relays() {
         }
         other => panic!("{other:?}"),
     }
-    let relayed: Vec<Value> = out[1..]
-        .iter()
-        .map(|m| match m {
-            ServerMessage::Relay { from, payload } => {
-                assert_eq!(*from, ia.fingerprint());
-                payload.to_value()
-            }
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let relayed = relays_from(&out[1..], &ia);
     assert_eq!(relayed, vec![json!(0), json!(1), json!(2)], "queued frames follow in order");
     assert_eq!(h.s.stats().parked_bytes, 0);
     assert_eq!(h.s.stats().parked_sessions, 0);
